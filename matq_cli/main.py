@@ -1,0 +1,76 @@
+"""The ``matq`` command: thin click commands over the library; errors become one line and exit 1.
+
+Set ``MATQ_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from matq_format.errors import MatqError
+
+
+class MatqGroup(click.Group):
+    """Turns every expected failure into ``matq: <path>: <what is wrong>`` and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("matq: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the central table below decides what is expected
+            if os.environ.get("MATQ_DEBUG"):
+                raise
+            click.echo(f"matq: {describe(exc)}", err=True)
+            sys.exit(1)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for any error; MatqError already names its file."""
+    if isinstance(exc, MatqError):
+        return str(exc) + (f" ({exc.hint})" if exc.hint else "")
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file or directory"
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied"
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"internal error: {type(exc).__name__}: {exc} (set MATQ_DEBUG=1 for the traceback)"
+
+
+@click.group(cls=MatqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="matq")
+def cli() -> None:
+    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported anywhere."""
+
+
+def _register() -> None:
+    from .commands import format as format_cmds
+
+    for cmd in format_cmds.COMMANDS:
+        cli.add_command(cmd)
+    # Each further command module registers here; a missing optional dependency only hides its commands.
+    for modname in ("quantize", "convert", "train", "hub"):
+        try:
+            mod = __import__(f"matq_cli.commands.{modname}", fromlist=["COMMANDS"])
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("matq_cli.commands"):
+                continue
+            raise
+        for cmd in mod.COMMANDS:
+            cli.add_command(cmd)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="matq")

@@ -1,0 +1,184 @@
+/* Bit-plane pack and slice-unpack kernels for matq (spec/v1, "Bit-planes").
+ *
+ * Plane k holds bit k of every code, LSB-first within each byte, padded to whole 64-bit words,
+ * so word w of a plane covers codes 64w..64w+63 with bit i <-> code 64w+i (little endian).
+ * Slicing (Eq. 6) is done on whole words in the plane domain: a ripple-carry add of the rounding
+ * plane into the top r planes, with the carry masked where the top r bits are all ones (the
+ * clamp). Only then are the r (or r+1 with extra precision) result planes expanded to bytes.
+ * Portable C; the compiler vectorizes what it can. The GIL is released around the loops.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAXC 8
+
+static uint64_t spread_lut[256];
+
+static void init_lut(void) {
+    for (int b = 0; b < 256; b++) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; j++)
+            if (b & (1 << j)) v |= (uint64_t)1 << (8 * j);
+        spread_lut[b] = v;
+    }
+}
+
+static inline uint64_t load64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+static void pack_block(const uint8_t *codes, int c, uint8_t *const *planes, size_t word) {
+    /* 64 codes -> one word in each of c planes. */
+    for (int j = 0; j < 8; j++) {
+        uint64_t x = load64(codes + 8 * j);
+        for (int k = 0; k < c; k++) {
+            uint64_t b = (((x >> k) & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56;
+            planes[k][word * 8 + j] = (uint8_t)b;
+        }
+    }
+}
+
+static int pack_impl(const uint8_t *codes, size_t n, int c, uint8_t *out, size_t stride) {
+    uint8_t *planes[MAXC];
+    uint8_t orv = 0;
+    for (size_t i = 0; i < n; i++) orv |= codes[i];
+    if (c < 8 && (orv >> c)) return -1;
+    for (int k = 0; k < c; k++) planes[k] = out + (size_t)k * stride;
+    size_t full = n / 64, w;
+    for (w = 0; w < full; w++) pack_block(codes + 64 * w, c, planes, w);
+    if (n % 64) {
+        uint8_t tmp[64] = {0};
+        memcpy(tmp, codes + 64 * full, n % 64);
+        pack_block(tmp, c, planes, full);
+        w = full + 1;
+    }
+    for (int k = 0; k < c; k++) memset(planes[k] + w * 8, 0, stride - w * 8);
+    return 0;
+}
+
+/* Slice one word position into m result planes (r or r+1), returns m. */
+static inline void slice_word(const uint8_t *const *planes, size_t w, int c, int r, int ep,
+                              uint64_t *res) {
+    if (r == c) {
+        for (int i = 0; i < c; i++) res[i] = load64(planes[i] + 8 * w);
+        return;
+    }
+    int s = c - r;
+    uint64_t carry = load64(planes[s - 1] + 8 * w), all = ~(uint64_t)0;
+    uint64_t t[MAXC];
+    for (int i = 0; i < r; i++) { t[i] = load64(planes[s + i] + 8 * w); all &= t[i]; }
+    if (!ep) carry &= ~all;
+    for (int i = 0; i < r; i++) { res[i] = t[i] ^ carry; carry &= t[i]; }
+    if (ep) res[r] = carry;
+}
+
+static inline void expand_word(const uint64_t *res, int m, uint8_t *dst) {
+    for (int j = 0; j < 8; j++) {
+        uint64_t v = 0;
+        for (int i = 0; i < m; i++) v |= spread_lut[(res[i] >> (8 * j)) & 0xFF] << i;
+        store64(dst + 8 * j, v);
+    }
+}
+
+static void unpack_impl(const uint8_t *const *planes, size_t n, int c, int r, int ep, uint8_t *out) {
+    int m = (r < c && ep) ? r + 1 : r;
+    uint64_t res[MAXC + 1];
+    size_t full = n / 64;
+    for (size_t w = 0; w < full; w++) {
+        slice_word(planes, w, c, r, ep, res);
+        expand_word(res, m, out + 64 * w);
+    }
+    if (n % 64) {
+        uint8_t tmp[64];
+        slice_word(planes, full, c, r, ep, res);
+        expand_word(res, m, tmp);
+        memcpy(out + 64 * full, tmp, n % 64);
+    }
+}
+
+static PyObject *py_pack(PyObject *self, PyObject *args) {
+    Py_buffer codes, out;
+    int c;
+    if (!PyArg_ParseTuple(args, "y*iw*", &codes, &c, &out)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)codes.len, stride = ((n + 63) / 64) * 8;
+    if (c < 1 || c > MAXC) {
+        PyErr_SetString(PyExc_ValueError, "code bits must be 1..8");
+    } else if ((size_t)out.len < stride * (size_t)c) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+    } else {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = pack_impl((const uint8_t *)codes.buf, n, c, (uint8_t *)out.buf, stride);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_SetString(PyExc_ValueError, "a code does not fit the code width");
+        else ret = Py_None, Py_INCREF(ret);
+    }
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyObject *py_unpack(PyObject *self, PyObject *args) {
+    PyObject *seq;
+    Py_ssize_t n;
+    int c, r, ep;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "Oniipw*", &seq, &n, &c, &r, &ep, &out)) return NULL;
+    Py_buffer bufs[MAXC];
+    const uint8_t *planes[MAXC];
+    int got[MAXC] = {0};
+    PyObject *ret = NULL;
+    size_t stride = (((size_t)n + 63) / 64) * 8;
+    if (c < 1 || c > MAXC || r < 1 || r > c || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad widths");
+        goto done;
+    }
+    if (!PySequence_Check(seq) || PySequence_Size(seq) != c) {
+        PyErr_SetString(PyExc_ValueError, "planes must be a sequence of c buffers or None");
+        goto done;
+    }
+    if ((size_t)out.len < (size_t)n) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        goto done;
+    }
+    int lowest = c - r - 1 < 0 ? 0 : c - r - 1;
+    for (int k = 0; k < c; k++) {
+        planes[k] = NULL;
+        PyObject *item = PySequence_GetItem(seq, k);
+        if (!item) goto done;
+        if (item == Py_None) {
+            Py_DECREF(item);
+            if (k >= lowest) { PyErr_Format(PyExc_ValueError, "plane %d is needed", k); goto done; }
+            continue;
+        }
+        int rc = PyObject_GetBuffer(item, &bufs[k], PyBUF_SIMPLE);
+        Py_DECREF(item);
+        if (rc) goto done;
+        got[k] = 1;
+        if ((size_t)bufs[k].len < stride) { PyErr_Format(PyExc_ValueError, "plane %d too short", k); goto done; }
+        planes[k] = (const uint8_t *)bufs[k].buf;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    unpack_impl(planes, (size_t)n, c, r, ep, (uint8_t *)out.buf);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    for (int k = 0; k < MAXC; k++) if (got[k]) PyBuffer_Release(&bufs[k]);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"pack", py_pack, METH_VARARGS, "pack(codes, code_bits, out): codes -> c bit-planes of stride ceil(n/64)*8."},
+    {"unpack", py_unpack, METH_VARARGS, "unpack(planes, n, code_bits, bits, extra_precision, out): sliced codes."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bitplanes", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__bitplanes(void) {
+    init_lut();
+    return PyModule_Create(&module);
+}

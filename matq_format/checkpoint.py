@@ -1,0 +1,293 @@
+"""Memory-mapped reader: opens a checkpoint, validates it, and reads only the planes a width needs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import constants as C
+from . import dtypes, numerics
+from .container import FileHeader, read_header
+from .errors import (
+    BadMagicError,
+    BadParameterError,
+    ChecksumError,
+    FormatError,
+    HeaderError,
+    MissingFileError,
+    MissingPlanesError,
+    OffsetError,
+    TruncatedFileError,
+    UnknownTensorError,
+    WidthError,
+)
+from .manifest import TensorInfo, entry_name, parse_manifest, plane_entry
+from .planes import plane_stride, unpack
+from .writer import sha256_file
+
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset()
+
+
+def resolve_base(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        base = p / C.BASE_FILENAME
+        if not base.exists():
+            raise MissingFileError(p, f"folder has no {C.BASE_FILENAME}; is it a matq checkpoint?")
+        return base
+    if not p.exists():
+        raise MissingFileError(p, "no such file or folder")
+    return p
+
+
+class Checkpoint:
+    """A matq checkpoint, opened read-only. Use :func:`open`."""
+
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True):
+        self.path = resolve_base(path)
+        self.root = self.path.parent
+        self.verify_reads = verify_reads
+        base = read_header(self.path)
+        meta = base.metadata
+        if meta.get(C.METADATA_KEY_FORMAT) != C.FORMAT_NAME or C.METADATA_KEY_MANIFEST not in meta:
+            raise BadMagicError(self.path, "a safetensors file, but not a matq checkpoint (no matq manifest)")
+        text = meta[C.METADATA_KEY_MANIFEST]
+        crc = f"{zlib.crc32(text.encode('utf-8')) & 0xFFFFFFFF:08x}"
+        if meta.get(C.METADATA_KEY_MANIFEST_CRC) != crc:
+            raise ChecksumError(self.path, "manifest does not match its CRC-32")
+        self.manifest, self._infos = parse_manifest(self.path, text, UNDERSTOOD_EXTENSIONS)
+        self.manifest_text = text
+        self.code_bits: int = self.manifest["code_bits"]
+        self.version: str = self.manifest["version"]
+        self._headers: dict[str, FileHeader] = {C.BASE_FILENAME: base}
+        self._maps: dict[str, np.ndarray] = {}
+        self._verified: set[str] = set()
+        self._open_files()
+        self._cross_check()
+
+    # --- structure ------------------------------------------------------------------------------
+    def _open_files(self) -> None:
+        for fname, finfo in self.manifest["files"].items():
+            p = self.root / fname
+            if not p.exists():
+                raise MissingFileError(p, "listed in the manifest but missing")
+            size = p.stat().st_size
+            if size < finfo["bytes"]:
+                raise TruncatedFileError(p, f"is {size} bytes, the manifest says {finfo['bytes']}")
+            if size != finfo["bytes"]:
+                raise FormatError(p, f"is {size} bytes, the manifest says {finfo['bytes']}")
+            h = read_header(p)
+            if h.metadata.get(C.METADATA_KEY_FORMAT) != C.FORMAT_NAME:
+                raise BadMagicError(p, "not a matq plane file")
+            self._headers[fname] = h
+
+    def _cross_check(self) -> None:
+        """Every entry the manifest names exists with the right dtype and shape; nothing else does."""
+        listed = self.manifest["entries"]
+        for fname, h in self._headers.items():
+            for ename in h.entries:
+                if listed.get(ename, {}).get("file") != fname:
+                    raise HeaderError(h.path, f"entry {ename!r} is not listed in the manifest for this file")
+        expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, t in self._infos.items():
+            if not t.quantized:
+                expected[name] = (t.dtype, t.shape)
+                continue
+            stride = plane_stride(t.numel)
+            for k in t.planes:
+                expected[plane_entry(name, k)] = ("U8", (stride,))
+            g = (t.shape[0], t.groups)
+            expected[entry_name(name, C.SCALE_SUFFIX)] = (t.scale_dtype, g)
+            expected[entry_name(name, C.ZERO_SUFFIX)] = (t.zero_dtype, g)
+        if set(expected) != set(listed):
+            extra = sorted(set(listed) - set(expected))[:3]
+            missing = sorted(set(expected) - set(listed))[:3]
+            raise HeaderError(self.path, f"manifest entries do not match its tensors (extra {extra}, missing {missing})")
+        for ename, (dtype, shape) in expected.items():
+            fname = listed[ename]["file"]
+            e = self._headers[fname].entries.get(ename)
+            if e is None:
+                raise HeaderError(self.root / fname, f"entry {ename!r} is missing")
+            if e.dtype != dtype or e.shape != shape:
+                raise HeaderError(self.root / fname, f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected {dtype}{list(shape)}")
+
+    def _raw(self, ename: str) -> np.ndarray:
+        """The bytes of one entry (memory-mapped), checked against its CRC-32 on first read."""
+        fname = self.manifest["entries"][ename]["file"]
+        h = self._headers[fname]
+        e = h.entries[ename]
+        mm = self._maps.get(fname)
+        if mm is None:
+            mm = self._maps[fname] = np.memmap(h.path, dtype=np.uint8, mode="r")
+        data = mm[h.data_start + e.start : h.data_start + e.end]
+        if self.verify_reads and ename not in self._verified:
+            self._check_crc(ename, data)
+        return data
+
+    def _check_crc(self, ename: str, data: np.ndarray) -> None:
+        fname = self.manifest["entries"][ename]["file"]
+        got = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        if got != self.manifest["entries"][ename]["crc32"]:
+            raise ChecksumError(self.root / fname, f"entry {ename!r} does not match its CRC-32")
+        self._verified.add(ename)
+
+    # --- public API -----------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise UnknownTensorError(self.path, f"no tensor named {name!r}") from None
+
+    def quantized_names(self) -> list[str]:
+        return [n for n, t in self._infos.items() if t.quantized]
+
+    def scale(self, name: str) -> np.ndarray:
+        t = self._qinfo(name)
+        s = dtypes.from_bytes(self._raw(entry_name(name, C.SCALE_SUFFIX)), t.scale_dtype, (t.shape[0], t.groups)).astype(np.float32)
+        if not np.all(np.isfinite(s)) or not np.all(s > 0):
+            raise BadParameterError(self._file_of(entry_name(name, C.SCALE_SUFFIX)), f"{name}: scales must be finite and positive")
+        return s
+
+    def zero(self, name: str) -> np.ndarray:
+        t = self._qinfo(name)
+        z = dtypes.from_bytes(self._raw(entry_name(name, C.ZERO_SUFFIX)), t.zero_dtype, (t.shape[0], t.groups)).astype(np.float32)
+        if not np.all(np.isfinite(z)) or z.min(initial=0) < 0 or z.max(initial=0) > numerics.code_max(self.code_bits):
+            raise BadParameterError(self._file_of(entry_name(name, C.ZERO_SUFFIX)), f"{name}: zero points must be finite and within the code range")
+        return z
+
+    def plane(self, name: str, k: int) -> np.ndarray:
+        """Packed bit-plane k of a quantized tensor (memory-mapped, CRC-checked)."""
+        t = self._qinfo(name)
+        if k not in t.planes:
+            raise MissingPlanesError(self.path, f"{name}: plane {k} is not in this checkpoint (sliced to planes {list(t.planes)})")
+        return self._raw(plane_entry(name, k))
+
+    def sliced_codes(self, name: str, bits: int | None = None, extra_precision: bool = False) -> np.ndarray:
+        """Codes in the r-bit domain, ``[rows, cols]`` uint8; reads only the planes that width needs."""
+        t = self._qinfo(name)
+        bits = self.code_bits if bits is None else bits
+        if not 1 <= bits <= self.code_bits:
+            raise WidthError(self.path, f"width {bits} outside 1..{self.code_bits}")
+        if extra_precision and bits == self.code_bits:
+            raise WidthError(self.path, f"extra precision needs a width below {self.code_bits}")
+        need = numerics.planes_needed(self.code_bits, bits)
+        missing = [k for k in need if k not in t.planes]
+        if missing:
+            raise MissingPlanesError(self.path, f"{name}: width {bits} needs planes {list(need)}, this checkpoint has {list(t.planes)}")
+        planes = [self.plane(name, k) if k in need else None for k in range(self.code_bits)]
+        return unpack(planes, t.numel, self.code_bits, bits, extra_precision).reshape(t.shape)
+
+    def codes(self, name: str) -> np.ndarray:
+        """The full c-bit codes (needs every plane)."""
+        return self.sliced_codes(name, self.code_bits)
+
+    def dense(self, name: str) -> np.ndarray:
+        """An unquantized tensor exactly as stored (BF16 as ``ml_dtypes.bfloat16``)."""
+        t = self.info(name)
+        if t.quantized:
+            raise UnknownTensorError(self.path, f"{name} is quantized; use dequantize()")
+        return dtypes.from_bytes(self._raw(name), t.dtype, t.shape)
+
+    def dequantize(self, name: str, bits: int | None = None, extra_precision: bool = False) -> np.ndarray:
+        """float32 weights of one tensor at a width; unquantized float tensors come back as stored, in float32."""
+        t = self.info(name)
+        if not t.quantized:
+            a = self.dense(name)
+            return a.astype(np.float32) if t.dtype in C.FLOAT_DTYPES else np.array(a)
+        bits = self.code_bits if bits is None else bits
+        k = self.sliced_codes(name, bits, extra_precision)
+        return numerics.dequantize_codes(k, self.scale(name), self.zero(name), self.code_bits, bits, t.group_size)
+
+    def bytes_for_width(self, name: str, bits: int | None) -> int:
+        """Bytes a reader touches for one tensor at a width (planes, scales, zero points; dense as is)."""
+        t = self.info(name)
+        size = lambda e: self._headers[self.manifest["entries"][e]["file"]].entries[e].nbytes  # noqa: E731
+        if not t.quantized:
+            return size(name)
+        planes = numerics.planes_needed(self.code_bits, bits or self.code_bits)
+        return sum(size(plane_entry(name, k)) for k in planes) + size(entry_name(name, C.SCALE_SUFFIX)) + size(entry_name(name, C.ZERO_SUFFIX))
+
+    def carried_files(self) -> dict[str, Path]:
+        """Config, tokenizer and other files carried from the source model (relative name -> path)."""
+        return {rel: self.root / rel for rel in self.manifest.get("carried", {})}
+
+    @property
+    def config(self) -> dict | None:
+        p = self.root / "config.json"
+        if "config.json" not in self.manifest.get("carried", {}) or not p.exists():
+            return None
+        return json.loads(p.read_text())
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest: names the checkpoint's exact contents (it holds every CRC)."""
+        return hashlib.sha256(self.manifest_text.encode("utf-8")).hexdigest()
+
+    @property
+    def source(self) -> dict:
+        return self.manifest.get("source", {})
+
+    def files(self) -> list[Path]:
+        """Every file of the checkpoint: base, plane files, carried files."""
+        return [self.path, *(self.root / f for f in self.manifest["files"]), *self.carried_files().values()]
+
+    def verify(self, progress=None) -> None:
+        """Check every entry's CRC-32, every parameter, and every carried file's sha256."""
+        for ename in self.manifest["entries"]:
+            fname = self.manifest["entries"][ename]["file"]
+            h = self._headers[fname]
+            e = h.entries[ename]
+            mm = self._maps.get(fname)
+            if mm is None:
+                mm = self._maps[fname] = np.memmap(h.path, dtype=np.uint8, mode="r")
+            self._check_crc(ename, mm[h.data_start + e.start : h.data_start + e.end])
+            if progress is not None:
+                progress(e.nbytes)
+        for name in self.quantized_names():
+            self.scale(name)
+            self.zero(name)
+        for rel, meta in self.manifest.get("carried", {}).items():
+            p = self.root / rel
+            if not p.exists():
+                raise MissingFileError(p, "carried file listed in the manifest is missing")
+            if sha256_file(p) != meta.get("sha256"):
+                raise ChecksumError(p, "carried file does not match its sha256")
+
+    def close(self) -> None:
+        self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _qinfo(self, name: str) -> TensorInfo:
+        t = self.info(name)
+        if not t.quantized:
+            raise UnknownTensorError(self.path, f"{name} is not quantized")
+        return t
+
+    def _file_of(self, ename: str) -> Path:
+        return self.root / self.manifest["entries"][ename]["file"]
+
+
+def open(path: str | os.PathLike, *, verify_reads: bool = True) -> Checkpoint:  # noqa: A001 - mirrors safetensors/zarr
+    """Open a checkpoint folder (or its ``matq.safetensors``, or a single-file checkpoint)."""
+    try:
+        return Checkpoint(path, verify_reads=verify_reads)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise MissingFileError(path, "no such file or folder") from None
+        raise OffsetError(path, f"cannot be read: {exc}") from None

@@ -1,0 +1,88 @@
+"""Single source of truth for the matq on-disk format (spec/v1/README.md mirrors these tables).
+
+Retired values stay reserved here forever and are never reused.
+"""
+
+from __future__ import annotations
+
+import re
+
+FORMAT_NAME = "matq"
+FORMAT_VERSION = (1, 0)
+"""(major, minor). Minor versions only add optional fields; anything else bumps the major."""
+
+# --- container -------------------------------------------------------------------------------
+BASE_FILENAME = "matq.safetensors"
+"""Entry point of a checkpoint folder; holds the manifest, parameters and unquantized tensors."""
+PLANE_FILENAME = "matq-plane-{k}.safetensors"
+"""Conventional name of the file holding bit-plane k (0 = least significant) of every tensor."""
+
+METADATA_KEY_FORMAT = "format"
+METADATA_KEY_MANIFEST = "matq"
+METADATA_KEY_MANIFEST_CRC = "matq.crc32"
+METADATA_KEY_ROLE = "matq.role"
+ROLE_BASE = "base"
+ROLE_PLANES = "planes"
+
+HEADER_PREFIX_BYTES = 8
+"""safetensors: little-endian u64 header length, then that many bytes of UTF-8 JSON."""
+MAX_HEADER_BYTES = 100_000_000
+"""The safetensors reference limit; larger headers are rejected before they are read."""
+MAX_TENSORS = 1_000_000
+MAX_ENTRIES = 20_000_000
+MAX_DIMS = 8
+MAX_DIM_SIZE = 2**40
+PLANE_ALIGN_BYTES = 8
+"""Every plane entry is zero-padded to a multiple of 8 bytes (64 codes) so kernels work in u64 words."""
+HEADER_ALIGN_BYTES = 8
+
+# --- entries ---------------------------------------------------------------------------------
+ENTRY_SEP = "@"
+PLANE_SUFFIX = "plane{k}"
+SCALE_SUFFIX = "scale"
+ZERO_SUFFIX = "zero"
+ENTRY_RE = re.compile(r"^(?P<tensor>.+)@(?P<part>plane(?P<k>[0-9]|1[0-5])|scale|zero)$")
+
+# --- codes -----------------------------------------------------------------------------------
+MIN_CODE_BITS = 2
+MAX_CODE_BITS_SPEC = 16
+"""The spec allows c up to 16; this implementation stores codes in bytes and supports c <= 8."""
+MAX_CODE_BITS_IMPL = 8
+DEFAULT_CODE_BITS = 8
+
+# --- quantization parameters ----------------------------------------------------------------
+GRANULARITY_CHANNEL = "channel"
+GRANULARITY_GROUP = "group"
+GRANULARITIES = (GRANULARITY_CHANNEL, GRANULARITY_GROUP)
+KIND_QUANTIZED = "quantized"
+KIND_DENSE = "dense"
+KINDS = (KIND_QUANTIZED, KIND_DENSE)
+
+# safetensors dtype names: name -> (numpy dtype string, item size). BF16 and F8 have no numpy
+# dtype of their own and are read as raw unsigned integers of the same width.
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("|b1", 1),
+    "U8": ("|u1", 1),
+    "I8": ("|i1", 1),
+    "F8_E4M3": ("|u1", 1),
+    "F8_E5M2": ("|u1", 1),
+    "U16": ("<u2", 2),
+    "I16": ("<i2", 2),
+    "F16": ("<f2", 2),
+    "BF16": ("<u2", 2),
+    "U32": ("<u4", 4),
+    "I32": ("<i4", 4),
+    "F32": ("<f4", 4),
+    "U64": ("<u8", 8),
+    "I64": ("<i8", 8),
+    "F64": ("<f8", 8),
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+SCALE_DTYPES = ("F16", "BF16", "F32")
+ZERO_DTYPES = ("U8", "U16", "F16", "BF16", "F32")
+QUANTIZABLE_DTYPES = ("F16", "BF16", "F32")
+
+# --- serving widths --------------------------------------------------------------------------
+SLICE_WIDTHS = (8, 6, 4, 3, 2)
+EXTENSION_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+"""Extension names are dotted lower-case identifiers, e.g. ``org.example.hessian``."""

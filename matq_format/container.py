@@ -1,0 +1,186 @@
+"""The safetensors container: header parsing with typed errors, and a streaming writer.
+
+The ``safetensors`` package has no streaming writer (it needs every tensor in memory to write the
+header first), so the writer below lays out the same bytes itself: it reserves room for the header,
+streams entries after it, and fills the header in at close. Files it writes load in
+``safetensors.safe_open`` (tested). Reading parses and validates the header here, so each way a
+file can be wrong gets its own error, then maps entries with ``numpy.memmap``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import constants as C
+from .errors import (
+    BadMagicError,
+    HeaderError,
+    HeaderTooLargeError,
+    LimitError,
+    OffsetError,
+    TruncatedFileError,
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    path: Path
+    metadata: dict[str, str]
+    entries: dict[str, Entry]
+    data_start: int
+    file_size: int
+
+
+def crc32_hex(data) -> str:
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def read_header(path: str | os.PathLike) -> FileHeader:
+    """Parse and validate a safetensors header: sizes, JSON, dtypes, shapes, offsets, limits."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(C.HEADER_PREFIX_BYTES)
+        if len(prefix) < C.HEADER_PREFIX_BYTES:
+            raise TruncatedFileError(path, f"file is {size} bytes, shorter than the 8-byte header length")
+        (hlen,) = struct.unpack("<Q", prefix)
+        if hlen > C.MAX_HEADER_BYTES:
+            raise HeaderTooLargeError(path, f"header length {hlen} exceeds the limit of {C.MAX_HEADER_BYTES}")
+        if hlen < 2:
+            raise BadMagicError(path, "not a safetensors file (header length below 2)")
+        if C.HEADER_PREFIX_BYTES + hlen > size:
+            raise TruncatedFileError(path, f"header needs {hlen} bytes but the file has {size - 8}")
+        raw = f.read(hlen)
+    if raw[:1] != b"{":
+        raise BadMagicError(path, "not a safetensors file (header does not start with '{')")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise HeaderError(path, f"header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise HeaderError(path, "__metadata__ must map strings to strings")
+    if len(header) > C.MAX_ENTRIES:
+        raise LimitError(path, f"{len(header)} entries exceed the limit of {C.MAX_ENTRIES}")
+    data_start = C.HEADER_PREFIX_BYTES + hlen
+    data_len = size - data_start
+    entries: dict[str, Entry] = {}
+    for name, info in header.items():
+        entries[name] = _parse_entry(path, name, info)
+    spans = sorted((e.start, e.end, e.name) for e in entries.values())
+    pos = 0
+    for start, end, name in spans:
+        if start != pos:
+            kind = "overlaps the previous entry" if start < pos else "leaves a hole before it"
+            raise OffsetError(path, f"entry {name!r} at byte {start} {kind}")
+        pos = end
+    if pos != data_len:
+        if pos > data_len:
+            raise TruncatedFileError(path, f"entries need {pos} data bytes but the file has {data_len}")
+        raise OffsetError(path, f"{data_len - pos} bytes after the last entry belong to no entry")
+    return FileHeader(path, meta, entries, data_start, size)
+
+
+def _parse_entry(path: Path, name: str, info) -> Entry:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise HeaderError(path, f"entry {name!r} must have exactly dtype, shape and data_offsets")
+    dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in C.DTYPES:
+        raise HeaderError(path, f"entry {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise HeaderError(path, f"entry {name!r} has a malformed shape")
+    if len(shape) > C.MAX_DIMS or any(d > C.MAX_DIM_SIZE for d in shape):
+        raise LimitError(path, f"entry {name!r} has too many or too large dimensions")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs):
+        raise HeaderError(path, f"entry {name!r} has malformed data_offsets")
+    start, end = offs
+    nbytes = int(np.prod(shape, dtype=object)) * C.DTYPES[dtype][1]
+    if end < start or end - start != nbytes:
+        raise OffsetError(path, f"entry {name!r} spans {end - start} bytes but its shape needs {nbytes}")
+    return Entry(name, dtype, tuple(shape), start, end)
+
+
+class SafetensorsWriter:
+    """Streams entries into one safetensors file; the header is written at close.
+
+    Room for the header is reserved up front. At close the header goes into that room, padded with
+    spaces; if it does not fit, or the file is small enough that the padding would matter, the data
+    is moved once to sit right after a tight header.
+    """
+
+    COMPACT_BELOW = 64 << 20
+
+    def __init__(self, path: str | os.PathLike, reserve: int = 1 << 20):
+        self.path = Path(path)
+        self._reserve = reserve
+        self._f = open(self.path, "wb")
+        self._f.seek(C.HEADER_PREFIX_BYTES + reserve)
+        self._pos = 0
+        self._entries: dict[str, dict] = {}
+        self.crcs: dict[str, str] = {}
+
+    def write(self, name: str, array: np.ndarray, dtype: str, shape: tuple[int, ...] | None = None) -> str:
+        """Append one entry from a C-contiguous array; returns its CRC-32 (8 hex digits)."""
+        if name in self._entries:
+            raise ValueError(f"duplicate entry {name!r}")
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        self._f.write(data)
+        shape = tuple(array.shape) if shape is None else tuple(shape)
+        self._entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._pos, self._pos + len(data)]}
+        self._pos += len(data)
+        crc = crc32_hex(data)
+        self.crcs[name] = crc
+        return crc
+
+    def close(self, metadata: dict[str, str]) -> None:
+        header = {"__metadata__": metadata, **self._entries} if metadata else dict(self._entries)
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        tight = len(blob) + (-len(blob)) % C.HEADER_ALIGN_BYTES
+        if tight <= self._reserve and self._pos >= self.COMPACT_BELOW:
+            blob = blob.ljust(self._reserve, b" ")
+            self._f.seek(0)
+            self._f.write(struct.pack("<Q", len(blob)) + blob)
+            self._f.close()
+            return
+        blob = blob.ljust(tight, b" ")
+        self._f.close()
+        moved = self.path.with_name(self.path.name + ".compact")
+        with open(self.path, "rb") as src, open(moved, "wb") as dst:
+            dst.write(struct.pack("<Q", len(blob)) + blob)
+            src.seek(C.HEADER_PREFIX_BYTES + self._reserve)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(moved, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def memmap_entry(header: FileHeader, entry: Entry) -> np.ndarray:
+    """A read-only view of an entry's bytes (uint8); only the pages touched are read."""
+    if entry.nbytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start + entry.start, shape=(entry.nbytes,))

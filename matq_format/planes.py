@@ -1,0 +1,72 @@
+"""Bit-plane codec: c-bit codes <-> c packed planes, and slicing straight from planes.
+
+The compiled kernel (``_bitplanes.c``) is the fast path; the numpy functions here are the
+reference it is tested against, and the fallback where no compiler was available at install.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import constants as C
+from .numerics import check_width, planes_needed, slice_codes
+
+try:  # pragma: no cover - exercised implicitly
+    from . import _bitplanes as _kernel
+except ImportError:  # pragma: no cover
+    _kernel = None
+
+HAVE_KERNEL = _kernel is not None
+
+
+def plane_stride(n: int) -> int:
+    """Bytes per plane for ``n`` codes: whole 64-bit words."""
+    return -(-n // 64) * C.PLANE_ALIGN_BYTES
+
+
+def pack(codes: np.ndarray, code_bits: int, *, use_kernel: bool = True) -> np.ndarray:
+    """Flattened codes -> ``[c, stride]`` uint8, row k = bit-plane k (LSB-first bytes, zero padded)."""
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    n = flat.size
+    out = np.empty((code_bits, plane_stride(n)), dtype=np.uint8)
+    if use_kernel and _kernel is not None and code_bits <= 8:
+        _kernel.pack(flat, code_bits, out)
+        return out
+    if code_bits < 8 and n and int(flat.max()) >> code_bits:
+        raise ValueError("a code does not fit the code width")
+    padded = np.zeros(plane_stride(n) * 8, dtype=np.uint8)
+    padded[:n] = flat
+    for k in range(code_bits):
+        out[k] = np.packbits((padded >> k) & 1, bitorder="little")
+    return out
+
+
+def unpack(
+    planes: list[np.ndarray | None],
+    n: int,
+    code_bits: int,
+    bits: int | None = None,
+    extra_precision: bool = False,
+    *,
+    use_kernel: bool = True,
+) -> np.ndarray:
+    """Sliced codes ``k`` (r-bit domain, uint8, length n) read from the planes the width needs.
+
+    ``planes[k]`` is plane k or None; only ``planes_needed(c, bits)`` must be present.
+    """
+    bits = code_bits if bits is None else bits
+    check_width(code_bits, bits)
+    need = planes_needed(code_bits, bits)
+    if len(planes) != code_bits:
+        raise ValueError("planes must list c entries")
+    missing = [k for k in need if planes[k] is None]
+    if missing:
+        raise ValueError(f"planes {missing} are needed")
+    out = np.empty(n, dtype=np.uint8)
+    if use_kernel and _kernel is not None and code_bits <= 8:
+        _kernel.unpack(planes, n, code_bits, bits, bool(extra_precision), out)
+        return out
+    q = np.zeros(n, dtype=np.uint16)
+    for k in need:
+        q |= np.unpackbits(np.asarray(planes[k], np.uint8), count=n, bitorder="little").astype(np.uint16) << k
+    return slice_codes(q, code_bits, bits, extra_precision).astype(np.uint8)

@@ -1,0 +1,290 @@
+"""Streaming, atomic writer for matq checkpoints (spec/v1 "Layout").
+
+Tensors are written one at a time; nothing is visible at the output path until ``close`` renames
+the finished folder (or file) into place, and an exception inside ``with`` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import constants as C
+from . import dtypes
+from .container import SafetensorsWriter, crc32_hex
+from .errors import WriterError
+from .manifest import TensorInfo, entry_name, plane_entry
+from .numerics import code_max, n_groups, planes_needed
+from .planes import pack
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".index.json")
+CARRY_MAX_BYTES = 64 << 20
+
+
+def carried_sources(src: str | os.PathLike) -> list[Path]:
+    """Files of a model folder that travel with a checkpoint: config, tokenizer, everything but weights."""
+    src = Path(src)
+    out = []
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name == "README.md" or p.stat().st_size > CARRY_MAX_BYTES:
+            continue
+        out.append(p)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckpointWriter:
+    """Write a checkpoint tensor by tensor.
+
+    ``out`` is a folder (canonical form: ``matq.safetensors`` plus one file per bit-plane, plus the
+    carried config and tokenizer files) or, with ``single_file=True``, one ``.safetensors`` file.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        code_bits: int = C.DEFAULT_CODE_BITS,
+        *,
+        single_file: bool = False,
+        carry_from: str | os.PathLike | None = None,
+        source: dict | None = None,
+        overwrite: bool = False,
+        extensions: dict | None = None,
+        must_understand: list[str] | None = None,
+    ):
+        if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
+            raise WriterError(out, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}")
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise WriterError(self.out, "already exists (pass overwrite to replace it)")
+        self.code_bits = code_bits
+        self.single_file = single_file
+        self.source = dict(source or {})
+        self.extensions = dict(extensions or {})
+        self.must_understand = list(must_understand or [])
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=4 << 20)
+        self._planes: dict[int, SafetensorsWriter] = {}
+        self._tensors: dict[str, TensorInfo] = {}
+        self._entries: dict[str, dict] = {}
+        self._carried: dict[str, dict] = {}
+        self._closed = False
+        if carry_from is not None and not single_file:
+            self._carry(Path(carry_from))
+
+    # --- public API ------------------------------------------------------------------------------
+    def add_dense(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
+        """Store a tensor as it came (embeddings, norms, biases). ``dtype='BF16'`` takes uint16 bits."""
+        self._check_name(name)
+        array = np.ascontiguousarray(array)
+        dtype = dtype or dtypes.st_dtype(array)
+        if array.dtype.itemsize != C.DTYPES[dtype][1]:
+            raise WriterError(self.out, f"{name}: array itemsize does not match dtype {dtype}")
+        self._write_base(name, array, dtype)
+        self._tensors[name] = TensorInfo(name, C.KIND_DENSE, tuple(array.shape), dtype)
+
+    def add_quantized(
+        self,
+        name: str,
+        codes: np.ndarray,
+        scale: np.ndarray,
+        zero: np.ndarray,
+        *,
+        dtype: str = "F32",
+        group_size: int | None = None,
+        scheme: str = "asymmetric",
+        scale_dtype: str = "F16",
+        zero_dtype: str = "U8",
+        extra_precision: tuple[int, ...] | list[int] = (),
+        keep_bits: int | None = None,
+    ) -> None:
+        """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point.
+
+        ``keep_bits`` stores only the planes a width-``keep_bits`` slice needs (a sliced checkpoint).
+        """
+        self._check_name(name)
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.dtype != np.uint8:
+            raise WriterError(self.out, f"{name}: codes must be a 2-D uint8 array")
+        try:
+            packed = pack(codes, self.code_bits)
+        except ValueError as exc:
+            raise WriterError(self.out, f"{name}: {exc}") from None
+        keep = planes_needed(self.code_bits, keep_bits or self.code_bits)
+        self.add_quantized_planes(
+            name,
+            {k: packed[k] for k in keep},
+            scale,
+            zero,
+            shape=codes.shape,
+            dtype=dtype,
+            group_size=group_size,
+            scheme=scheme,
+            scale_dtype=scale_dtype,
+            zero_dtype=zero_dtype,
+            extra_precision=extra_precision,
+        )
+
+    def add_quantized_planes(
+        self,
+        name: str,
+        planes: dict[int, np.ndarray],
+        scale: np.ndarray,
+        zero: np.ndarray,
+        *,
+        shape: tuple[int, int],
+        dtype: str,
+        group_size: int | None,
+        scheme: str,
+        scale_dtype: str,
+        zero_dtype: str,
+        extra_precision=(),
+    ) -> None:
+        """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint."""
+        self._check_name(name)
+        rows, cols = shape
+        groups = n_groups(cols, group_size)
+        info = TensorInfo(
+            name, C.KIND_QUANTIZED, (rows, cols), dtype,
+            C.GRANULARITY_CHANNEL if group_size is None else C.GRANULARITY_GROUP,
+            group_size, scheme, scale_dtype, zero_dtype,
+            tuple(sorted(int(r) for r in extra_precision)), tuple(sorted(planes, reverse=True)),
+        )
+        if dtype not in C.QUANTIZABLE_DTYPES or scale_dtype not in C.SCALE_DTYPES or zero_dtype not in C.ZERO_DTYPES:
+            raise WriterError(self.out, f"{name}: unsupported dtype, scale_dtype or zero_dtype")
+        if any(not 1 <= r < self.code_bits for r in info.extra_precision):
+            raise WriterError(self.out, f"{name}: extra-precision widths must be below {self.code_bits}")
+        scale = np.asarray(scale, np.float32).reshape(rows, groups)
+        zero = np.asarray(zero, np.float32).reshape(rows, groups)
+        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            raise WriterError(self.out, f"{name}: scales must be finite and positive")
+        if not np.all(np.isfinite(zero)):
+            raise WriterError(self.out, f"{name}: zero points must be finite")
+        if zero_dtype in ("U8", "U16") and (np.any(zero != np.rint(zero)) or zero.min(initial=0) < 0 or zero.max(initial=0) > code_max(self.code_bits)):
+            raise WriterError(self.out, f"{name}: integer zero points must be integers in 0..{code_max(self.code_bits)}")
+        try:
+            s_arr, z_arr = dtypes.cast_exact(scale, scale_dtype), dtypes.cast_exact(zero, zero_dtype)
+        except ValueError as exc:
+            raise WriterError(self.out, f"{name}: {exc}") from None
+        stride = -(-rows * cols // 64) * C.PLANE_ALIGN_BYTES
+        for k in sorted(planes, reverse=True):
+            p = np.asarray(planes[k], np.uint8).reshape(-1)
+            if not 0 <= k < self.code_bits or p.size != stride:
+                raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
+            self._write_plane(k, plane_entry(name, k), p)
+        self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
+        self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
+        self._tensors[name] = info
+
+    def close(self) -> Path:
+        """Finish every file, write the manifest, and move the checkpoint into place."""
+        if self._closed:
+            return self.out
+        self._closed = True
+        try:
+            files = {}
+            for k, w in sorted(self._planes.items(), reverse=True):
+                w.close({C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES})
+                files[w.path.name] = {"bytes": w.path.stat().st_size, "planes": [k]}
+            manifest = {
+                "format": C.FORMAT_NAME,
+                "version": "%d.%d" % C.FORMAT_VERSION,
+                "code_bits": self.code_bits,
+                "must_understand": self.must_understand,
+                "extensions": self.extensions,
+                "files": files,
+                "carried": self._carried,
+                "tensors": {n: t.to_json() for n, t in self._tensors.items()},
+                "entries": self._entries,
+                "source": self.source,
+            }
+            text = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False)
+            self._base.close(
+                {
+                    C.METADATA_KEY_FORMAT: C.FORMAT_NAME,
+                    C.METADATA_KEY_ROLE: C.ROLE_BASE,
+                    C.METADATA_KEY_MANIFEST: text,
+                    C.METADATA_KEY_MANIFEST_CRC: crc32_hex(text.encode("utf-8")),
+                }
+            )
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        return self.out
+
+    def abort(self) -> None:
+        self._closed = True
+        for w in [self._base, *self._planes.values()]:
+            if not w._f.closed:
+                w._f.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # --- internals ------------------------------------------------------------------------------
+    def _check_name(self, name: str) -> None:
+        if self._closed:
+            raise WriterError(self.out, "writer is closed")
+        if not name or C.ENTRY_SEP in name:
+            raise WriterError(self.out, f"tensor name {name!r} must be non-empty and free of '@'")
+        if name in self._tensors:
+            raise WriterError(self.out, f"duplicate tensor {name!r}")
+
+    def _write_base(self, entry: str, array: np.ndarray, dtype: str) -> None:
+        crc = self._base.write(entry, array, dtype)
+        self._entries[entry] = {"file": C.BASE_FILENAME, "crc32": crc}
+
+    def _write_plane(self, k: int, entry: str, data: np.ndarray) -> None:
+        if self.single_file:
+            w = self._base
+        else:
+            w = self._planes.get(k)
+            if w is None:
+                w = self._planes[k] = SafetensorsWriter(self._tmp / C.PLANE_FILENAME.format(k=k))
+        crc = w.write(entry, data, "U8")
+        self._entries[entry] = {"file": w.path.name, "crc32": crc}
+
+    def _carry(self, src: Path) -> None:
+        for p in carried_sources(src):
+            rel = p.relative_to(src).as_posix()
+            dst = self._tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dst)
+            self._carried[rel] = {"bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
+
+    def _publish(self) -> None:
+        final = self._tmp / C.BASE_FILENAME if self.single_file else self._tmp
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(final, self.out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if self.single_file:
+            shutil.rmtree(self._tmp, ignore_errors=True)

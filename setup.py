@@ -1,0 +1,14 @@
+"""Builds the one compiled kernel; all other metadata lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "matq_format._bitplanes",
+            sources=["matq_format/_bitplanes.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        )
+    ]
+)
