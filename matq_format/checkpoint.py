@@ -107,14 +107,19 @@ class Checkpoint:
         if set(expected) != set(listed):
             extra = sorted(set(listed) - set(expected))[:3]
             missing = sorted(set(expected) - set(listed))[:3]
-            raise HeaderError(self.path, f"manifest entries do not match its tensors (extra {extra}, missing {missing})")
+            raise HeaderError(
+                self.path, f"manifest entries do not match its tensors (extra {extra}, missing {missing})"
+            )
         for ename, (dtype, shape) in expected.items():
             fname = listed[ename]["file"]
             e = self._headers[fname].entries.get(ename)
             if e is None:
                 raise HeaderError(self.root / fname, f"entry {ename!r} is missing")
             if e.dtype != dtype or e.shape != shape:
-                raise HeaderError(self.root / fname, f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected {dtype}{list(shape)}")
+                raise HeaderError(
+                    self.root / fname,
+                    f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected {dtype}{list(shape)}",
+                )
 
     def _raw(self, ename: str) -> np.ndarray:
         """The bytes of one entry (memory-mapped), checked against its CRC-32 on first read."""
@@ -154,23 +159,38 @@ class Checkpoint:
 
     def scale(self, name: str) -> np.ndarray:
         t = self._qinfo(name)
-        s = dtypes.from_bytes(self._raw(entry_name(name, C.SCALE_SUFFIX)), t.scale_dtype, (t.shape[0], t.groups)).astype(np.float32)
+        s = dtypes.from_bytes(
+            self._raw(entry_name(name, C.SCALE_SUFFIX)), t.scale_dtype, (t.shape[0], t.groups)
+        ).astype(np.float32)
         if not np.all(np.isfinite(s)) or not np.all(s > 0):
-            raise BadParameterError(self._file_of(entry_name(name, C.SCALE_SUFFIX)), f"{name}: scales must be finite and positive")
+            raise BadParameterError(
+                self._file_of(entry_name(name, C.SCALE_SUFFIX)), f"{name}: scales must be finite and positive"
+            )
         return s
 
     def zero(self, name: str) -> np.ndarray:
         t = self._qinfo(name)
-        z = dtypes.from_bytes(self._raw(entry_name(name, C.ZERO_SUFFIX)), t.zero_dtype, (t.shape[0], t.groups)).astype(np.float32)
-        if not np.all(np.isfinite(z)) or z.min(initial=0) < 0 or z.max(initial=0) > numerics.code_max(self.code_bits):
-            raise BadParameterError(self._file_of(entry_name(name, C.ZERO_SUFFIX)), f"{name}: zero points must be finite and within the code range")
+        z = dtypes.from_bytes(
+            self._raw(entry_name(name, C.ZERO_SUFFIX)), t.zero_dtype, (t.shape[0], t.groups)
+        ).astype(np.float32)
+        if (
+            not np.all(np.isfinite(z))
+            or z.min(initial=0) < 0
+            or z.max(initial=0) > numerics.code_max(self.code_bits)
+        ):
+            raise BadParameterError(
+                self._file_of(entry_name(name, C.ZERO_SUFFIX)),
+                f"{name}: zero points must be finite and within the code range",
+            )
         return z
 
     def plane(self, name: str, k: int) -> np.ndarray:
         """Packed bit-plane k of a quantized tensor (memory-mapped, CRC-checked)."""
         t = self._qinfo(name)
         if k not in t.planes:
-            raise MissingPlanesError(self.path, f"{name}: plane {k} is not in this checkpoint (sliced to planes {list(t.planes)})")
+            raise MissingPlanesError(
+                self.path, f"{name}: plane {k} is not in this checkpoint (sliced to planes {list(t.planes)})"
+            )
         return self._raw(plane_entry(name, k))
 
     def sliced_codes(self, name: str, bits: int | None = None, extra_precision: bool = False) -> np.ndarray:
@@ -184,7 +204,10 @@ class Checkpoint:
         need = numerics.planes_needed(self.code_bits, bits)
         missing = [k for k in need if k not in t.planes]
         if missing:
-            raise MissingPlanesError(self.path, f"{name}: width {bits} needs planes {list(need)}, this checkpoint has {list(t.planes)}")
+            raise MissingPlanesError(
+                self.path,
+                f"{name}: width {bits} needs planes {list(need)}, this checkpoint has {list(t.planes)}",
+            )
         planes = [self.plane(name, k) if k in need else None for k in range(self.code_bits)]
         return unpack(planes, t.numel, self.code_bits, bits, extra_precision).reshape(t.shape)
 
@@ -207,7 +230,9 @@ class Checkpoint:
             return a.astype(np.float32) if t.dtype in C.FLOAT_DTYPES else np.array(a)
         bits = self.code_bits if bits is None else bits
         k = self.sliced_codes(name, bits, extra_precision)
-        return numerics.dequantize_codes(k, self.scale(name), self.zero(name), self.code_bits, bits, t.group_size)
+        return numerics.dequantize_codes(
+            k, self.scale(name), self.zero(name), self.code_bits, bits, t.group_size
+        )
 
     def bytes_for_width(self, name: str, bits: int | None) -> int:
         """Bytes a reader touches for one tensor at a width (planes, scales, zero points; dense as is)."""
@@ -216,7 +241,11 @@ class Checkpoint:
         if not t.quantized:
             return size(name)
         planes = numerics.planes_needed(self.code_bits, bits or self.code_bits)
-        return sum(size(plane_entry(name, k)) for k in planes) + size(entry_name(name, C.SCALE_SUFFIX)) + size(entry_name(name, C.ZERO_SUFFIX))
+        return (
+            sum(size(plane_entry(name, k)) for k in planes)
+            + size(entry_name(name, C.SCALE_SUFFIX))
+            + size(entry_name(name, C.ZERO_SUFFIX))
+        )
 
     def carried_files(self) -> dict[str, Path]:
         """Config, tokenizer and other files carried from the source model (relative name -> path)."""

@@ -81,7 +81,9 @@ def read_header(path: str | os.PathLike) -> FileHeader:
     if not isinstance(header, dict):
         raise HeaderError(path, "header is not a JSON object")
     meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         raise HeaderError(path, "__metadata__ must map strings to strings")
     if len(header) > C.MAX_ENTRIES:
         raise LimitError(path, f"{len(header)} entries exceed the limit of {C.MAX_ENTRIES}")
@@ -149,7 +151,11 @@ class SafetensorsWriter:
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         self._f.write(data)
         shape = tuple(array.shape) if shape is None else tuple(shape)
-        self._entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._pos, self._pos + len(data)]}
+        self._entries[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [self._pos, self._pos + len(data)],
+        }
         self._pos += len(data)
         crc = crc32_hex(data)
         self.crcs[name] = crc
@@ -183,4 +189,6 @@ def memmap_entry(header: FileHeader, entry: Entry) -> np.ndarray:
     """A read-only view of an entry's bytes (uint8); only the pages touched are read."""
     if entry.nbytes == 0:
         return np.zeros(0, dtype=np.uint8)
-    return np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start + entry.start, shape=(entry.nbytes,))
+    return np.memmap(
+        header.path, dtype=np.uint8, mode="r", offset=header.data_start + entry.start, shape=(entry.nbytes,)
+    )

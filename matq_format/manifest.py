@@ -82,7 +82,9 @@ def parse_version(path: Path, text) -> tuple[int, int]:
         raise HeaderError(path, f"version {text!r} is not MAJOR.MINOR")
     major, minor = (int(p) for p in text.split("."))
     if major != C.FORMAT_VERSION[0]:
-        raise UnsupportedVersionError(path, f"format major version {major} is not supported (this reader reads {C.FORMAT_VERSION[0]}.x)")
+        raise UnsupportedVersionError(
+            path, f"format major version {major} is not supported (this reader reads {C.FORMAT_VERSION[0]}.x)"
+        )
     return major, minor
 
 
@@ -90,12 +92,18 @@ def _req(path: Path, d: dict, key: str, types, where: str):
     if key not in d:
         raise HeaderError(path, f"{where}: missing {key!r}")
     v = d[key]
-    if not isinstance(v, types) or isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+    if (
+        not isinstance(v, types)
+        or isinstance(v, bool)
+        and bool not in (types if isinstance(types, tuple) else (types,))
+    ):
         raise HeaderError(path, f"{where}: {key!r} has the wrong type")
     return v
 
 
-def parse_manifest(path: Path, text: str, understood: frozenset[str] = frozenset()) -> tuple[dict, dict[str, TensorInfo]]:
+def parse_manifest(
+    path: Path, text: str, understood: frozenset[str] = frozenset()
+) -> tuple[dict, dict[str, TensorInfo]]:
     """Validate the manifest JSON; returns it and the tensors as :class:`TensorInfo`."""
     try:
         m = json.loads(text)
@@ -111,12 +119,16 @@ def parse_manifest(path: Path, text: str, understood: frozenset[str] = frozenset
         raise HeaderError(path, "must_understand must be a list of extension names")
     unknown = [x for x in must if x not in understood]
     if unknown:
-        raise UnsupportedVersionError(path, f"requires extensions this reader does not understand: {', '.join(unknown)}")
+        raise UnsupportedVersionError(
+            path, f"requires extensions this reader does not understand: {', '.join(unknown)}"
+        )
     c = _req(path, m, "code_bits", int, "manifest")
     if not C.MIN_CODE_BITS <= c <= C.MAX_CODE_BITS_SPEC:
         raise HeaderError(path, f"code_bits {c} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_SPEC}")
     if c > C.MAX_CODE_BITS_IMPL:
-        raise UnsupportedVersionError(path, f"code_bits {c} > {C.MAX_CODE_BITS_IMPL} is not supported by this reader")
+        raise UnsupportedVersionError(
+            path, f"code_bits {c} > {C.MAX_CODE_BITS_IMPL} is not supported by this reader"
+        )
     files = _req(path, m, "files", dict, "manifest")
     for fname, finfo in files.items():
         if not _safe_relname(fname):
@@ -128,18 +140,30 @@ def parse_manifest(path: Path, text: str, understood: frozenset[str] = frozenset
     if len(tensors) > C.MAX_TENSORS:
         raise LimitError(path, f"{len(tensors)} tensors exceed the limit of {C.MAX_TENSORS}")
     for ename, e in entries.items():
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("crc32"), str):
+        if (
+            not isinstance(e, dict)
+            or not isinstance(e.get("file"), str)
+            or not isinstance(e.get("crc32"), str)
+        ):
             raise HeaderError(path, f"entry {ename!r} needs 'file' and 'crc32'")
         if len(e["crc32"]) != 8 or any(ch not in "0123456789abcdef" for ch in e["crc32"]):
             raise HeaderError(path, f"entry {ename!r} has a malformed crc32")
         if e["file"] != C.BASE_FILENAME and e["file"] not in files:
-            raise HeaderError(path, f"entry {ename!r} names file {e['file']!r}, which the manifest does not list")
+            raise HeaderError(
+                path, f"entry {ename!r} names file {e['file']!r}, which the manifest does not list"
+            )
     infos = {name: _parse_tensor(path, name, t, c) for name, t in tensors.items()}
     return m, infos
 
 
 def _safe_relname(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and not name.startswith(".")
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and not name.startswith(".")
+    )
 
 
 def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
@@ -159,7 +183,9 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
         raise HeaderError(path, f"{where}: malformed shape")
     known = {"kind", "dtype", "shape"}
     if kind == C.KIND_DENSE:
-        return TensorInfo(name, kind, tuple(shape), dtype, extras={k: v for k, v in t.items() if k not in known})
+        return TensorInfo(
+            name, kind, tuple(shape), dtype, extras={k: v for k, v in t.items() if k not in known}
+        )
     known |= {"granularity", "group_size", "scheme", "scale_dtype", "zero_dtype", "extra_precision", "planes"}
     if len(shape) != 2:
         raise HeaderError(path, f"{where}: quantized tensors are 2-D")
@@ -188,6 +214,16 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
     if not all(type(k) is int and 0 <= k < code_bits for k in planes) or len(set(planes)) != len(planes):
         raise HeaderError(path, f"{where}: planes must list distinct plane indices below code_bits")
     return TensorInfo(
-        name, kind, tuple(shape), dtype, gran, gs, scheme, sd, zd, tuple(ep), tuple(sorted(planes, reverse=True)),
+        name,
+        kind,
+        tuple(shape),
+        dtype,
+        gran,
+        gs,
+        scheme,
+        sd,
+        zd,
+        tuple(ep),
+        tuple(sorted(planes, reverse=True)),
         extras={k: v for k, v in t.items() if k not in known},
     )

@@ -166,7 +166,9 @@ def slice_codes(q: np.ndarray, code_bits: int, bits: int, extra_precision: bool 
     return k.astype(q.dtype)
 
 
-def slice_codes_c_scale(q: np.ndarray, code_bits: int, bits: int, extra_precision: bool = False) -> np.ndarray:
+def slice_codes_c_scale(
+    q: np.ndarray, code_bits: int, bits: int, extra_precision: bool = False
+) -> np.ndarray:
     """S(q, r) on the c-bit scale (``k << s``), as the paper writes it; int32 because 2^c may appear."""
     return slice_codes(q, code_bits, bits, extra_precision).astype(np.int32) << (code_bits - bits)
 

@@ -23,7 +23,19 @@ from .manifest import TensorInfo, entry_name, plane_entry
 from .numerics import code_max, n_groups, planes_needed
 from .planes import pack
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".index.json")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".onnx_data",
+    ".index.json",
+)
 CARRY_MAX_BYTES = 64 << 20
 
 
@@ -62,7 +74,7 @@ class CheckpointWriter:
         code_bits: int = C.DEFAULT_CODE_BITS,
         *,
         single_file: bool = False,
-        carry_from: str | os.PathLike | None = None,
+        carry_from: str | os.PathLike | dict[str, Path] | None = None,
         source: dict | None = None,
         overwrite: bool = False,
         extensions: dict | None = None,
@@ -87,7 +99,7 @@ class CheckpointWriter:
         self._carried: dict[str, dict] = {}
         self._closed = False
         if carry_from is not None and not single_file:
-            self._carry(Path(carry_from))
+            self._carry(carry_from)
 
     # --- public API ------------------------------------------------------------------------------
     def add_dense(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
@@ -162,12 +174,23 @@ class CheckpointWriter:
         rows, cols = shape
         groups = n_groups(cols, group_size)
         info = TensorInfo(
-            name, C.KIND_QUANTIZED, (rows, cols), dtype,
+            name,
+            C.KIND_QUANTIZED,
+            (rows, cols),
+            dtype,
             C.GRANULARITY_CHANNEL if group_size is None else C.GRANULARITY_GROUP,
-            group_size, scheme, scale_dtype, zero_dtype,
-            tuple(sorted(int(r) for r in extra_precision)), tuple(sorted(planes, reverse=True)),
+            group_size,
+            scheme,
+            scale_dtype,
+            zero_dtype,
+            tuple(sorted(int(r) for r in extra_precision)),
+            tuple(sorted(planes, reverse=True)),
         )
-        if dtype not in C.QUANTIZABLE_DTYPES or scale_dtype not in C.SCALE_DTYPES or zero_dtype not in C.ZERO_DTYPES:
+        if (
+            dtype not in C.QUANTIZABLE_DTYPES
+            or scale_dtype not in C.SCALE_DTYPES
+            or zero_dtype not in C.ZERO_DTYPES
+        ):
             raise WriterError(self.out, f"{name}: unsupported dtype, scale_dtype or zero_dtype")
         if any(not 1 <= r < self.code_bits for r in info.extra_precision):
             raise WriterError(self.out, f"{name}: extra-precision widths must be below {self.code_bits}")
@@ -177,8 +200,14 @@ class CheckpointWriter:
             raise WriterError(self.out, f"{name}: scales must be finite and positive")
         if not np.all(np.isfinite(zero)):
             raise WriterError(self.out, f"{name}: zero points must be finite")
-        if zero_dtype in ("U8", "U16") and (np.any(zero != np.rint(zero)) or zero.min(initial=0) < 0 or zero.max(initial=0) > code_max(self.code_bits)):
-            raise WriterError(self.out, f"{name}: integer zero points must be integers in 0..{code_max(self.code_bits)}")
+        if zero_dtype in ("U8", "U16") and (
+            np.any(zero != np.rint(zero))
+            or zero.min(initial=0) < 0
+            or zero.max(initial=0) > code_max(self.code_bits)
+        ):
+            raise WriterError(
+                self.out, f"{name}: integer zero points must be integers in 0..{code_max(self.code_bits)}"
+            )
         try:
             s_arr, z_arr = dtypes.cast_exact(scale, scale_dtype), dtypes.cast_exact(zero, zero_dtype)
         except ValueError as exc:
@@ -205,7 +234,7 @@ class CheckpointWriter:
                 files[w.path.name] = {"bytes": w.path.stat().st_size, "planes": [k]}
             manifest = {
                 "format": C.FORMAT_NAME,
-                "version": "%d.%d" % C.FORMAT_VERSION,
+                "version": f"{C.FORMAT_VERSION[0]}.{C.FORMAT_VERSION[1]}",
                 "code_bits": self.code_bits,
                 "must_understand": self.must_understand,
                 "extensions": self.extensions,
@@ -269,9 +298,12 @@ class CheckpointWriter:
         crc = w.write(entry, data, "U8")
         self._entries[entry] = {"file": w.path.name, "crc32": crc}
 
-    def _carry(self, src: Path) -> None:
-        for p in carried_sources(src):
-            rel = p.relative_to(src).as_posix()
+    def _carry(self, src: str | os.PathLike | dict[str, Path]) -> None:
+        """Copy a model folder's side files (or an explicit ``{relative name: path}`` map)."""
+        if not isinstance(src, dict):
+            root = Path(src)
+            src = {p.relative_to(root).as_posix(): p for p in carried_sources(root)}
+        for rel, p in src.items():
             dst = self._tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dst)

@@ -1,0 +1,140 @@
+"""`matq inspect`, `matq verify`, `matq slice`: thin wrappers over matq_format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+import matq_format as mf
+from matq_format.plans import summarize
+
+from ..progress import bar
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  matq inspect ./my-model-matq
+  matq inspect ./my-model-matq --json | jq '.bytes_per_width'
+"""
+)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-stats", is_flag=True, help="Skip the extra-bucket share (reads every plane).")
+def inspect(path: Path, as_json: bool, no_stats: bool) -> None:
+    """Show tensors, widths, bytes each width reads, and extra-bucket shares."""
+    from matq_format.inspect import describe
+
+    ckpt = mf.open(path)
+    with bar(len(ckpt.tensor_names()), "inspect", "tensor") as pb:
+        d = describe(ckpt, stats=not no_stats, progress=pb.update)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{d['path']}  matq {d['format_version']}  c={d['code_bits']}  digest {d['digest'][:16]}")
+    click.echo(
+        "bytes read per width: " + ", ".join(f"int{r}: {_human(b)}" for r, b in d["bytes_per_width"].items())
+    )
+    for t in d["tensors"]:
+        shape = "x".join(map(str, t["shape"]))
+        if t["kind"] == "dense":
+            click.echo(f"  {t['name']}  dense {t['dtype']} [{shape}]  {_human(t['bytes'])}")
+            continue
+        g = "channel" if t["granularity"] == "channel" else f"group {t['group_size']}"
+        ep = f"  ep {t['extra_precision']}" if t["extra_precision"] else ""
+        share = ""
+        if "extra_bucket_share" in t:
+            share = "  extra bucket " + " ".join(
+                f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items()
+            )
+        widths = " ".join(f"int{r}:{_human(b)}" for r, b in t["bytes"].items())
+        click.echo(f"  {t['name']}  {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}")
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  matq verify ./my-model-matq && echo intact
+"""
+)
+@click.argument("path", type=click.Path(path_type=Path))
+def verify(path: Path) -> None:
+    """Check structure and every checksum; exit 0 if intact, 1 otherwise."""
+    ckpt = mf.open(path)
+    total = sum(h.file_size for h in ckpt._headers.values())
+    with bar(total, "verify", "B", unit_scale=True) as pb:
+        ckpt.verify(progress=pb.update)
+    n = len(ckpt.manifest["entries"])
+    click.echo(f"{ckpt.path}: OK ({len(ckpt.tensor_names())} tensors, {n} entries, {_human(total)} checked)")
+
+
+@click.command(
+    name="slice",
+    epilog="""\b
+Examples:
+  matq slice ./model-matq --bits 4 -o ./model-int4
+  matq slice ./model-matq --bits 2 --extra-precision -o ./model-int2ep
+  matq slice ./model-matq --plan pyramid -o ./model-mnm
+  matq slice ./model-matq --plan budget:3.5 -o ./model-3.5b
+  matq slice ./model-matq --plan plan.json -o ./model-custom
+""",
+)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--bits", type=click.IntRange(1, 16), help="One width for every quantized tensor.")
+@click.option(
+    "--plan",
+    help="Mix'n'Match plan: a width, pyramid|reverse_pyramid|increasing|decreasing[:2,4,8], budget:BITS, or a JSON file.",
+)
+@click.option("--extra-precision", is_flag=True, help="Serve with the extra bucket (2^r+1 levels).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder (or .safetensors file with --single-file).",
+)
+@click.option("--single-file", is_flag=True, help="Write one .safetensors file instead of a folder.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def slice_(
+    path: Path,
+    bits: int | None,
+    plan: str | None,
+    extra_precision: bool,
+    out: Path,
+    single_file: bool,
+    force: bool,
+) -> None:
+    """Write a smaller checkpoint holding only what a width or plan needs."""
+    if (bits is None) == (plan is None):
+        raise click.UsageError("give exactly one of --bits or --plan")
+    ckpt = mf.open(path)
+    with bar(len(ckpt.tensor_names()), "slice", "tensor") as pb:
+        mf.slice_checkpoint(
+            ckpt,
+            out,
+            bits=bits,
+            plan=plan,
+            extra_precision=extra_precision,
+            single_file=single_file,
+            overwrite=force,
+            progress=pb.update,
+        )
+    sliced = mf.open(out)
+    widths = mf.resolve_plan(bits if plan is None else plan, sliced, extra_precision=extra_precision)
+    s = summarize(sliced, widths, extra_precision)
+    size = sum(p.stat().st_size for p in sliced.files())
+    click.echo(f"{out}: {s.bits_per_weight:.3f} bits per weight served, {_human(size)} on disk")
+
+
+COMMANDS = [inspect, verify, slice_]

@@ -1,0 +1,62 @@
+"""What `matq inspect` reports, as data: per tensor, widths served, bytes each width reads, extra-bucket share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import constants as C
+from . import numerics
+from .checkpoint import Checkpoint
+
+
+def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], None] | None = None) -> dict:
+    """A JSON-ready description of a checkpoint."""
+    c = ckpt.code_bits
+    widths = [r for r in C.SLICE_WIDTHS if r <= c] if c == 8 else list(range(c, 0, -1))
+    tensors = []
+    totals = {str(r): 0 for r in widths}
+    for name in ckpt.tensor_names():
+        t = ckpt.info(name)
+        row: dict = {"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype}
+        if t.quantized:
+            served = [r for r in widths if r <= t.max_width(c)]
+            row.update(
+                granularity=t.granularity,
+                group_size=t.group_size,
+                scheme=t.scheme,
+                scale_dtype=t.scale_dtype,
+                zero_dtype=t.zero_dtype,
+                extra_precision=list(t.extra_precision),
+                planes=list(t.planes),
+                widths=served,
+                bytes={str(r): ckpt.bytes_for_width(name, r) for r in served},
+            )
+            if stats and t.max_width(c) == c:
+                q = ckpt.codes(name)
+                row["extra_bucket_share"] = {
+                    str(r): numerics.extra_bucket_share(q, c, r) for r in widths if r < c
+                }
+            for r in widths:
+                if str(r) in row["bytes"]:
+                    totals[str(r)] += row["bytes"][str(r)]
+        else:
+            row["bytes"] = ckpt.bytes_for_width(name, None)
+            for r in widths:
+                totals[str(r)] += row["bytes"]
+        tensors.append(row)
+        if progress:
+            progress(1)
+    return {
+        "path": str(ckpt.path),
+        "format_version": ckpt.version,
+        "code_bits": c,
+        "digest": ckpt.digest,
+        "files": {
+            ckpt.path.name: ckpt.path.stat().st_size,
+            **{f: m["bytes"] for f, m in ckpt.manifest["files"].items()},
+        },
+        "carried": sorted(ckpt.manifest.get("carried", {})),
+        "source": ckpt.source,
+        "bytes_per_width": totals,
+        "tensors": tensors,
+    }

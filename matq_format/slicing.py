@@ -1,0 +1,78 @@
+"""Train-free slicing: a smaller checkpoint holding only the planes a width or plan needs.
+
+Planes are copied as they are stored (no unpacking), so the sliced checkpoint dequantizes
+bit-identically to slicing the source, and still serves every narrower width.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from . import numerics
+from .checkpoint import Checkpoint
+from .checkpoint import open as open_checkpoint
+from .errors import PlanError
+from .plans import resolve_plan
+from .writer import CheckpointWriter
+
+
+def slice_checkpoint(
+    src: str | os.PathLike | Checkpoint,
+    out: str | os.PathLike,
+    *,
+    bits: int | None = None,
+    plan: str | dict | None = None,
+    extra_precision: bool = False,
+    single_file: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``out`` with, per quantized tensor, only the planes its width needs."""
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    if (bits is None) == (plan is None):
+        raise PlanError(ckpt.path, "give exactly one of bits or plan")
+    widths = resolve_plan(bits if plan is None else plan, ckpt, extra_precision=extra_precision)
+    source = dict(ckpt.source)
+    source["sliced_from"] = ckpt.digest
+    source["slice"] = {
+        "plan": plan if isinstance(plan, str) else ("custom" if plan is not None else str(bits)),
+        "widths": sorted(set(widths.values())),
+        "extra_precision": bool(extra_precision),
+    }
+    carry = ckpt.carried_files() or None
+    with CheckpointWriter(
+        out,
+        ckpt.code_bits,
+        single_file=single_file,
+        carry_from=carry,
+        source=source,
+        overwrite=overwrite,
+        extensions=ckpt.manifest.get("extensions"),
+        must_understand=ckpt.manifest.get("must_understand"),
+    ) as w:
+        for name in ckpt.tensor_names():
+            t = ckpt.info(name)
+            if not t.quantized:
+                w.add_dense(name, ckpt.dense(name), t.dtype)
+                if progress:
+                    progress(1)
+                continue
+            need = numerics.planes_needed(ckpt.code_bits, widths[name])
+            w.add_quantized_planes(
+                name,
+                {k: ckpt.plane(name, k) for k in need},
+                ckpt.scale(name),
+                ckpt.zero(name),
+                shape=t.shape,
+                dtype=t.dtype,
+                group_size=t.group_size,
+                scheme=t.scheme,
+                scale_dtype=t.scale_dtype,
+                zero_dtype=t.zero_dtype,
+                extra_precision=t.extra_precision,
+            )
+            if progress:
+                progress(1)
+    return Path(out)
