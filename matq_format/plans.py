@@ -145,7 +145,8 @@ def tensor_bits(ckpt, name: str, bits: int, extra_precision: bool, share: float 
     t = ckpt.info(name)
     ep = extra_precision and bits < ckpt.code_bits
     if ep and share is None:
-        share = numerics.extra_bucket_share(ckpt.codes(name), ckpt.code_bits, bits)
+        k = ckpt.sliced_codes(name, bits, extra_precision=True)  # reads only the planes this width needs
+        share = float(np.count_nonzero(k == (1 << bits)) / max(k.size, 1))
     return numerics.bits_per_weight(
         bits,
         t.shape[0],
@@ -185,15 +186,13 @@ def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
     for n in names:
         if not widths[n]:
             raise PlanError(ckpt.path, f"{n}: no width of {BUDGET_WIDTHS} can be served")
-        q = ckpt.codes(n) if ckpt.info(n).max_width(c) == c else None
         ref = ckpt.dequantize(n, widths[n][-1])
         numel = ref.size
         err[n], cost[n] = {}, {}
         for r in widths[n]:
             d = ckpt.dequantize(n, r, extra_precision and r < c) - ref
             err[n][r] = float(np.dot(d.ravel(), d.ravel()))
-            share = numerics.extra_bucket_share(q, c, r) if (q is not None and extra_precision) else 0.0
-            cost[n][r] = tensor_bits(ckpt, n, r, extra_precision, share) * numel
+            cost[n][r] = tensor_bits(ckpt, n, r, extra_precision) * numel
     plan = {n: widths[n][0] for n in names}
     total_w = sum(ckpt.info(n).numel for n in names)
     spent = sum(cost[n][plan[n]] for n in names)

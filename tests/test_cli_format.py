@@ -1,0 +1,110 @@
+"""`matq inspect`, `verify`, `slice`: output, exit codes, one-line errors, no partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import matq_format as mf
+from matq_cli.main import cli
+from matq_format import numerics as N
+
+
+@pytest.fixture()
+def ck(tmp_path):
+    rng = np.random.default_rng(1)
+    with mf.CheckpointWriter(tmp_path / "ck") as w:
+        for i in range(3):
+            x = rng.normal(size=(32, 128)).astype(np.float32)
+            s, z = N.minmax_params(x, 8, None)
+            w.add_quantized(
+                f"model.layers.{i}.mlp.up_proj.weight",
+                N.quantize(x, s, z, 8, None),
+                s,
+                z,
+                extra_precision=(2,),
+            )
+        w.add_dense("model.embed_tokens.weight", rng.normal(size=(10, 32)).astype(np.float16))
+    return tmp_path / "ck"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_inspect_text_and_json(ck):
+    r = run("inspect", ck)
+    assert r.exit_code == 0, r.output
+    assert (
+        "model.layers.0.mlp.up_proj.weight" in r.output and "int2:" in r.output and "extra bucket" in r.output
+    )
+    r = run("inspect", ck, "--json")
+    d = json.loads(r.output)
+    b = d["bytes_per_width"]
+    assert b["8"] > b["6"] > b["4"] > b["3"] > b["2"]
+    t = next(t for t in d["tensors"] if t["name"] == "model.layers.1.mlp.up_proj.weight")
+    ckpt = mf.open(ck)
+    q = ckpt.codes(t["name"])
+    assert t["extra_bucket_share"]["2"] == N.extra_bucket_share(q, 8, 2)
+    assert t["bytes"]["4"] == 5 * (32 * 128 // 8) + 32 * 2 + 32
+    assert d["digest"] == ckpt.digest
+
+
+def test_verify_ok_and_corrupt(ck):
+    r = run("verify", ck)
+    assert r.exit_code == 0 and "OK" in r.output
+    plane = ck / "matq-plane-3.safetensors"
+    data = bytearray(plane.read_bytes())
+    data[-5] ^= 0x10
+    plane.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["verify", str(ck)])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if ln]
+    assert len(lines) == 1 and "matq-plane-3.safetensors" in lines[0] and "CRC" in lines[0]
+
+
+def test_slice_cli(ck, tmp_path):
+    out = tmp_path / "int4"
+    r = run("slice", ck, "--bits", "4", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "bits per weight" in r.output
+    src, s = mf.open(ck), mf.open(out)
+    for n in src.quantized_names():
+        assert np.array_equal(s.dequantize(n, 4), src.dequantize(n, 4))
+    r = run("slice", ck, "--plan", "increasing", "--extra-precision", "-o", tmp_path / "mnm")
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["slice", str(ck), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2  # usage error: neither --bits nor --plan
+    r = CliRunner().invoke(cli, ["slice", str(ck), "--bits", "4", "-o", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    env = {k: v for k, v in os.environ.items() if k != "MATQ_DEBUG"}
+    p = subprocess.run(
+        [sys.executable, "-m", "matq_cli", "verify", str(bad)], capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and str(bad) in p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "matq_cli", "slice", str(bad), "--bits", "4", "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert p.returncode == 1 and not (tmp_path / "o").exists()
+    p = subprocess.run(
+        [sys.executable, "-m", "matq_cli", "verify", str(bad)],
+        capture_output=True,
+        text=True,
+        env={**env, "MATQ_DEBUG": "1"},
+    )
+    assert p.returncode == 1 and "Traceback" in p.stderr

@@ -1,0 +1,197 @@
+"""Mix'n'Match plans and train-free slicing (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import matq_format as mf
+from matq_format import numerics as N
+from matq_format.errors import MissingPlanesError, PlanError
+from matq_format.plans import layer_index, summarize
+
+ROLES = ("up_proj", "down_proj")
+
+
+def build(path, layers=6, rows=16, cols=256, group=128, seed=0, carry=None, ep=(2,)):
+    rng = np.random.default_rng(seed)
+    with mf.CheckpointWriter(path, carry_from=carry) as w:
+        for i in range(layers):
+            for role in ROLES:
+                x = rng.normal(size=(rows, cols)).astype(np.float32) * (1 + i)
+                s, z = N.minmax_params(x, 8, group)
+                w.add_quantized(
+                    f"model.layers.{i}.mlp.{role}.weight",
+                    N.quantize(x, s, z, 8, group),
+                    s,
+                    z,
+                    dtype="F32",
+                    group_size=group,
+                    extra_precision=ep,
+                )
+        w.add_dense("model.norm.weight", rng.normal(size=rows).astype(np.float32))
+    return mf.open(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("plans") / "ck")
+
+
+def test_layer_index():
+    assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_index("encoder.layer.3.output.dense.weight") == 3
+    assert layer_index("transformer.h.0.mlp.c_fc.weight") == 0
+    assert layer_index("model.embed_tokens.weight") is None
+
+
+def test_uniform_plan(ckpt):
+    assert set(mf.resolve_plan("4", ckpt).values()) == {4}
+    with pytest.raises(PlanError):
+        mf.resolve_plan("9", ckpt)
+
+
+def by_layer(plan):
+    return [plan[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(6)]
+
+
+def test_pattern_plans(ckpt):
+    assert by_layer(mf.resolve_plan("pyramid", ckpt)) == [2, 4, 8, 8, 4, 2]
+    assert by_layer(mf.resolve_plan("reverse_pyramid", ckpt)) == [8, 4, 2, 2, 4, 8]
+    inc = by_layer(mf.resolve_plan("increasing", ckpt))
+    assert inc == sorted(inc) and inc[0] == 2 and inc[-1] == 8
+    dec = by_layer(mf.resolve_plan("decreasing", ckpt))
+    assert dec == sorted(dec, reverse=True) and dec[0] == 8 and dec[-1] == 2
+    assert set(mf.resolve_plan("pyramid:3,6", ckpt).values()) == {3, 6}
+    with pytest.raises(PlanError):
+        mf.resolve_plan("pyramid:a,b", ckpt)
+
+
+def test_file_plan(ckpt, tmp_path):
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"default": 4, "layers": {"0-1": 2, "5": 8}, "patterns": {"down_proj": 6}}))
+    plan = mf.resolve_plan(str(p), ckpt)
+    assert plan["model.layers.0.mlp.up_proj.weight"] == 2
+    assert plan["model.layers.1.mlp.up_proj.weight"] == 2
+    assert plan["model.layers.3.mlp.up_proj.weight"] == 4
+    assert plan["model.layers.5.mlp.up_proj.weight"] == 8
+    assert all(plan[f"model.layers.{i}.mlp.down_proj.weight"] == 6 for i in range(6))
+    p.write_text(json.dumps({"patterns": {"q_proj": 4}}))
+    with pytest.raises(PlanError, match="matches no"):
+        mf.resolve_plan(str(p), ckpt)
+    p.write_text("{not json")
+    with pytest.raises(PlanError):
+        mf.resolve_plan(str(p), ckpt)
+    with pytest.raises(PlanError):
+        mf.resolve_plan("no-such-plan", ckpt)
+
+
+def test_budget_plan(ckpt):
+    errs = []
+    for budget in (2.5, 3.5, 5.0, 8.5):
+        plan = mf.resolve_plan(f"budget:{budget}", ckpt)
+        s = summarize(ckpt, plan)
+        assert s.bits_per_weight <= budget + 1e-9
+        errs.append(
+            sum(float(((ckpt.dequantize(n, r) - ckpt.dequantize(n)) ** 2).sum()) for n, r in plan.items())
+        )
+    assert errs == sorted(errs, reverse=True) and errs[-1] == 0.0
+    with pytest.raises(PlanError, match="below the narrowest"):
+        mf.resolve_plan("budget:1.0", ckpt)
+
+
+def test_budget_prefers_wide_ranges(ckpt):
+    """Later layers were built with larger weights, so they get the bits first."""
+    plan = mf.resolve_plan("budget:3.5", ckpt)
+    assert by_layer(plan)[-1] >= by_layer(plan)[0]
+
+
+def test_summary_counts_parameters(ckpt):
+    s = summarize(ckpt, mf.resolve_plan("4", ckpt))
+    # 4 code bits + (fp16 scale + u8 zero) per 128 weights
+    assert s.bits_per_weight == pytest.approx(4 + 3 * 8 / 128)
+    s_ep = summarize(ckpt, mf.resolve_plan("2", ckpt), extra_precision=True)
+    assert 2 + 3 * 8 / 128 < s_ep.bits_per_weight < 3.2
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4, 3, 2, 1])
+def test_slice_bits_equals_source(ckpt, tmp_path, bits):
+    out = mf.slice_checkpoint(ckpt, tmp_path / "s", bits=bits)
+    s = mf.open(out)
+    s.verify()
+    for name in ckpt.quantized_names():
+        assert s.info(name).planes == N.planes_needed(8, bits)
+        for r in range(1, bits + 1):
+            for ep in (False, True) if r < 8 else (False,):
+                assert np.array_equal(s.dequantize(name, r, ep), ckpt.dequantize(name, r, ep))
+        if bits < 8:
+            with pytest.raises(MissingPlanesError):
+                s.dequantize(name, bits + 1)
+    assert np.array_equal(s.dense("model.norm.weight"), ckpt.dense("model.norm.weight"))
+    assert s.source["sliced_from"] == ckpt.digest
+    if bits < 7:
+        missing = {f"matq-plane-{k}.safetensors" for k in range(8 - bits - 1)}
+        assert not missing & set(os.listdir(out))
+
+
+def test_slice_size_shrinks(tmp_path):
+    ckpt = build(tmp_path / "big", layers=4, rows=128, cols=512)
+    sizes = {}
+    for bits in (8, 4, 2):
+        out = mf.slice_checkpoint(ckpt, tmp_path / f"s{bits}", bits=bits)
+        sizes[bits] = sum(p.stat().st_size for p in mf.open(out).files())
+    assert sizes[2] < sizes[4] < sizes[8]
+    assert sizes[2] / sizes[8] < 0.40 and sizes[4] / sizes[8] < 0.65
+
+
+def test_slice_plan_single_file_and_carry(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    (hf / "tokenizer.json").write_text("{}")
+    src = build(tmp_path / "ck", carry=hf)
+    assert set(src.carried_files()) == {"config.json", "tokenizer.json"}
+    out = mf.slice_checkpoint(src, tmp_path / "mnm", plan="pyramid")
+    s = mf.open(out)
+    s.verify()
+    assert set(s.carried_files()) == {"config.json", "tokenizer.json"}
+    plan = mf.resolve_plan("pyramid", src)
+    for name, r in plan.items():
+        assert s.info(name).planes == N.planes_needed(8, r)
+        assert np.array_equal(s.dequantize(name, r), src.dequantize(name, r))
+    single = mf.slice_checkpoint(src, tmp_path / "one.safetensors", bits=4, single_file=True)
+    assert single.is_file()
+    one = mf.open(single)
+    assert one.manifest["files"] == {}
+    for name in src.quantized_names():
+        assert np.array_equal(one.dequantize(name, 4), src.dequantize(name, 4))
+
+
+def test_failed_slice_leaves_nothing(ckpt, tmp_path):
+    s4 = mf.slice_checkpoint(ckpt, tmp_path / "s4", bits=4)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(PlanError):
+        mf.slice_checkpoint(s4, tmp_path / "s8", bits=8)
+    with pytest.raises(PlanError):
+        mf.slice_checkpoint(ckpt, tmp_path / "x", plan="budget:0.5")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(widths=st.lists(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]), min_size=12, max_size=12), ep=st.booleans())
+def test_sliced_plan_equals_slicing_source(ckpt, tmp_path_factory, widths, ep):
+    names = ckpt.quantized_names()
+    plan = dict(zip(names, widths, strict=True))
+    out = mf.slice_checkpoint(ckpt, tmp_path_factory.mktemp("h") / "s", plan=plan, extra_precision=ep)
+    s = mf.open(out)
+    for name, r in plan.items():
+        use_ep = ep and r < 8
+        assert np.array_equal(
+            s.dequantize(name, r, use_ep),
+            N.dequantize(ckpt.codes(name), ckpt.scale(name), ckpt.zero(name), 8, r, 128, use_ep),
+        )
