@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,8 +49,10 @@ def resolve_base(path: str | os.PathLike) -> Path:
 class Checkpoint:
     """A matq checkpoint, opened read-only. Use :func:`open`."""
 
-    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True):
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True, partial: bool = False):
         self.path = resolve_base(path)
+        self.partial = partial
+        self.missing_files: set[str] = set()
         self.root = self.path.parent
         self.verify_reads = verify_reads
         base = read_header(self.path)
@@ -69,12 +72,17 @@ class Checkpoint:
         self._verified: set[str] = set()
         self._open_files()
         self._cross_check()
+        if self.missing_files:
+            self._drop_missing_planes()
 
     # --- structure ------------------------------------------------------------------------------
     def _open_files(self) -> None:
         for fname, finfo in self.manifest["files"].items():
             p = self.root / fname
             if not p.exists():
+                if self.partial:
+                    self.missing_files.add(fname)
+                    continue
                 raise MissingFileError(p, "listed in the manifest but missing")
             size = p.stat().st_size
             if size < finfo["bytes"]:
@@ -112,6 +120,8 @@ class Checkpoint:
             )
         for ename, (dtype, shape) in expected.items():
             fname = listed[ename]["file"]
+            if fname in self.missing_files:
+                continue
             e = self._headers[fname].entries.get(ename)
             if e is None:
                 raise HeaderError(self.root / fname, f"entry {ename!r} is missing")
@@ -120,6 +130,23 @@ class Checkpoint:
                     self.root / fname,
                     f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected {dtype}{list(shape)}",
                 )
+
+    def _drop_missing_planes(self) -> None:
+        """Partial view (e.g. a width-selective download): planes in absent files are not served."""
+        entries = self.manifest["entries"]
+        for name, t in self._infos.items():
+            if not t.quantized:
+                continue
+            for part in (C.SCALE_SUFFIX, C.ZERO_SUFFIX):
+                if entries[entry_name(name, part)]["file"] in self.missing_files:
+                    raise MissingFileError(self.path, f"{name}: its {part} lives in a missing file")
+            kept = tuple(
+                k for k in t.planes if entries[plane_entry(name, k)]["file"] not in self.missing_files
+            )
+            self._infos[name] = dataclasses.replace(t, planes=kept)
+
+    def _present(self, ename: str) -> bool:
+        return self.manifest["entries"][ename]["file"] not in self.missing_files
 
     def _raw(self, ename: str) -> np.ndarray:
         """The bytes of one entry (memory-mapped), checked against its CRC-32 on first read."""
@@ -242,7 +269,7 @@ class Checkpoint:
             return size(name)
         planes = numerics.planes_needed(self.code_bits, bits or self.code_bits)
         return (
-            sum(size(plane_entry(name, k)) for k in planes)
+            len(planes) * plane_stride(t.numel)
             + size(entry_name(name, C.SCALE_SUFFIX))
             + size(entry_name(name, C.ZERO_SUFFIX))
         )
@@ -269,12 +296,15 @@ class Checkpoint:
 
     def files(self) -> list[Path]:
         """Every file of the checkpoint: base, plane files, carried files."""
-        return [self.path, *(self.root / f for f in self.manifest["files"]), *self.carried_files().values()]
+        present = (self.root / f for f in self.manifest["files"] if f not in self.missing_files)
+        return [self.path, *present, *self.carried_files().values()]
 
     def verify(self, progress=None) -> None:
         """Check every entry's CRC-32, every parameter, and every carried file's sha256."""
         for ename in self.manifest["entries"]:
             fname = self.manifest["entries"][ename]["file"]
+            if fname in self.missing_files:
+                continue
             h = self._headers[fname]
             e = h.entries[ename]
             mm = self._maps.get(fname)
@@ -312,10 +342,14 @@ class Checkpoint:
         return self.root / self.manifest["entries"][ename]["file"]
 
 
-def open(path: str | os.PathLike, *, verify_reads: bool = True) -> Checkpoint:  # noqa: A001 - mirrors safetensors/zarr
-    """Open a checkpoint folder (or its ``matq.safetensors``, or a single-file checkpoint)."""
+def open(path: str | os.PathLike, *, verify_reads: bool = True, partial: bool = False) -> Checkpoint:  # noqa: A001
+    """Open a checkpoint folder (or its ``matq.safetensors``, or a single-file checkpoint).
+
+    ``partial=True`` tolerates absent plane files (a width-selective download): the tensors then
+    serve only the widths whose planes are present.
+    """
     try:
-        return Checkpoint(path, verify_reads=verify_reads)
+        return Checkpoint(path, verify_reads=verify_reads, partial=partial)
     except (OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise MissingFileError(path, "no such file or folder") from None

@@ -195,3 +195,27 @@ def test_sliced_plan_equals_slicing_source(ckpt, tmp_path_factory, widths, ep):
             s.dequantize(name, r, use_ep),
             N.dequantize(ckpt.codes(name), ckpt.scale(name), ckpt.zero(name), 8, r, 128, use_ep),
         )
+
+
+def test_partial_view_serves_present_widths(ckpt, tmp_path):
+    """A folder missing some plane files (a width-selective download) opens with partial=True."""
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(ckpt.root, part)
+    for k in range(5):
+        (part / f"matq-plane-{k}.safetensors").unlink()
+    with pytest.raises(mf.errors.MissingFileError):
+        mf.open(part)
+    p = mf.open(part, partial=True)
+    p.verify()
+    name = ckpt.quantized_names()[0]
+    assert p.info(name).planes == (7, 6, 5) and p.info(name).max_width(8) == 2
+    assert np.array_equal(p.dequantize(name, 2, True), ckpt.dequantize(name, 2, True))
+    with pytest.raises(MissingPlanesError):
+        p.dequantize(name, 4)
+    out = mf.slice_checkpoint(p, tmp_path / "int2", bits=2)
+    s = mf.open(out)
+    assert np.array_equal(s.dequantize(name, 2), ckpt.dequantize(name, 2))
+    with pytest.raises(PlanError):
+        mf.slice_checkpoint(p, tmp_path / "int4", bits=4)
