@@ -254,7 +254,8 @@ class Checkpoint:
         t = self.info(name)
         if not t.quantized:
             a = self.dense(name)
-            return a.astype(np.float32) if t.dtype in C.FLOAT_DTYPES else np.array(a)
+            is_float = t.dtype in C.FLOAT_DTYPES or t.dtype.startswith("F8_")
+            return a.astype(np.float32) if is_float else np.array(a)
         bits = self.code_bits if bits is None else bits
         k = self.sliced_codes(name, bits, extra_precision)
         return numerics.dequantize_codes(

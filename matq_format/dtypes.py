@@ -21,10 +21,10 @@ _NP_TO_ST = {
     np.dtype(np.uint64): "U64",
     np.dtype(np.int64): "I64",
     np.dtype(np.float64): "F64",
+    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+    np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2",
 }
 _ST_TO_NP = {v: k for k, v in _NP_TO_ST.items()}
-_ST_TO_NP["F8_E4M3"] = np.dtype(ml_dtypes.float8_e4m3fn)
-_ST_TO_NP["F8_E5M2"] = np.dtype(ml_dtypes.float8_e5m2)
 
 
 def st_dtype(array: np.ndarray) -> str:

@@ -26,6 +26,9 @@ def plane_stride(n: int) -> int:
 
 def pack(codes: np.ndarray, code_bits: int, *, use_kernel: bool = True) -> np.ndarray:
     """Flattened codes -> ``[c, stride]`` uint8, row k = bit-plane k (LSB-first bytes, zero padded)."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 and codes.size and (codes.min() < 0 or codes.max() > 255):
+        raise ValueError("a code does not fit the code width")  # rather than wrap modulo 256
     flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     n = flat.size
     out = np.empty((code_bits, plane_stride(n)), dtype=np.uint8)
@@ -62,11 +65,18 @@ def unpack(
     missing = [k for k in need if planes[k] is None]
     if missing:
         raise ValueError(f"planes {missing} are needed")
+    # Only the planes the width needs are looked at (and handed to the kernel), as contiguous bytes.
+    planes = [
+        np.ascontiguousarray(p, dtype=np.uint8).reshape(-1) if k in need else None
+        for k, p in enumerate(planes)
+    ]
+    if any(planes[k].size < plane_stride(n) for k in need):
+        raise ValueError(f"a plane is shorter than {plane_stride(n)} bytes")
     out = np.empty(n, dtype=np.uint8)
     if use_kernel and _kernel is not None and code_bits <= 8:
         _kernel.unpack(planes, n, code_bits, bits, bool(extra_precision), out)
         return out
     q = np.zeros(n, dtype=np.uint16)
     for k in need:
-        q |= np.unpackbits(np.asarray(planes[k], np.uint8), count=n, bitorder="little").astype(np.uint16) << k
+        q |= np.unpackbits(planes[k], count=n, bitorder="little").astype(np.uint16) << k
     return slice_codes(q, code_bits, bits, extra_precision).astype(np.uint8)

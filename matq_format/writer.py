@@ -53,6 +53,13 @@ def carried_sources(src: str | os.PathLike) -> list[Path]:
     return out
 
 
+def _little_endian_c(a: np.ndarray) -> np.ndarray:
+    """The same values as a C-contiguous little-endian array (0-d arrays stay 0-d)."""
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(a).reshape(a.shape)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -99,16 +106,30 @@ class CheckpointWriter:
         self._carried: dict[str, dict] = {}
         self._closed = False
         if carry_from is not None and not single_file:
-            self._carry(carry_from)
+            try:
+                self._carry(carry_from)
+            except OSError as exc:
+                self.abort()
+                raise WriterError(self.out, f"cannot carry files from {carry_from}: {exc}") from None
+            except BaseException:
+                self.abort()
+                raise
 
     # --- public API ------------------------------------------------------------------------------
     def add_dense(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
         """Store a tensor as it came (embeddings, norms, biases). ``dtype='BF16'`` takes uint16 bits."""
         self._check_name(name)
-        array = np.ascontiguousarray(array)
-        dtype = dtype or dtypes.st_dtype(array)
+        array = _little_endian_c(np.asarray(array))
+        try:
+            dtype = dtype or dtypes.st_dtype(array)
+        except ValueError as exc:
+            raise WriterError(self.out, f"{name}: {exc}") from None
+        if dtype not in C.DTYPES:
+            raise WriterError(self.out, f"{name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
         if array.dtype.itemsize != C.DTYPES[dtype][1]:
             raise WriterError(self.out, f"{name}: array itemsize does not match dtype {dtype}")
+        if array.ndim > C.MAX_DIMS:
+            raise WriterError(self.out, f"{name}: {array.ndim} dimensions exceed the limit of {C.MAX_DIMS}")
         self._write_base(name, array, dtype)
         self._tensors[name] = TensorInfo(name, C.KIND_DENSE, tuple(array.shape), dtype)
 
@@ -139,6 +160,8 @@ class CheckpointWriter:
             packed = pack(codes, self.code_bits)
         except ValueError as exc:
             raise WriterError(self.out, f"{name}: {exc}") from None
+        if keep_bits is not None and not 1 <= keep_bits <= self.code_bits:
+            raise WriterError(self.out, f"{name}: keep_bits {keep_bits} outside 1..{self.code_bits}")
         keep = planes_needed(self.code_bits, keep_bits or self.code_bits)
         self.add_quantized_planes(
             name,
@@ -171,7 +194,20 @@ class CheckpointWriter:
     ) -> None:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint."""
         self._check_name(name)
-        rows, cols = shape
+        if len(shape) != 2 or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+            raise WriterError(self.out, f"{name}: quantized tensors are 2-D, got shape {tuple(shape)}")
+        if group_size is not None and (
+            not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1
+        ):
+            raise WriterError(self.out, f"{name}: group_size must be None or a positive integer")
+        if scheme not in ("asymmetric", "symmetric"):
+            raise WriterError(self.out, f"{name}: unknown scheme {scheme!r}")
+        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in extra_precision):
+            raise WriterError(self.out, f"{name}: extra_precision must list integer widths")
+        if len(set(extra_precision)) != len(extra_precision):
+            raise WriterError(self.out, f"{name}: extra_precision lists a width twice")
+        rows, cols = (int(d) for d in shape)
+        group_size = None if group_size is None else int(group_size)
         groups = n_groups(cols, group_size)
         info = TensorInfo(
             name,
@@ -194,29 +230,31 @@ class CheckpointWriter:
             raise WriterError(self.out, f"{name}: unsupported dtype, scale_dtype or zero_dtype")
         if any(not 1 <= r < self.code_bits for r in info.extra_precision):
             raise WriterError(self.out, f"{name}: extra-precision widths must be below {self.code_bits}")
-        scale = np.asarray(scale, np.float32).reshape(rows, groups)
-        zero = np.asarray(zero, np.float32).reshape(rows, groups)
+        scale, zero = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
+        if scale.size != rows * groups or zero.size != rows * groups:
+            raise WriterError(
+                self.out,
+                f"{name}: scale and zero need {rows}x{groups} values, got {scale.size} and {zero.size}",
+            )
+        scale, zero = scale.reshape(rows, groups), zero.reshape(rows, groups)
         if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
             raise WriterError(self.out, f"{name}: scales must be finite and positive")
         if not np.all(np.isfinite(zero)):
             raise WriterError(self.out, f"{name}: zero points must be finite")
-        if zero_dtype in ("U8", "U16") and (
-            np.any(zero != np.rint(zero))
-            or zero.min(initial=0) < 0
-            or zero.max(initial=0) > code_max(self.code_bits)
-        ):
-            raise WriterError(
-                self.out, f"{name}: integer zero points must be integers in 0..{code_max(self.code_bits)}"
-            )
+        if zero.min(initial=0) < 0 or zero.max(initial=0) > code_max(self.code_bits):
+            raise WriterError(self.out, f"{name}: zero points must lie in 0..{code_max(self.code_bits)}")
+        if zero_dtype in ("U8", "U16") and np.any(zero != np.rint(zero)):
+            raise WriterError(self.out, f"{name}: {zero_dtype} zero points must be integers")
         try:
             s_arr, z_arr = dtypes.cast_exact(scale, scale_dtype), dtypes.cast_exact(zero, zero_dtype)
         except ValueError as exc:
             raise WriterError(self.out, f"{name}: {exc}") from None
         stride = -(-rows * cols // 64) * C.PLANE_ALIGN_BYTES
-        for k in sorted(planes, reverse=True):
-            p = np.asarray(planes[k], np.uint8).reshape(-1)
+        arrays = {k: np.asarray(planes[k], np.uint8).reshape(-1) for k in sorted(planes, reverse=True)}
+        for k, p in arrays.items():
             if not 0 <= k < self.code_bits or p.size != stride:
                 raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
+        for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
             self._write_plane(k, plane_entry(name, k), p)
         self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
         self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
@@ -279,8 +317,12 @@ class CheckpointWriter:
     def _check_name(self, name: str) -> None:
         if self._closed:
             raise WriterError(self.out, "writer is closed")
-        if not name or C.ENTRY_SEP in name:
-            raise WriterError(self.out, f"tensor name {name!r} must be non-empty and free of '@'")
+        if not isinstance(name, str) or not name or C.ENTRY_SEP in name or name == "__metadata__":
+            raise WriterError(self.out, f"tensor name {name!r} must be a non-empty string free of '@'")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WriterError(self.out, f"tensor name {name!r} is not valid Unicode") from None
         if name in self._tensors:
             raise WriterError(self.out, f"duplicate tensor {name!r}")
 
@@ -315,6 +357,10 @@ class CheckpointWriter:
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
+        if not self.single_file:  # mkdtemp made it private; publish it like any folder
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(final, 0o777 & ~umask)
         os.replace(final, self.out)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()

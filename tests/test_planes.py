@@ -1,0 +1,210 @@
+"""Bit-plane codec: the compiled kernel against the numpy reference, and both against numerics.
+
+The numpy path in ``planes`` is the reference the C kernel must match byte for byte (packed planes
+including their zero padding) and code for code (every c, r, extra precision, length).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matq_format import constants as C
+from matq_format import numerics as N
+from matq_format import planes as P
+
+SCALE = settings.default.max_examples / 100
+"""Example counts below are for the default profile; a longer profile scales them."""
+
+needs_kernel = pytest.mark.skipif(not P.HAVE_KERNEL, reason="compiled bit-plane kernel not built")
+
+# Lengths around the 8-code byte and 64-code word boundaries, plus a few larger ones.
+LENGTHS = st.one_of(
+    st.sampled_from([0, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 511, 512, 513]),
+    st.integers(0, 3000),
+)
+
+
+@st.composite
+def code_arrays(draw, n=LENGTHS):
+    """(codes uint8[n], c) with codes drawn to hit 0, the top code and the rounding boundaries."""
+    c = draw(st.integers(C.MIN_CODE_BITS, C.MAX_CODE_BITS_IMPL))
+    size = draw(n)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    top = (1 << c) - 1
+    mode = draw(st.sampled_from(["uniform", "extremes", "high"]))
+    if mode == "uniform":
+        q = rng.integers(0, top + 1, size)
+    elif mode == "extremes":
+        q = rng.choice(np.array([0, 1, top - 1, top, top >> 1, (top >> 1) + 1]), size)
+    else:  # the extra-bucket region: codes that round past 2^r - 1 for small r
+        q = rng.integers(max(0, top - (top >> 2)), top + 1, size)
+    return q.astype(np.uint8), c
+
+
+def _planes_list(packed: np.ndarray, c: int, bits: int) -> list[np.ndarray | None]:
+    need = set(N.planes_needed(c, bits))
+    return [packed[k] if k in need else None for k in range(c)]
+
+
+@needs_kernel
+@settings(max_examples=int(300 * SCALE), deadline=None)
+@given(code_arrays())
+def test_pack_kernel_matches_numpy(arg):
+    q, c = arg
+    a = P.pack(q, c)
+    b = P.pack(q, c, use_kernel=False)
+    assert a.shape == b.shape == (c, P.plane_stride(q.size))
+    np.testing.assert_array_equal(a, b)
+
+
+@needs_kernel
+@settings(max_examples=int(300 * SCALE), deadline=None)
+@given(code_arrays(), st.data())
+def test_unpack_kernel_matches_numpy_and_numerics(arg, data):
+    q, c = arg
+    bits = data.draw(st.integers(1, c), label="bits")
+    ep = data.draw(st.booleans(), label="extra_precision")
+    packed = P.pack(q, c, use_kernel=False)
+    planes = _planes_list(packed, c, bits)
+    want = N.slice_codes(q, c, bits, ep)
+    got_k = P.unpack(planes, q.size, c, bits, ep)
+    got_np = P.unpack(planes, q.size, c, bits, ep, use_kernel=False)
+    assert got_k.dtype == got_np.dtype == np.uint8
+    np.testing.assert_array_equal(got_np, want)
+    np.testing.assert_array_equal(got_k, want)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("c", range(2, 9))
+def test_every_width_exhaustive(c, use_kernel):
+    """Every code value at every width and both clamp modes, against Eq. 6 written out here."""
+    if use_kernel and not P.HAVE_KERNEL:
+        pytest.skip("compiled bit-plane kernel not built")
+    q = np.tile(np.arange(1 << c, dtype=np.uint8), 3)[: (1 << c) * 3 - 5]
+    packed = P.pack(q, c, use_kernel=use_kernel)
+    qi = q.astype(np.int64)
+    for bits in range(1, c + 1):
+        for ep in (False, True):
+            got = P.unpack(_planes_list(packed, c, bits), q.size, c, bits, ep, use_kernel=use_kernel)
+            if bits == c:
+                want = qi
+            else:
+                s = c - bits
+                want = (qi >> s) + ((qi >> (s - 1)) & 1)
+                if not ep:
+                    want = np.minimum(want, (1 << bits) - 1)
+            np.testing.assert_array_equal(got, want, err_msg=f"c={c} r={bits} ep={ep}")
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_planes_layout_lsb_first_zero_padded(use_kernel):
+    """Plane k, byte j, bit i holds bit k of code 8j+i; padding up to whole 8-byte words is zero."""
+    if use_kernel and not P.HAVE_KERNEL:
+        pytest.skip("compiled bit-plane kernel not built")
+    q = np.array([0b10000001, 0b00000010, 0xFF] + [0] * 6 + [0x80], dtype=np.uint8)
+    packed = P.pack(q, 8, use_kernel=use_kernel)
+    assert packed.shape == (8, 8)
+    assert packed[0, 0] == 0b00000101  # codes 0 and 2 have bit 0
+    assert packed[1, 0] == 0b00000110  # codes 1 and 2 have bit 1
+    assert packed[7, 0] == 0b00000101 and packed[7, 1] == 0b00000010  # codes 0, 2 and 9
+    assert not packed[:, 2:].any()
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_unneeded_planes_are_not_read(use_kernel):
+    """A slice depends only on the top r planes and the rounding plane: garbage elsewhere is ignored."""
+    if use_kernel and not P.HAVE_KERNEL:
+        pytest.skip("compiled bit-plane kernel not built")
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 256, 1000).astype(np.uint8)
+    packed = P.pack(q, 8, use_kernel=use_kernel)
+    for bits in range(1, 8):
+        need = N.planes_needed(8, bits)
+        noisy = [
+            packed[k] if k in need else rng.integers(0, 256, packed.shape[1]).astype(np.uint8)
+            for k in range(8)
+        ]
+        for ep in (False, True):
+            np.testing.assert_array_equal(
+                P.unpack(noisy, q.size, 8, bits, ep, use_kernel=use_kernel), N.slice_codes(q, 8, bits, ep)
+            )
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("c", [2, 4, 7])
+def test_pack_rejects_codes_wider_than_c(c, use_kernel):
+    if use_kernel and not P.HAVE_KERNEL:
+        pytest.skip("compiled bit-plane kernel not built")
+    q = np.zeros(100, np.uint8)
+    q[77] = 1 << c
+    with pytest.raises(ValueError):
+        P.pack(q, c, use_kernel=use_kernel)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_pack_does_not_wrap_wide_integer_codes(use_kernel):
+    """Codes given in a wider integer dtype are range-checked, not silently wrapped modulo 256."""
+    if use_kernel and not P.HAVE_KERNEL:
+        pytest.skip("compiled bit-plane kernel not built")
+    for bad in (np.array([1, 256], np.int32), np.array([3, -1], np.int16)):
+        with pytest.raises(ValueError):
+            P.pack(bad, 8, use_kernel=use_kernel)
+    np.testing.assert_array_equal(
+        P.pack(np.array([5, 200], np.int64), 8, use_kernel=use_kernel),
+        P.pack(np.array([5, 200], np.uint8), 8, use_kernel=use_kernel),
+    )
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_unpack_refuses_short_or_missing_planes(use_kernel):
+    """Both paths refuse a plane shorter than the stride, and an absent plane the width needs."""
+    if use_kernel and not P.HAVE_KERNEL:
+        pytest.skip("compiled bit-plane kernel not built")
+    q = np.arange(130, dtype=np.uint8)
+    packed = P.pack(q, 8)
+    planes = list(packed)
+    planes[7] = planes[7][:-8]
+    with pytest.raises(ValueError):
+        P.unpack(planes, q.size, 8, 4, use_kernel=use_kernel)
+    planes = _planes_list(packed, 8, 4)
+    planes[3] = None  # the rounding plane of a 4-bit slice
+    with pytest.raises(ValueError):
+        P.unpack(planes, q.size, 8, 4, use_kernel=use_kernel)
+    with pytest.raises(ValueError):
+        P.unpack(list(packed)[:7], q.size, 8, 4, use_kernel=use_kernel)
+    with pytest.raises(ValueError):
+        P.unpack(list(packed), q.size, 8, 9, use_kernel=use_kernel)
+
+
+@needs_kernel
+def test_kernel_accepts_non_contiguous_and_memmap_like_planes(tmp_path):
+    """Planes arrive as memory maps or strided views; the kernel result must not depend on that."""
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 256, 777).astype(np.uint8)
+    packed = P.pack(q, 8)
+    path = tmp_path / "planes.bin"
+    packed.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=packed.shape)
+    strided = np.repeat(packed, 2, axis=1)[:, ::2]  # same values, stride 2
+    assert not strided[0].flags.c_contiguous
+    for planes in (list(mm), list(strided)):
+        for bits in (8, 4, 2):
+            np.testing.assert_array_equal(
+                P.unpack(planes, q.size, 8, bits), P.unpack(planes, q.size, 8, bits, use_kernel=False)
+            )
+
+
+@needs_kernel
+def test_large_tensor_kernel_matches_numpy():
+    """A tensor larger than any cache, one width each path, to catch word-loop edge cases at scale."""
+    rng = np.random.default_rng(11)
+    q = rng.integers(0, 256, (1 << 20) + 37).astype(np.uint8)
+    packed = P.pack(q, 8)
+    np.testing.assert_array_equal(packed, P.pack(q, 8, use_kernel=False))
+    for bits, ep in ((4, False), (2, True), (7, True)):
+        planes = _planes_list(packed, 8, bits)
+        np.testing.assert_array_equal(P.unpack(planes, q.size, 8, bits, ep), N.slice_codes(q, 8, bits, ep))
