@@ -1,0 +1,38 @@
+"""matq_hub: push Matryoshka checkpoints to the Hugging Face Hub and pull one width at a time.
+
+``huggingface_hub`` is imported only when a transfer runs.
+"""
+
+from .errors import (
+    DownloadChecksumError,
+    DownloadInterruptedError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubResponseError,
+    NotAMatqRepoError,
+    PushConflictError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UploadError,
+)
+from .pull import PullResult, pull
+from .push import PushResult, push
+
+__all__ = [
+    "DownloadChecksumError",
+    "DownloadInterruptedError",
+    "HubAuthError",
+    "HubConnectionError",
+    "HubError",
+    "HubResponseError",
+    "NotAMatqRepoError",
+    "PullResult",
+    "PushConflictError",
+    "PushResult",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
+    "UploadError",
+    "pull",
+    "push",
+]

@@ -1,0 +1,73 @@
+"""One error class per way a Hub transfer goes wrong, each a one-line MatqError with the next step.
+
+The ``path`` of every error is the repository id (or the local file involved), so the CLI prints
+``matq: user/model: <what went wrong> (<what to do>)``.
+"""
+
+from __future__ import annotations
+
+from matq_format.errors import MatqError
+
+
+class HubError(MatqError):
+    """Base of the Hub errors."""
+
+
+class HubAuthError(HubError):
+    """No token, or the Hub refused the one given."""
+
+    hint = "set HF_TOKEN or run `hf auth login` with a token that has write access"
+
+
+class RepoNotFoundError(HubError):
+    """The repository does not exist, or is private and the token cannot see it."""
+
+    hint = "check the repository id, and log in if it is private"
+
+
+class RevisionNotFoundError(HubError):
+    """The branch, tag or commit is not in the repository."""
+
+    hint = "check --revision"
+
+
+class NotAMatqRepoError(HubError):
+    """The repository has no matq checkpoint at its root."""
+
+    hint = "push one with `matq push CKPT REPO_ID`"
+
+
+class HubResponseError(HubError):
+    """The Hub answered a request with an error this command does not expect."""
+
+    hint = "try again later; MATQ_DEBUG=1 shows the client's full error"
+
+
+class HubConnectionError(HubError):
+    """The Hub cannot be reached (network down, wrong HF_ENDPOINT)."""
+
+    hint = "check the network and HF_ENDPOINT, then run the command again"
+
+
+class DownloadInterruptedError(HubError):
+    """A download stopped part-way and could not be resumed."""
+
+    hint = "run the command again; finished files are kept in the Hugging Face cache"
+
+
+class DownloadChecksumError(HubError):
+    """A downloaded file does not match the checksum its manifest records."""
+
+    hint = "the bad copy was removed from the cache; run the command again"
+
+
+class UploadError(HubError):
+    """The Hub refused or dropped an upload or the commit; the branch is unchanged."""
+
+    hint = "run the command again; files already uploaded are not sent twice"
+
+
+class PushConflictError(HubError):
+    """The branch moved while the push was under way."""
+
+    hint = "run the command again to commit on top of the new head"
