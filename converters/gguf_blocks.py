@@ -1,0 +1,280 @@
+"""Encode a MatQuant slice as a ggml block type exactly: integer levels in, no float re-quantization.
+
+A width-r slice ``w = alpha * (k * 2^s - z)`` already sits on an integer grid. Each ggml type below
+takes those integers as its levels and its block parameters from ``matq_format.numerics`` (which
+also defines their fp16 rounding); this module only checks which types can hold a grid and packs
+the bytes in ggml's layout (``gguf.quants`` decodes them). Types are tried smallest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from matq_format import numerics as N
+
+QK_K = 256
+ORDER: tuple[T, ...] = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q4_1, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16, T.F32)
+"""Every type the exporter writes, smallest first (bits per weight 2.625 ... 32)."""
+
+# unsigned level capacity of the types with a stored minimum, and the largest sub-block multiplier
+_AFFINE = {T.Q4_1: 15, T.Q5_1: 31}
+_KQUANT = {T.Q2_K: (3, 15), T.Q4_K: (15, 63), T.Q5_K: (31, 63)}
+# signed level range of the offset-free types, and the largest sub-block multiplier (None: no sub-blocks)
+_SIGNED = {T.Q8_0: (-128, 127, None), T.Q3_K: (-4, 3, 31), T.Q6_K: (-32, 31, 127)}
+
+
+def bits_per_weight(qtype: T) -> float:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return 8.0 * size / block
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One tensor at one width: r-bit codes and per-group parameters, rows already in GGUF order."""
+
+    k: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    code_bits: int
+    bits: int
+    group_size: int | None
+    extra_precision: bool = False
+
+    @property
+    def max_level(self) -> int:
+        """Largest code of the grid: ``2^r - 1``, or ``2^r`` with the extra-precision bucket."""
+        top = N.code_max(self.bits)
+        return top + 1 if self.extra_precision and self.bits < self.code_bits else top
+
+    def dequantize(self) -> np.ndarray:
+        return N.dequantize_codes(self.k, self.scale, self.zero, self.code_bits, self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    qtype: T
+    data: np.ndarray
+    """uint8 ``[rows, bytes per row]`` for block types, float16/float32 ``[rows, cols]`` otherwise."""
+    exact: bool
+    """Decodes bit-identically to ``numerics.dequantize_codes`` (F16/F32 are chosen only when exact)."""
+
+
+def fits_layout(qtype: T, cols: int, group_size: int | None) -> bool:
+    """Blocks must tile each row and each block must lie in one quantization group."""
+    if qtype in (T.F16, T.F32):
+        return True
+    block = GGML_QUANT_SIZES[qtype][0]
+    return cols % block == 0 and (group_size is None or group_size % block == 0)
+
+
+def encode(sl: Slice, allowed: tuple[T, ...] | None = None) -> Encoded:
+    """The smallest type of ``allowed`` (default: all) that holds the slice's grid."""
+    for qtype in ORDER:
+        if allowed is not None and qtype not in allowed and qtype != T.F32:
+            continue
+        enc = encode_as(sl, qtype)
+        if enc is not None:
+            return enc
+    raise AssertionError("F32 always holds a slice")  # pragma: no cover
+
+
+def encode_as(sl: Slice, qtype: T) -> Encoded | None:
+    """Encode as ``qtype``, or None when that type cannot hold this grid (levels, layout, fp16 range)."""
+    rows, cols = sl.k.shape
+    if not fits_layout(qtype, cols, sl.group_size):
+        return None
+    if qtype in (T.F16, T.F32):
+        w = sl.dequantize()
+        if qtype == T.F32:
+            return Encoded(T.F32, w, True)
+        with np.errstate(over="ignore"):
+            h = w.astype(np.float16)
+        return Encoded(T.F16, h, True) if np.array_equal(h.astype(np.float32), w) else None
+    if qtype in _AFFINE:
+        return _affine(sl, qtype)
+    if qtype in _KQUANT:
+        return _kquant(sl, qtype)
+    return _signed(sl, qtype)
+
+
+# --- parameter choice ------------------------------------------------------------------------------
+def _per_block(p: np.ndarray, cols: int, group_size: int | None, block: int) -> np.ndarray:
+    """Per-group parameters ``[rows, groups]`` as ``[rows * blocks]`` (one per block, row-major)."""
+    nb = cols // block
+    idx = np.zeros(nb, np.intp) if group_size is None else (np.arange(nb) * block) // group_size
+    return np.ascontiguousarray(p[:, idx]).reshape(-1)
+
+
+def _blocks(levels: np.ndarray, block: int) -> np.ndarray:
+    return levels.reshape(-1, block)
+
+
+def _affine(sl: Slice, qtype: T) -> Encoded | None:
+    if sl.max_level > _AFFINE[qtype]:
+        return None
+    d, m = N.ggml_affine_params(sl.scale, sl.zero, sl.code_bits, sl.bits)
+    if not (np.all(np.isfinite(d)) and np.all(np.isfinite(m))):
+        return None
+    exact = bool(N.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, d, -m.astype(np.float64)).all())
+    rows, cols = sl.k.shape
+    db, mb = (_per_block(x, cols, sl.group_size, 32) for x in (d, m))
+    lv = _blocks(sl.k, 32)
+    data = _pack_q4_1(lv, db, mb) if qtype == T.Q4_1 else _pack_q5_1(lv, db, mb)
+    return Encoded(qtype, data.reshape(rows, -1), exact)
+
+
+def _kquant(sl: Slice, qtype: T) -> Encoded | None:
+    top, max_mult = _KQUANT[qtype]
+    if sl.max_level > top:
+        return None
+    d, sc, dmin, mn = N.ggml_k_params(sl.scale, sl.zero, sl.code_bits, sl.bits, max_mult)
+    if not (np.all(np.isfinite(d)) and np.all(np.isfinite(dmin))):
+        return None
+    step = d.astype(np.float64) * sc
+    low = dmin.astype(np.float64) * mn
+    exact = bool(N.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step, low).all())
+    rows, cols = sl.k.shape
+    per = lambda x: _per_block(x, cols, sl.group_size, QK_K)  # noqa: E731
+    db, scb, dminb, mnb = per(d), per(sc), per(dmin), per(mn)
+    lv = _blocks(sl.k, QK_K)
+    if qtype == T.Q2_K:
+        data = _pack_q2_k(lv, db, dminb, _sub(scb, 16), _sub(mnb, 16))
+    elif qtype == T.Q4_K:
+        data = _pack_q4_k(lv, db, dminb, _sub(scb, 8), _sub(mnb, 8))
+    else:
+        data = _pack_q5_k(lv, db, dminb, _sub(scb, 8), _sub(mnb, 8))
+    return Encoded(qtype, data.reshape(rows, -1), exact)
+
+
+def _signed(sl: Slice, qtype: T) -> Encoded | None:
+    lo, hi, max_mult = _SIGNED[qtype]
+    s = sl.code_bits - sl.bits
+    split = N.ggml_zero_split(sl.zero, s)
+    if split is None:
+        return None
+    j, zq = split
+    if max_mult is not None and np.any(j != s):
+        return None  # K types without a minimum need z on the r-bit grid
+    mult = np.left_shift(1, s - j)
+    if np.any(-zq < lo) or np.any(sl.max_level * mult - zq > hi):
+        return None
+    a = np.asarray(sl.scale, np.float32)
+    if max_mult is None:
+        d = N.fp16_round(a * np.exp2(j).astype(np.float32))
+        step = d.astype(np.float64) * mult
+    else:
+        d, sc = N.fp16_times_int(a * np.float32(1 << s), max_mult)
+        step = d.astype(np.float64) * sc
+    if not np.all(np.isfinite(d)):
+        return None
+    exact = bool(N.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step).all())
+    rows, cols = sl.k.shape
+    levels = sl.k.astype(np.int32) * N.expand_groups(mult, cols, sl.group_size) - N.expand_groups(
+        zq, cols, sl.group_size
+    )
+    if qtype == T.Q8_0:
+        data = _pack_q8_0(_blocks(levels, 32), _per_block(d, cols, sl.group_size, 32))
+    else:
+        db = _per_block(d, cols, sl.group_size, QK_K)
+        scb = _sub(_per_block(sc, cols, sl.group_size, QK_K), 16)
+        lv = _blocks(levels, QK_K)
+        data = _pack_q3_k(lv, db, scb) if qtype == T.Q3_K else _pack_q6_k(lv, db, scb)
+    return Encoded(qtype, data.reshape(rows, -1), exact)
+
+
+def _sub(p: np.ndarray, n: int) -> np.ndarray:
+    """One super-block parameter repeated for its ``n`` sub-blocks."""
+    return np.repeat(p[:, None], n, axis=1)
+
+
+# --- byte layouts (ggml-common.h; gguf.quants decodes them) ----------------------------------------
+def _f16(x: np.ndarray) -> np.ndarray:
+    """fp16-exact float32 values per block as their 2 little-endian bytes."""
+    return np.asarray(x, np.float32).astype("<f2").reshape(-1, 1).view(np.uint8)
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).astype(np.uint8)
+
+
+def _pack_q4_1(lv: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    q = _u8(lv)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([_f16(d), _f16(m), qs], axis=1)
+
+
+def _pack_q5_1(lv: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    q = _u8(lv)
+    qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    return np.concatenate([_f16(d), _f16(m), qh, qs], axis=1)
+
+
+def _pack_q8_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return np.concatenate([_f16(d), lv.astype(np.int8).view(np.uint8)], axis=1)
+
+
+def _pack_q2_k(lv: np.ndarray, d, dmin, sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    n = lv.shape[0]
+    v = _u8(lv).reshape(n, 2, 4, 32)
+    qs = (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(n, 64)
+    scales = _u8(sc) | (_u8(mn) << 4)
+    return np.concatenate([scales, qs, _f16(d), _f16(dmin)], axis=1)
+
+
+def _k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins in Q4_K/Q5_K's 12 bytes (gguf.quants.Q4_K.get_scale_min inverted)."""
+    sc, mn = _u8(sc), _u8(mn)
+    lo = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    mid = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    hi = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return np.concatenate([lo, mid, hi], axis=1)
+
+
+def _nibbles_k(q: np.ndarray) -> np.ndarray:
+    n = q.shape[0]
+    v = (q & 0x0F).reshape(n, 4, 2, 32)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, 128)
+
+
+def _pack_q4_k(lv: np.ndarray, d, dmin, sc, mn) -> np.ndarray:
+    return np.concatenate([_f16(d), _f16(dmin), _k_scales(sc, mn), _nibbles_k(_u8(lv))], axis=1)
+
+
+def _pack_q5_k(lv: np.ndarray, d, dmin, sc, mn) -> np.ndarray:
+    q = _u8(lv)
+    hb = ((q >> 4) & 1).reshape(q.shape[0], 8, 32)
+    qh = np.zeros((q.shape[0], 32), np.uint8)
+    for j in range(8):
+        qh |= hb[:, j] << j
+    return np.concatenate([_f16(d), _f16(dmin), _k_scales(sc, mn), qh, _nibbles_k(q)], axis=1)
+
+
+def _pack_q6_k(lv: np.ndarray, d, sc: np.ndarray) -> np.ndarray:
+    n = lv.shape[0]
+    u = _u8(lv + 32)
+    a = u.reshape(n, 2, 2, 64)
+    ql = ((a[:, :, 0] & 0x0F) | ((a[:, :, 1] & 0x0F) << 4)).reshape(n, 128)
+    b = (u >> 4).reshape(n, 2, 4, 32)
+    qh = (b[:, :, 0] | (b[:, :, 1] << 2) | (b[:, :, 2] << 4) | (b[:, :, 3] << 6)).reshape(n, 64)
+    return np.concatenate([ql, qh, np.asarray(sc).astype(np.int8).view(np.uint8), _f16(d)], axis=1)
+
+
+def _pack_q3_k(lv: np.ndarray, d, sc: np.ndarray) -> np.ndarray:
+    n = lv.shape[0]
+    u = _u8(lv + 4)
+    s6 = _u8(np.asarray(sc).astype(np.int16) + 32)
+    low = (s6[:, :8] & 0x0F) | ((s6[:, 8:] & 0x0F) << 4)
+    top = (s6 >> 4).reshape(n, 4, 4)
+    high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    q = (u & 3).reshape(n, 2, 4, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(n, 64)
+    hb = (u >> 2).reshape(n, 8, 32)
+    hmask = np.zeros((n, 32), np.uint8)
+    for t in range(8):
+        hmask |= hb[:, t] << t
+    return np.concatenate([hmask, qs, low, high, _f16(d)], axis=1)

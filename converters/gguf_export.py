@@ -1,0 +1,322 @@
+"""GGUF export: a matq checkpoint at one width, or a Mix'n'Match plan, as a file llama.cpp runs.
+
+Quantized tensors keep their MatQuant grid: the sliced integer codes become the levels of the
+smallest ggml type that holds the grid (``gguf_blocks``), so nothing is re-quantized through
+float. Unquantized tensors are written at ``outtype``; architecture quirks and the tokenizer come
+from ``gguf_arch`` and ``gguf_vocab``. Everything goes through ``gguf.GGUFWriter`` into a temporary
+file next to the output, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from matq_format import __version__ as MATQ_VERSION
+from matq_format.errors import WriterError
+from matq_format.plans import resolve_plan
+
+from . import gguf_arch
+from .registry import ConvertOptionError, ConvertOptions, ConvertResult, UnsupportedModelError
+
+OUTTYPES = ("auto", "f32", "f16", "bf16")
+
+# matq.* keys, beside llama.cpp's general.* keys: where the file came from and what it holds
+KEY_FORMAT_VERSION = "matq.format_version"
+KEY_SOURCE_DIGEST = "matq.source.digest"
+KEY_SOURCE = "matq.source"
+KEY_CODE_BITS = "matq.code_bits"
+KEY_BITS = "matq.bits"
+KEY_PLAN = "matq.plan"
+KEY_WIDTHS = "matq.widths"
+KEY_EXTRA_PRECISION = "matq.extra_precision"
+KEY_EXACT = "matq.exact"
+KEY_EXACT_TENSORS = "matq.exact_tensors"
+KEY_QUANTIZED_TENSORS = "matq.quantized_tensors"
+KEY_CONVERTER = "matq.converter"
+
+_FILE_TYPES = {
+    "F32": "ALL_F32",
+    "F16": "MOSTLY_F16",
+    "BF16": "MOSTLY_BF16",
+    "Q4_1": "MOSTLY_Q4_1",
+    "Q5_1": "MOSTLY_Q5_1",
+    "Q8_0": "MOSTLY_Q8_0",
+    "Q2_K": "MOSTLY_Q2_K",
+    "Q3_K": "MOSTLY_Q3_K_S",
+    "Q4_K": "MOSTLY_Q4_K_S",
+    "Q5_K": "MOSTLY_Q5_K_S",
+    "Q6_K": "MOSTLY_Q6_K",
+}
+
+
+@dataclass
+class _Tensor:
+    hf_name: str
+    gguf_name: str
+    quantized: bool
+    bits: int | None = None
+    extra_precision: bool = False
+    perm: np.ndarray | None = None
+    offset: float = 0.0
+
+
+@dataclass
+class _Prepared:
+    arch: gguf_arch.Arch
+    cfg: dict
+    tensors: list[_Tensor]
+    widths: dict[str, int]
+    n_vocab: int
+    allowed: tuple | None
+    warnings: list[str]
+
+
+class GGUFConverter:
+    name = "gguf"
+    description = "GGUF for llama.cpp; sliced grids kept exactly"
+    suffix = ".gguf"
+    dependencies = ("gguf", "numpy")
+
+    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
+        return _prepare(ckpt, options).warnings
+
+    def convert(
+        self,
+        ckpt,
+        out: str | os.PathLike,
+        options: ConvertOptions,
+        progress: Callable[[int], None] | None = None,
+    ) -> ConvertResult:
+        return export_gguf(ckpt, out, options, progress)
+
+
+def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
+    """Everything that can fail, checked before a byte is written."""
+    if (options.bits is None) == (options.plan is None):
+        raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
+    if options.outtype not in OUTTYPES:
+        raise ConvertOptionError(None, f"outtype {options.outtype!r} is not one of {', '.join(OUTTYPES)}")
+    allowed = _allowed_types(options.extra.get("types"))
+    cfg = ckpt.config
+    arch = gguf_arch.detect(cfg, ckpt.path)
+    widths = resolve_plan(
+        options.bits if options.plan is None else options.plan, ckpt, extra_precision=options.extra_precision
+    )
+    names = gguf_arch.TensorNames(arch, int(cfg["num_hidden_layers"]))
+    c = ckpt.code_bits
+    tensors, unknown, seen = [], [], {}
+    for hf in ckpt.tensor_names():
+        if names.skipped(hf):
+            continue
+        g = names.gguf_name(hf)
+        if g is None:
+            unknown.append(hf)
+            continue
+        if g in seen:
+            raise UnsupportedModelError(ckpt.path, f"{hf} and {seen[g]} both map to GGUF tensor {g}")
+        seen[g] = hf
+        info = ckpt.info(hf)
+        t = _Tensor(hf, g, info.quantized, offset=gguf_arch.norm_offset(arch, hf))
+        if info.quantized:
+            t.bits = widths[hf]
+            t.extra_precision = options.extra_precision and t.bits < c
+            if t.offset:
+                raise UnsupportedModelError(
+                    ckpt.path, f"{hf}: a quantized norm weight cannot take Gemma's +1 offset"
+                )
+        elif info.dtype not in ("F16", "BF16", "F32", "F64"):
+            raise UnsupportedModelError(
+                ckpt.path, f"{hf}: {info.dtype} tensors have no place in a {arch.name} GGUF"
+            )
+        if len(info.shape) >= 1:
+            t.perm = gguf_arch.row_permutation(arch, g, cfg, info.shape[0])
+        tensors.append(t)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise UnsupportedModelError(
+            ckpt.path, f"no GGUF name for {', '.join(unknown[:3])}{more} in architecture {arch.name}"
+        )
+    embd = seen.get("token_embd.weight")
+    if embd is None:
+        raise UnsupportedModelError(ckpt.path, "has no token embedding")
+    n_vocab = ckpt.info(embd).shape[0]
+    from . import gguf_vocab
+
+    warnings = []
+    kind = gguf_vocab.detect(ckpt.root, arch)
+    if kind == "bpe" and not options.extra.get("tokenizer_pre"):
+        gguf_vocab.bpe_pre(ckpt.root / "tokenizer.json")
+    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, warnings)
+
+
+def _allowed_types(names) -> tuple | None:
+    """Restrict the block types tried (tests and benchmarks); F32 always remains."""
+    if names is None:
+        return None
+    from gguf import GGMLQuantizationType as T
+
+    from .gguf_blocks import ORDER
+
+    try:
+        types = tuple(T[str(n).upper()] for n in names)
+    except KeyError as exc:
+        raise ConvertOptionError(
+            None, f"unknown GGUF type {exc}; known: {', '.join(t.name for t in ORDER)}"
+        ) from None
+    bad = [t.name for t in types if t not in ORDER]
+    if bad:
+        raise ConvertOptionError(None, f"matq does not write {', '.join(bad)}")
+    return types
+
+
+def export_gguf(
+    ckpt,
+    out: str | os.PathLike,
+    options: ConvertOptions,
+    progress: Callable[[int], None] | None = None,
+) -> ConvertResult:
+    """Write ``out`` (a .gguf file) from ``ckpt``; returns what was written and how exactly."""
+    import gguf
+
+    from . import gguf_vocab
+
+    prep = _prepare(ckpt, options)
+    out = Path(out)
+    if out.exists() and not options.overwrite:
+        raise WriterError(out, "already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    w = gguf.GGUFWriter(None, prep.arch.name, use_temp_file=True)
+    try:
+        details = _write(w, ckpt, prep, options, progress)
+        vocab = gguf_vocab.add_vocab(
+            w, ckpt.root, prep.arch, prep.n_vocab, prep.cfg, pre=options.extra.get("tokenizer_pre")
+        )
+        prep.warnings.extend(vocab.warnings)
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    details.update(tokenizer=vocab.kind, tokenizer_pre=vocab.pre, bytes=out.stat().st_size)
+    counts = Counter(details["types"].values())
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    summary = (
+        f"{out}: {prep.arch.name}, {len(details['types'])} tensors ({kinds}); "
+        f"{details['exact_tensors']}/{details['quantized_tensors']} quantized tensors bit-exact; "
+        f"{details['bits_per_weight']:.3f} bits per quantized weight"
+    )
+    return ConvertResult(out, summary, details, prep.warnings)
+
+
+def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
+    """Metadata and tensors into the writer (nothing touches the disk until the caller writes)."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from . import gguf_blocks as B
+
+    c = ckpt.code_bits
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(str(ckpt.source.get("model") or prep.cfg.get("_name_or_path") or ckpt.root.name))
+    prep.warnings.extend(prep.arch.hparams(w, prep.cfg, ckpt.root) or [])
+    w.add_vocab_size(prep.n_vocab)
+    types: dict[str, str] = {}
+    weights_by_type: Counter = Counter()
+    q_bits = q_weights = exact = quantized = 0
+    for t in prep.tensors:
+        info = ckpt.info(t.hf_name)
+        if t.quantized:
+            k = ckpt.sliced_codes(t.hf_name, t.bits, t.extra_precision)
+            a, z = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
+            if t.perm is not None:
+                k, a, z = k[t.perm], a[t.perm], z[t.perm]
+            enc = B.encode(B.Slice(k, a, z, c, t.bits, info.group_size, t.extra_precision), prep.allowed)
+            qtype, data = enc.qtype, enc.data
+            quantized += 1
+            exact += enc.exact
+            q_bits += data.nbytes * 8
+            q_weights += k.size
+        else:
+            qtype, data = _dense(ckpt, t, info, options.outtype)
+        if qtype in (T.F16, T.F32):
+            w.add_tensor(t.gguf_name, data)
+        else:
+            w.add_tensor(t.gguf_name, data, raw_dtype=qtype)
+        types[t.gguf_name] = qtype.name
+        if len(info.shape) == 2:
+            weights_by_type[qtype.name] += info.numel
+        if progress:
+            progress(1)
+    if weights_by_type:
+        dominant = weights_by_type.most_common(1)[0][0]
+        w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dominant]])
+    if any(v not in ("F32", "F16", "BF16") for v in types.values()):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    gguf_widths = {t.gguf_name: t.bits for t in prep.tensors if t.quantized}
+    w.add_string(KEY_CONVERTER, f"matq {MATQ_VERSION}")
+    w.add_string(KEY_FORMAT_VERSION, str(ckpt.version))
+    w.add_string(KEY_SOURCE_DIGEST, ckpt.digest)
+    if ckpt.source:
+        w.add_string(KEY_SOURCE, json.dumps(ckpt.source, sort_keys=True))
+    w.add_uint32(KEY_CODE_BITS, c)
+    if options.plan is None:
+        w.add_uint32(KEY_BITS, int(options.bits))
+        plan = str(options.bits)
+    else:
+        plan = options.plan if isinstance(options.plan, str) else "custom"
+    w.add_string(KEY_PLAN, plan)
+    w.add_string(KEY_WIDTHS, json.dumps(gguf_widths, sort_keys=True))
+    w.add_bool(KEY_EXTRA_PRECISION, bool(options.extra_precision))
+    w.add_bool(KEY_EXACT, exact == quantized)
+    w.add_uint32(KEY_EXACT_TENSORS, exact)
+    w.add_uint32(KEY_QUANTIZED_TENSORS, quantized)
+    return {
+        "arch": prep.arch.name,
+        "types": types,
+        "widths": gguf_widths,
+        "exact_tensors": exact,
+        "quantized_tensors": quantized,
+        "bits_per_weight": q_bits / q_weights if q_weights else 0.0,
+    }
+
+
+def _dense(ckpt, t: _Tensor, info, outtype: str):
+    """An unquantized tensor: 1-D at F32 (llama.cpp's norms and biases), 2-D at ``outtype``."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    if (
+        len(info.shape) != 2
+        or t.offset
+        or (outtype == "auto" and info.dtype in ("F32", "F64"))
+        or outtype == "f32"
+    ):
+        x = ckpt.dequantize(t.hf_name).astype(np.float32)
+        if t.offset:
+            x = x + np.float32(t.offset)
+        return T.F32, _rows(x, t.perm)
+    if outtype == "auto" and info.dtype == "F16":
+        return T.F16, _rows(np.asarray(ckpt.dense(t.hf_name), np.float16), t.perm)
+    if outtype == "auto" and info.dtype == "BF16":
+        raw = np.asarray(ckpt.dense(t.hf_name)).view(np.uint16)
+        return T.BF16, _rows(raw, t.perm).view(np.uint8)
+    x = ckpt.dequantize(t.hf_name).astype(np.float32)
+    if outtype == "f16":
+        return T.F16, _rows(x.astype(np.float16), t.perm)
+    return T.BF16, _rows(gguf.quants.quantize(x, T.BF16), t.perm)
+
+
+def _rows(x: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    return np.ascontiguousarray(x if perm is None else x[perm])

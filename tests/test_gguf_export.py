@@ -1,0 +1,413 @@
+"""GGUF export (issue 4): exact block encodings, type choice, file contents, registry, CLI.
+
+The llama.cpp runs (loading, tokenizing, logits) are in test_gguf_llama_cpp.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as T
+from gguf_helpers import hf_tensors, tiny_hf_model, to_matq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from matq_converters import gguf_blocks as B
+from matq_converters import registry
+from matq_converters.gguf_arch import TensorNames, detect
+from matq_converters.registry import (
+    ConvertOptionError,
+    ConvertOptions,
+    TokenizerError,
+    UnknownConverterError,
+    UnsupportedModelError,
+)
+
+import matq_format as mf
+from matq_cli.main import cli
+from matq_format import numerics as N
+from matq_format.errors import WriterError
+
+WIDTHS = [
+    (8, False),
+    (6, False),
+    (6, True),
+    (4, False),
+    (4, True),
+    (3, False),
+    (3, True),
+    (2, False),
+    (2, True),
+]
+K_MULT = {T.Q2_K: 15, T.Q4_K: 63, T.Q5_K: 63}
+SIGNED_MULT = {T.Q3_K: 31, T.Q6_K: 127}
+
+
+# --- references, written from numerics (the one definition of the formulas) -----------------------
+def reference(sl: B.Slice, qtype: T) -> np.ndarray:
+    """What ggml's decoder must return for ``sl`` stored as ``qtype``."""
+    c, r, g = sl.code_bits, sl.bits, sl.group_size
+    cols = sl.k.shape[1]
+
+    def per_elem(p):
+        return np.broadcast_to(N.expand_groups(np.asarray(p), cols, g), sl.k.shape)
+
+    if qtype in (T.F16, T.F32):
+        return sl.dequantize()
+    if qtype in (T.Q4_1, T.Q5_1):
+        d, m = N.ggml_affine_params(sl.scale, sl.zero, c, r)
+        return N.dequantize_q4_1_reference(sl.k, per_elem(d), per_elem(m))
+    if qtype in K_MULT:
+        d, sc, dmin, mn = N.ggml_k_params(sl.scale, sl.zero, c, r, K_MULT[qtype])
+        return N.dequantize_k_reference(sl.k, per_elem(d), per_elem(sc), per_elem(dmin), per_elem(mn))
+    s = c - r
+    j, zq = N.ggml_zero_split(sl.zero, s)
+    levels = sl.k.astype(np.int32) * per_elem(1 << (s - j)) - per_elem(zq)
+    if qtype == T.Q8_0:
+        d = N.fp16_round(sl.scale * np.exp2(j).astype(np.float32))
+    else:
+        d0, sc = N.fp16_times_int(sl.scale * np.float32(1 << s), SIGNED_MULT[qtype])
+        d = d0 * sc.astype(np.float32)
+    return N.dequantize_q8_0_reference(levels, per_elem(d))
+
+
+def decode(enc: B.Encoded) -> np.ndarray:
+    if enc.qtype in (T.F16, T.F32):
+        return enc.data.astype(np.float32)
+    return gguf.quants.dequantize(enc.data, enc.qtype)
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def make_slice(rng, rows, cols, group, sym, zm, scale, r, ep) -> B.Slice:
+    w = (rng.standard_normal((rows, cols)) * scale + rng.normal() * scale * 0.3).astype(np.float32)
+    a, z = N.minmax_params(w, 8, group, symmetric=sym, zero_multiple=zm)
+    q = N.quantize(w, a, z, 8, group)
+    return B.Slice(N.slice_codes(q, 8, r, ep and r < 8), a, z, 8, r, group, ep and r < 8)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    rows=st.integers(1, 5),
+    cols=st.sampled_from([256, 512, 96, 100]),
+    group=st.sampled_from([None, 32, 128, 256]),
+    sym=st.booleans(),
+    zm=st.sampled_from([1, 4, 16]),
+    scale=st.sampled_from([1e-4, 0.02, 1.0, 300.0]),
+    width=st.sampled_from(WIDTHS),
+)
+def test_every_type_decodes_to_the_numerics_reference(seed, rows, cols, group, sym, zm, scale, width):
+    """gguf.quants.dequantize of each encoding == the numerics reference, bit for bit; exact claims hold."""
+    if group is not None and cols % group:
+        group = None
+    sl = make_slice(np.random.default_rng(seed), rows, cols, group, sym, zm, scale, *width)
+    for qtype in B.ORDER:
+        enc = B.encode_as(sl, qtype)
+        if enc is None:
+            continue
+        got = decode(enc)
+        assert bits_equal(got, reference(sl, qtype)), qtype.name
+        if enc.exact:
+            assert bits_equal(got, sl.dequantize()), qtype.name
+
+
+# (scheme, group) -> width -> the type the exporter picks; the README's table says the same
+EXPECTED = {
+    ("asym", None): "F32 F32 F32 Q4_K Q5_K Q4_K Q4_K Q2_K Q4_K",
+    ("asym", 128): "F32 F32 F32 Q4_1 Q5_1 Q4_1 Q4_1 Q4_1 Q4_1",
+    ("asym16", None): "F32 Q8_0 Q8_0 Q4_K Q5_K Q4_K Q4_K Q2_K Q4_K",
+    ("sym", None): "Q8_0 Q6_K Q8_0 Q4_K Q5_K Q3_K Q4_K Q2_K Q3_K",
+    ("sym", 128): "Q8_0 Q8_0 Q8_0 Q4_1 Q5_1 Q4_1 Q4_1 Q4_1 Q4_1",
+}
+
+
+@pytest.mark.parametrize("key", list(EXPECTED))
+def test_smallest_exact_type_per_width(key):
+    scheme, group = key
+    rng = np.random.default_rng(3)
+    got = []
+    for r, ep in WIDTHS:
+        sl = make_slice(rng, 8, 512, group, scheme == "sym", 16 if scheme == "asym16" else 1, 0.05, r, ep)
+        enc = B.encode(sl)
+        got.append(enc.qtype.name)
+        # symmetric and zero-multiple-16 per-channel checkpoints decode bit-identically at every width
+        if scheme in ("sym", "asym16") and group is None:
+            assert enc.exact and bits_equal(decode(enc), sl.dequantize())
+    assert " ".join(got) == EXPECTED[key]
+
+
+def test_rows_that_fit_no_block_fall_back_to_exact_floats():
+    rng = np.random.default_rng(0)
+    sl = make_slice(rng, 4, 100, None, True, 1, 0.05, 2, False)  # 100 columns: no 32- or 256-block
+    enc = B.encode(sl)
+    assert enc.qtype in (T.F16, T.F32) and bits_equal(decode(enc), sl.dequantize())
+    sl = make_slice(rng, 4, 512, 64, False, 1, 0.05, 2, False)  # group 64: K-quants would span 4 groups
+    assert B.encode(sl).qtype == T.Q4_1
+    assert B.encode(sl, allowed=(T.Q2_K,)).qtype == T.F32  # F32 always remains
+
+
+def test_k_quant_multiplier_makes_products_exact():
+    t = np.array([3 * 0.125, 127 * 0.0009765625, 0.0, 1e9], np.float32)
+    b, n = N.fp16_times_int(t, 63)
+    prod = b * n.astype(np.float32)
+    assert np.array_equal(prod[:3], t[:3]) and not np.isfinite(b[3])
+
+
+# --- exported files -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gguf-export")
+    hf = {a: tiny_hf_model(a, base / f"hf-{a}") for a in ("llama", "gemma2", "qwen2")}
+    ck = {
+        "llama": to_matq(hf["llama"], base / "ck-llama"),
+        "gemma2": to_matq(hf["gemma2"], base / "ck-gemma2", symmetric=True),
+        "qwen2": to_matq(hf["qwen2"], base / "ck-qwen2", group_size=128, quantize_embeddings=True),
+    }
+    return base, hf, ck
+
+
+def export(ckpt, out, **kw) -> registry.ConvertResult:
+    extra = kw.pop("extra", {})
+    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, extra=extra, **kw))
+
+
+def fields(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.token")}
+
+
+def llama_permute(x: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, applied to any per-row array."""
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "arch,bits,ep", [("llama", 4, False), ("llama", 2, True), ("gemma2", 3, False), ("qwen2", 2, False)]
+)
+def test_written_tensors_equal_the_reference_bit_for_bit(models, tmp_path, arch, bits, ep):
+    _, _, cks = models
+    ckpt = cks[arch]
+    res = export(ckpt, tmp_path / "m.gguf", bits=bits, extra_precision=ep)
+    reader = gguf.GGUFReader(res.path)
+    cfg = ckpt.config
+    names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
+    by_gguf = {names.gguf_name(n): n for n in ckpt.quantized_names()}
+    exact = 0
+    for t in reader.tensors:
+        hf = by_gguf.get(t.name)
+        if hf is None:
+            continue
+        k, a, z = ckpt.sliced_codes(hf, bits, ep), ckpt.scale(hf), ckpt.zero(hf)
+        want = ckpt.dequantize(hf, bits, ep)
+        if arch == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = cfg["num_attention_heads"] if "attn_q" in t.name else cfg["num_key_value_heads"]
+            k, a, z, want = (llama_permute(x, heads) for x in (k, a, z, want))
+        sl = B.Slice(k, a, z, 8, bits, ckpt.info(hf).group_size, ep)
+        got = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert bits_equal(got, reference(sl, T(t.tensor_type))), t.name
+        if bits_equal(got, want):
+            exact += 1
+    kv = fields(reader)
+    assert kv["matq.exact_tensors"] == exact == res.details["exact_tensors"]
+    assert kv["matq.quantized_tensors"] == len(by_gguf)
+    if arch == "gemma2":  # symmetric: every slice is bit-identical to ckpt.dequantize
+        assert kv["matq.exact"] and exact == len(by_gguf)
+
+
+def test_metadata_says_where_the_file_came_from(models, tmp_path):
+    _, _, cks = models
+    ckpt = cks["llama"]
+    res = export(ckpt, tmp_path / "m.gguf", bits=4)
+    kv = fields(gguf.GGUFReader(res.path))
+    assert kv["general.architecture"] == "llama"
+    assert kv["matq.source.digest"] == ckpt.digest
+    assert kv["matq.code_bits"] == 8 and kv["matq.bits"] == 4 and kv["matq.plan"] == "4"
+    assert kv["matq.extra_precision"] is False
+    assert set(json.loads(kv["matq.widths"]).values()) == {4}
+    assert kv["matq.format_version"] == ckpt.version
+    assert json.loads(kv["matq.source"]) == ckpt.source
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "llama-bpe"
+    assert kv["llama.rope.dimension_count"] == 64 and kv["llama.attention.head_count_kv"] == 2
+    assert kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_S
+
+
+def test_mix_and_match_plan(models, tmp_path):
+    _, _, cks = models
+    ckpt = cks["llama"]
+    plan = {n: (2 if "mlp" in n else 8) for n in ckpt.quantized_names()}
+    res = export(ckpt, tmp_path / "m.gguf", plan=plan)
+    kv = fields(gguf.GGUFReader(res.path))
+    widths = json.loads(kv["matq.widths"])
+    assert kv["matq.plan"] == "custom" and "matq.bits" not in kv
+    assert {w for n, w in widths.items() if "ffn" in n} == {2} and {
+        w for n, w in widths.items() if "attn" in n
+    } == {8}
+    assert {res.details["types"][n] for n in widths if "ffn" in n} == {"Q2_K"}
+    res = export(ckpt, tmp_path / "p.gguf", plan="pyramid:2,4")
+    assert fields(gguf.GGUFReader(res.path))["matq.plan"] == "pyramid:2,4"
+
+
+def test_gemma_norms_get_their_offset_and_lm_head_is_tied(models, tmp_path):
+    _, hf, cks = models
+    res = export(cks["gemma2"], tmp_path / "m.gguf", bits=4)
+    reader = gguf.GGUFReader(res.path)
+    got = {t.name: np.array(t.data) for t in reader.tensors}
+    src = hf_tensors(hf["gemma2"])
+    assert "output.weight" not in got
+    np.testing.assert_array_equal(
+        got["blk.0.post_ffw_norm.weight"], src["model.layers.0.post_feedforward_layernorm.weight"] + 1
+    )
+    np.testing.assert_array_equal(got["output_norm.weight"], src["model.norm.weight"] + 1)
+    kv = fields(reader)
+    assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.add_space_prefix"] is False
+    assert kv["gemma2.attn_logit_softcapping"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("outtype,want", [("auto", T.F32), ("f16", T.F16), ("bf16", T.BF16), ("f32", T.F32)])
+def test_outtype_for_unquantized_tensors(models, tmp_path, outtype, want):
+    _, hf, cks = models
+    res = export(cks["llama"], tmp_path / "m.gguf", bits=4, outtype=outtype)
+    tensors = {t.name: t for t in gguf.GGUFReader(res.path).tensors}
+    emb = tensors["token_embd.weight"]
+    assert emb.tensor_type == want and tensors["output_norm.weight"].tensor_type == T.F32
+    src = hf_tensors(hf["llama"])["model.embed_tokens.weight"]
+    expect = gguf.quants.dequantize(gguf.quants.quantize(src, want), want) if want != T.F32 else src
+    np.testing.assert_array_equal(gguf.quants.dequantize(emb.data, emb.tensor_type), expect)
+
+
+# --- failures ---------------------------------------------------------------------------------------
+def test_bad_requests_fail_before_writing(models, tmp_path):
+    base, hf, cks = models
+    ckpt = cks["llama"]
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ConvertOptionError):
+        export(ckpt, out, bits=4, plan="pyramid")
+    with pytest.raises(ConvertOptionError):
+        export(ckpt, out, bits=4, outtype="q8")
+    with pytest.raises(mf.errors.PlanError):
+        export(ckpt, out, bits=9)
+    out.write_bytes(b"keep")
+    with pytest.raises(WriterError):
+        registry.get("gguf").convert(ckpt, out, ConvertOptions(bits=4))
+    assert out.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def _edit_copy(src: Path, dst: Path, edit) -> mf.Checkpoint:
+    shutil.copytree(src, dst)
+    edit(dst)
+    return mf.open(dst, verify_reads=True)
+
+
+def test_unsupported_architecture_tokenizer_and_tensors(models, tmp_path):
+    _, _, cks = models
+    root = cks["llama"].root
+
+    def arch(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    # carried files are checksummed by matq verify, not by open: editing them models a user's fix-up
+    ck = _edit_copy(root, tmp_path / "a", arch)
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+        export(ck, tmp_path / "a.gguf", bits=4)
+    ck = _edit_copy(root, tmp_path / "b", lambda d: (d / "tokenizer.json").unlink())
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        export(ck, tmp_path / "b.gguf", bits=4)
+
+    def odd_pre(d):
+        tj = json.loads((d / "tokenizer.json").read_text())
+        tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\w+"
+        (d / "tokenizer.json").write_text(json.dumps(tj))
+
+    ck = _edit_copy(root, tmp_path / "c", odd_pre)
+    with pytest.raises(TokenizerError, match="tokenizer_pre"):
+        export(ck, tmp_path / "c.gguf", bits=4)
+    res = export(ck, tmp_path / "c.gguf", bits=4, extra={"tokenizer_pre": "gpt-2"})
+    assert fields(gguf.GGUFReader(res.path))["tokenizer.ggml.pre"] == "gpt-2"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_unmapped_tensor_and_single_file_checkpoint(models, tmp_path):
+    _, hf, _ = models
+    with mf.CheckpointWriter(tmp_path / "ck", carry_from=hf["llama"]) as w:
+        w.add_dense("model.layers.0.mystery.weight", np.zeros((4, 4), np.float32))
+        w.add_dense("model.embed_tokens.weight", np.zeros((512, 256), np.float32))
+    with pytest.raises(UnsupportedModelError, match="mystery"):
+        export(mf.open(tmp_path / "ck"), tmp_path / "m.gguf", bits=8)
+    with mf.CheckpointWriter(tmp_path / "one.safetensors", single_file=True) as w:
+        w.add_dense("model.embed_tokens.weight", np.zeros((4, 4), np.float32))
+    with pytest.raises(UnsupportedModelError, match="config.json"):
+        export(mf.open(tmp_path / "one.safetensors"), tmp_path / "m.gguf", bits=8)
+
+
+def test_a_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
+    _, _, cks = models
+    calls = []
+
+    def failing(sl, allowed=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("simulated")
+        return real(sl, allowed)
+
+    real = B.encode
+    monkeypatch.setattr(B, "encode", failing)
+    with pytest.raises(MemoryError):
+        export(cks["llama"], tmp_path / "m.gguf", bits=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- registry and CLI -------------------------------------------------------------------------------
+def test_registry():
+    assert "gguf" in registry.names()
+    assert isinstance(registry.get("gguf"), registry.Converter)
+    with pytest.raises(UnknownConverterError, match="known: .*gguf"):
+        registry.get("tflite")
+
+    class Echo:
+        name, description, suffix, dependencies = "echo", "test", ".txt", ()
+
+        def validate(self, ckpt, options):
+            return []
+
+        def convert(self, ckpt, out, options, progress=None):
+            return registry.ConvertResult(Path(out), "ok")
+
+    registry.register("echo", Echo)
+    try:
+        assert "echo" in registry.names() and registry.get("echo").name == "echo"
+    finally:
+        registry._REGISTERED.pop("echo")
+
+
+def test_cli_convert(models, tmp_path):
+    _, _, cks = models
+    ck = str(cks["gemma2"].root)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["convert", ck, "--to", "gguf", "--bits", "2", "-o", str(tmp_path / "a.gguf")])
+    assert r.exit_code == 0, r.output
+    assert "14/14 quantized tensors bit-exact" in r.output and "Q2_K" in r.output
+    r = runner.invoke(cli, ["convert", ck, "--to", "gguf", "--bits", "2", "-o", str(tmp_path / "a.gguf")])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(
+        cli,
+        ["convert", ck, "--to", "gguf", "--plan", "4", "--json", "--force", "-o", str(tmp_path / "a.gguf")],
+    )
+    assert r.exit_code == 0 and json.loads(r.output)["types"]["blk.0.ffn_up.weight"] == "Q4_K"
+    r = runner.invoke(cli, ["convert", ck, "--to", "onnx2", "--bits", "2", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "unknown converter 'onnx2'; known: " in r.output
+    r = runner.invoke(
+        cli, ["convert", ck, "--to", "gguf", "--bits", "2", "--plan", "4", "-o", str(tmp_path / "b")]
+    )
+    assert r.exit_code == 2
+    assert "Examples:" in runner.invoke(cli, ["convert", "--help"]).output
