@@ -258,17 +258,19 @@ def to_matq(
     return mf.open(out)
 
 
-def hf_model_on_matq(src: Path, ckpt: mf.Checkpoint, bits: int, extra_precision: bool = False, cls=None):
-    """The transformers model of ``src`` running matq's dequantized weights at ``bits``."""
+def hf_model_on_matq(
+    src: Path, ckpt: mf.Checkpoint, bits: int | dict[str, int], extra_precision: bool = False, cls=None
+):
+    """The transformers model of ``src`` running matq's dequantized weights at ``bits`` (or per-tensor widths)."""
     import torch
     import transformers as tf
 
     cls = cls or tf.AutoModelForCausalLM
-    model = cls.from_pretrained(src, torch_dtype=torch.float32).eval()
+    model = cls.from_pretrained(src, dtype=torch.float32).eval()
     state = {}
     for name in ckpt.quantized_names():
-        ep = extra_precision and bits < ckpt.code_bits
-        state[name] = torch.from_numpy(ckpt.dequantize(name, bits, ep))
+        r = bits[name] if isinstance(bits, dict) else bits
+        state[name] = torch.from_numpy(ckpt.dequantize(name, r, extra_precision and r < ckpt.code_bits))
     missing = set(state) - set(model.state_dict())
     assert not missing, missing
     model.load_state_dict(state, strict=False)
