@@ -4,6 +4,7 @@
 """
 
 from .errors import (
+    BadRepoIdError,
     DownloadChecksumError,
     DownloadInterruptedError,
     HubAuthError,
@@ -20,6 +21,7 @@ from .pull import PullResult, pull
 from .push import PushResult, push
 
 __all__ = [
+    "BadRepoIdError",
     "DownloadChecksumError",
     "DownloadInterruptedError",
     "HubAuthError",

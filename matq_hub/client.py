@@ -16,6 +16,7 @@ from matq_format import __version__
 from matq_format.errors import MatqError
 
 from .errors import (
+    BadRepoIdError,
     DownloadInterruptedError,
     HubAuthError,
     HubConnectionError,
@@ -89,6 +90,12 @@ def translate(
 
     where = endpoint_of(endpoint) or "the Hub"
     for e in _chain(exc):
+        if isinstance(e, hf.HFValidationError):
+            return BadRepoIdError(repo_id, _first_line(str(e)))
+        if isinstance(e, hf.FileMetadataError):
+            return HubResponseError(
+                repo_id, f"{where} does not answer like a Hub ({_first_line(str(e))[:120]})"
+            )
         if isinstance(e, hf.GatedRepoError):
             return HubAuthError(repo_id, "the repository is gated and this token has no access")
         if isinstance(e, hf.RepositoryNotFoundError):

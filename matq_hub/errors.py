@@ -19,6 +19,12 @@ class HubAuthError(HubError):
     hint = "set HF_TOKEN or run `hf auth login` with a token that has write access"
 
 
+class BadRepoIdError(HubError):
+    """The repository id is not of the form the Hub accepts."""
+
+    hint = "use owner/name, e.g. me/model-matq"
+
+
 class RepoNotFoundError(HubError):
     """The repository does not exist, or is private and the token cannot see it."""
 

@@ -63,4 +63,10 @@ class DeclaredView:
         return self._infos[name]
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
         raise _NeedsWeights(name)
+
+    def max_widths(self) -> dict[str, int]:
+        """Widest width each quantized tensor can serve with the planes the repository holds."""
+        return {n: self._infos[n].max_width(self.code_bits) for n in self.quantized_names()}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import matq_format as mf
 from matq_format import constants as C
-from matq_format.errors import ChecksumError, FormatError, PlanError, WriterError
+from matq_format.errors import ChecksumError, FormatError, PlanError, RequestError, WriterError
 from matq_format.writer import sha256_file
 
 from .client import api, endpoint_of, hub_errors
@@ -101,14 +101,19 @@ def pull(
     snapshot = base.parent
     with _integrity(repo_id, commit, snapshot):
         head = mf.open(snapshot, partial=True)
-    spec: str | int | dict = plan if plan is not None else (bits if bits is not None else head.code_bits)
+    declared = DeclaredView(head)
+    if plan is not None or bits is not None:
+        spec: str | int | dict = plan if plan is not None else bits
+    else:  # everything the repository holds: all planes, or each tensor's widest width if it was sliced
+        full = declared.max_widths()
+        spec = head.code_bits if all(r == head.code_bits for r in full.values()) else full
     try:
-        widths: dict[str, int] | None = mf.resolve_plan(
-            spec, DeclaredView(head), extra_precision=extra_precision
-        )
+        widths: dict[str, int] | None = mf.resolve_plan(spec, declared, extra_precision=extra_precision)
     except _NeedsWeights:
         widths = None  # the plan reads the weights (budget:): fetch every plane, let the slicer resolve it
-    files = needed_files(head, widths or dict.fromkeys(head.quantized_names(), head.code_bits))
+    except RequestError as exc:  # a width or plan this repository cannot serve: name the repository
+        raise type(exc)(repo_id, exc.message) from None
+    files = needed_files(head, widths or declared.max_widths())
     sizes = file_bytes(head, base.stat().st_size)
     head.close()
     with hub_errors(repo_id, upload=False, endpoint=endpoint, revision=revision):
@@ -123,8 +128,8 @@ def pull(
         mf.slice_checkpoint(
             ckpt,
             out,
-            bits=spec if plan is None else None,
-            plan=plan,
+            bits=spec if isinstance(spec, int) else None,
+            plan=None if isinstance(spec, int) else spec,
             extra_precision=extra_precision,
             overwrite=overwrite,
             progress=progress,

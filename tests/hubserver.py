@@ -123,7 +123,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.RLock()
         self.faults: list[Fault] = []
-        self.log: list[tuple[str, str, int, int]] = []  # method, path, status, body bytes sent
+        self.log: list[list] = []  # [method, path, status, body bytes sent], logged before the reply goes out
         self.bytes_served = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -212,7 +212,7 @@ class HubServer:
     def requests(self, method: str | None = None, pattern: str = "") -> list[tuple[str, str, int, int]]:
         rx = re.compile(pattern)
         with self.lock:
-            return [r for r in self.log if (method is None or r[0] == method) and rx.search(r[1])]
+            return [tuple(r) for r in self.log if (method is None or r[0] == method) and rx.search(r[1])]
 
     def head(self, repo_id: str, revision: str = "main") -> str | None:
         with self.lock:
@@ -334,22 +334,28 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
+        entry = self._record(status)
         self.send_response(status)
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         hdrs.setdefault("Content-Length", str(len(body)))
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.end_headers()
-        sent = 0
         if not head and body:
-            self.wfile.write(body)
-            sent = len(body)
-        self._record(status, sent)
+            self._write(entry, body)
 
-    def _record(self, status: int, sent: int) -> None:
+    def _record(self, status: int) -> list:
+        """Log a reply before any of it is sent, so a client never sees bytes the counters miss."""
+        entry = [self.command, urlsplit(self.path).path, status, 0]
         with self.hub.lock:
-            self.hub.log.append((self.command, urlsplit(self.path).path, status, sent))
-            self.hub.bytes_served += sent
+            self.hub.log.append(entry)
+        return entry
+
+    def _write(self, entry: list, data: bytes) -> None:
+        with self.hub.lock:
+            entry[3] += len(data)
+            self.hub.bytes_served += len(data)
+        self.wfile.write(data)
 
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode())
@@ -660,36 +666,31 @@ class _Handler(BaseHTTPRequestHandler):
                 "Content-Disposition": f'attachment; filename="{quote(path.rsplit("/", 1)[-1])}"',
             }
         )
+        entry = self._record(status)
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
-            self._record(status, 0)
             return
         limit = end - start + 1
         if fault is not None and fault.action == "drop_after":
             limit = min(limit, fault.value)
         sent = 0
         src = blob.path
-        try:
-            if src is None:
-                chunk = blob.data[start : start + limit]
-                chunk = self._maybe_corrupt(chunk, start, fault)
-                self.wfile.write(chunk)
-                sent = len(chunk)
-            else:
-                with open(src, "rb") as f:
-                    f.seek(start)
-                    while sent < limit:
-                        chunk = f.read(min(1 << 20, limit - sent))
-                        if not chunk:
-                            break
-                        chunk = self._maybe_corrupt(chunk, start + sent, fault)
-                        self.wfile.write(chunk)
-                        sent += len(chunk)
-        finally:
-            self._record(status, sent)
+        if src is None:
+            chunk = blob.data[start : start + limit]
+            self._write(entry, self._maybe_corrupt(chunk, start, fault))
+            sent = len(chunk)
+        else:
+            with open(src, "rb") as f:
+                f.seek(start)
+                while sent < limit:
+                    chunk = f.read(min(1 << 20, limit - sent))
+                    if not chunk:
+                        break
+                    self._write(entry, self._maybe_corrupt(chunk, start + sent, fault))
+                    sent += len(chunk)
         if sent < end - start + 1:  # injected drop: cut the connection mid-body
             self.wfile.flush()
             self.close_connection = True

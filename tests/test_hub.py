@@ -205,6 +205,10 @@ def test_push_branch_private_exports_and_stale_planes(server, ckpt, tmp_path):
     assert not any(f.startswith("matq-plane-2") for f in server.tree(repo, "v2"))
     card = server.read(repo, "README.md", "v2").decode()
     assert "| int4 |" in card and "| int2 |" in card and "| int6 |" not in card
+    whole = pull(repo, tmp_path / "whole", revision="v2", token=TOKEN, cache_dir=tmp_path / "c")
+    assert set(whole.widths.values()) == {4}  # no width given: everything the revision holds
+    with pytest.raises(mf.errors.PlanError, match=f"^{repo}: .*serves up to 4"):
+        pull(repo, tmp_path / "int8", bits=8, revision="v2", token=TOKEN, cache_dir=tmp_path / "c")
 
 
 # --- pull ---------------------------------------------------------------------------------------
@@ -278,7 +282,9 @@ def test_dropped_download_is_retried_and_ranges_are_served(server, ckpt, pushed,
         f.write(want[:1000])
         hf_download.http_get(url, f, resume_size=1000, expected_size=len(want))
     assert part.read_bytes() == want
-    assert server.requests("GET", "matq-plane-7")[-1][2:] == (206, len(want) - 1000)
+    assert server.requests("GET", "matq-plane-7")[-1][2:] == (206, len(want) - 1000), server.requests(
+        "GET", "matq-plane-7"
+    )
 
 
 def test_download_that_never_completes_leaves_nothing(server, pushed, tmp_path):
@@ -313,6 +319,7 @@ def test_errors_are_typed_one_liners_with_clean_state(server, ckpt, pushed, tmp_
         (matq_hub.HubAuthError, lambda o: push(ckpt, "org/x", token="hf_wrong", endpoint=server.url)),
         (matq_hub.HubAuthError, lambda o: push(ckpt, "org/x", token=None, endpoint=server.url)),
     ]
+    cases.append((matq_hub.BadRepoIdError, lambda o: pull("not a repo id", o, cache_dir=tmp_path / "c")))
     server.fail("GET", "/api/models/org/flaky", "status", 500)
     cases.append((matq_hub.HubResponseError, lambda o: pull("org/flaky", o, cache_dir=tmp_path / "c")))
     for i, (cls, run) in enumerate(cases):
