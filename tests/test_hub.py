@@ -374,3 +374,26 @@ def test_cli_push_pull_and_login_file(server, ckpt, tmp_path):
     r = run_cli(["pull", "org/nothing-here", "-o", str(tmp_path / "x")], server, home, None)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such repository" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_pulled_checkpoint_converts_like_the_original(server, tmp_path):
+    """`matq convert` accepts a pulled int4 folder and writes the same GGUF tensors as from the source."""
+    pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    from click.testing import CliRunner
+    from gguf_helpers import tiny_hf_model, to_matq
+
+    from matq_cli.main import cli
+
+    src = to_matq(tiny_hf_model("llama", tmp_path / "hf"), tmp_path / "ck")
+    push(src.root, "org/tiny-llama", token=TOKEN, endpoint=server.url)
+    got = pull("org/tiny-llama", tmp_path / "int4", bits=4, cache_dir=tmp_path / "cache")
+    tensors = {}
+    for ck, out in ((got.path, "pulled.gguf"), (src.root, "direct.gguf")):
+        args = ["convert", str(ck), "--to", "gguf", "--bits", "4", "-o", str(tmp_path / out)]
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, r.output
+        reader = gguf.GGUFReader(tmp_path / out)
+        tensors[out] = {t.name: (t.tensor_type, bytes(t.data)) for t in reader.tensors}
+    assert tensors["pulled.gguf"] == tensors["direct.gguf"] and len(tensors["direct.gguf"]) > 10
