@@ -1,0 +1,386 @@
+"""Post-training quantization of a Hugging Face model folder into a matq checkpoint, without data.
+
+    from matq_converters.quantize import quantize_hf
+    quantize_hf("Llama-3.2-1B", "Llama-3.2-1B-matq")                       # FFN, group 128, MinMax
+    quantize_hf("Llama-3.2-1B", "out", layers="linear", objective="multiwidth", group_size=None)
+
+Tensors stream from memory-mapped shards one at a time (peak memory is about one and a half times
+the largest tensor for BF16 sources); each is cut into row blocks that fit in cache and are
+quantized on a few threads. Every formula comes from ``matq_format.numerics``: ``minmax_params``
+and ``quantize`` for MinMax, ``multiwidth_params`` and ``multiwidth_codes`` for the multi-width
+objective. Unselected tensors are written exactly as stored. The output appears only when
+complete; the input is only read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import matq_format as mf
+from matq_format import constants as C
+from matq_format import numerics
+from matq_format.errors import MatqError
+
+from . import architectures
+from .hf_source import HFSource, SourceError
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "OBJECTIVES",
+    "NonFiniteWeightError",
+    "OptionError",
+    "QuantizeSpec",
+    "quantize_hf",
+    "quantize_tensor",
+]
+
+DEFAULT_GROUP_SIZE = 128
+"""Groups of 128 input columns, as MatGPTQ and the OmniQuant ports use; ``None`` is per channel."""
+OBJECTIVES = ("minmax", "multiwidth")
+SLICE_EXACT = "slice-exact"
+CHUNK_ELEMENTS = 1 << 18
+"""Weights per work item: float32 temporaries of 1 MiB stay in cache, and there are enough items to share."""
+
+
+class OptionError(MatqError):
+    """A quantization option that is out of range or inconsistent."""
+
+
+class NonFiniteWeightError(SourceError):
+    """A selected weight holds NaN or infinity, or a range no float16 scale can cover."""
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """How to quantize one tensor; validated once, used for every tensor."""
+
+    code_bits: int = C.DEFAULT_CODE_BITS
+    group_size: int | None = DEFAULT_GROUP_SIZE
+    scheme: str = "asymmetric"
+    zero_multiple: int = 1
+    objective: str = "minmax"
+    widths: tuple[int, ...] = numerics.MULTIWIDTH_WIDTHS
+    lambdas: tuple[float, ...] = numerics.MULTIWIDTH_LAMBDAS
+    extra_precision: tuple[int, ...] = ()
+    scale_dtype: str = "F16"
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        code_bits: int = C.DEFAULT_CODE_BITS,
+        group_size: int | None = DEFAULT_GROUP_SIZE,
+        scheme: str = "asymmetric",
+        zero_multiple: int | str = 1,
+        objective: str = "minmax",
+        widths: Sequence[int] | None = None,
+        lambdas: Sequence[float] | None = None,
+        extra_precision: Sequence[int] = (),
+        scale_dtype: str = "F16",
+    ) -> QuantizeSpec:
+        """Check every option and resolve ``zero_multiple="slice-exact"``; raises :class:`OptionError`."""
+        if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
+            raise OptionError(
+                None, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}"
+            )
+        if group_size is not None and group_size < 1:
+            raise OptionError(None, f"group size {group_size} must be a positive number of columns")
+        if scheme not in ("asymmetric", "symmetric"):
+            raise OptionError(None, f"unknown scheme {scheme!r}; use asymmetric or symmetric")
+        if objective not in OBJECTIVES:
+            raise OptionError(None, f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+        if scale_dtype not in C.SCALE_DTYPES:
+            raise OptionError(None, f"scale dtype {scale_dtype!r} not one of {', '.join(C.SCALE_DTYPES)}")
+        if widths is None:  # 8, 4, 2 with c in place of 8
+            widths = sorted(
+                {min(r, code_bits) for r in numerics.MULTIWIDTH_WIDTHS} | {code_bits}, reverse=True
+            )
+        widths = tuple(int(r) for r in widths)
+        if not widths or any(not 1 <= r <= code_bits for r in widths):
+            raise OptionError(None, f"widths {list(widths)} must be non-empty and within 1..{code_bits}")
+        lambdas = tuple(float(v) for v in (lambdas if lambdas is not None else [1.0] * len(widths)))
+        if (
+            len(lambdas) != len(widths)
+            or any(not np.isfinite(v) or v < 0 for v in lambdas)
+            or sum(lambdas) <= 0
+        ):
+            raise OptionError(None, "lambdas must be one non-negative number per width, not all zero")
+        extra_precision = tuple(sorted({int(r) for r in extra_precision}))
+        if any(not 1 <= r < code_bits for r in extra_precision):
+            raise OptionError(None, f"extra-precision widths must lie in 1..{code_bits - 1}")
+        if zero_multiple == SLICE_EXACT:
+            zero_multiple = 1 << (code_bits - min(widths))
+        try:
+            zero_multiple = int(zero_multiple)
+        except (TypeError, ValueError):
+            raise OptionError(None, f"zero multiple must be an integer or {SLICE_EXACT!r}") from None
+        if zero_multiple < 1 or zero_multiple & (zero_multiple - 1) or zero_multiple > 1 << (code_bits - 1):
+            raise OptionError(
+                None, f"zero multiple {zero_multiple} must be a power of two up to {1 << (code_bits - 1)}"
+            )
+        return cls(
+            code_bits,
+            group_size,
+            scheme,
+            zero_multiple,
+            objective,
+            widths,
+            lambdas,
+            extra_precision,
+            scale_dtype,
+        )
+
+    def params_and_codes(
+        self, w: np.ndarray, group_size: int | None, out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero of a float32 block, its codes into ``out``; the formulas all live in numerics.
+
+        ``w`` is overwritten (it is the caller's scratch buffer).
+        """
+        sym = self.scheme == "symmetric"
+        if self.objective == "minmax":
+            a, z = numerics.minmax_params(
+                w,
+                self.code_bits,
+                group_size,
+                symmetric=sym,
+                zero_multiple=self.zero_multiple,
+                scale_dtype=self.scale_dtype,
+            )
+            numerics.quantize(w, a, z, self.code_bits, group_size, out=out, work=w)
+            return a, z
+        mw = dict(widths=self.widths, lambdas=self.lambdas, extra_precision=self.extra_precision)
+        a, z = numerics.multiwidth_params(
+            w,
+            self.code_bits,
+            group_size,
+            symmetric=sym,
+            zero_multiple=self.zero_multiple,
+            scale_dtype=self.scale_dtype,
+            **mw,
+        )
+        out[...] = numerics.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
+        return a, z
+
+    def source_record(self) -> dict:
+        return {
+            "code_bits": self.code_bits,
+            "group_size": self.group_size,
+            "scheme": self.scheme,
+            "zero_multiple": self.zero_multiple,
+            "objective": self.objective,
+            **(
+                {"widths": list(self.widths), "lambdas": list(self.lambdas)}
+                if self.objective != "minmax"
+                else {}
+            ),
+            "scale_dtype": self.scale_dtype,
+        }
+
+
+_scratch = threading.local()
+
+
+def _scratch_f32(n: int) -> np.ndarray:
+    """This thread's float32 work buffer: reused, so blocks do not fault in fresh pages every time."""
+    buf = getattr(_scratch, "f32", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.f32 = np.empty(n, np.float32)
+    return buf[:n]
+
+
+def _to_float32(block: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Stored weights widened into a float32 buffer; BF16 by a 16-bit shift (exact, faster than astype)."""
+    if block.dtype.itemsize == 2 and block.dtype != np.float16:  # bfloat16
+        np.left_shift(block.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, block, casting="same_kind")
+    return out
+
+
+def quantize_tensor(
+    w: np.ndarray,
+    spec: QuantizeSpec,
+    *,
+    name: str = "",
+    path: str | os.PathLike | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes ``[rows, cols]`` uint8, scale and zero ``[rows, groups]`` float32 of one 2-D weight.
+
+    Works in blocks of whole rows, so the result is the same as one call of the numerics functions
+    on the whole tensor. When the group size divides the row, groups are laid out as rows of their
+    own (the same arithmetic, and broadcasting instead of repeating the parameters).
+    """
+    rows, cols = w.shape
+    gs = spec.group_size
+    groups = numerics.n_groups(cols, gs)
+    flat = gs is not None and cols % gs == 0
+    codes = np.empty((rows, cols), np.uint8)
+    scale = np.empty((rows, groups), np.float32)
+    zero = np.empty((rows, groups), np.float32)
+    step = max(1, CHUNK_ELEMENTS // cols)
+
+    def work(r0: int) -> None:
+        r1 = min(rows, r0 + step)
+        f = _to_float32(w[r0:r1], _scratch_f32((r1 - r0) * cols).reshape(r1 - r0, cols))
+        with np.errstate(over="ignore", invalid="ignore"):  # a NaN or inf makes the sum non-finite
+            finite = np.isfinite(np.add.reduce(f, axis=None)) or np.isfinite(f).all()
+        if not finite:
+            raise NonFiniteWeightError(path, f"{name}: rows {r0}..{r1 - 1} hold NaN or infinity")
+        q = codes[r0:r1]
+        try:
+            if flat:
+                a, z = spec.params_and_codes(f.reshape(-1, gs), None, q.reshape(-1, gs))
+            else:
+                a, z = spec.params_and_codes(f, gs, q)
+        except OverflowError:
+            a = z = np.array([np.inf])
+        if not np.all(np.isfinite(a)):
+            raise NonFiniteWeightError(
+                path, f"{name}: rows {r0}..{r1 - 1} span a range no {spec.scale_dtype} scale covers"
+            )
+        scale[r0:r1] = a.reshape(r1 - r0, groups)
+        zero[r0:r1] = z.reshape(r1 - r0, groups)
+
+    starts = range(0, rows, step)
+    if pool is None or len(starts) == 1:
+        for r0 in starts:
+            work(r0)
+    else:
+        for _ in pool.map(work, starts):
+            pass
+    return codes, scale, zero
+
+
+class _WriteBehind:
+    """Runs writer calls in order on one thread, one at a time, while the caller prepares the next.
+
+    Packing, checksums and file writes of one tensor overlap the quantization of the next; at most
+    two tensors are in memory. A failure in either thread stops both (the writer then aborts).
+    """
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="matq-write")
+        self._pending: tuple[Future, int] | None = None
+        self._progress = progress
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            fut, nbytes = self._pending
+            self._pending = None
+            fut.result()
+            if self._progress is not None:
+                self._progress(nbytes)
+
+    def put(self, job: Callable[[], None], nbytes: int) -> None:
+        self._wait()
+        self._pending = (self._io.submit(job), nbytes)
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._wait()
+            elif self._pending is not None:
+                futures_wait([self._pending[0]])  # let it stop touching the files before they are removed
+        finally:
+            self._io.shutdown(wait=True)
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise OptionError(out, f"output must lie outside the input folder {src} (and not contain it)")
+
+
+def quantize_hf(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    code_bits: int = C.DEFAULT_CODE_BITS,
+    group_size: int | None = DEFAULT_GROUP_SIZE,
+    scheme: str = "asymmetric",
+    zero_multiple: int | str = 1,
+    layers: str = "ffn",
+    objective: str = "minmax",
+    widths: Sequence[int] | None = None,
+    lambdas: Sequence[float] | None = None,
+    extra_precision: Sequence[int] = (),
+    scale_dtype: str = "F16",
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Quantize a Hugging Face safetensors folder into a matq checkpoint folder at ``out``.
+
+    ``layers``: ``ffn`` (the paper's default), ``attention``, ``linear`` (both), or a regular
+    expression over tensor names. ``zero_multiple``: an integer power of two, or ``"slice-exact"``
+    so every width in ``widths`` has an integer zero point. ``objective="multiwidth"`` rounds each
+    weight for the lambda-weighted error of its ``widths`` slices and picks scales for it too.
+    ``progress`` is called with the source bytes of each tensor once it is written.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    spec = QuantizeSpec.build(
+        code_bits=code_bits,
+        group_size=group_size,
+        scheme=scheme,
+        zero_multiple=zero_multiple,
+        objective=objective,
+        widths=widths,
+        lambdas=lambdas,
+        extra_precision=extra_precision,
+        scale_dtype=scale_dtype,
+    )
+    src = HFSource(hf_dir)
+    _check_paths(hf_dir, out)
+    arch = architectures.detect(src.config)
+    selected = set(architectures.select(src.shapes(), layers, arch, path=str(hf_dir)))
+    source = {
+        "tool": "matq quantize",
+        "model": hf_dir.name,
+        "model_type": src.config.get("model_type"),
+        "architecture": arch.name,
+        "layers": layers,
+        "quantized_tensors": len(selected),
+        **spec.source_record(),
+    }
+    zero_dtype = "U8" if code_bits <= 8 else "U16"
+    n_threads = max(1, threads or min(8, os.cpu_count() or 1))
+    with (
+        ThreadPoolExecutor(n_threads, thread_name_prefix="matq-quantize") as pool,
+        mf.CheckpointWriter(out, code_bits, carry_from=hf_dir, source=source, overwrite=overwrite) as writer,
+        _WriteBehind(progress) as sink,
+    ):
+        for name in src:
+            t = src.tensors[name]
+            if name not in selected:
+                sink.put(functools.partial(writer.add_dense, name, src.read(name), t.dtype), t.nbytes)
+                continue
+            codes, scale, zero = quantize_tensor(src.read(name), spec, name=name, path=t.file, pool=pool)
+            write = functools.partial(
+                writer.add_quantized,
+                name,
+                codes,
+                scale,
+                zero,
+                dtype=t.dtype,
+                group_size=spec.group_size,
+                scheme=spec.scheme,
+                scale_dtype=spec.scale_dtype,
+                zero_dtype=zero_dtype,
+                extra_precision=spec.extra_precision,
+            )
+            sink.put(write, t.nbytes)
+    return out

