@@ -111,6 +111,8 @@ def render_card(
     names = ckpt.quantized_names()
     weights = sum(ckpt.info(n).numel for n in names)
     full = max((r.download_bytes for r in rows), default=0)
+    small = widths[-1] if widths else ckpt.code_bits
+    conv = [r for r in (4, 2) if r in widths] or [small]
     lines = [
         "---",
         data.to_yaml(),
@@ -163,17 +165,17 @@ def render_card(
         "",
         "## Convert",
         "",
-        "A pulled folder is a complete matq checkpoint: serve it with the `matq_format` reader, or "
-        "convert it (GGUF for llama.cpp, Hugging Face, ONNX; see `matq convert --help`):",
+        "A pulled folder is a complete matq checkpoint: read it with `matq_format`, or convert it "
+        "(`matq convert --help` lists the targets):",
         "",
         "```bash",
-        f"matq convert {name}-int{widths[-1] if widths else ckpt.code_bits} --help",
+        *(f"matq convert {name}-int{r} --to gguf --bits {r} -o {name}-int{r}.gguf" for r in conv),
         "```",
         "",
         "```python",
         "import matq_format as mf",
-        f'ckpt = mf.open("{name}-int{widths[-1] if widths else ckpt.code_bits}")',
-        f"w = ckpt.dequantize(ckpt.quantized_names()[0], bits={widths[-1] if widths else ckpt.code_bits})",
+        f'ckpt = mf.open("{name}-int{small}")',
+        f"w = ckpt.dequantize(ckpt.quantized_names()[0], bits={small})   # float32",
         "```",
     ]
     if exports:
