@@ -1,0 +1,71 @@
+"""Write the worked example of spec/v1 (README.md, "Worked example") with matq_format.CheckpointWriter.
+
+    python spec/v1/example/make_example.py [OUT_DIR]      # default: this folder
+
+Writes ``OUT_DIR/tiny.matq.safetensors`` (single-file form) and ``OUT_DIR/tiny-matq/`` (folder form,
+with a carried ``config.json``). Every value is fixed here, so the bytes are the same on every run;
+tests/test_spec.py regenerates both and compares them byte for byte with the checked-in copies.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import matq_format as mf
+
+HERE = Path(__file__).resolve().parent
+SINGLE_FILE = "tiny.matq.safetensors"
+FOLDER = "tiny-matq"
+CONFIG_JSON = '{"model_type": "example"}\n'
+
+# One 2x8 quantized tensor, c = 8, per output channel (one scale and zero point per row). The codes
+# are picked to show the corner cases the spec talks about: 31 and 32 share their int4 slice but not
+# their int2 slice (slices do not nest), and 224..255 fall in the int2 extra-precision bucket.
+CODES = np.array(
+    [
+        [0, 31, 32, 100, 128, 200, 224, 255],
+        [7, 64, 96, 127, 150, 191, 240, 250],
+    ],
+    dtype=np.uint8,
+)
+SCALE = np.array([[2.0**-7], [3 * 2.0**-8]], dtype=np.float32)  # exact in F16
+ZERO = np.array([[128], [120]], dtype=np.float32)  # exact in U8
+NORM = np.array([1.0, 0.5], dtype=np.float32)  # an unquantized tensor, stored as it came
+SOURCE = {"tool": "spec/v1/example/make_example.py"}
+
+
+def write(writer: mf.CheckpointWriter) -> None:
+    writer.add_quantized(
+        "fc.weight",
+        CODES,
+        SCALE,
+        ZERO,
+        dtype="BF16",
+        group_size=None,
+        scheme="asymmetric",
+        scale_dtype="F16",
+        zero_dtype="U8",
+        extra_precision=(2,),
+    )
+    writer.add_dense("norm.weight", NORM)
+
+
+def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with mf.CheckpointWriter(out_dir / SINGLE_FILE, 8, single_file=True, source=SOURCE, overwrite=True) as w:
+        write(w)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(CONFIG_JSON, encoding="utf-8")
+        with mf.CheckpointWriter(
+            out_dir / FOLDER, 8, carry_from={"config.json": config}, source=SOURCE, overwrite=True
+        ) as w:
+            write(w)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
