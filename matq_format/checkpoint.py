@@ -79,11 +79,11 @@ class Checkpoint:
     def _open_files(self) -> None:
         for fname, finfo in self.manifest["files"].items():
             p = self.root / fname
-            if not p.exists():
-                if self.partial:
+            if not p.is_file():
+                if self.partial and not p.exists():
                     self.missing_files.add(fname)
                     continue
-                raise MissingFileError(p, "listed in the manifest but missing")
+                raise MissingFileError(p, "listed in the manifest but missing (or not a file)")
             size = p.stat().st_size
             if size < finfo["bytes"]:
                 raise TruncatedFileError(p, f"is {size} bytes, the manifest says {finfo['bytes']}")
@@ -124,10 +124,10 @@ class Checkpoint:
                 continue
             e = self._headers[fname].entries.get(ename)
             if e is None:
-                raise HeaderError(self.root / fname, f"entry {ename!r} is missing")
+                raise HeaderError(self._fpath(fname), f"entry {ename!r} is missing")
             if e.dtype != dtype or e.shape != shape:
                 raise HeaderError(
-                    self.root / fname,
+                    self._fpath(fname),
                     f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected {dtype}{list(shape)}",
                 )
 
@@ -153,19 +153,33 @@ class Checkpoint:
         fname = self.manifest["entries"][ename]["file"]
         h = self._headers[fname]
         e = h.entries[ename]
-        mm = self._maps.get(fname)
-        if mm is None:
-            mm = self._maps[fname] = np.memmap(h.path, dtype=np.uint8, mode="r")
-        data = mm[h.data_start + e.start : h.data_start + e.end]
+        data = self._map(fname)[h.data_start + e.start : h.data_start + e.end]
         if self.verify_reads and ename not in self._verified:
             self._check_crc(ename, data)
         return data
+
+    def _map(self, fname: str) -> np.ndarray:
+        """The whole file, memory-mapped once; a file gone or cut since open is a typed error."""
+        mm = self._maps.get(fname)
+        if mm is None:
+            h = self._headers[fname]
+            try:
+                size = h.path.stat().st_size
+                mm = np.memmap(h.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+            except OSError as exc:
+                raise MissingFileError(h.path, f"cannot be read: {exc.strerror or exc}") from None
+            if size != h.file_size:
+                raise TruncatedFileError(
+                    h.path, f"changed size since it was opened ({h.file_size} -> {size})"
+                )
+            self._maps[fname] = mm
+        return mm
 
     def _check_crc(self, ename: str, data: np.ndarray) -> None:
         fname = self.manifest["entries"][ename]["file"]
         got = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
         if got != self.manifest["entries"][ename]["crc32"]:
-            raise ChecksumError(self.root / fname, f"entry {ename!r} does not match its CRC-32")
+            raise ChecksumError(self._fpath(fname), f"entry {ename!r} does not match its CRC-32")
         self._verified.add(ename)
 
     # --- public API -----------------------------------------------------------------------------
@@ -224,8 +238,13 @@ class Checkpoint:
         """Codes in the r-bit domain, ``[rows, cols]`` uint8; reads only the planes that width needs."""
         t = self._qinfo(name)
         bits = self.code_bits if bits is None else bits
-        if not 1 <= bits <= self.code_bits:
-            raise WidthError(self.path, f"width {bits} outside 1..{self.code_bits}")
+        if (
+            not isinstance(bits, (int, np.integer))
+            or isinstance(bits, bool)
+            or not 1 <= bits <= self.code_bits
+        ):
+            raise WidthError(self.path, f"width {bits!r} is not an integer in 1..{self.code_bits}")
+        bits = int(bits)
         if extra_precision and bits == self.code_bits:
             raise WidthError(self.path, f"extra precision needs a width below {self.code_bits}")
         need = numerics.planes_needed(self.code_bits, bits)
@@ -284,7 +303,10 @@ class Checkpoint:
         p = self.root / "config.json"
         if "config.json" not in self.manifest.get("carried", {}) or not p.exists():
             return None
-        return json.loads(p.read_text())
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            raise HeaderError(p, "carried config.json is not valid JSON") from None
 
     @property
     def digest(self) -> str:
@@ -308,10 +330,7 @@ class Checkpoint:
                 continue
             h = self._headers[fname]
             e = h.entries[ename]
-            mm = self._maps.get(fname)
-            if mm is None:
-                mm = self._maps[fname] = np.memmap(h.path, dtype=np.uint8, mode="r")
-            self._check_crc(ename, mm[h.data_start + e.start : h.data_start + e.end])
+            self._check_crc(ename, self._map(fname)[h.data_start + e.start : h.data_start + e.end])
             if progress is not None:
                 progress(e.nbytes)
         for name in self.quantized_names():
@@ -319,7 +338,7 @@ class Checkpoint:
             self.zero(name)
         for rel, meta in self.manifest.get("carried", {}).items():
             p = self.root / rel
-            if not p.exists():
+            if not p.is_file():
                 raise MissingFileError(p, "carried file listed in the manifest is missing")
             if sha256_file(p) != meta.get("sha256"):
                 raise ChecksumError(p, "carried file does not match its sha256")
@@ -340,7 +359,11 @@ class Checkpoint:
         return t
 
     def _file_of(self, ename: str) -> Path:
-        return self.root / self.manifest["entries"][ename]["file"]
+        return self._fpath(self.manifest["entries"][ename]["file"])
+
+    def _fpath(self, fname: str) -> Path:
+        """Where a file the manifest names lives (the base may be a single file of any name)."""
+        return self.path if fname == C.BASE_FILENAME else self.root / fname
 
 
 def open(path: str | os.PathLike, *, verify_reads: bool = True, partial: bool = False) -> Checkpoint:  # noqa: A001

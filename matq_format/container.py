@@ -56,6 +56,23 @@ def crc32_hex(data) -> str:
     return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text: str | bytes):
+    """``json.loads`` without the NaN/Infinity extensions; every failure is a ValueError or RecursionError."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800-style escape
+        return False
+    return True
+
+
 def read_header(path: str | os.PathLike) -> FileHeader:
     """Parse and validate a safetensors header: sizes, JSON, dtypes, shapes, offsets, limits."""
     path = Path(path)
@@ -65,6 +82,10 @@ def read_header(path: str | os.PathLike) -> FileHeader:
         if len(prefix) < C.HEADER_PREFIX_BYTES:
             raise TruncatedFileError(path, f"file is {size} bytes, shorter than the 8-byte header length")
         (hlen,) = struct.unpack("<Q", prefix)
+        first = f.read(1)
+        if first and first != b"{":  # checked first: most foreign files also claim an absurd length
+            raise BadMagicError(path, "not a safetensors file (header does not start with '{')")
+        f.seek(C.HEADER_PREFIX_BYTES)
         if hlen > C.MAX_HEADER_BYTES:
             raise HeaderTooLargeError(path, f"header length {hlen} exceeds the limit of {C.MAX_HEADER_BYTES}")
         if hlen < 2:
@@ -75,8 +96,8 @@ def read_header(path: str | os.PathLike) -> FileHeader:
     if raw[:1] != b"{":
         raise BadMagicError(path, "not a safetensors file (header does not start with '{')")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = strict_json(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise HeaderError(path, f"header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise HeaderError(path, "header is not a JSON object")
@@ -85,6 +106,8 @@ def read_header(path: str | os.PathLike) -> FileHeader:
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
         raise HeaderError(path, "__metadata__ must map strings to strings")
+    if not all(_encodable(k) and _encodable(v) for k, v in meta.items()) or not all(map(_encodable, header)):
+        raise HeaderError(path, "header holds a string that is not valid Unicode")
     if len(header) > C.MAX_ENTRIES:
         raise LimitError(path, f"{len(header)} entries exceed the limit of {C.MAX_ENTRIES}")
     data_start = C.HEADER_PREFIX_BYTES + hlen
@@ -110,8 +133,8 @@ def _parse_entry(path: Path, name: str, info) -> Entry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise HeaderError(path, f"entry {name!r} must have exactly dtype, shape and data_offsets")
     dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in C.DTYPES:
-        raise HeaderError(path, f"entry {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in C.DTYPES:
+        raise HeaderError(path, f"entry {name!r} has unknown dtype {str(dtype)[:40]!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise HeaderError(path, f"entry {name!r} has a malformed shape")
     if len(shape) > C.MAX_DIMS or any(d > C.MAX_DIM_SIZE for d in shape):

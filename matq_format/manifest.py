@@ -6,12 +6,13 @@ describes the same document for other implementations and is checked against it 
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import constants as C
+from .container import strict_json
 from .errors import HeaderError, LimitError, UnsupportedVersionError
 from .numerics import n_groups, planes_needed
 
@@ -77,9 +78,13 @@ def plane_entry(tensor: str, k: int) -> str:
     return entry_name(tensor, C.PLANE_SUFFIX.format(k=k))
 
 
+_VERSION_RE = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
 def parse_version(path: Path, text) -> tuple[int, int]:
-    if not isinstance(text, str) or text.count(".") != 1 or not all(p.isdigit() for p in text.split(".")):
-        raise HeaderError(path, f"version {text!r} is not MAJOR.MINOR")
+    if not isinstance(text, str) or not _VERSION_RE.fullmatch(text):
+        raise HeaderError(path, f"version {str(text)[:40]!r} is not MAJOR.MINOR")
     major, minor = (int(p) for p in text.split("."))
     if major != C.FORMAT_VERSION[0]:
         raise UnsupportedVersionError(
@@ -106,8 +111,8 @@ def parse_manifest(
 ) -> tuple[dict, dict[str, TensorInfo]]:
     """Validate the manifest JSON; returns it and the tensors as :class:`TensorInfo`."""
     try:
-        m = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        m = strict_json(text)
+    except (ValueError, RecursionError):
         raise HeaderError(path, "manifest is not valid JSON") from None
     if not isinstance(m, dict):
         raise HeaderError(path, "manifest is not a JSON object")
@@ -131,10 +136,31 @@ def parse_manifest(
         )
     files = _req(path, m, "files", dict, "manifest")
     for fname, finfo in files.items():
-        if not _safe_relname(fname):
+        if not _safe_relname(fname) or fname == C.BASE_FILENAME:
             raise HeaderError(path, f"file name {fname!r} must be a plain name in the checkpoint folder")
         if not isinstance(finfo, dict) or type(finfo.get("bytes")) is not int or finfo["bytes"] < 0:
             raise HeaderError(path, f"file {fname!r} needs an integer 'bytes'")
+        if "planes" in finfo and not _index_list(finfo["planes"], c):
+            raise HeaderError(
+                path, f"file {fname!r}: planes must list distinct plane indices below code_bits"
+            )
+    carried = m.get("carried", {})
+    if not isinstance(carried, dict):
+        raise HeaderError(path, "carried must be an object")
+    for rel, cinfo in carried.items():
+        if not _safe_relpath(rel) or rel == C.BASE_FILENAME or rel in files:
+            raise HeaderError(path, f"carried file {rel!r} must be a relative path inside the checkpoint")
+        if (
+            not isinstance(cinfo, dict)
+            or type(cinfo.get("bytes")) is not int
+            or cinfo["bytes"] < 0
+            or not isinstance(cinfo.get("sha256"), str)
+            or not _SHA256_RE.fullmatch(cinfo["sha256"])
+        ):
+            raise HeaderError(path, f"carried file {rel!r} needs an integer 'bytes' and a hex 'sha256'")
+    for key in ("source", "extensions"):
+        if not isinstance(m.get(key, {}), dict):
+            raise HeaderError(path, f"{key} must be an object")
     tensors = _req(path, m, "tensors", dict, "manifest")
     entries = _req(path, m, "entries", dict, "manifest")
     if len(tensors) > C.MAX_TENSORS:
@@ -154,6 +180,20 @@ def parse_manifest(
             )
     infos = {name: _parse_tensor(path, name, t, c) for name, t in tensors.items()}
     return m, infos
+
+
+def _index_list(v, code_bits: int) -> bool:
+    """A list of distinct plane indices (or widths) in 0..code_bits-1."""
+    return (
+        isinstance(v, list)
+        and all(type(k) is int and 0 <= k < code_bits for k in v)
+        and len(set(v)) == len(v)
+    )
+
+
+def _safe_relpath(rel: str) -> bool:
+    """``tokenizer.json`` or ``sub/file``: no absolute paths, no ``..``, no hidden parts."""
+    return bool(rel) and "\\" not in rel and all(_safe_relname(part) for part in rel.split("/"))
 
 
 def _safe_relname(name: str) -> bool:
@@ -196,7 +236,7 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
         raise HeaderError(path, f"{where}: unknown granularity {gran!r}")
     gs = t.get("group_size")
     if gran == C.GRANULARITY_GROUP:
-        if type(gs) is not int or gs < 1:
+        if type(gs) is not int or not 1 <= gs <= C.MAX_DIM_SIZE:
             raise HeaderError(path, f"{where}: group granularity needs a positive integer group_size")
     elif gs is not None:
         raise HeaderError(path, f"{where}: channel granularity takes no group_size")
@@ -211,7 +251,7 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
     if not all(type(r) is int and 1 <= r < code_bits for r in ep) or len(set(ep)) != len(ep):
         raise HeaderError(path, f"{where}: extra_precision must list distinct widths below code_bits")
     planes = _req(path, t, "planes", list, where)
-    if not all(type(k) is int and 0 <= k < code_bits for k in planes) or len(set(planes)) != len(planes):
+    if not _index_list(planes, code_bits):
         raise HeaderError(path, f"{where}: planes must list distinct plane indices below code_bits")
     return TensorInfo(
         name,
