@@ -70,7 +70,8 @@ def expand_groups(p: np.ndarray, cols: int, group_size: int | None) -> np.ndarra
     """Broadcast per-group parameters ``[rows, groups]`` to ``[rows, cols]``."""
     if group_size is None:
         return p[:, :1]
-    return np.repeat(p, group_size, axis=1)[:, :cols]
+    # Indexing, not np.repeat: a group size far larger than cols must not allocate rows*group_size.
+    return p[:, np.arange(cols) // group_size]
 
 
 def round_scale(alpha: np.ndarray, dtype: str) -> np.ndarray:
