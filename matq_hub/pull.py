@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from matq_format.writer import sha256_file
 from .client import api, endpoint_of, hub_errors
 from .errors import DownloadChecksumError, NotAMatqRepoError
 from .layout import DeclaredView, _NeedsWeights, file_bytes, needed_files
+
+DOWNLOAD_THREADS = 8
+"""Files fetched at once, as ``snapshot_download`` does."""
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,9 @@ def pull(
     sizes = file_bytes(head, base.stat().st_size)
     head.close()
     with hub_errors(repo_id, upload=False, endpoint=endpoint, revision=revision):
-        for f in files[1:]:
-            fetch(f, commit)
+        with ThreadPoolExecutor(max(1, min(DOWNLOAD_THREADS, len(files) - 1))) as pool:
+            for done in [pool.submit(fetch, f, commit) for f in files[1:]]:
+                done.result()
 
     with _integrity(repo_id, commit, snapshot):
         ckpt = mf.open(snapshot, partial=True)

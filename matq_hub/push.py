@@ -90,10 +90,10 @@ def push(
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else mf.open(ckpt)
     if ckpt.partial and ckpt.missing_files:
         raise MissingFileError(ckpt.path, "is a partial view; push a complete checkpoint")
-    ckpt.verify()  # never publish a damaged checkpoint
     token = token_of(token)
     if not token:
         raise HubAuthError(repo_id, "no Hugging Face token found")
+    ckpt.verify()  # never publish a damaged checkpoint
     files = checkpoint_files(ckpt)
     extra = export_files(exports)
     card = render_card(

@@ -319,6 +319,8 @@ def test_errors_are_typed_one_liners_with_clean_state(server, ckpt, pushed, tmp_
         (matq_hub.HubAuthError, lambda o: push(ckpt, "org/x", token="hf_wrong", endpoint=server.url)),
         (matq_hub.HubAuthError, lambda o: push(ckpt, "org/x", token=None, endpoint=server.url)),
     ]
+    hf.HfApi(endpoint=server.url, token=TOKEN).create_repo("org/plain")
+    cases.append((matq_hub.NotAMatqRepoError, lambda o: pull("org/plain", o, cache_dir=tmp_path / "c")))
     cases.append((matq_hub.BadRepoIdError, lambda o: pull("not a repo id", o, cache_dir=tmp_path / "c")))
     server.fail("GET", "/api/models/org/flaky", "status", 500)
     cases.append((matq_hub.HubResponseError, lambda o: pull("org/flaky", o, cache_dir=tmp_path / "c")))
