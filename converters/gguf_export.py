@@ -75,6 +75,8 @@ class _Prepared:
     widths: dict[str, int]
     n_vocab: int
     allowed: tuple | None
+    float_slices: str | None
+    """Write slices as plain floats (what llama.cpp's own converter makes; for comparisons)."""
     warnings: list[str]
 
 
@@ -104,6 +106,9 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     if options.outtype not in OUTTYPES:
         raise ConvertOptionError(None, f"outtype {options.outtype!r} is not one of {', '.join(OUTTYPES)}")
     allowed = _allowed_types(options.extra.get("types"))
+    float_slices = options.extra.get("float_slices")
+    if float_slices not in (None, "f32", "f16", "bf16"):
+        raise ConvertOptionError(None, f"float_slices {float_slices!r} is not one of f32, f16, bf16")
     cfg = ckpt.config
     arch = gguf_arch.detect(cfg, ckpt.path)
     widths = resolve_plan(
@@ -153,7 +158,7 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     kind = gguf_vocab.detect(ckpt.root, arch)
     if kind == "bpe" and not options.extra.get("tokenizer_pre"):
         gguf_vocab.bpe_pre(ckpt.root / "tokenizer.json")
-    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, warnings)
+    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings)
 
 
 def _allowed_types(names) -> tuple | None:
@@ -242,7 +247,12 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
             a, z = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
             if t.perm is not None:
                 k, a, z = k[t.perm], a[t.perm], z[t.perm]
-            enc = B.encode(B.Slice(k, a, z, c, t.bits, info.group_size, t.extra_precision), prep.allowed)
+            sl = B.Slice(k, a, z, c, t.bits, info.group_size, t.extra_precision)
+            enc = (
+                B.encode(sl, prep.allowed)
+                if prep.float_slices is None
+                else _float_slice(sl, prep.float_slices)
+            )
             qtype, data = enc.qtype, enc.data
             quantized += 1
             exact += enc.exact
@@ -316,6 +326,22 @@ def _dense(ckpt, t: _Tensor, info, outtype: str):
     if outtype == "f16":
         return T.F16, _rows(x.astype(np.float16), t.perm)
     return T.BF16, _rows(gguf.quants.quantize(x, T.BF16), t.perm)
+
+
+def _float_slice(sl, outtype: str):
+    """A slice dequantized and stored as floats (f16/bf16 round it, as llama.cpp's converter would)."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from .gguf_blocks import Encoded
+
+    w = sl.dequantize()
+    qtype = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[outtype]
+    data = (
+        w if qtype == T.F32 else w.astype(np.float16) if qtype == T.F16 else gguf.quants.quantize(w, T.BF16)
+    )
+    back = gguf.quants.dequantize(data, qtype) if qtype == T.BF16 else data.astype(np.float32)
+    return Encoded(qtype, data, bool(np.array_equal(back, w)))
 
 
 def _rows(x: np.ndarray, perm: np.ndarray | None) -> np.ndarray:

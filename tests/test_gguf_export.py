@@ -411,3 +411,15 @@ def test_cli_convert(models, tmp_path):
     )
     assert r.exit_code == 2
     assert "Examples:" in runner.invoke(cli, ["convert", "--help"]).output
+
+
+def test_float_slices_is_what_llama_cpps_converter_would_write(models, tmp_path):
+    """The baseline bench/gguf.py feeds to llama.cpp's quantizer: the slice, rounded to f16."""
+    _, _, cks = models
+    ckpt = cks["gemma2"]
+    res = export(ckpt, tmp_path / "m.gguf", bits=4, extra={"float_slices": "f16"})
+    t = {t.name: t for t in gguf.GGUFReader(res.path).tensors}["blk.1.ffn_down.weight"]
+    want = ckpt.dequantize("model.layers.1.mlp.down_proj.weight", 4).astype(np.float16)
+    assert t.tensor_type == T.F16 and np.array_equal(np.asarray(t.data), want)
+    with pytest.raises(ConvertOptionError):
+        export(ckpt, tmp_path / "m.gguf", bits=4, extra={"float_slices": "q8"})
