@@ -100,7 +100,7 @@ class Repo:
 class Fault:
     method: str
     pattern: re.Pattern
-    action: str  # "status", "drop_after", "corrupt"
+    action: str  # "status", "drop_after", "corrupt", "advance"
     value: int
     remaining: int  # -1: forever
 
@@ -195,7 +195,8 @@ class HubServer:
         """Inject a fault into the next ``times`` requests (-1: all) whose path matches ``pattern``.
 
         ``status``: answer ``value`` instead; ``drop_after``: send the headers and ``value`` body bytes,
-        then cut the connection; ``corrupt``: flip the body byte at offset ``value``.
+        then cut the connection; ``corrupt``: flip the body byte at offset ``value``; ``advance``: first
+        commit a file to the repository's main branch, as a concurrent writer would, then answer.
         """
         with self.lock:
             self.faults.append(Fault(method.upper(), re.compile(pattern), action, value, times))
@@ -406,6 +407,12 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.action == "status":
             self._body()
             raise HubError(fault.value, f"injected fault ({fault.value})")
+        if fault is not None and fault.action == "advance" and segs[:2] == ["api", "models"]:
+            repo = self.hub.repos[f"{segs[2]}/{segs[3]}"]
+            data = f"written by someone else ({len(repo.commits)})".encode()
+            line = {"key": "file", "value": {"path": "concurrent.txt", "encoding": "base64"}}
+            line["value"]["content"] = base64.b64encode(data).decode()
+            self.hub._commit(repo, "main", [{"key": "header", "value": {"summary": "concurrent"}}, line])
         try:
             self._route(segs, query, fault)
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:

@@ -177,9 +177,16 @@ def test_failed_push_leaves_branch_alone_and_rerun_finishes(server, ckpt):
     assert set(server.tree(repo)) == {".gitattributes"}
     assert plane3 in server.lfs_objects(repo)
 
+    # someone else commits while the files go up: the push refuses to commit over their head
+    server.fail("POST", f"/api/models/{repo}/preupload/", "advance")
+    with pytest.raises(matq_hub.PushConflictError):
+        push(ckpt, repo, token=TOKEN, endpoint=server.url)
+    assert set(server.tree(repo)) == {".gitattributes", "concurrent.txt"}
+
     server.reset_counters()
     r = push(ckpt, repo, token=TOKEN, endpoint=server.url)
     assert r.changed and server.requests("PUT") == []  # every object was already there
+    assert "concurrent.txt" in server.tree(repo)
     assert len(server.requests("POST", "/commit/")) == 1
     assert server.read(repo, "matq-plane-3.safetensors") == (ckpt / "matq-plane-3.safetensors").read_bytes()
 
