@@ -114,6 +114,10 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     widths = resolve_plan(
         options.bits if options.plan is None else options.plan, ckpt, extra_precision=options.extra_precision
     )
+    if arch.name == "gemma2" and cfg.get("tie_word_embeddings") is False:
+        raise UnsupportedModelError(
+            ckpt.path, "llama.cpp's gemma2 reuses the token embedding as lm_head; untied is unsupported"
+        )
     names = gguf_arch.TensorNames(arch, int(cfg["num_hidden_layers"]))
     c = ckpt.code_bits
     tensors, unknown, seen = [], [], {}
