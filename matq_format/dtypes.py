@@ -49,7 +49,8 @@ def to_float32(a: np.ndarray) -> np.ndarray:
 
 def cast_exact(values: np.ndarray, dtype: str) -> np.ndarray:
     """Cast float32 parameters to the stored dtype, refusing any value that would change."""
-    out = np.asarray(values, dtype=np.float32).astype(np_dtype(dtype))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as a ValueError
+        out = np.asarray(values, dtype=np.float32).astype(np_dtype(dtype))
     if not np.array_equal(out.astype(np.float32), np.asarray(values, np.float32), equal_nan=True):
         raise ValueError(f"values are not exactly representable as {dtype}")
     return out

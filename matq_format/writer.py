@@ -19,7 +19,7 @@ from . import constants as C
 from . import dtypes
 from .container import SafetensorsWriter, crc32_hex
 from .errors import WriterError
-from .manifest import TensorInfo, entry_name, plane_entry
+from .manifest import TensorInfo, _safe_relpath, entry_name, plane_entry
 from .numerics import code_max, n_groups, planes_needed
 from .planes import pack
 
@@ -45,12 +45,19 @@ def carried_sources(src: str | os.PathLike) -> list[Path]:
     out = []
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+        if not p.is_file() or not _safe_relpath(rel.as_posix()):  # hidden files, odd names
             continue
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name == "README.md" or p.stat().st_size > CARRY_MAX_BYTES:
             continue
         out.append(p)
     return out
+
+
+def _manifest_json(obj) -> str:
+    """Strict JSON (no NaN), encodable as UTF-8: what the reader accepts."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text.encode("utf-8")
+    return text
 
 
 def _little_endian_c(a: np.ndarray) -> np.ndarray:
@@ -97,6 +104,14 @@ class CheckpointWriter:
         self.source = dict(source or {})
         self.extensions = dict(extensions or {})
         self.must_understand = list(must_understand or [])
+        names = [*self.extensions, *self.must_understand]
+        bad = [n for n in names if not isinstance(n, str) or not C.EXTENSION_NAME_RE.match(n)]
+        if bad:
+            raise WriterError(self.out, f"extension names must be dotted lower-case names: {bad[:3]}")
+        try:  # fail now, not at close: the manifest must be strict JSON in UTF-8
+            _manifest_json({"source": self.source, "extensions": self.extensions})
+        except (TypeError, ValueError) as exc:
+            raise WriterError(self.out, f"source and extensions must be plain JSON: {exc}") from None
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=4 << 20)
@@ -282,7 +297,7 @@ class CheckpointWriter:
                 "entries": self._entries,
                 "source": self.source,
             }
-            text = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False)
+            text = _manifest_json(manifest)
             self._base.close(
                 {
                     C.METADATA_KEY_FORMAT: C.FORMAT_NAME,
@@ -345,7 +360,12 @@ class CheckpointWriter:
         if not isinstance(src, dict):
             root = Path(src)
             src = {p.relative_to(root).as_posix(): p for p in carried_sources(root)}
+        reserved = {C.BASE_FILENAME, *(C.PLANE_FILENAME.format(k=k) for k in range(C.MAX_CODE_BITS_SPEC))}
         for rel, p in src.items():
+            if not isinstance(rel, str) or not _safe_relpath(rel) or rel.split("/")[0] in reserved:
+                raise WriterError(
+                    self.out, f"cannot carry {rel!r}: not a plain relative path, or a matq file name"
+                )
             dst = self._tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dst)

@@ -804,6 +804,40 @@ def test_writer_code_bits(tmp_path, c):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(source={"lr": float("nan")}),  # json.dumps would write NaN, which readers refuse
+        dict(source={"when": object()}),
+        dict(source={"k\udc80": 1}),
+        dict(extensions={"Not An Extension": {}}),
+        dict(must_understand=["hessian"]),
+        dict(carry_from={"../escape.txt": "config.json"}),
+        dict(carry_from={"ABSOLUTE": "config.json"}),
+        dict(carry_from={"sub/../../escape.txt": "config.json"}),
+        dict(carry_from={".hidden": "config.json"}),
+        dict(carry_from={C.BASE_FILENAME: "config.json"}),
+        dict(carry_from={C.PLANE_FILENAME.format(k=0): "config.json"}),
+    ],
+    ids=lambda kw: next(iter(kw)) + ":" + str(next(iter(kw.values())))[:24],
+)
+def test_writer_refuses_what_the_manifest_may_not_hold(tmp_path, kw):
+    """Provenance that is not strict JSON, bad extension names, carried paths leaving the folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.json").write_text("{}")
+    if "carry_from" in kw:
+        (rel, src), *_ = kw["carry_from"].items()
+        rel = str(tmp_path / "escape.txt") if rel == "ABSOLUTE" else rel
+        kw = dict(carry_from={rel: work / src})
+    out = work / "ck"
+    with pytest.raises(WriterError) as ei:
+        mf.CheckpointWriter(out, **kw)
+    assert str(out) in str(ei.value)
+    assert sorted(p.name for p in work.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
 def test_writer_carry_failure_leaves_nothing(tmp_path):
     out = tmp_path / "ck"
     with pytest.raises(WriterError) as ei:
@@ -867,7 +901,7 @@ def _mutate(path: Path, ops) -> None:
 
 
 @settings(
-    max_examples=int(150 * SCALE),
+    max_examples=int(250 * SCALE),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -966,7 +1000,7 @@ def pristine_manifest(pristine) -> dict:
 
 
 @settings(
-    max_examples=int(150 * SCALE),
+    max_examples=int(200 * SCALE),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -979,7 +1013,7 @@ def test_fuzz_manifest_structure_only_typed_errors(pristine, pristine_manifest, 
 
 
 @settings(
-    max_examples=int(100 * SCALE),
+    max_examples=int(150 * SCALE),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
