@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,16 +92,22 @@ def generate(root: Path, gb: float) -> dict:
     return {"layers": n_layers, "shards": len(names), "bytes": total}
 
 
-def copy_folder(src: Path, dst: Path, sync: bool) -> float:
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def copy_folder(src: Path, dst: Path, sync: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of copying every file of ``src``."""
     dst.mkdir()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     for p in sorted(src.iterdir()):
         shutil.copyfile(p, dst / p.name)
     if sync:
         os.sync()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
     shutil.rmtree(dst)
-    return dt
+    return dt, cpu
 
 
 _CHILD = """
@@ -116,14 +123,18 @@ def hwm():  # this process's peak resident set: VmHWM restarts at exec, unlike r
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
 base = hwm()
 kw = json.loads(sys.argv[4])
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), cpu()
 quantize_hf(sys.argv[1], sys.argv[2], **kw)
 if sys.argv[3] == "sync":
     os.sync()
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "peak_rss": hwm(), "base_rss": base}))
+print(json.dumps({"seconds": dt, "cpu": cpu() - c0, "peak_rss": hwm(), "base_rss": base}))
 """
 
 
@@ -175,18 +186,27 @@ def throughput(a: argparse.Namespace) -> None:
             copies.append(copy_folder(src, tmp / "copy", a.sync))
             quants.append(quantize_once(src, tmp / "q", kw, a.sync))
         cli = cli_once(src, tmp / "cli", ["--layers", a.layers, "--objective", a.objective], a.sync)
-        copy_s = min(copies)
+        copy_s, copy_cpu = min(copies)
         best = min(quants, key=lambda r: r["seconds"])
         gbs = info["bytes"] / 1e9
         print(
             f"threads: {a.threads or 'default'} of {os.cpu_count()} CPUs; layers={a.layers}, "
             f"objective={a.objective}; {'with' if a.sync else 'without'} sync to disk"
         )
-        print(f"copy files        {copy_s:6.2f} s  {gbs / copy_s:5.2f} GB/s   (runs: {', '.join(f'{c:.2f}' for c in copies)})")
+        runs = ", ".join(f"{c[0]:.2f}" for c in copies)
+        print(
+            f"copy files        {copy_s:6.2f} s  {gbs / copy_s:5.2f} GB/s   (runs: {runs}; CPU {copy_cpu:.2f} s)"
+        )
         runs = ", ".join(f"{q['seconds']:.2f}" for q in quants)
-        print(f"quantize_hf       {best['seconds']:6.2f} s  {gbs / best['seconds']:5.2f} GB/s   (runs: {runs})")
+        print(
+            f"quantize_hf       {best['seconds']:6.2f} s  {gbs / best['seconds']:5.2f} GB/s   "
+            f"(runs: {runs}; CPU {best['cpu']:.2f} s)"
+        )
         print(f"matq quantize CLI {cli:6.2f} s  {gbs / cli:5.2f} GB/s   (process start and imports included)")
         print(f"throughput ratio quantize/copy: {copy_s / best['seconds']:.2f}  (target >= 0.5)")
+        print(
+            f"CPU-time ratio copy/quantize: {copy_cpu / best['cpu']:.2f}; load average {os.getloadavg()[0]:.1f}"
+        )
         print(
             f"peak RSS {best['peak_rss'] / 2**20:.0f} MiB (after imports {best['base_rss'] / 2**20:.0f} MiB); "
             f"largest tensor {largest / 2**20:.0f} MiB, largest quantized tensor {largest_q / 2**20:.0f} MiB"

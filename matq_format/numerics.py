@@ -397,7 +397,6 @@ MULTIWIDTH_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
 """Range factors ``multiwidth_params`` tries first (1.0 is plain MinMax, so it never does worse)."""
 MULTIWIDTH_REFINE = (0.05, 0.025)
 """Then, per row or group, the best factor plus and minus each of these steps in turn."""
-_CELLS_PER_UNIT = 4
 
 
 @dataclass(frozen=True)
@@ -406,10 +405,13 @@ class _Envelope:
     mean: np.ndarray  # A/L per piece: cost of a piece is L (x - mean)^2 + var (no cancellation)
     var: np.ndarray  # B - A^2/L per piece
     total: float  # L
-    x0: float  # bucket table: the cell of x is floor((x - x0) * _CELLS_PER_UNIT), clipped
-    first: np.ndarray  # number of breakpoints below each cell's start
+    x0: float  # bucket table: the cell of x is floor((x - x0) * cells), clipped to the table
+    cells: float  # cells per unit of x
+    first: np.ndarray  # int32: number of breakpoints below each cell's start
     per_cell: int  # most breakpoints inside one cell
     padded: np.ndarray  # breakpoints (float64) followed by per_cell infinities
+    cell_break: np.ndarray  # float64: the one breakpoint inside each cell, or inf (when per_cell <= 1)
+    cell_break32: np.ndarray  # the same in float32, for the scale search
 
 
 def _ep_set(code_bits: int, extra_precision) -> frozenset[int]:
@@ -455,13 +457,20 @@ def _envelope(
             hull.pop()
         hull.append(j)
     breaks = np.array([cross(hull[i], hull[i + 1]) for i in range(len(hull) - 1)], dtype=np.float64)
-    # Bucket table over [x0, x1): each cell knows how many breakpoints lie below its start and
-    # holds at most per_cell of them: a lookup is one gather and per_cell compares.
+    # Bucket table over [x0, x1): each cell knows how many breakpoints lie below its start. Cells
+    # are made fine enough (up to 1/1024) to hold at most one breakpoint, so a lookup is two
+    # gathers and a compare instead of a binary search.
     x0 = float(np.floor(breaks[0]) - 1) if breaks.size else 0.0
     x1 = float(np.ceil(breaks[-1]) + 1) if breaks.size else 1.0
-    n_cells = int((x1 - x0) * _CELLS_PER_UNIT)
-    first = np.searchsorted(breaks, x0 + np.arange(n_cells + 1) / _CELLS_PER_UNIT, "left")
-    per_cell = int(np.max(np.diff(first), initial=0))
+    for cells in (4, 16, 64, 256, 1024):
+        n_cells = int((x1 - x0) * cells)
+        first = np.searchsorted(breaks, x0 + np.arange(n_cells + 1) / cells, "left")
+        per_cell = int(np.max(np.diff(first), initial=0))
+        if per_cell <= 1:
+            break
+    first = first[:-1]
+    padded = np.concatenate([breaks, np.full(max(per_cell, 1), np.inf)])
+    cell_break = padded[first] if per_cell <= 1 else np.empty(0)
     total = float(sum(lam.values()))
     h = np.array(hull)
     return _Envelope(
@@ -470,9 +479,12 @@ def _envelope(
         var=np.maximum(b[h] - a[h] * a[h] / total, 0.0).astype(np.float32),
         total=total,
         x0=x0,
-        first=first[:-1],
+        cells=float(cells),
+        first=first.astype(np.int32),
         per_cell=per_cell,
-        padded=np.concatenate([breaks, np.full(per_cell, np.inf)]),
+        padded=padded,
+        cell_break=cell_break,
+        cell_break32=cell_break.astype(np.float32),
     )
 
 
@@ -499,10 +511,18 @@ def _c_scale_x(w, scale, zero, group_size, exact: bool = True) -> np.ndarray:
 
 
 def _envelope_piece(env: _Envelope, x: np.ndarray) -> np.ndarray:
-    """Index of the envelope piece holding each x (``searchsorted(breakpoints, x)``, by bucket table)."""
-    cell = (x - np.float32(env.x0)) * np.float32(_CELLS_PER_UNIT)
+    """Index of the envelope piece holding each x (``searchsorted(breakpoints, x)``, by bucket table).
+
+    float64 x is compared exactly; float32 x against breakpoints rounded to float32.
+    """
+    cell = x * x.dtype.type(env.cells)
+    cell -= x.dtype.type(env.x0 * env.cells)
     np.clip(cell, 0, env.first.size - 1, out=cell)
-    base = env.first[cell.astype(np.intp)]
+    ci = cell.astype(np.int32)
+    base = env.first.take(ci)
+    if env.per_cell <= 1:
+        base += x > (env.cell_break if x.dtype == np.float64 else env.cell_break32).take(ci)
+        return base
     idx = base.copy()
     for j in range(env.per_cell):
         idx += x > env.padded[base + j]
@@ -557,8 +577,8 @@ def multiwidth_cost(
     env = _envelope_for(code_bits, widths, lambdas, extra_precision)
     x = _c_scale_x(w, scale, zero, group_size, exact)
     piece = _envelope_piece(env, x)
-    d = (x - env.mean[piece]).astype(np.float32)
-    e = np.float32(env.total) * d * d + env.var[piece]
+    d = (x - env.mean.take(piece)).astype(np.float32, copy=False)
+    e = np.float32(env.total) * d * d + env.var.take(piece)
     per_group = _group_sums(e, group_size)
     return env.codes[piece], per_group * np.square(np.asarray(scale, np.float64).reshape(per_group.shape))
 
