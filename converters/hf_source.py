@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 SINGLE_NAME = "model.safetensors"
 
 
@@ -148,8 +150,8 @@ class HFSource:
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (BF16 as ``ml_dtypes.bfloat16``), a read-only memory map of its bytes.
 
-        The map covers this tensor only and is advised sequential, so the kernel reads ahead; it
-        is unmapped when the returned array is dropped.
+        The map covers this tensor only and is populated up front; it is unmapped when the
+        returned array is dropped.
         """
         h, e = self._entries[name]
         if e.nbytes == 0:
@@ -158,8 +160,10 @@ class HFSource:
         base = start - start % mmap.ALLOCATIONGRANULARITY
         with open(h.path, "rb") as f:
             mm = mmap.mmap(f.fileno(), start + e.nbytes - base, offset=base, access=mmap.ACCESS_READ)
-        for advice in ("MADV_SEQUENTIAL", "MADV_WILLNEED"):
-            if hasattr(mmap, advice):
-                mm.madvise(getattr(mmap, advice))
+        if _MADV_POPULATE_READ is not None:
+            try:  # map every page in one call: half the CPU of faulting them in one by one
+                mm.madvise(_MADV_POPULATE_READ)
+            except OSError:  # kernels before 5.14
+                pass
         buf = np.frombuffer(mm, dtype=np.uint8, count=e.nbytes, offset=start - base)
         return dtypes.from_bytes(buf, e.dtype, e.shape)
