@@ -137,6 +137,12 @@ def minmax_params(
             else:
                 take = a < best_a
                 best_z, best_a = np.where(take, zc, best_z), np.where(take, a, best_a)
+        if m == 1:  # rint can give z = 0 (or qmax) while a tiny negative (positive) side remains
+            for zc in (np.floor(z0), np.ceil(z0)):
+                zc = np.clip(zc, 0, qmax)
+                a = _alpha_for_zero(lo, hi, zc, qmax)
+                take = ~np.isfinite(best_a) & (a < best_a)
+                best_z, best_a = np.where(take, zc, best_z), np.where(take, a, best_a)
         z = best_z
     alpha = _alpha_for_zero(lo, hi, z, qmax)
     alpha = np.where(alpha > 0, alpha, 1.0)
