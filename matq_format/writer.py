@@ -112,8 +112,11 @@ class CheckpointWriter:
             _manifest_json({"source": self.source, "extensions": self.extensions})
         except (TypeError, ValueError) as exc:
             raise WriterError(self.out, f"source and extensions must be plain JSON: {exc}") from None
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        except OSError as exc:
+            raise WriterError(self.out, f"cannot write here: {exc.strerror or exc}") from None
         self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=4 << 20)
         self._planes: dict[int, SafetensorsWriter] = {}
         self._tensors: dict[str, TensorInfo] = {}

@@ -838,6 +838,14 @@ def test_writer_refuses_what_the_manifest_may_not_hold(tmp_path, kw):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
 
+def test_writer_unwritable_output(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "ck"
+    with pytest.raises(WriterError) as ei:
+        mf.CheckpointWriter(out)
+    assert str(out) in str(ei.value)
+
+
 def test_writer_carry_failure_leaves_nothing(tmp_path):
     out = tmp_path / "ck"
     with pytest.raises(WriterError) as ei:
