@@ -120,6 +120,8 @@ class Checkpoint:
             )
         for ename, (dtype, shape) in expected.items():
             fname = listed[ename]["file"]
+            if not ename.partition(C.ENTRY_SEP)[2].startswith("plane") and fname != C.BASE_FILENAME:
+                raise HeaderError(self.path, f"entry {ename!r} must live in the base file, not {fname!r}")
             if fname in self.missing_files:
                 continue
             e = self._headers[fname].entries.get(ename)

@@ -54,6 +54,10 @@ DEFAULT_CODE_BITS = 8
 GRANULARITY_CHANNEL = "channel"
 GRANULARITY_GROUP = "group"
 GRANULARITIES = (GRANULARITY_CHANNEL, GRANULARITY_GROUP)
+SCHEME_ASYMMETRIC = "asymmetric"
+SCHEME_SYMMETRIC = "symmetric"
+SCHEMES = (SCHEME_ASYMMETRIC, SCHEME_SYMMETRIC)
+"""Informative label of how the zero points were chosen; dequantization never depends on it."""
 KIND_QUANTIZED = "quantized"
 KIND_DENSE = "dense"
 KINDS = (KIND_QUANTIZED, KIND_DENSE)

@@ -60,9 +60,19 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return d
+
+
 def strict_json(text: str | bytes):
-    """``json.loads`` without the NaN/Infinity extensions; every failure is a ValueError or RecursionError."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """``json.loads`` without NaN/Infinity and without duplicate keys (spec: both forbidden);
+    every failure is a ValueError or RecursionError."""
+    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
 
 
 def _encodable(s: str) -> bool:

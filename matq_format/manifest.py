@@ -122,6 +122,12 @@ def parse_manifest(
     must = m.get("must_understand", [])
     if not isinstance(must, list) or not all(isinstance(x, str) for x in must):
         raise HeaderError(path, "must_understand must be a list of extension names")
+    ext = m.get("extensions", {})
+    if not isinstance(ext, dict):
+        raise HeaderError(path, "extensions must be an object")
+    badname = [x for x in [*must, *ext] if not C.EXTENSION_NAME_RE.match(x)]
+    if badname:
+        raise HeaderError(path, f"extension name {badname[0]!r} does not match {C.EXTENSION_NAME_RE.pattern}")
     unknown = [x for x in must if x not in understood]
     if unknown:
         raise UnsupportedVersionError(
@@ -241,7 +247,7 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
     elif gs is not None:
         raise HeaderError(path, f"{where}: channel granularity takes no group_size")
     scheme = _req(path, t, "scheme", str, where)
-    if scheme not in ("asymmetric", "symmetric"):
+    if scheme not in C.SCHEMES:
         raise HeaderError(path, f"{where}: unknown scheme {scheme!r}")
     sd = _req(path, t, "scale_dtype", str, where)
     zd = _req(path, t, "zero_dtype", str, where)

@@ -41,7 +41,7 @@ def slice_checkpoint(
         "widths": sorted(set(widths.values())),
         "extra_precision": bool(extra_precision),
     }
-    carry = ckpt.carried_files() or None
+    carry = None if single_file else (ckpt.carried_files() or None)
     with CheckpointWriter(
         out,
         ckpt.code_bits,
@@ -55,7 +55,7 @@ def slice_checkpoint(
         for name in ckpt.tensor_names():
             t = ckpt.info(name)
             if not t.quantized:
-                w.add_dense(name, ckpt.dense(name), t.dtype)
+                w.add_dense(name, ckpt.dense(name), t.dtype, extras=t.extras)
                 if progress:
                     progress(1)
                 continue
@@ -72,6 +72,7 @@ def slice_checkpoint(
                 scale_dtype=t.scale_dtype,
                 zero_dtype=t.zero_dtype,
                 extra_precision=t.extra_precision,
+                extras=t.extras,
             )
             if progress:
                 progress(1)

@@ -123,7 +123,12 @@ class CheckpointWriter:
         self._entries: dict[str, dict] = {}
         self._carried: dict[str, dict] = {}
         self._closed = False
-        if carry_from is not None and not single_file:
+        if carry_from is not None and single_file:
+            self.abort()
+            raise WriterError(
+                self.out, "a single-file checkpoint carries no side files; write a folder to keep them"
+            )
+        if carry_from is not None:
             try:
                 self._carry(carry_from)
             except OSError as exc:
@@ -134,8 +139,12 @@ class CheckpointWriter:
                 raise
 
     # --- public API ------------------------------------------------------------------------------
-    def add_dense(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
-        """Store a tensor as it came (embeddings, norms, biases). ``dtype='BF16'`` takes uint16 bits."""
+    def add_dense(
+        self, name: str, array: np.ndarray, dtype: str | None = None, *, extras: dict | None = None
+    ) -> None:
+        """Store a tensor as it came (embeddings, norms, biases). ``dtype='BF16'`` takes uint16 bits.
+
+        ``extras`` are extension keys of the tensor's manifest entry, kept as given."""
         self._check_name(name)
         array = _little_endian_c(np.asarray(array))
         try:
@@ -149,7 +158,9 @@ class CheckpointWriter:
         if array.ndim > C.MAX_DIMS:
             raise WriterError(self.out, f"{name}: {array.ndim} dimensions exceed the limit of {C.MAX_DIMS}")
         self._write_base(name, array, dtype)
-        self._tensors[name] = TensorInfo(name, C.KIND_DENSE, tuple(array.shape), dtype)
+        self._tensors[name] = TensorInfo(
+            name, C.KIND_DENSE, tuple(array.shape), dtype, extras=dict(extras or {})
+        )
 
     def add_quantized(
         self,
@@ -209,6 +220,7 @@ class CheckpointWriter:
         scale_dtype: str,
         zero_dtype: str,
         extra_precision=(),
+        extras: dict | None = None,
     ) -> None:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint."""
         self._check_name(name)
@@ -218,7 +230,7 @@ class CheckpointWriter:
             not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1
         ):
             raise WriterError(self.out, f"{name}: group_size must be None or a positive integer")
-        if scheme not in ("asymmetric", "symmetric"):
+        if scheme not in C.SCHEMES:
             raise WriterError(self.out, f"{name}: unknown scheme {scheme!r}")
         if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in extra_precision):
             raise WriterError(self.out, f"{name}: extra_precision must list integer widths")
@@ -239,6 +251,7 @@ class CheckpointWriter:
             zero_dtype,
             tuple(sorted(int(r) for r in extra_precision)),
             tuple(sorted(planes, reverse=True)),
+            extras=dict(extras or {}),
         )
         if (
             dtype not in C.QUANTIZABLE_DTYPES

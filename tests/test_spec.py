@@ -255,6 +255,7 @@ NOT_IN_CONSTANT_TABLES = {
     "QUANTIZABLE_DTYPES",
     "GRANULARITIES",
     "KINDS",
+    "SCHEMES",
 }
 
 
@@ -273,6 +274,7 @@ def test_constant_tables_match_constants_py():
     assert not missing, f"constants.py defines {sorted(missing)}, which the spec's tables do not list"
     assert set(C.GRANULARITIES) == {documented["GRANULARITY_CHANNEL"], documented["GRANULARITY_GROUP"]}
     assert set(C.KINDS) == {documented["KIND_DENSE"], documented["KIND_QUANTIZED"]}
+    assert set(C.SCHEMES) == {documented["SCHEME_ASYMMETRIC"], documented["SCHEME_SYMMETRIC"]}
     # Code bits and the implementation limit the spec mentions in prose.
     assert f"supports `{C.MIN_CODE_BITS} <= c <= {C.MAX_CODE_BITS_IMPL}`" in SPEC
 
