@@ -9,6 +9,15 @@ from . import numerics
 from .checkpoint import Checkpoint
 
 
+def human_bytes(n: float) -> str:
+    """Sizes as the Hub shows them (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
 def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], None] | None = None) -> dict:
     """A JSON-ready description of a checkpoint."""
     c = ckpt.code_bits

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from matq_format import constants as C
 from matq_format.checkpoint import Checkpoint
+from matq_format.inspect import human_bytes
 from matq_format.plans import summarize
 
 from .layout import file_bytes, needed_files
@@ -89,14 +90,6 @@ def card_metadata(ckpt: Checkpoint, widths: list[int]) -> dict:
     return meta
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def render_card(
     ckpt: Checkpoint, repo_id: str, *, base_bytes: int, exports: dict[str, int] | None = None
 ) -> str:
@@ -138,7 +131,7 @@ def render_card(
     for r in rows:
         share = r.download_bytes / full if full else 1.0
         lines.append(
-            f"| {r.label} | {r.files} | {_human(r.download_bytes)} | {share:.0%} | {r.bits_per_weight:.3f} |"
+            f"| {r.label} | {r.files} | {human_bytes(r.download_bytes)} | {share:.0%} | {r.bits_per_weight:.3f} |"
         )
     lines += [
         "",
@@ -188,7 +181,7 @@ def render_card(
             "| file | size |",
             "|---|---|",
         ]
-        lines += [f"| `{p}` | {_human(b)} |" for p, b in sorted(exports.items())]
+        lines += [f"| `{p}` | {human_bytes(b)} |" for p, b in sorted(exports.items())]
         first = sorted(exports)[0]
         lines += [
             "",

@@ -8,17 +8,10 @@ from pathlib import Path
 import click
 
 import matq_format as mf
+from matq_format.inspect import human_bytes
 from matq_format.plans import summarize
 
 from ..progress import bar
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @click.command(
@@ -43,12 +36,13 @@ def inspect(path: Path, as_json: bool, no_stats: bool) -> None:
         return
     click.echo(f"{d['path']}  matq {d['format_version']}  c={d['code_bits']}  digest {d['digest'][:16]}")
     click.echo(
-        "bytes read per width: " + ", ".join(f"int{r}: {_human(b)}" for r, b in d["bytes_per_width"].items())
+        "bytes read per width: "
+        + ", ".join(f"int{r}: {human_bytes(b)}" for r, b in d["bytes_per_width"].items())
     )
     for t in d["tensors"]:
         shape = "x".join(map(str, t["shape"]))
         if t["kind"] == "dense":
-            click.echo(f"  {t['name']}  dense {t['dtype']} [{shape}]  {_human(t['bytes'])}")
+            click.echo(f"  {t['name']}  dense {t['dtype']} [{shape}]  {human_bytes(t['bytes'])}")
             continue
         g = "channel" if t["granularity"] == "channel" else f"group {t['group_size']}"
         ep = f"  ep {t['extra_precision']}" if t["extra_precision"] else ""
@@ -57,7 +51,7 @@ def inspect(path: Path, as_json: bool, no_stats: bool) -> None:
             share = "  extra bucket " + " ".join(
                 f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items()
             )
-        widths = " ".join(f"int{r}:{_human(b)}" for r, b in t["bytes"].items())
+        widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
         click.echo(f"  {t['name']}  {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}")
 
 
@@ -75,7 +69,9 @@ def verify(path: Path) -> None:
     with bar(total, "verify", "B", unit_scale=True) as pb:
         ckpt.verify(progress=pb.update)
     n = len(ckpt.manifest["entries"])
-    click.echo(f"{ckpt.path}: OK ({len(ckpt.tensor_names())} tensors, {n} entries, {_human(total)} checked)")
+    click.echo(
+        f"{ckpt.path}: OK ({len(ckpt.tensor_names())} tensors, {n} entries, {human_bytes(total)} checked)"
+    )
 
 
 @click.command(
@@ -134,7 +130,7 @@ def slice_(
     widths = mf.resolve_plan(bits if plan is None else plan, sliced, extra_precision=extra_precision)
     s = summarize(sliced, widths, extra_precision)
     size = sum(p.stat().st_size for p in sliced.files())
-    click.echo(f"{out}: {s.bits_per_weight:.3f} bits per weight served, {_human(size)} on disk")
+    click.echo(f"{out}: {s.bits_per_weight:.3f} bits per weight served, {human_bytes(size)} on disk")
 
 
 COMMANDS = [inspect, verify, slice_]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from matq_format.inspect import human_bytes
+
 from ..progress import bar
 
 
@@ -16,14 +18,6 @@ def _quiet_client_bars() -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @click.command(
@@ -118,7 +112,7 @@ def pull(
         )
     widths = sorted(set(r.widths.values()))
     click.echo(
-        f"{out}: {repo_id}@{r.commit[:12]}, widths {widths}, {len(r.files)} files ({_human(r.needed_bytes)}) needed"
+        f"{out}: {repo_id}@{r.commit[:12]}, widths {widths}, {len(r.files)} files ({human_bytes(r.needed_bytes)}) needed"
     )
 
 
