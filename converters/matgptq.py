@@ -120,7 +120,14 @@ def import_matgptq(
         carry = {p.relative_to(src.root).as_posix(): p for p in carried_sources(src.root)}
         carry["config.json"] = Path(tmp) / "config.json"
         carry["config.json"].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        with mf.CheckpointWriter(out, master, carry_from=carry, source=source, overwrite=overwrite) as w:
+        with mf.CheckpointWriter(
+            out,
+            master,
+            carry_from=carry,
+            source=source,
+            overwrite=overwrite,
+            expected_tensors=len(src.tensors),
+        ) as w:
             for name, t in src.tensors.items():
                 if name in scale_names:
                     continue

@@ -360,7 +360,14 @@ def quantize_hf(
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
     with (
         ThreadPoolExecutor(n_threads, thread_name_prefix="matq-quantize") as pool,
-        mf.CheckpointWriter(out, code_bits, carry_from=hf_dir, source=source, overwrite=overwrite) as writer,
+        mf.CheckpointWriter(
+            out,
+            code_bits,
+            carry_from=hf_dir,
+            source=source,
+            overwrite=overwrite,
+            expected_tensors=len(src.tensors),
+        ) as writer,
         _WriteBehind(progress) as sink,
     ):
         for name in src:

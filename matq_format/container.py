@@ -166,7 +166,8 @@ class SafetensorsWriter:
     is moved once to sit right after a tight header.
     """
 
-    COMPACT_BELOW = 64 << 20
+    MAX_WASTE_FRACTION = 256
+    """Padding beyond 1/256 of the data (and beyond 4 KiB) is not worth keeping: move the data instead."""
 
     def __init__(self, path: str | os.PathLike, reserve: int = 1 << 20):
         self.path = Path(path)
@@ -198,7 +199,8 @@ class SafetensorsWriter:
         header = {"__metadata__": metadata, **self._entries} if metadata else dict(self._entries)
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         tight = len(blob) + (-len(blob)) % C.HEADER_ALIGN_BYTES
-        if tight <= self._reserve and self._pos >= self.COMPACT_BELOW:
+        waste = self._reserve - tight
+        if 0 <= waste <= max(4096, self._pos // self.MAX_WASTE_FRACTION):
             blob = blob.ljust(self._reserve, b" ")
             self._f.seek(0)
             self._f.write(struct.pack("<Q", len(blob)) + blob)

@@ -51,6 +51,7 @@ def slice_checkpoint(
         overwrite=overwrite,
         extensions=ckpt.manifest.get("extensions"),
         must_understand=ckpt.manifest.get("must_understand"),
+        expected_tensors=len(ckpt.tensor_names()),
     ) as w:
         for name in ckpt.tensor_names():
             t = ckpt.info(name)

@@ -80,6 +80,8 @@ class CheckpointWriter:
 
     ``out`` is a folder (canonical form: ``matq.safetensors`` plus one file per bit-plane, plus the
     carried config and tokenizer files) or, with ``single_file=True``, one ``.safetensors`` file.
+    ``expected_tensors`` (a count known up front, as when converting a model) sizes the header room
+    so that no data has to move when the headers are written at close.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         extensions: dict | None = None,
         must_understand: list[str] | None = None,
+        expected_tensors: int | None = None,
     ):
         if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
             raise WriterError(out, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}")
@@ -117,7 +120,10 @@ class CheckpointWriter:
             self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         except OSError as exc:
             raise WriterError(self.out, f"cannot write here: {exc.strerror or exc}") from None
-        self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=4 << 20)
+        # Header room: with a tensor count the headers fit without moving any data at close.
+        self._plane_reserve = 1 << 20 if expected_tensors is None else 4096 + 320 * expected_tensors
+        base_reserve = 4 << 20 if expected_tensors is None else 65536 + 2048 * expected_tensors
+        self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=base_reserve)
         self._planes: dict[int, SafetensorsWriter] = {}
         self._tensors: dict[str, TensorInfo] = {}
         self._entries: dict[str, dict] = {}
@@ -367,7 +373,9 @@ class CheckpointWriter:
         else:
             w = self._planes.get(k)
             if w is None:
-                w = self._planes[k] = SafetensorsWriter(self._tmp / C.PLANE_FILENAME.format(k=k))
+                w = self._planes[k] = SafetensorsWriter(
+                    self._tmp / C.PLANE_FILENAME.format(k=k), reserve=self._plane_reserve
+                )
         crc = w.write(entry, data, "U8")
         self._entries[entry] = {"file": w.path.name, "crc32": crc}
 
