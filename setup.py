@@ -9,6 +9,12 @@ setup(
             sources=["matq_format/_bitplanes.c"],
             extra_compile_args=["-O3"],
             optional=True,
-        )
+        ),
+        Extension(
+            "matq_format._quantkernel",
+            sources=["matq_format/_quantkernel.c"],
+            extra_compile_args=["-O3", "-fno-fast-math"],
+            optional=True,
+        ),
     ]
 )

@@ -15,6 +15,15 @@ import numpy as np
 
 from . import constants as C
 
+try:
+    from . import _quantkernel as _qk
+except ImportError:  # pragma: no cover - no compiler at install time
+    _qk = None
+
+USE_KERNEL = True
+"""Use the compiled quantize kernel when present; tests turn this off to compare with the numpy code
+below, which is the reference (the kernel must give identical codes)."""
+
 __all__ = [
     "check_width",
     "code_max",
@@ -113,13 +122,9 @@ def minmax_params(
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError("quantized tensors are 2-D [rows, cols]")
-    rows, cols = w.shape
-    g = cols if group_size is None else group_size
-    pad = (-cols) % g
-    wp = np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w
-    wg = wp.reshape(rows, -1, g)
-    lo = np.minimum(wg.min(axis=2), 0.0).astype(np.float64)
-    hi = np.maximum(wg.max(axis=2), 0.0).astype(np.float64)
+    lo32, hi32 = group_minmax(w, group_size)
+    lo = np.minimum(lo32, 0.0).astype(np.float64)
+    hi = np.maximum(hi32, 0.0).astype(np.float64)
     qmax = code_max(code_bits)
     if symmetric:
         z = np.full(lo.shape, float(1 << (code_bits - 1)))
@@ -150,6 +155,17 @@ def minmax_params(
     return alpha.astype(np.float32), z.astype(np.float32)
 
 
+def group_minmax(w: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest weight per row and group, float32 ``[rows, groups]``."""
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    g = cols if group_size is None else group_size
+    pad = (-cols) % g
+    wp = np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w
+    wg = wp.reshape(rows, -1, g)
+    return wg.min(axis=2), wg.max(axis=2)
+
+
 def _alpha_for_zero(lo: np.ndarray, hi: np.ndarray, z: np.ndarray, qmax: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         up = np.where(hi > 0, hi / (qmax - z), 0.0)
@@ -175,7 +191,17 @@ def quantize(
     intermediate, so streaming callers can reuse buffers instead of faulting in fresh ones.
     """
     w = np.asarray(w, dtype=np.float32)
-    cols = w.shape[1]
+    rows, cols = w.shape
+    if USE_KERNEL and _qk is not None and code_bits <= 8 and cols > 0 and w.flags.c_contiguous:
+        if out is None:
+            out = np.empty((rows, cols), np.uint8)
+        if out.dtype == np.uint8 and out.flags.c_contiguous:
+            g = cols if group_size is None else group_size
+            groups = n_groups(cols, group_size)
+            a = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32), (rows, groups)))
+            z = np.ascontiguousarray(np.broadcast_to(np.asarray(zero, np.float32), (rows, groups)))
+            _qk.quantize(w, rows, cols, g, a, z, code_max(code_bits), out)
+            return out
     a = expand_groups(np.asarray(scale, np.float32), cols, group_size)
     z = expand_groups(np.asarray(zero, np.float32), cols, group_size)
     q = np.divide(w, a, out=work)

@@ -208,3 +208,36 @@ def test_large_tensor_kernel_matches_numpy():
     for bits, ep in ((4, False), (2, True), (7, True)):
         planes = _planes_list(packed, 8, bits)
         np.testing.assert_array_equal(P.unpack(planes, q.size, 8, bits, ep), N.slice_codes(q, 8, bits, ep))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 300),
+    group=st.sampled_from([None, 1, 7, 32, 128]),
+    code_bits=st.integers(2, 8),
+    halves=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_quantize_kernel_matches_numpy_reference(rows, cols, group, code_bits, halves, seed):
+    """The compiled quantize gives the numpy reference's codes bit for bit, ties (x.5) included."""
+    from matq_format import numerics
+
+    if numerics._qk is None:
+        pytest.skip("quantize kernel not built")
+    rng = np.random.default_rng(seed)
+    if halves:  # w / a lands exactly on .5 often: round half to even must agree
+        w = (rng.integers(-4 * 300, 4 * 300, size=(rows, cols)) * 0.125).astype(np.float32)
+        g = numerics.n_groups(cols, group)
+        a = np.full((rows, g), 0.25, np.float32)
+        z = rng.integers(0, 1 << code_bits, size=(rows, g)).astype(np.float32)
+    else:
+        w = (rng.standard_t(3, size=(rows, cols)) * 0.05).astype(np.float32)
+        a, z = numerics.minmax_params(w, code_bits, group)
+    try:
+        numerics.USE_KERNEL = False
+        ref = numerics.quantize(w, a, z, code_bits, group)
+    finally:
+        numerics.USE_KERNEL = True
+    got = numerics.quantize(w, a, z, code_bits, group)
+    assert got.dtype == np.uint8 and np.array_equal(got, ref)
