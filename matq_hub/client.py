@@ -90,6 +90,8 @@ def translate(
 
     where = endpoint_of(endpoint) or "the Hub"
     for e in _chain(exc):
+        if isinstance(e, hf.OfflineModeIsEnabled):
+            return HubConnectionError(repo_id, "HF_HUB_OFFLINE is set; unset it to reach the Hub")
         if isinstance(e, hf.HFValidationError):
             return BadRepoIdError(repo_id, _first_line(str(e)))
         if isinstance(e, hf.FileMetadataError):

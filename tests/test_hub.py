@@ -82,6 +82,9 @@ def client_settings(server, tmp_path_factory):
         mp.delenv("HF_TOKEN", raising=False)
         mp.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
         mp.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        # CI sets HF_HUB_OFFLINE=1 so that nothing can reach the real Hub; this server is loopback.
+        mp.delenv("HF_HUB_OFFLINE", raising=False)
+        mp.setattr(hf_constants, "HF_HUB_OFFLINE", False)
         mp.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path_factory.mktemp("hf-home") / "token"))
         hf_utils.disable_progress_bars()
         yield
@@ -406,3 +409,11 @@ def test_pulled_checkpoint_converts_like_the_original(server, tmp_path):
         reader = gguf.GGUFReader(tmp_path / out)
         tensors[out] = {t.name: (t.tensor_type, bytes(t.data)) for t in reader.tensors}
     assert tensors["pulled.gguf"] == tensors["direct.gguf"] and len(tensors["direct.gguf"]) > 10
+
+
+def test_offline_mode_is_named(tmp_path, monkeypatch):
+    """With HF_HUB_OFFLINE set, pull says so instead of blaming the network."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(matq_hub.HubConnectionError, match="HF_HUB_OFFLINE"):
+        pull("org/anything", tmp_path / "out", bits=4, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
