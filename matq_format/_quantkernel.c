@@ -1,15 +1,44 @@
-/* Compiled fast path for numerics.quantize (the numpy code there is the reference; tests check both
- * give identical codes). numpy needs the per-group parameters expanded to the weights' shape and
- * four passes; this is one pass:
+/* Compiled fast paths for numerics (the numpy code there is the reference; tests check both give
+ * identical results). numpy needs several passes and expanded parameters; these are one pass each:
+ *   minmax(w, n_groups, g, lo, hi)            min and max of each run of g floats (finite input)
  *   quantize(w, rows, cols, g, a, z, qmax, q) q = clip(rint(w / a) + z, 0, qmax), float32
  * Round half to even uses the 1.5 * 2^23 trick, exact in the default rounding mode for |x| <= 2^22;
  * larger |x| is clamped first, which cannot change the clipped result (qmax, z < 2^16).
- * Built without -ffast-math: every float operation is the IEEE single operation numpy performs.
+ * Built without -ffast-math and without contraction: every float operation is the IEEE single
+ * operation numpy performs (-fno-trapping-math only lets the compiler vectorize the clamps).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+
+/* Per group of g consecutive floats: min and max. Returns 0 if any value is NaN or infinite (the
+ * caller then takes the numpy path, whose NaN propagation it defines). */
+#if defined(__GNUC__) && !defined(__clang__)
+/* Lets GCC use minps/maxps for the reduction: exact on finite input, which is all the result is
+ * used for (non-finite input is reported and handled by numpy); the sign of a zero min or max never
+ * reaches a parameter (the range is widened to include +0 first). */
+__attribute__((optimize("finite-math-only", "no-signed-zeros")))
+#endif
+static int minmax_impl(const float *w, size_t n_groups, size_t g, float *lo, float *hi) {
+    uint32_t bad = 0;
+    for (size_t j = 0; j < n_groups; j++) {
+        const float *p = w + j * g;
+        const uint32_t *u = (const uint32_t *)p;
+        float mn = p[0], mx = p[0];
+        for (size_t c = 0; c < g; c++) {
+            float v = p[c];
+            mn = v < mn ? v : mn;
+            mx = v > mx ? v : mx;
+        }
+        uint32_t e = 0;
+        for (size_t c = 0; c < g; c++) e |= (u[c] & 0x7F800000u) == 0x7F800000u; /* a second pass, from L1 */
+        bad |= e;
+        lo[j] = mn;
+        hi[j] = mx;
+    }
+    return !bad;
+}
 
 static void quantize_impl(const float *w, size_t rows, size_t cols, size_t g, const float *a,
                           const float *z, float qmax, uint8_t *q) {
@@ -24,11 +53,13 @@ static void quantize_impl(const float *w, size_t rows, size_t cols, size_t g, co
             float aj = a[r * groups + j], zj = z[r * groups + j];
             for (size_t c = c0; c < c1; c++) {
                 float x = row[c] / aj;
-                x = x > lim ? lim : (x < -lim ? -lim : x);
+                x = x > lim ? lim : x;
+                x = x < -lim ? -lim : x;
                 x = (x + magic) - magic;
                 x = x + zj;
-                x = x < 0.0f ? 0.0f : (x > qmax ? qmax : x);
-                out[c] = (uint8_t)x;
+                x = x < 0.0f ? 0.0f : x;
+                x = x > qmax ? qmax : x;
+                out[c] = (uint8_t)(int32_t)x;
             }
         }
     }
@@ -42,6 +73,26 @@ static int get2(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const 
         return -1;
     }
     return 0;
+}
+
+static PyObject *py_minmax(PyObject *self, PyObject *args) {
+    PyObject *ow, *olo, *ohi;
+    Py_ssize_t n_groups, g;
+    if (!PyArg_ParseTuple(args, "OnnOO", &ow, &n_groups, &g, &olo, &ohi)) return NULL;
+    if (n_groups < 0 || g < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad shape");
+        return NULL;
+    }
+    Py_buffer w, lo, hi;
+    if (get2(ow, &w, 0, n_groups * g * 4, "w")) return NULL;
+    if (get2(olo, &lo, 1, n_groups * 4, "lo")) { PyBuffer_Release(&w); return NULL; }
+    if (get2(ohi, &hi, 1, n_groups * 4, "hi")) { PyBuffer_Release(&w); PyBuffer_Release(&lo); return NULL; }
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = minmax_impl((const float *)w.buf, n_groups, g, (float *)lo.buf, (float *)hi.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&w); PyBuffer_Release(&lo); PyBuffer_Release(&hi);
+    return PyBool_FromLong(finite);
 }
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
@@ -67,6 +118,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"minmax", py_minmax, METH_VARARGS, "minmax(w_f32, n_groups, g, lo_out, hi_out) -> all finite"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(w_f32, rows, cols, g, a_f32, z_f32, qmax, q_out_u8)"},
     {NULL, NULL, 0, NULL}};
 

@@ -21,8 +21,8 @@ except ImportError:  # pragma: no cover - no compiler at install time
     _qk = None
 
 USE_KERNEL = True
-"""Use the compiled quantize kernel when present; tests turn this off to compare with the numpy code
-below, which is the reference (the kernel must give identical codes)."""
+"""Use the compiled kernels (group min/max, quantize) when present; tests turn this off to compare
+with the numpy code below, which is the reference (the kernels must give identical results)."""
 
 __all__ = [
     "check_width",
@@ -160,6 +160,11 @@ def group_minmax(w: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     g = cols if group_size is None else group_size
+    if USE_KERNEL and _qk is not None and cols % g == 0 and w.size and w.flags.c_contiguous:
+        lo = np.empty((rows, cols // g), np.float32)
+        hi = np.empty((rows, cols // g), np.float32)
+        if _qk.minmax(w, rows * (cols // g), g, lo, hi):
+            return lo, hi
     pad = (-cols) % g
     wp = np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w
     wg = wp.reshape(rows, -1, g)

@@ -233,11 +233,30 @@ def test_quantize_kernel_matches_numpy_reference(rows, cols, group, code_bits, h
         z = rng.integers(0, 1 << code_bits, size=(rows, g)).astype(np.float32)
     else:
         w = (rng.standard_t(3, size=(rows, cols)) * 0.05).astype(np.float32)
+        w[rng.random(w.shape) < 0.05] = 0.0
         a, z = numerics.minmax_params(w, code_bits, group)
     try:
         numerics.USE_KERNEL = False
         ref = numerics.quantize(w, a, z, code_bits, group)
+        ref_params = numerics.minmax_params(w, code_bits, group, zero_multiple=1 << (code_bits // 2))
     finally:
         numerics.USE_KERNEL = True
     got = numerics.quantize(w, a, z, code_bits, group)
     assert got.dtype == np.uint8 and np.array_equal(got, ref)
+    got_params = numerics.minmax_params(w, code_bits, group, zero_multiple=1 << (code_bits // 2))
+    assert all(np.array_equal(g, r) for g, r in zip(got_params, ref_params, strict=True))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_minmax_kernel_leaves_non_finite_input_to_numpy(bad):
+    from matq_format import numerics
+
+    w = np.linspace(-1, 1, 256, dtype=np.float32).reshape(2, 128)
+    w[1, 5] = bad
+    lo, hi = numerics.group_minmax(w, 64)
+    try:
+        numerics.USE_KERNEL = False
+        rlo, rhi = numerics.group_minmax(w, 64)
+    finally:
+        numerics.USE_KERNEL = True
+    assert np.array_equal(lo, rlo, equal_nan=True) and np.array_equal(hi, rhi, equal_nan=True)
