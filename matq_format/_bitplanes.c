@@ -28,8 +28,24 @@ static void init_lut(void) {
 static inline uint64_t load64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 static void pack_block(const uint8_t *codes, int c, uint8_t *const *planes, size_t word) {
     /* 64 codes -> one word in each of c planes. */
+#if defined(__SSE2__)
+    /* movemask gathers the top bit of 16 bytes; shifting 16-bit lanes left by 7-k brings bit k of
+     * every byte to its top bit (bits that cross into the high byte land below its top bit). */
+    for (int h = 0; h < 4; h++) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(codes + 16 * h));
+        for (int k = 0; k < c; k++) {
+            int m = _mm_movemask_epi8(_mm_sll_epi16(x, _mm_cvtsi32_si128(7 - k)));
+            planes[k][word * 8 + 2 * h] = (uint8_t)m;
+            planes[k][word * 8 + 2 * h + 1] = (uint8_t)(m >> 8);
+        }
+    }
+#else
     for (int j = 0; j < 8; j++) {
         uint64_t x = load64(codes + 8 * j);
         for (int k = 0; k < c; k++) {
@@ -37,6 +53,7 @@ static void pack_block(const uint8_t *codes, int c, uint8_t *const *planes, size
             planes[k][word * 8 + j] = (uint8_t)b;
         }
     }
+#endif
 }
 
 static int pack_impl(const uint8_t *codes, size_t n, int c, uint8_t *out, size_t stride) {
