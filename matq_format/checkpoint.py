@@ -6,14 +6,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from . import constants as C
 from . import dtypes, numerics
-from .container import FileHeader, read_header
+from .container import FileHeader, crc32_hex, read_header
 from .errors import (
     BadMagicError,
     BadParameterError,
@@ -60,7 +59,7 @@ class Checkpoint:
         if meta.get(C.METADATA_KEY_FORMAT) != C.FORMAT_NAME or C.METADATA_KEY_MANIFEST not in meta:
             raise BadMagicError(self.path, "a safetensors file, but not a matq checkpoint (no matq manifest)")
         text = meta[C.METADATA_KEY_MANIFEST]
-        crc = f"{zlib.crc32(text.encode('utf-8')) & 0xFFFFFFFF:08x}"
+        crc = crc32_hex(text.encode("utf-8"))
         if meta.get(C.METADATA_KEY_MANIFEST_CRC) != crc:
             raise ChecksumError(self.path, "manifest does not match its CRC-32")
         self.manifest, self._infos = parse_manifest(self.path, text, UNDERSTOOD_EXTENSIONS)
@@ -179,7 +178,7 @@ class Checkpoint:
 
     def _check_crc(self, ename: str, data: np.ndarray) -> None:
         fname = self.manifest["entries"][ename]["file"]
-        got = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        got = crc32_hex(data)
         if got != self.manifest["entries"][ename]["crc32"]:
             raise ChecksumError(self._fpath(fname), f"entry {ename!r} does not match its CRC-32")
         self._verified.add(ename)

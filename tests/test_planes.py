@@ -260,3 +260,14 @@ def test_minmax_kernel_leaves_non_finite_input_to_numpy(bad):
     finally:
         numerics.USE_KERNEL = True
     assert np.array_equal(lo, rlo, equal_nan=True) and np.array_equal(hi, rhi, equal_nan=True)
+
+
+def test_checksum_is_zlib_crc32():
+    """The fast CRC (zlib-ng, when installed) is the spec's CRC-32: zlib's polynomial."""
+    import zlib
+
+    from matq_format.container import crc32_hex
+
+    data = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
+    assert crc32_hex(data) == f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    assert crc32_hex(b"") == "00000000" and crc32_hex(b"123456789") == "cbf43926"
