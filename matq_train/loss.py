@@ -2,7 +2,9 @@
 
 ``loss_r`` is the next-token (causal LM) or masked-token (masked LM) cross-entropy of the model
 with its selected weights sliced to ``r`` bits. Co-distillation ``T->S`` replaces the target of
-width S by the output distribution of width T (detached), as in the paper's ``[8, 4, 8->2]``.
+width S by the output distribution of width T (detached), as in the paper's ``[8, 4, 8->2]``;
+with ``distill_labels`` the student keeps its ground-truth term too, weighted equally (the
+paper's ``[8, 4, 2, 8->2]``).
 Extra precision drops the slice clamp at every width below ``c``. A single-width baseline is the
 objective with one width and ``c = r``.
 """
@@ -69,6 +71,7 @@ class Objective:
     lambdas: tuple[float, ...]
     distill: dict[int, int] = field(default_factory=dict)
     extra_precision: bool = False
+    distill_labels: bool = False
 
     @classmethod
     def build(
@@ -77,6 +80,7 @@ class Objective:
         lambdas=None,
         distill: str | dict[int, int] | None = None,
         extra_precision: bool = False,
+        distill_labels: bool = False,
     ) -> Objective:
         b = parse_bits(bits)
         if lambdas is None or lambdas == "":
@@ -98,7 +102,9 @@ class Objective:
                 raise ObjectiveError(
                     None, f"distill {t}->{s}: both widths must be in --bits {','.join(map(str, b))}"
                 )
-        return cls(b, lam, d, bool(extra_precision))
+        if distill_labels and not d:
+            raise ObjectiveError(None, "distill_labels needs a distillation pair such as 8->2")
+        return cls(b, lam, d, bool(extra_precision), bool(distill_labels))
 
     def to_json(self) -> dict:
         return {
@@ -106,6 +112,7 @@ class Objective:
             "lambdas": list(self.lambdas),
             "distill": [f"{t}->{s}" for s, t in sorted(self.distill.items())],
             "extra_precision": self.extra_precision,
+            "distill_labels": self.distill_labels,
         }
 
 
@@ -166,6 +173,8 @@ class MatQuantStep(nn.Module):
             n_f = n.clamp_min(1).to(torch.float32)
             if r in obj.distill:
                 term = _kl_sum(out, logits[obj.distill[r]], labels, self.causal)
+                if obj.distill_labels:
+                    term = term + nll
             else:
                 term = nll
             total = total + lam * term / (n_f if denom is None else denom)

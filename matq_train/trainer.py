@@ -79,6 +79,7 @@ class TrainConfig:
     bits: tuple[int, ...] = (8, 4, 2)
     lambdas: tuple[float, ...] | None = None
     distill: str | None = None
+    distill_labels: bool = False
     extra_precision: bool = False
     baseline: int | None = None
     full_precision: bool = False
@@ -117,7 +118,9 @@ class TrainConfig:
             return Objective((), (), {}, False)
         if self.baseline is not None:
             return Objective.build((self.baseline,), None, None, False)
-        return Objective.build(self.bits, self.lambdas, self.distill, self.extra_precision)
+        return Objective.build(
+            self.bits, self.lambdas, self.distill, self.extra_precision, self.distill_labels
+        )
 
 
 @dataclass

@@ -225,6 +225,47 @@ def test_spec_and_objective_errors():
         Objective.build("8,4", None, "8->2")
     obj = Objective.build("2,8,4", "1,0.1,0.2")  # lambdas follow --bits order
     assert obj.bits == (8, 4, 2) and obj.lambdas == (0.1, 0.2, 1.0)
+    with pytest.raises(ObjectiveError):
+        Objective.build("8,4,2", None, None, distill_labels=True)
+
+
+def test_objective_terms(llama_dir):
+    """Eq. 7 term by term: ground truth per width; 8->2 replaces int2's target; with labels, adds to it."""
+    from transformers import AutoModelForCausalLM
+
+    from matq_train.fakequant import width
+    from matq_train.loss import MatQuantStep, token_nll
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    prepare(model, "ffn", QuantSpec())
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        logits = {}
+        for r in (8, 4, 2):
+            with width(model, r):
+                logits[r] = model(input_ids=ids).logits
+        nll = {r: token_nll(logits[r], ids, True)[0].item() for r in logits}
+        n = ids[:, 1:].numel()
+        t = torch.log_softmax(logits[8][:, :-1].float(), -1)
+        s = torch.log_softmax(logits[2][:, :-1].float(), -1)
+        kl = (t.exp() * (t - s)).sum().item()
+        assert kl > 0
+        lam = (0.1, 0.2, 1.0)
+        want = {
+            "plain": (lam[0] * nll[8] + lam[1] * nll[4] + lam[2] * nll[2]) / n,
+            "distill": (lam[0] * nll[8] + lam[1] * nll[4] + lam[2] * kl) / n,
+            "labels": (lam[0] * nll[8] + lam[1] * nll[4] + lam[2] * (kl + nll[2])) / n,
+        }
+        objectives = {
+            "plain": Objective.build("8,4,2", lam),
+            "distill": Objective.build("8,4,2", lam, "8->2"),
+            "labels": Objective.build("8,4,2", lam, "8->2", distill_labels=True),
+        }
+        for key, obj in objectives.items():
+            total, per = MatQuantStep(model, obj)(ids, ids)
+            assert total.item() == pytest.approx(want[key], rel=1e-5), key
+            assert per.tolist() == pytest.approx([nll[r] / n for r in (8, 4, 2)], rel=1e-5)
 
 
 def test_prepare_selects_ffn_and_refuses_nothing(llama_dir):

@@ -41,6 +41,11 @@ Examples:
 @click.option("--bits", default="8,4,2", show_default=True, help="Widths trained together (Eq. 7).")
 @click.option("--lambdas", default=None, help="Loss weight per width, in --bits order [default: 1 each].")
 @click.option("--distill", default=None, help="Co-distillation TEACHER->STUDENT, e.g. 8->2.")
+@click.option(
+    "--distill-labels",
+    is_flag=True,
+    help="Keep the student's ground-truth loss beside the distillation loss (the paper's [8, 4, 2, 8->2]).",
+)
 @click.option("--extra-precision", is_flag=True, help="Slice without the clamp: 2^r + 1 levels per width.")
 @click.option(
     "--baseline",
