@@ -230,13 +230,22 @@ def quantize_tensor(
     zero = np.empty((rows, groups), np.float32)
     step = max(1, CHUNK_ELEMENTS // cols)
 
-    def work(r0: int) -> None:
-        r1 = min(rows, r0 + step)
-        f = _to_float32(w[r0:r1], _scratch_f32((r1 - r0) * cols).reshape(r1 - r0, cols))
+    def _check_finite(f: np.ndarray, r0: int, r1: int) -> None:
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or inf makes the sum non-finite
             finite = np.isfinite(np.add.reduce(f, axis=None)) or np.isfinite(f).all()
         if not finite:
             raise NonFiniteWeightError(path, f"{name}: rows {r0}..{r1 - 1} hold NaN or infinity")
+
+    def work(r0: int) -> None:
+        r1 = min(rows, r0 + step)
+        block = w[r0:r1]
+        scratch = _scratch_f32((r1 - r0) * cols).reshape(r1 - r0, cols)
+        direct = spec.objective == "minmax" and numerics.reads_bf16_as_stored(block, spec.code_bits)
+        f = block if direct else _to_float32(block, scratch)
+        if (
+            spec.objective != "minmax"
+        ):  # MinMax needs no pass of its own: a NaN or inf makes its scale non-finite
+            _check_finite(f, r0, r1)
         q = codes[r0:r1]
         try:
             if flat:
@@ -245,7 +254,8 @@ def quantize_tensor(
                 a, z = spec.params_and_codes(f, gs, q)
         except OverflowError:
             a = z = np.array([np.inf])
-        if not np.all(np.isfinite(a)):
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(z))):
+            _check_finite(_to_float32(block, scratch), r0, r1)  # the scratch was overwritten: widen again
             raise NonFiniteWeightError(
                 path, f"{name}: rows {r0}..{r1 - 1} span a range no {spec.scale_dtype} scale covers"
             )

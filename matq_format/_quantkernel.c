@@ -2,6 +2,10 @@
  * identical results). numpy needs several passes and expanded parameters; these are one pass each:
  *   minmax(w, n_groups, g, lo, hi)            min and max of each run of g floats (finite input)
  *   quantize(w, rows, cols, g, a, z, qmax, q) q = clip(rint(w / a) + z, 0, qmax), float32
+ *   minmax_bf16, quantize_bf16             the same for bfloat16 input (bits as uint16)
+ *   params(lo, hi, n, qmax, sym, m, sd, a, z) numerics.minmax_params from the group min/max: the
+ *                                             same float64 operations in the same order, then the
+ *                                             scale rounded up to F32 / F16 / BF16
  * Round half to even uses the 1.5 * 2^23 trick, exact in the default rounding mode for |x| <= 2^22;
  * larger |x| is clamped first, which cannot change the clipped result (qmax, z < 2^16).
  * Built without -ffast-math and without contraction: every float operation is the IEEE single
@@ -11,6 +15,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Per group of g consecutive floats: min and max. Returns 0 if any value is NaN or infinite (the
  * caller then takes the numpy path, whose NaN propagation it defines). */
@@ -40,7 +45,15 @@ static int minmax_impl(const float *w, size_t n_groups, size_t g, float *lo, flo
     return !bad;
 }
 
-static void quantize_impl(const float *w, size_t rows, size_t cols, size_t g, const float *a,
+/* AVX2 where the CPU has it (twice the divisions per instruction), chosen at load time; the
+ * arithmetic is the same IEEE single operations either way (no FMA: -ffp-contract=off). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+MULTIVERSION static void quantize_impl(const float *w, size_t rows, size_t cols, size_t g, const float *a,
                           const float *z, float qmax, uint8_t *q) {
     const float magic = 12582912.0f; /* 1.5 * 2^23 */
     const float lim = 4194304.0f;    /* 2^22 */
@@ -63,6 +76,154 @@ static void quantize_impl(const float *w, size_t rows, size_t cols, size_t g, co
             }
         }
     }
+}
+
+
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* The same two passes for bfloat16 input (widened exactly by a 16-bit shift): no float32 copy. */
+static int minmax_bf16_impl(const uint16_t *w, size_t n_groups, size_t g, float *lo, float *hi) {
+    uint32_t bad = 0;
+    for (size_t j = 0; j < n_groups; j++) {
+        const uint16_t *p = w + j * g;
+        /* Sign-magnitude bits -> an int16 key in the order of the values (16-bit integer min/max
+         * vectorize where float conversions do not); -0 sorts just below +0, which is harmless. */
+        int16_t kmn = INT16_MAX, kmx = INT16_MIN;
+        for (size_t c = 0; c < g; c++) {
+            int16_t s = (int16_t)p[c];
+            int16_t k = (int16_t)(s ^ ((s >> 15) & 0x7FFF));
+            kmn = k < kmn ? k : kmn;
+            kmx = k > kmx ? k : kmx;
+        }
+        uint32_t e = 0;
+        for (size_t c = 0; c < g; c++) e |= (p[c] & 0x7F80u) == 0x7F80u; /* a second pass, from L1 */
+        bad |= e;
+        lo[j] = bf16_value((uint16_t)(kmn ^ ((kmn >> 15) & 0x7FFF)));
+        hi[j] = bf16_value((uint16_t)(kmx ^ ((kmx >> 15) & 0x7FFF)));
+    }
+    return !bad;
+}
+
+MULTIVERSION static void quantize_bf16_impl(const uint16_t *w, size_t rows, size_t cols, size_t g, const float *a,
+                               const float *z, float qmax, uint8_t *q) {
+    const float magic = 12582912.0f, lim = 4194304.0f;
+    size_t groups = (cols + g - 1) / g;
+    for (size_t r = 0; r < rows; r++) {
+        const uint16_t *row = w + r * cols;
+        uint8_t *out = q + r * cols;
+        for (size_t j = 0; j < groups; j++) {
+            size_t c0 = j * g, c1 = c0 + g < cols ? c0 + g : cols;
+            float aj = a[r * groups + j], zj = z[r * groups + j];
+            for (size_t c = c0; c < c1; c++) {
+                float x = bf16_value(row[c]) / aj;
+                x = x > lim ? lim : x;
+                x = x < -lim ? -lim : x;
+                x = (x + magic) - magic;
+                x = x + zj;
+                x = x < 0.0f ? 0.0f : x;
+                x = x > qmax ? qmax : x;
+                out[c] = (uint8_t)(int32_t)x;
+            }
+        }
+    }
+}
+
+/* float32 -> float16 bits, round to nearest even (numpy's conversion), for +0 < x or x = +inf. */
+static uint16_t half_bits(float x) {
+    uint32_t f;
+    memcpy(&f, &x, 4);
+    uint32_t e = (f >> 23) & 0xFFu, mant = f & 0x7FFFFFu;
+    if (e >= 143) return 0x7C00u; /* >= 2^16, or inf: inf */
+    if (e < 102) return 0;        /* < 2^-25: rounds to zero */
+    uint32_t h, rem, halfway;
+    if (e < 113) { /* half subnormal: units of 2^-24 */
+        uint32_t shift = 126 - e, m = mant | 0x800000u;
+        h = m >> shift;
+        rem = m & ((1u << shift) - 1);
+        halfway = 1u << (shift - 1);
+    } else {
+        h = ((e - 112) << 10) | (mant >> 13);
+        rem = mant & 0x1FFFu;
+        halfway = 0x1000u;
+    }
+    if (rem > halfway || (rem == halfway && (h & 1u))) h++; /* a carry into the exponent is right */
+    return (uint16_t)h;
+}
+
+static float half_value(uint16_t h) {
+    uint32_t e = h >> 10, m = h & 0x3FFu, f;
+    if (e == 0) return (float)m * (1.0f / 16777216.0f); /* exact: m < 2^10 */
+    if (e == 31) return INFINITY;
+    f = ((e + 112) << 23) | (m << 13);
+    float x;
+    memcpy(&x, &f, 4);
+    return x;
+}
+
+static double alpha_for_zero(double lo, double hi, double z, double qmax) {
+    double up = hi > 0 ? hi / (qmax - z) : 0.0;
+    double down = lo < 0 ? -lo / z : 0.0;
+    if (hi > 0 && z >= qmax) up = INFINITY;
+    if (lo < 0 && z <= 0) down = INFINITY;
+    return up > down ? up : down;
+}
+
+static double clip(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+/* Returns 1, 0 when a scale does not fit F16 (numpy raises OverflowError), -1 on non-finite input. */
+static int params_impl(const float *lo32, const float *hi32, size_t n, double qmax, int sym, double m,
+                       int sd, float *a_out, float *z_out) {
+    for (size_t j = 0; j < n; j++) {
+        if (!isfinite(lo32[j]) || !isfinite(hi32[j])) return -1;
+        double lo = lo32[j] < 0.0f ? (double)lo32[j] : 0.0;
+        double hi = hi32[j] > 0.0f ? (double)hi32[j] : 0.0;
+        double z;
+        if (sym) {
+            z = (qmax + 1) / 2;
+        } else {
+            double span = hi - lo;
+            double z0 = span > 0 ? -lo / span * qmax : 0.0;
+            double best_z, best_a;
+            if (m > 1) {
+                double top = floor(qmax / m) * m;
+                best_z = clip(floor(z0 / m) * m, 0, top);
+                best_a = alpha_for_zero(lo, hi, best_z, qmax);
+                double zc = clip(ceil(z0 / m) * m, 0, top), a = alpha_for_zero(lo, hi, zc, qmax);
+                if (a < best_a) best_z = zc, best_a = a;
+            } else {
+                best_z = clip(nearbyint(z0), 0, qmax);
+                best_a = alpha_for_zero(lo, hi, best_z, qmax);
+                double cands[2] = {floor(z0), ceil(z0)};
+                for (int k = 0; k < 2; k++) {
+                    double zc = clip(cands[k], 0, qmax), a = alpha_for_zero(lo, hi, zc, qmax);
+                    if (!isfinite(best_a) && a < best_a) best_z = zc, best_a = a;
+                }
+            }
+            z = best_z;
+        }
+        double alpha = alpha_for_zero(lo, hi, z, qmax);
+        float a = (float)(alpha > 0 ? alpha : 1.0);
+        if (sd == 1) { /* F16, rounded up */
+            uint16_t h = half_bits(a);
+            if (half_value(h) < a) h++;
+            if (h >= 0x7C00u) return 0;
+            a = half_value(h);
+        } else if (sd == 2) { /* BF16, rounded up */
+            uint32_t b, t;
+            memcpy(&b, &a, 4);
+            t = b & 0xFFFF0000u;
+            t += (t != b) ? 0x10000u : 0;
+            memcpy(&a, &t, 4);
+        }
+        a_out[j] = a;
+        z_out[j] = (float)z + 0.0f; /* +0 for -0, as the stored integer */
+    }
+    return 1;
 }
 
 static int get2(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *what) {
@@ -117,7 +278,76 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_params(PyObject *self, PyObject *args) {
+    PyObject *olo, *ohi, *oa, *oz;
+    Py_ssize_t n;
+    double qmax, m;
+    int sym, sd;
+    if (!PyArg_ParseTuple(args, "OOndpdiOO", &olo, &ohi, &n, &qmax, &sym, &m, &sd, &oa, &oz)) return NULL;
+    if (n < 0 || qmax < 1 || qmax > 65535 || m < 1 || sd < 0 || sd > 2) {
+        PyErr_SetString(PyExc_ValueError, "bad parameters");
+        return NULL;
+    }
+    Py_buffer lo, hi, a, z;
+    if (get2(olo, &lo, 0, n * 4, "lo")) return NULL;
+    if (get2(ohi, &hi, 0, n * 4, "hi")) { PyBuffer_Release(&lo); return NULL; }
+    if (get2(oa, &a, 1, n * 4, "a")) { PyBuffer_Release(&lo); PyBuffer_Release(&hi); return NULL; }
+    if (get2(oz, &z, 1, n * 4, "z")) { PyBuffer_Release(&lo); PyBuffer_Release(&hi); PyBuffer_Release(&a); return NULL; }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = params_impl((const float *)lo.buf, (const float *)hi.buf, n, qmax, sym, m, sd, (float *)a.buf, (float *)z.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&lo); PyBuffer_Release(&hi); PyBuffer_Release(&a); PyBuffer_Release(&z);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *py_minmax_bf16(PyObject *self, PyObject *args) {
+    PyObject *ow, *olo, *ohi;
+    Py_ssize_t n_groups, g;
+    if (!PyArg_ParseTuple(args, "OnnOO", &ow, &n_groups, &g, &olo, &ohi)) return NULL;
+    if (n_groups < 0 || g < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad shape");
+        return NULL;
+    }
+    Py_buffer w, lo, hi;
+    if (get2(ow, &w, 0, n_groups * g * 2, "w")) return NULL;
+    if (get2(olo, &lo, 1, n_groups * 4, "lo")) { PyBuffer_Release(&w); return NULL; }
+    if (get2(ohi, &hi, 1, n_groups * 4, "hi")) { PyBuffer_Release(&w); PyBuffer_Release(&lo); return NULL; }
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = minmax_bf16_impl((const uint16_t *)w.buf, n_groups, g, (float *)lo.buf, (float *)hi.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&w); PyBuffer_Release(&lo); PyBuffer_Release(&hi);
+    return PyBool_FromLong(finite);
+}
+
+static PyObject *py_quantize_bf16(PyObject *self, PyObject *args) {
+    PyObject *ow, *oa, *oz, *oq;
+    Py_ssize_t rows, cols, g;
+    int qmax;
+    if (!PyArg_ParseTuple(args, "OnnnOOiO", &ow, &rows, &cols, &g, &oa, &oz, &qmax, &oq)) return NULL;
+    if (rows < 0 || cols < 1 || g < 1 || qmax < 1 || qmax > 255) {
+        PyErr_SetString(PyExc_ValueError, "bad shape or code range");
+        return NULL;
+    }
+    Py_ssize_t groups = (cols + g - 1) / g;
+    Py_buffer w, a, z, q;
+    if (get2(ow, &w, 0, rows * cols * 2, "w")) return NULL;
+    if (get2(oa, &a, 0, rows * groups * 4, "a")) { PyBuffer_Release(&w); return NULL; }
+    if (get2(oz, &z, 0, rows * groups * 4, "z")) { PyBuffer_Release(&w); PyBuffer_Release(&a); return NULL; }
+    if (get2(oq, &q, 1, rows * cols, "q")) { PyBuffer_Release(&w); PyBuffer_Release(&a); PyBuffer_Release(&z); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_bf16_impl((const uint16_t *)w.buf, rows, cols, g, (const float *)a.buf, (const float *)z.buf, (float)qmax, (uint8_t *)q.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&w); PyBuffer_Release(&a); PyBuffer_Release(&z); PyBuffer_Release(&q);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"minmax_bf16", py_minmax_bf16, METH_VARARGS, "minmax_bf16(w_u16, n_groups, g, lo_out, hi_out) -> all finite"},
+    {"quantize_bf16", py_quantize_bf16, METH_VARARGS, "quantize_bf16(w_u16, rows, cols, g, a_f32, z_f32, qmax, q_out_u8)"},
+    {"params", py_params, METH_VARARGS,
+     "params(lo_f32, hi_f32, n, qmax, symmetric, zero_multiple, scale_dtype 0=F32 1=F16 2=BF16, a_out, z_out) -> 1, 0 (F16 overflow), -1 (non-finite)"},
     {"minmax", py_minmax, METH_VARARGS, "minmax(w_f32, n_groups, g, lo_out, hi_out) -> all finite"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(w_f32, rows, cols, g, a_f32, z_f32, qmax, q_out_u8)"},
     {NULL, NULL, 0, NULL}};

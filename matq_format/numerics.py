@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from . import constants as C
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 try:
     from . import _quantkernel as _qk
@@ -89,7 +92,8 @@ def round_scale(alpha: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return alpha
     if dtype == "F16":
-        r = alpha.astype(np.float16)
+        with np.errstate(over="ignore"):  # too large for float16: inf, refused just below
+            r = alpha.astype(np.float16)
         low = r.astype(np.float32) < alpha
         r[low] = np.nextafter(r[low], np.float16(np.inf))
         if not np.all(np.isfinite(r)):
@@ -119,10 +123,38 @@ def minmax_params(
     (needed by integer-zero formats); ``symmetric`` fixes ``z = 2**(c-1)``. The scale is then the
     smallest that covers the range with that zero point, rounded up to ``scale_dtype``.
     """
-    w = np.asarray(w, dtype=np.float32)
+    w = w if _bf16_bits(w) is not None else np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError("quantized tensors are 2-D [rows, cols]")
     lo32, hi32 = group_minmax(w, group_size)
+    sd = _SCALE_DTYPE_CODE.get(scale_dtype)
+    if USE_KERNEL and _qk is not None and sd is not None and zero_multiple >= 1 and code_bits <= 16:
+        lo32, hi32 = np.ascontiguousarray(lo32), np.ascontiguousarray(hi32)
+        a, z = np.empty_like(lo32), np.empty_like(lo32)
+        rc = _qk.params(lo32, hi32, lo32.size, code_max(code_bits), symmetric, zero_multiple, sd, a, z)
+        if rc == 1:
+            return a, z
+        if rc == 0:
+            raise OverflowError("scale does not fit float16")
+    return minmax_params_from_range(
+        lo32, hi32, code_bits, symmetric=symmetric, zero_multiple=zero_multiple, scale_dtype=scale_dtype
+    )
+
+
+_SCALE_DTYPE_CODE = {"F32": 0, "F16": 1, "BF16": 2}  # the compiled kernel's names for scale dtypes
+
+
+def minmax_params_from_range(
+    lo32: np.ndarray,
+    hi32: np.ndarray,
+    code_bits: int = C.DEFAULT_CODE_BITS,
+    *,
+    symmetric: bool = False,
+    zero_multiple: int = 1,
+    scale_dtype: str = "F16",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference arithmetic of :func:`minmax_params`, from each group's float32 min and max."""
+    lo32, hi32 = np.asarray(lo32, np.float32), np.asarray(hi32, np.float32)
     lo = np.minimum(lo32, 0.0).astype(np.float64)
     hi = np.maximum(hi32, 0.0).astype(np.float64)
     qmax = code_max(code_bits)
@@ -151,15 +183,38 @@ def minmax_params(
         z = best_z
     alpha = _alpha_for_zero(lo, hi, z, qmax)
     alpha = np.where(alpha > 0, alpha, 1.0)
+    alpha = np.where(np.isfinite(lo) & np.isfinite(hi), alpha, np.nan)  # NaN or inf weights: NaN scale
     alpha = round_scale(alpha.astype(np.float32), scale_dtype)
     return alpha.astype(np.float32), z.astype(np.float32)
 
 
+def _bf16_bits(w) -> np.ndarray | None:
+    """bfloat16 weights as their uint16 bits, for the kernels that widen them on the fly; else None.
+
+    Widening bfloat16 to float32 is exact, so this changes no result, only skips a float32 copy.
+    """
+    if USE_KERNEL and _qk is not None and w.dtype == _BF16 and w.flags.c_contiguous and w.ndim == 2:
+        return w.view(np.uint16)
+    return None
+
+
+def reads_bf16_as_stored(w: np.ndarray, code_bits: int) -> bool:
+    """Whether :func:`minmax_params` and :func:`quantize` take these bfloat16 weights without a
+    float32 copy (the compiled kernels widen them on the fly, exactly); callers can then skip theirs."""
+    return code_bits <= 8 and _bf16_bits(w) is not None
+
+
 def group_minmax(w: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Smallest and largest weight per row and group, float32 ``[rows, groups]``."""
-    w = np.asarray(w, dtype=np.float32)
+    bits = _bf16_bits(w)
     rows, cols = w.shape
     g = cols if group_size is None else group_size
+    if bits is not None and cols % g == 0 and w.size:
+        lo = np.empty((rows, cols // g), np.float32)
+        hi = np.empty((rows, cols // g), np.float32)
+        if _qk.minmax_bf16(bits, rows * (cols // g), g, lo, hi):
+            return lo, hi
+    w = np.asarray(w, dtype=np.float32)
     if USE_KERNEL and _qk is not None and cols % g == 0 and w.size and w.flags.c_contiguous:
         lo = np.empty((rows, cols // g), np.float32)
         hi = np.empty((rows, cols // g), np.float32)
@@ -195,7 +250,9 @@ def quantize(
     ``out`` receives the codes; ``work`` (float32, w's shape, may be ``w`` itself) holds the
     intermediate, so streaming callers can reuse buffers instead of faulting in fresh ones.
     """
-    w = np.asarray(w, dtype=np.float32)
+    bits = _bf16_bits(w)
+    if bits is None:
+        w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     if USE_KERNEL and _qk is not None and code_bits <= 8 and cols > 0 and w.flags.c_contiguous:
         if out is None:
@@ -205,8 +262,12 @@ def quantize(
             groups = n_groups(cols, group_size)
             a = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32), (rows, groups)))
             z = np.ascontiguousarray(np.broadcast_to(np.asarray(zero, np.float32), (rows, groups)))
-            _qk.quantize(w, rows, cols, g, a, z, code_max(code_bits), out)
+            if bits is not None:
+                _qk.quantize_bf16(bits, rows, cols, g, a, z, code_max(code_bits), out)
+            else:
+                _qk.quantize(w, rows, cols, g, a, z, code_max(code_bits), out)
             return out
+    w = np.asarray(w, dtype=np.float32)
     a = expand_groups(np.asarray(scale, np.float32), cols, group_size)
     z = expand_groups(np.asarray(zero, np.float32), cols, group_size)
     q = np.divide(w, a, out=work)

@@ -271,3 +271,152 @@ def test_checksum_is_zlib_crc32():
     data = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
     assert crc32_hex(data) == f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
     assert crc32_hex(b"") == "00000000" and crc32_hex(b"123456789") == "cbf43926"
+
+
+_EDGE = [
+    0.0,
+    -0.0,
+    1e-30,
+    -1e-30,
+    6e-8,
+    -6e-8,
+    3e-8,
+    1e-5,
+    0.02,
+    -0.02,
+    1.0,
+    -1.0,
+    65504.0 * 255,
+    1e7,
+    -1e7,
+    3e38,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lo=st.lists(st.one_of(st.sampled_from(_EDGE), st.floats(-1e6, 0, width=32)), min_size=1, max_size=40),
+    hi=st.lists(st.one_of(st.sampled_from(_EDGE), st.floats(0, 1e6, width=32)), min_size=1, max_size=40),
+    code_bits=st.integers(1, 16),
+    symmetric=st.booleans(),
+    zero_multiple=st.sampled_from([1, 2, 4, 16, 64]),
+    scale_dtype=st.sampled_from(["F32", "F16", "BF16"]),
+)
+def test_params_kernel_matches_numpy_reference(lo, hi, code_bits, symmetric, zero_multiple, scale_dtype):
+    """MinMax scale and zero from group ranges: the compiled arithmetic is the reference's, bit for bit,
+    including F16/BF16 rounding up, ties of the zero point and the F16 overflow."""
+    from matq_format import numerics
+
+    if numerics._qk is None:
+        pytest.skip("quantize kernel not built")
+    n = min(len(lo), len(hi))
+    lo32 = np.minimum(np.array(lo[:n], np.float32), np.array(hi[:n], np.float32))
+    hi32 = np.maximum(np.array(lo[:n], np.float32), np.array(hi[:n], np.float32))
+    kw = dict(symmetric=symmetric, zero_multiple=zero_multiple, scale_dtype=scale_dtype)
+    try:
+        ref = numerics.minmax_params_from_range(lo32, hi32, code_bits, **kw)
+    except OverflowError:
+        ref = None
+    a, z = np.empty_like(lo32), np.empty_like(lo32)
+    sd = {"F32": 0, "F16": 1, "BF16": 2}[scale_dtype]
+    rc = numerics._qk.params(lo32, hi32, n, (1 << code_bits) - 1, symmetric, zero_multiple, sd, a, z)
+    if ref is None:
+        assert rc == 0
+        return
+    assert rc == 1
+    assert np.array_equal(a.view(np.uint32), ref[0].view(np.uint32))
+    assert np.array_equal(z, ref[1])
+
+
+def test_params_kernel_leaves_non_finite_ranges_to_numpy():
+    from matq_format import numerics
+
+    if numerics._qk is None:
+        pytest.skip("quantize kernel not built")
+    lo32 = np.array([-1.0, np.nan], np.float32)
+    hi32 = np.array([1.0, 2.0], np.float32)
+    a, z = np.empty_like(lo32), np.empty_like(lo32)
+    assert numerics._qk.params(lo32, hi32, 2, 255, False, 1, 1, a, z) == -1
+
+
+def test_params_kernel_rounds_every_float16_neighbourhood_like_numpy():
+    """Symmetric 2-bit ranges [0, h] make the scale exactly h: sweep every positive float16, the
+    float32 values either side of it and the midpoints between neighbours (ties), up to overflow."""
+    from matq_format import numerics
+
+    if numerics._qk is None:
+        pytest.skip("quantize kernel not built")
+    halves = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    mids = (halves[:-1].astype(np.float64) + halves[1:]) / 2
+    hi32 = np.concatenate(
+        [
+            halves,
+            np.nextafter(halves, np.float32(np.inf)),
+            np.nextafter(halves, np.float32(0)),
+            mids.astype(np.float32),
+            np.float32([1e-9, 65504.0, 65519.0, 65520.0]),
+        ]
+    )
+    hi32 = hi32[hi32 < 65504.0]  # above the largest float16 the reference raises; checked below
+    lo32 = np.zeros_like(hi32)
+    for sd, name in ((1, "F16"), (2, "BF16"), (0, "F32")):
+        ref_a, ref_z = numerics.minmax_params_from_range(lo32, hi32, 2, symmetric=True, scale_dtype=name)
+        a, z = np.empty_like(lo32), np.empty_like(lo32)
+        assert numerics._qk.params(lo32, hi32, hi32.size, 3, True, 1, sd, a, z) == 1
+        assert np.array_equal(a.view(np.uint32), ref_a.view(np.uint32)) and np.array_equal(z, ref_z)
+    over = np.float32([65504.5])
+    with pytest.raises(OverflowError):
+        numerics.minmax_params_from_range(np.zeros(1, np.float32), over, 2, symmetric=True)
+    assert (
+        numerics._qk.params(np.zeros(1, np.float32), over, 1, 3, True, 1, 1, *np.empty((2, 1), np.float32))
+        == 0
+    )
+
+
+@settings(max_examples=int(100 * SCALE), deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 300),
+    group=st.sampled_from([None, 1, 7, 32, 128]),
+    code_bits=st.integers(2, 8),
+    zero_multiple=st.sampled_from([1, 4]),
+    special=st.sampled_from([None, np.nan, np.inf, -np.inf, 0.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_bf16_kernels_match_widening_to_float32(rows, cols, group, code_bits, zero_multiple, special, seed):
+    """bfloat16 weights go to the kernels as they are stored; results equal widening them first."""
+    import ml_dtypes
+
+    from matq_format import numerics
+
+    if numerics._qk is None:
+        pytest.skip("quantize kernel not built")
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, size=(rows, cols)) * 0.05).astype(ml_dtypes.bfloat16)
+    if special is not None:
+        w[rng.integers(rows), rng.integers(cols)] = special
+    w32 = w.astype(np.float32)
+    lo, hi = numerics.group_minmax(w, group)
+    rlo, rhi = numerics.group_minmax(w32, group)
+    assert np.array_equal(lo, rlo, equal_nan=True) and np.array_equal(hi, rhi, equal_nan=True)
+    kw = dict(zero_multiple=min(zero_multiple, 1 << (code_bits - 1)))
+
+    def params(x):
+        try:
+            return numerics.minmax_params(x, code_bits, group, **kw)
+        except OverflowError:  # an infinite weight: no float16 scale, on both paths
+            return None
+
+    got, ref_params = params(w), params(w32)
+    assert (got is None) == (ref_params is None)
+    if got is None:
+        return
+    (a, z), (ra, rz) = got, ref_params
+    assert np.array_equal(a, ra, equal_nan=True) and np.array_equal(z, rz, equal_nan=True)
+    if special is None or special == 0.0:
+        try:
+            numerics.USE_KERNEL = False
+            ref = numerics.quantize(w32, a, z, code_bits, group)
+        finally:
+            numerics.USE_KERNEL = True
+        assert np.array_equal(numerics.quantize(w, a, z, code_bits, group), ref)

@@ -308,19 +308,39 @@ def test_errors_are_typed_and_leave_nothing(tiny, tmp_path):
     out.rmdir()
 
 
-def test_non_finite_weight_aborts(tmp_path):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"scale_dtype": "F32", "group_size": None}, {"scale_dtype": "BF16"}, {"objective": "multiwidth"}],
+    ids=["default", "f32-channel", "bf16", "multiwidth"],
+)
+def test_non_finite_weight_aborts(tmp_path, bad, kw):
     from safetensors.numpy import save_file
 
     src = tmp_path / "nan"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    w = np.ones((4, 8), np.float32)
-    w[2, 3] = np.nan
+    w = np.ones((4, 256), np.float32)
+    w[2, 131] = bad
     save_file({"model.layers.0.mlp.up_proj.weight": w}, str(src / "model.safetensors"))
     before = set(os.listdir(tmp_path))
-    with pytest.raises(NonFiniteWeightError, match="up_proj"):
-        quantize_hf(src, tmp_path / "out")
+    with pytest.raises(NonFiniteWeightError, match=r"up_proj\.weight: rows 0\.\.3 hold NaN or infinity"):
+        quantize_hf(src, tmp_path / "out", **kw)
     _no_leftovers(tmp_path, before)
+
+
+def test_range_too_wide_for_f16_scales(tmp_path):
+    """Finite weights whose range no float16 scale covers: refused, and told apart from NaN."""
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "wide"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    w = np.ones((2, 128), np.float32)
+    w[1, 7] = 3e38
+    save_file({"model.layers.0.mlp.up_proj.weight": w}, str(src / "model.safetensors"))
+    with pytest.raises(NonFiniteWeightError, match="no F16 scale covers"):
+        quantize_hf(src, tmp_path / "out")
 
 
 def test_cli_quantize(tiny, tmp_path):
