@@ -47,7 +47,7 @@ static int minmax_impl(const float *w, size_t n_groups, size_t g, float *lo, flo
 
 /* AVX2 where the CPU has it (twice the divisions per instruction), chosen at load time; the
  * arithmetic is the same IEEE single operations either way (no FMA: -ffp-contract=off). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define MULTIVERSION

@@ -6,6 +6,8 @@ including their zero padding) and code for code (every c, r, extra precision, le
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -45,6 +47,18 @@ def code_arrays(draw, n=LENGTHS):
     return q.astype(np.uint8), c
 
 
+@contextlib.contextmanager
+def _simd(avx2: bool):
+    """Select the kernel's AVX2 path (where the CPU has it) or its portable path."""
+    from matq_format import _bitplanes
+
+    was = _bitplanes.set_avx2(avx2)
+    try:
+        yield
+    finally:
+        _bitplanes.set_avx2(was)
+
+
 def _planes_list(packed: np.ndarray, c: int, bits: int) -> list[np.ndarray | None]:
     need = set(N.planes_needed(c, bits))
     return [packed[k] if k in need else None for k in range(c)]
@@ -54,11 +68,14 @@ def _planes_list(packed: np.ndarray, c: int, bits: int) -> list[np.ndarray | Non
 @settings(max_examples=int(300 * SCALE), deadline=None)
 @given(code_arrays())
 def test_pack_kernel_matches_numpy(arg):
+    """Both compiled paths (AVX2 where the CPU has it, and SSE2/portable) give the numpy layout."""
     q, c = arg
-    a = P.pack(q, c)
     b = P.pack(q, c, use_kernel=False)
-    assert a.shape == b.shape == (c, P.plane_stride(q.size))
-    np.testing.assert_array_equal(a, b)
+    for avx2 in (True, False):
+        with _simd(avx2):
+            a = P.pack(q, c)
+        assert a.shape == b.shape == (c, P.plane_stride(q.size))
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_kernel
@@ -71,20 +88,28 @@ def test_unpack_kernel_matches_numpy_and_numerics(arg, data):
     packed = P.pack(q, c, use_kernel=False)
     planes = _planes_list(packed, c, bits)
     want = N.slice_codes(q, c, bits, ep)
-    got_k = P.unpack(planes, q.size, c, bits, ep)
     got_np = P.unpack(planes, q.size, c, bits, ep, use_kernel=False)
-    assert got_k.dtype == got_np.dtype == np.uint8
     np.testing.assert_array_equal(got_np, want)
-    np.testing.assert_array_equal(got_k, want)
+    for avx2 in (True, False):
+        with _simd(avx2):
+            got_k = P.unpack(planes, q.size, c, bits, ep)
+        assert got_k.dtype == got_np.dtype == np.uint8
+        np.testing.assert_array_equal(got_k, want)
 
 
-@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("path", ["avx2", "portable", "numpy"])
 @pytest.mark.parametrize("c", range(2, 9))
-def test_every_width_exhaustive(c, use_kernel):
+def test_every_width_exhaustive(c, path):
     """Every code value at every width and both clamp modes, against Eq. 6 written out here."""
+    use_kernel = path != "numpy"
     if use_kernel and not P.HAVE_KERNEL:
         pytest.skip("compiled bit-plane kernel not built")
-    q = np.tile(np.arange(1 << c, dtype=np.uint8), 3)[: (1 << c) * 3 - 5]
+    with _simd(path == "avx2") if use_kernel else contextlib.nullcontext():
+        _every_width(c, use_kernel)
+
+
+def _every_width(c: int, use_kernel: bool) -> None:
+    q = np.tile(np.arange(1 << c, dtype=np.uint8), 40)[: (1 << c) * 40 - 5]  # whole words and a tail
     packed = P.pack(q, c, use_kernel=use_kernel)
     qi = q.astype(np.int64)
     for bits in range(1, c + 1):
