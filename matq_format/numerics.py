@@ -94,8 +94,8 @@ def round_scale(alpha: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F16":
         with np.errstate(over="ignore"):  # too large for float16: inf, refused just below
             r = alpha.astype(np.float16)
-        low = r.astype(np.float32) < alpha
-        r[low] = np.nextafter(r[low], np.float16(np.inf))
+            low = r.astype(np.float32) < alpha
+            r[low] = np.nextafter(r[low], np.float16(np.inf))
         if not np.all(np.isfinite(r)):
             raise OverflowError("scale does not fit float16")
         return r.astype(np.float32)
@@ -162,7 +162,8 @@ def minmax_params_from_range(
         z = np.full(lo.shape, float(1 << (code_bits - 1)))
     else:
         span = hi - lo
-        z0 = np.where(span > 0, -lo / np.where(span > 0, span, 1.0) * qmax, 0.0)
+        with np.errstate(invalid="ignore"):  # inf / inf for infinite weights: NaN, refused by callers
+            z0 = np.where(span > 0, -lo / np.where(span > 0, span, 1.0) * qmax, 0.0)
         m = float(zero_multiple)
         cands = [np.floor(z0 / m) * m, np.ceil(z0 / m) * m] if m > 1 else [np.rint(z0)]
         best_z, best_a = None, None
