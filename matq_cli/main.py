@@ -6,11 +6,24 @@ Set ``MATQ_DEBUG=1`` to see tracebacks.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
 
 from matq_format.errors import MatqError
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so every ``with`` block removes its partial output."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
 
 
 class MatqGroup(click.Group):
@@ -27,6 +40,9 @@ class MatqGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("matq: interrupted; no output was written", err=True)
             sys.exit(130)
+        except Terminated as exc:
+            click.echo(f"matq: terminated by signal {exc.signum}; no output was written", err=True)
+            sys.exit(128 + exc.signum)
         except Exception as exc:  # noqa: BLE001 - the central table below decides what is expected
             if os.environ.get("MATQ_DEBUG"):
                 raise
@@ -76,4 +92,8 @@ _register()
 
 
 def main() -> None:
+    # Python's default for SIGTERM is to die on the spot, leaving temporary outputs behind.
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _raise_terminated)
     cli(prog_name="matq")

@@ -469,3 +469,41 @@ def test_minilm_cosine_int8_int4_int2(tmp_path):
     assert table["minmax"][4][0] >= 0.95
     # what the multi-width objective buys at int2, on the real model
     assert table["multiwidth"][2][0] > table["minmax"][2][0] + 0.02
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_run_leaves_nothing(tmp_path, sig):
+    """A `matq quantize` process stopped by a signal while writing removes its partial output."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((512, 2048), np.float32) for i in range(8)
+    }
+    save_file(tensors, str(src / "model.safetensors"))
+    before, digest = set(os.listdir(tmp_path)), _digest(src)
+    out = tmp_path / "out"
+    # the multi-width objective is slow enough (a few M weights/s) to be caught mid-run
+    p = subprocess.Popen(
+        [sys.executable, "-m", "matq_cli", "quantize", str(src), "-o", str(out), "--objective", "multiwidth"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(n.startswith(".out.") for n in os.listdir(tmp_path)) and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    signum = getattr(signal, sig).value
+    assert p.returncode == (130 if sig == "SIGINT" else 128 + signum), err
+    assert "no output was written" in err and "Traceback" not in err
+    assert set(os.listdir(tmp_path)) == before and _digest(src) == digest
