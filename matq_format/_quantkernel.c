@@ -53,32 +53,6 @@ static int minmax_impl(const float *w, size_t n_groups, size_t g, float *lo, flo
 #define MULTIVERSION
 #endif
 
-MULTIVERSION static void quantize_impl(const float *w, size_t rows, size_t cols, size_t g, const float *a,
-                          const float *z, float qmax, uint8_t *q) {
-    const float magic = 12582912.0f; /* 1.5 * 2^23 */
-    const float lim = 4194304.0f;    /* 2^22 */
-    size_t groups = (cols + g - 1) / g;
-    for (size_t r = 0; r < rows; r++) {
-        const float *row = w + r * cols;
-        uint8_t *out = q + r * cols;
-        for (size_t j = 0; j < groups; j++) {
-            size_t c0 = j * g, c1 = c0 + g < cols ? c0 + g : cols;
-            float aj = a[r * groups + j], zj = z[r * groups + j];
-            for (size_t c = c0; c < c1; c++) {
-                float x = row[c] / aj;
-                x = x > lim ? lim : x;
-                x = x < -lim ? -lim : x;
-                x = (x + magic) - magic;
-                x = x + zj;
-                x = x < 0.0f ? 0.0f : x;
-                x = x > qmax ? qmax : x;
-                out[c] = (uint8_t)(int32_t)x;
-            }
-        }
-    }
-}
-
-
 static inline float bf16_value(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float x;
@@ -109,29 +83,37 @@ static int minmax_bf16_impl(const uint16_t *w, size_t n_groups, size_t g, float 
     return !bad;
 }
 
-MULTIVERSION static void quantize_bf16_impl(const uint16_t *w, size_t rows, size_t cols, size_t g, const float *a,
-                               const float *z, float qmax, uint8_t *q) {
-    const float magic = 12582912.0f, lim = 4194304.0f;
-    size_t groups = (cols + g - 1) / g;
-    for (size_t r = 0; r < rows; r++) {
-        const uint16_t *row = w + r * cols;
-        uint8_t *out = q + r * cols;
-        for (size_t j = 0; j < groups; j++) {
-            size_t c0 = j * g, c1 = c0 + g < cols ? c0 + g : cols;
-            float aj = a[r * groups + j], zj = z[r * groups + j];
-            for (size_t c = c0; c < c1; c++) {
-                float x = bf16_value(row[c]) / aj;
-                x = x > lim ? lim : x;
-                x = x < -lim ? -lim : x;
-                x = (x + magic) - magic;
-                x = x + zj;
-                x = x < 0.0f ? 0.0f : x;
-                x = x > qmax ? qmax : x;
-                out[c] = (uint8_t)(int32_t)x;
-            }
-        }
+static inline float f32_value(float x) { return x; }
+
+/* q = clip(rint(w / a) + z, 0, qmax) for weights of type T widened by LOAD: one body for both. */
+#define DEFINE_QUANTIZE(NAME, T, LOAD)                                                            \
+    MULTIVERSION static void NAME(const T *w, size_t rows, size_t cols, size_t g, const float *a, \
+                                  const float *z, float qmax, uint8_t *q) {                       \
+        const float magic = 12582912.0f; /* 1.5 * 2^23 */                                         \
+        const float lim = 4194304.0f;    /* 2^22 */                                               \
+        size_t groups = (cols + g - 1) / g;                                                       \
+        for (size_t r = 0; r < rows; r++) {                                                       \
+            const T *row = w + r * cols;                                                          \
+            uint8_t *out = q + r * cols;                                                          \
+            for (size_t j = 0; j < groups; j++) {                                                 \
+                size_t c0 = j * g, c1 = c0 + g < cols ? c0 + g : cols;                            \
+                float aj = a[r * groups + j], zj = z[r * groups + j];                             \
+                for (size_t c = c0; c < c1; c++) {                                                \
+                    float x = LOAD(row[c]) / aj;                                                  \
+                    x = x > lim ? lim : x;                                                        \
+                    x = x < -lim ? -lim : x;                                                      \
+                    x = (x + magic) - magic;                                                      \
+                    x = x + zj;                                                                   \
+                    x = x < 0.0f ? 0.0f : x;                                                      \
+                    x = x > qmax ? qmax : x;                                                      \
+                    out[c] = (uint8_t)(int32_t)x;                                                 \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
     }
-}
+
+DEFINE_QUANTIZE(quantize_impl, float, f32_value)
+DEFINE_QUANTIZE(quantize_bf16_impl, uint16_t, bf16_value)
 
 /* float32 -> float16 bits, round to nearest even (numpy's conversion), for +0 < x or x = +inf. */
 static uint16_t half_bits(float x) {
@@ -236,48 +218,6 @@ static int get2(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const 
     return 0;
 }
 
-static PyObject *py_minmax(PyObject *self, PyObject *args) {
-    PyObject *ow, *olo, *ohi;
-    Py_ssize_t n_groups, g;
-    if (!PyArg_ParseTuple(args, "OnnOO", &ow, &n_groups, &g, &olo, &ohi)) return NULL;
-    if (n_groups < 0 || g < 1) {
-        PyErr_SetString(PyExc_ValueError, "bad shape");
-        return NULL;
-    }
-    Py_buffer w, lo, hi;
-    if (get2(ow, &w, 0, n_groups * g * 4, "w")) return NULL;
-    if (get2(olo, &lo, 1, n_groups * 4, "lo")) { PyBuffer_Release(&w); return NULL; }
-    if (get2(ohi, &hi, 1, n_groups * 4, "hi")) { PyBuffer_Release(&w); PyBuffer_Release(&lo); return NULL; }
-    int finite;
-    Py_BEGIN_ALLOW_THREADS
-    finite = minmax_impl((const float *)w.buf, n_groups, g, (float *)lo.buf, (float *)hi.buf);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&w); PyBuffer_Release(&lo); PyBuffer_Release(&hi);
-    return PyBool_FromLong(finite);
-}
-
-static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    PyObject *ow, *oa, *oz, *oq;
-    Py_ssize_t rows, cols, g;
-    int qmax;
-    if (!PyArg_ParseTuple(args, "OnnnOOiO", &ow, &rows, &cols, &g, &oa, &oz, &qmax, &oq)) return NULL;
-    if (rows < 0 || cols < 1 || g < 1 || qmax < 1 || qmax > 255) {
-        PyErr_SetString(PyExc_ValueError, "bad shape or code range");
-        return NULL;
-    }
-    Py_ssize_t groups = (cols + g - 1) / g;
-    Py_buffer w, a, z, q;
-    if (get2(ow, &w, 0, rows * cols * 4, "w")) return NULL;
-    if (get2(oa, &a, 0, rows * groups * 4, "a")) { PyBuffer_Release(&w); return NULL; }
-    if (get2(oz, &z, 0, rows * groups * 4, "z")) { PyBuffer_Release(&w); PyBuffer_Release(&a); return NULL; }
-    if (get2(oq, &q, 1, rows * cols, "q")) { PyBuffer_Release(&w); PyBuffer_Release(&a); PyBuffer_Release(&z); return NULL; }
-    Py_BEGIN_ALLOW_THREADS
-    quantize_impl((const float *)w.buf, rows, cols, g, (const float *)a.buf, (const float *)z.buf, (float)qmax, (uint8_t *)q.buf);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&w); PyBuffer_Release(&a); PyBuffer_Release(&z); PyBuffer_Release(&q);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_params(PyObject *self, PyObject *args) {
     PyObject *olo, *ohi, *oa, *oz;
     Py_ssize_t n;
@@ -301,7 +241,8 @@ static PyObject *py_params(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
-static PyObject *py_minmax_bf16(PyObject *self, PyObject *args) {
+/* One entry point per kernel for float32 (esize 4) and bfloat16-bits (esize 2) weights. */
+static PyObject *minmax_entry(PyObject *args, Py_ssize_t esize) {
     PyObject *ow, *olo, *ohi;
     Py_ssize_t n_groups, g;
     if (!PyArg_ParseTuple(args, "OnnOO", &ow, &n_groups, &g, &olo, &ohi)) return NULL;
@@ -310,18 +251,21 @@ static PyObject *py_minmax_bf16(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer w, lo, hi;
-    if (get2(ow, &w, 0, n_groups * g * 2, "w")) return NULL;
+    if (get2(ow, &w, 0, n_groups * g * esize, "w")) return NULL;
     if (get2(olo, &lo, 1, n_groups * 4, "lo")) { PyBuffer_Release(&w); return NULL; }
     if (get2(ohi, &hi, 1, n_groups * 4, "hi")) { PyBuffer_Release(&w); PyBuffer_Release(&lo); return NULL; }
     int finite;
     Py_BEGIN_ALLOW_THREADS
-    finite = minmax_bf16_impl((const uint16_t *)w.buf, n_groups, g, (float *)lo.buf, (float *)hi.buf);
+    if (esize == 2)
+        finite = minmax_bf16_impl((const uint16_t *)w.buf, n_groups, g, (float *)lo.buf, (float *)hi.buf);
+    else
+        finite = minmax_impl((const float *)w.buf, n_groups, g, (float *)lo.buf, (float *)hi.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&w); PyBuffer_Release(&lo); PyBuffer_Release(&hi);
     return PyBool_FromLong(finite);
 }
 
-static PyObject *py_quantize_bf16(PyObject *self, PyObject *args) {
+static PyObject *quantize_entry(PyObject *args, Py_ssize_t esize) {
     PyObject *ow, *oa, *oz, *oq;
     Py_ssize_t rows, cols, g;
     int qmax;
@@ -332,16 +276,25 @@ static PyObject *py_quantize_bf16(PyObject *self, PyObject *args) {
     }
     Py_ssize_t groups = (cols + g - 1) / g;
     Py_buffer w, a, z, q;
-    if (get2(ow, &w, 0, rows * cols * 2, "w")) return NULL;
+    if (get2(ow, &w, 0, rows * cols * esize, "w")) return NULL;
     if (get2(oa, &a, 0, rows * groups * 4, "a")) { PyBuffer_Release(&w); return NULL; }
     if (get2(oz, &z, 0, rows * groups * 4, "z")) { PyBuffer_Release(&w); PyBuffer_Release(&a); return NULL; }
     if (get2(oq, &q, 1, rows * cols, "q")) { PyBuffer_Release(&w); PyBuffer_Release(&a); PyBuffer_Release(&z); return NULL; }
+    const float *af = (const float *)a.buf, *zf = (const float *)z.buf;
     Py_BEGIN_ALLOW_THREADS
-    quantize_bf16_impl((const uint16_t *)w.buf, rows, cols, g, (const float *)a.buf, (const float *)z.buf, (float)qmax, (uint8_t *)q.buf);
+    if (esize == 2)
+        quantize_bf16_impl((const uint16_t *)w.buf, rows, cols, g, af, zf, (float)qmax, (uint8_t *)q.buf);
+    else
+        quantize_impl((const float *)w.buf, rows, cols, g, af, zf, (float)qmax, (uint8_t *)q.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&w); PyBuffer_Release(&a); PyBuffer_Release(&z); PyBuffer_Release(&q);
     Py_RETURN_NONE;
 }
+
+static PyObject *py_minmax(PyObject *self, PyObject *args) { return minmax_entry(args, 4); }
+static PyObject *py_minmax_bf16(PyObject *self, PyObject *args) { return minmax_entry(args, 2); }
+static PyObject *py_quantize(PyObject *self, PyObject *args) { return quantize_entry(args, 4); }
+static PyObject *py_quantize_bf16(PyObject *self, PyObject *args) { return quantize_entry(args, 2); }
 
 static PyMethodDef methods[] = {
     {"minmax_bf16", py_minmax_bf16, METH_VARARGS, "minmax_bf16(w_u16, n_groups, g, lo_out, hi_out) -> all finite"},
