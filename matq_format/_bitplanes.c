@@ -77,12 +77,14 @@ __attribute__((target("avx2"))) static void pack_blocks_avx2(const uint8_t *code
 
 static int use_avx2 = 0;
 
-static int pack_impl(const uint8_t *codes, size_t n, int c, uint8_t *out, size_t stride) {
+/* Codes -> words word0.. of each plane (plane k at out + k * stride); the last partial word is
+ * zero padded, the rest of the stride is the caller's (so row blocks can be packed in parallel). */
+static int pack_impl(const uint8_t *codes, size_t n, int c, uint8_t *out, size_t stride, size_t word0) {
     uint8_t *planes[MAXC];
     uint8_t orv = 0;
     for (size_t i = 0; i < n; i++) orv |= codes[i];
     if (c < 8 && (orv >> c)) return -1;
-    for (int k = 0; k < c; k++) planes[k] = out + (size_t)k * stride;
+    for (int k = 0; k < c; k++) planes[k] = out + (size_t)k * stride + word0 * 8;
     size_t full = n / 64, w;
 #ifdef HAVE_AVX2_PATH
     if (use_avx2) {
@@ -97,7 +99,6 @@ static int pack_impl(const uint8_t *codes, size_t n, int c, uint8_t *out, size_t
         pack_block(tmp, c, planes, full);
         w = full + 1;
     }
-    for (int k = 0; k < c; k++) memset(planes[k] + w * 8, 0, stride - w * 8);
     return 0;
 }
 
@@ -118,6 +119,24 @@ static inline void slice_word(const uint8_t *const *planes, size_t w, int c, int
 }
 
 static inline void expand_word(const uint64_t *res, int m, uint8_t *dst) {
+#if defined(__SSE2__)
+    /* 16 codes at a time: unpacking a 16-bit slice of the plane word three times gives its low
+     * byte in lanes 0-7 and its high byte in lanes 8-15; each lane then tests its own bit. */
+    const __m128i bit = _mm_set1_epi64x((long long)0x8040201008040201ULL);
+    for (int h = 0; h < 4; h++) {
+        __m128i acc = _mm_setzero_si128();
+        for (int i = 0; i < m; i++) {
+            __m128i v = _mm_cvtsi32_si128((int)((res[i] >> (16 * h)) & 0xFFFF));
+            v = _mm_unpacklo_epi8(v, v);
+            v = _mm_unpacklo_epi16(v, v);
+            v = _mm_unpacklo_epi32(v, v);
+            v = _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit);
+            acc = _mm_or_si128(acc, _mm_and_si128(v, _mm_set1_epi8((char)(1 << i))));
+        }
+        _mm_storeu_si128((__m128i *)(dst + 16 * h), acc);
+    }
+    return;
+#endif
     for (int j = 0; j < 8; j++) {
         uint64_t v = 0;
         for (int i = 0; i < m; i++) v |= spread_lut[(res[i] >> (8 * j)) & 0xFF] << i;
@@ -173,17 +192,21 @@ static void unpack_impl(const uint8_t *const *planes, size_t n, int c, int r, in
 static PyObject *py_pack(PyObject *self, PyObject *args) {
     Py_buffer codes, out;
     int c;
-    if (!PyArg_ParseTuple(args, "y*iw*", &codes, &c, &out)) return NULL;
+    Py_ssize_t ostride = -1, word0 = 0;
+    if (!PyArg_ParseTuple(args, "y*iw*|nn", &codes, &c, &out, &ostride, &word0)) return NULL;
     PyObject *ret = NULL;
-    size_t n = (size_t)codes.len, stride = ((n + 63) / 64) * 8;
+    size_t n = (size_t)codes.len, words = (n + 63) / 64;
+    size_t stride = ostride < 0 ? words * 8 : (size_t)ostride;
     if (c < 1 || c > MAXC) {
         PyErr_SetString(PyExc_ValueError, "code bits must be 1..8");
+    } else if (word0 < 0 || stride % 8 || ((size_t)word0 + words) * 8 > stride) {
+        PyErr_SetString(PyExc_ValueError, "codes do not fit the plane stride at that word");
     } else if ((size_t)out.len < stride * (size_t)c) {
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
     } else {
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = pack_impl((const uint8_t *)codes.buf, n, c, (uint8_t *)out.buf, stride);
+        rc = pack_impl((const uint8_t *)codes.buf, n, c, (uint8_t *)out.buf, stride, (size_t)word0);
         Py_END_ALLOW_THREADS
         if (rc) PyErr_SetString(PyExc_ValueError, "a code does not fit the code width");
         else ret = Py_None, Py_INCREF(ret);
@@ -255,7 +278,7 @@ static PyObject *py_set_avx2(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"set_avx2", py_set_avx2, METH_VARARGS, "set_avx2(on) -> previous: the AVX2 pack path where the CPU has it (tests compare both)"},
-    {"pack", py_pack, METH_VARARGS, "pack(codes, code_bits, out): codes -> c bit-planes of stride ceil(n/64)*8."},
+    {"pack", py_pack, METH_VARARGS, "pack(codes, code_bits, out[, stride, word]): codes -> c bit-planes of stride ceil(n/64)*8 (or stride, from 64-bit word `word` on)."},
     {"unpack", py_unpack, METH_VARARGS, "unpack(planes, n, code_bits, bits, extra_precision, out): sliced codes."},
     {NULL, NULL, 0, NULL}};
 
