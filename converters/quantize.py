@@ -15,6 +15,7 @@ complete; the input is only read.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ import numpy as np
 import matq_format as mf
 from matq_format import constants as C
 from matq_format import numerics
+from matq_format import planes as mf_planes
 from matq_format.errors import MatqError
 
 from . import architectures
@@ -41,6 +43,7 @@ __all__ = [
     "QuantizeSpec",
     "quantize_hf",
     "quantize_tensor",
+    "quantize_tensor_planes",
 ]
 
 DEFAULT_GROUP_SIZE = 128
@@ -207,6 +210,14 @@ def _to_float32(block: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scratch_u8(n: int) -> np.ndarray:
+    """This thread's buffer for one block's codes, packed from cache into the planes right after."""
+    buf = getattr(_scratch, "u8", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.u8 = np.empty(n, np.uint8)
+    return buf[:n]
+
+
 def quantize_tensor(
     w: np.ndarray,
     spec: QuantizeSpec,
@@ -221,14 +232,47 @@ def quantize_tensor(
     on the whole tensor. When the group size divides the row, groups are laid out as rows of their
     own (the same arithmetic, and broadcasting instead of repeating the parameters).
     """
+    return _quantize_blocks(w, spec, None, name=name, path=path, pool=pool)
+
+
+def quantize_tensor_planes(
+    w: np.ndarray,
+    spec: QuantizeSpec,
+    planes: np.ndarray,
+    *,
+    name: str = "",
+    path: str | os.PathLike | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_tensor` with the codes packed straight into bit-planes; returns scale, zero.
+
+    ``planes`` is ``uint8 [code_bits, plane_stride(rows * cols)]`` (reusable from tensor to tensor:
+    no fresh pages to fault in). Each row block is packed by the thread that quantized it, while its
+    codes are still in cache; the planes equal ``planes.pack(quantize_tensor(...)[0], code_bits)``.
+    """
+    return _quantize_blocks(w, spec, planes, name=name, path=path, pool=pool)[1:]
+
+
+def _quantize_blocks(
+    w: np.ndarray,
+    spec: QuantizeSpec,
+    planes: np.ndarray | None,
+    *,
+    name: str,
+    path: str | os.PathLike | None,
+    pool: ThreadPoolExecutor | None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     rows, cols = w.shape
     gs = spec.group_size
     groups = numerics.n_groups(cols, gs)
     flat = gs is not None and cols % gs == 0
-    codes = np.empty((rows, cols), np.uint8)
+    codes = np.empty((rows, cols), np.uint8) if planes is None else None
     scale = np.empty((rows, groups), np.float32)
     zero = np.empty((rows, groups), np.float32)
     step = max(1, CHUNK_ELEMENTS // cols)
+    if planes is not None:  # blocks of whole 64-code words, so no two threads write the same word
+        unit = 64 // math.gcd(cols, 64)
+        step = -(-step // unit) * unit
 
     def _check_finite(f: np.ndarray, r0: int, r1: int) -> None:
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or inf makes the sum non-finite
@@ -246,7 +290,7 @@ def quantize_tensor(
             spec.objective != "minmax"
         ):  # MinMax needs no pass of its own: a NaN or inf makes its scale non-finite
             _check_finite(f, r0, r1)
-        q = codes[r0:r1]
+        q = codes[r0:r1] if codes is not None else _scratch_u8((r1 - r0) * cols).reshape(r1 - r0, cols)
         try:
             if flat:
                 a, z = spec.params_and_codes(f.reshape(-1, gs), None, q.reshape(-1, gs))
@@ -261,6 +305,8 @@ def quantize_tensor(
             )
         scale[r0:r1] = a.reshape(r1 - r0, groups)
         zero[r0:r1] = z.reshape(r1 - r0, groups)
+        if planes is not None:
+            mf_planes.pack_into(q, spec.code_bits, planes, r0 * cols)
 
     starts = range(0, rows, step)
     if pool is None or len(starts) == 1:
@@ -368,6 +414,11 @@ def quantize_hf(
     }
     zero_dtype = "U8" if code_bits <= 8 else "U16"
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
+    # Two plane buffers, taken in turns: the write-behind thread stores one tensor's planes while the
+    # next is packed into the other (put() waits for the job before, the last user of that buffer).
+    sizes = [mf_planes.plane_stride(int(np.prod(src.tensors[n].shape))) for n in selected]
+    plane_bufs = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+    plane_cap = code_bits * max(sizes, default=0)
     with (
         ThreadPoolExecutor(n_threads, thread_name_prefix="matq-quantize") as pool,
         mf.CheckpointWriter(
@@ -385,13 +436,21 @@ def quantize_hf(
             if name not in selected:
                 sink.put(functools.partial(writer.add_dense, name, src.read(name), t.dtype), t.nbytes)
                 continue
-            codes, scale, zero = quantize_tensor(src.read(name), spec, name=name, path=t.file, pool=pool)
+            if plane_bufs[0].size < plane_cap:  # allocated once, at the largest tensor's size
+                plane_bufs[0] = np.empty(plane_cap, np.uint8)
+            n = int(np.prod(t.shape))
+            planes = plane_bufs[0][: code_bits * mf_planes.plane_stride(n)].reshape(code_bits, -1)
+            plane_bufs.reverse()
+            scale, zero = quantize_tensor_planes(
+                src.read(name), spec, planes, name=name, path=t.file, pool=pool
+            )
             write = functools.partial(
-                writer.add_quantized,
+                writer.add_quantized_planes,
                 name,
-                codes,
+                dict(enumerate(planes)),
                 scale,
                 zero,
+                shape=t.shape,
                 dtype=t.dtype,
                 group_size=spec.group_size,
                 scheme=spec.scheme,

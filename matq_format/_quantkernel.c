@@ -164,9 +164,10 @@ static int params_impl(const float *lo32, const float *hi32, size_t n, double qm
         if (!isfinite(lo32[j]) || !isfinite(hi32[j])) return -1;
         double lo = lo32[j] < 0.0f ? (double)lo32[j] : 0.0;
         double hi = hi32[j] > 0.0f ? (double)hi32[j] : 0.0;
-        double z;
+        double z, alpha;
         if (sym) {
             z = (qmax + 1) / 2;
+            alpha = alpha_for_zero(lo, hi, z, qmax);
         } else {
             double span = hi - lo;
             double z0 = span > 0 ? -lo / span * qmax : 0.0;
@@ -180,15 +181,17 @@ static int params_impl(const float *lo32, const float *hi32, size_t n, double qm
             } else {
                 best_z = clip(nearbyint(z0), 0, qmax);
                 best_a = alpha_for_zero(lo, hi, best_z, qmax);
-                double cands[2] = {floor(z0), ceil(z0)};
-                for (int k = 0; k < 2; k++) {
-                    double zc = clip(cands[k], 0, qmax), a = alpha_for_zero(lo, hi, zc, qmax);
-                    if (!isfinite(best_a) && a < best_a) best_z = zc, best_a = a;
+                if (!isfinite(best_a)) { /* the only case where floor or ceil can win */
+                    double cands[2] = {floor(z0), ceil(z0)};
+                    for (int k = 0; k < 2; k++) {
+                        double zc = clip(cands[k], 0, qmax), a = alpha_for_zero(lo, hi, zc, qmax);
+                        if (!isfinite(best_a) && a < best_a) best_z = zc, best_a = a;
+                    }
                 }
             }
             z = best_z;
+            alpha = best_a; /* alpha_for_zero(lo, hi, z, qmax), computed once */
         }
-        double alpha = alpha_for_zero(lo, hi, z, qmax);
         float a = (float)(alpha > 0 ? alpha : 1.0);
         if (sd == 1) { /* F16, rounded up */
             uint16_t h = half_bits(a);

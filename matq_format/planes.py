@@ -44,6 +44,27 @@ def pack(codes: np.ndarray, code_bits: int, *, use_kernel: bool = True) -> np.nd
     return out
 
 
+def pack_into(
+    codes: np.ndarray, code_bits: int, out: np.ndarray, first: int, *, use_kernel: bool = True
+) -> None:
+    """Pack ``codes`` (codes ``first..`` of a tensor) into their words of the planes ``out`` ``[c, stride]``.
+
+    Lets row blocks be packed where they are quantized, while still in cache, and in parallel:
+    ``first`` must be a multiple of 64 and every block but the last a whole number of words, so no
+    two blocks share a word (the last one's partial word is zero padded, as :func:`pack` does).
+    """
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    n = flat.size
+    if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] != code_bits or not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous uint8 [code_bits, stride]")
+    if first % 64 or first // 8 + plane_stride(n) > out.shape[1]:
+        raise ValueError("codes do not fit the planes at that position")
+    if use_kernel and _kernel is not None and code_bits <= 8:
+        _kernel.pack(flat, code_bits, out, out.shape[1], first // 64)
+        return
+    out[:, first // 8 : first // 8 + plane_stride(n)] = pack(flat, code_bits, use_kernel=False)
+
+
 def unpack(
     planes: list[np.ndarray | None],
     n: int,

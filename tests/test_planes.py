@@ -78,6 +78,30 @@ def test_pack_kernel_matches_numpy(arg):
         np.testing.assert_array_equal(a, b)
 
 
+@settings(max_examples=int(200 * SCALE), deadline=None)
+@given(code_arrays(), st.data())
+def test_pack_into_blocks_equals_one_pack(arg, data):
+    """Blocks of whole words packed in any order, by either path, give the planes of one pack."""
+    q, c = arg
+    ref = P.pack(q, c, use_kernel=False)
+    words = -(-q.size // 64)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, words), max_size=5)) + [0, words]))
+    spans = [(64 * a, min(q.size, 64 * b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    spans = data.draw(st.permutations(spans))
+    for use_kernel in (True, False) if P.HAVE_KERNEL else (False,):
+        for avx2 in (True, False) if use_kernel else (False,):
+            out = np.full((c, P.plane_stride(q.size) + 16), 0xA5, np.uint8)  # room after the planes
+            with _simd(avx2) if use_kernel else contextlib.nullcontext():
+                for a, b in spans:
+                    P.pack_into(q[a:b], c, out, a, use_kernel=use_kernel)
+            np.testing.assert_array_equal(out[:, : ref.shape[1]], ref)
+            assert np.all(out[:, ref.shape[1] :] == 0xA5), "wrote past its words"
+    with pytest.raises(ValueError):  # not on a word boundary, or past the end
+        P.pack_into(q[:1], c, out, 8)
+    with pytest.raises(ValueError):
+        P.pack_into(q[:1], c, out, 64 * (words + 3))
+
+
 @needs_kernel
 @settings(max_examples=int(300 * SCALE), deadline=None)
 @given(code_arrays(), st.data())

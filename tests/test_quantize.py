@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,13 @@ from matq_converters.quantize import (
     QuantizeSpec,
     quantize_hf,
     quantize_tensor,
+    quantize_tensor_planes,
 )
 
 import matq_format as mf
 from matq_cli.main import cli
 from matq_format import numerics as N
+from matq_format import planes as P
 from matq_format.errors import WriterError
 
 FFN_NAMES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -248,6 +251,50 @@ def test_multiwidth_reduces_to_rounding_and_never_loses_to_minmax():
     codes, scale, zero = quantize_tensor(w, spec)
     np.testing.assert_array_equal(scale, s2)
     np.testing.assert_array_equal(codes, N.multiwidth_codes(w, s2, z2, 8, 128))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize(
+    ("cols", "kw"),
+    [
+        (1000, {}),  # blocks of 264 rows: whole 64-code words although 1000 is not a multiple of 64
+        (192, {"group_size": None, "zero_multiple": "slice-exact"}),
+        (200, {"group_size": 96, "objective": "multiwidth"}),  # a partial last group
+        (64, {"scheme": "symmetric", "scale_dtype": "BF16"}),
+    ],
+)
+def test_planes_packed_per_block_equal_the_reference(monkeypatch, dtype, cols, kw):
+    """quantize_hf's path: each thread packs its row block into shared planes; the planes equal
+    packing the numpy reference's codes, and scale and zero equal the reference's."""
+    import ml_dtypes
+    from matq_converters import quantize as Q
+
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 1 << 18 if cols == 1000 else 4000)  # many blocks
+    rng = np.random.default_rng(cols)
+    w = (rng.standard_normal((300, cols)) * rng.uniform(0.01, 2, (300, 1))).astype(np.float32)
+    w[5, :7] = 0.0  # a group touching zero, and an all-zero-ish row start
+    w = w.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    spec = QuantizeSpec.build(**kw)
+    stride = P.plane_stride(w.size)
+    planes = np.full((8, stride), 0xA5, np.uint8)  # stale bytes from a previous tensor
+    with ThreadPoolExecutor(3) as pool:
+        scale, zero = quantize_tensor_planes(w, spec, planes, pool=pool)
+    monkeypatch.setattr(N, "USE_KERNEL", False)
+    codes, s_ref, z_ref = quantize_tensor(w, spec)  # one thread, the numpy reference
+    if spec.objective == "minmax":
+        s2, z2 = N.minmax_params(
+            w.astype(np.float32),
+            8,
+            spec.group_size,
+            symmetric=spec.scheme == "symmetric",
+            zero_multiple=spec.zero_multiple,
+            scale_dtype=spec.scale_dtype,
+        )
+        np.testing.assert_array_equal(s_ref, s2)
+        np.testing.assert_array_equal(codes, N.quantize(w.astype(np.float32), s2, z2, 8, spec.group_size))
+    np.testing.assert_array_equal(scale, s_ref)
+    np.testing.assert_array_equal(zero, z_ref)
+    np.testing.assert_array_equal(planes, P.pack(codes, 8, use_kernel=False))
 
 
 def test_multiwidth_checkpoint(tiny, tmp_path):
