@@ -532,7 +532,8 @@ def test_signal_mid_run_leaves_nothing(tmp_path, sig):
     (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
     rng = np.random.default_rng(0)
     tensors = {
-        f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((512, 2048), np.float32) for i in range(8)
+        f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((512, 2048), np.float32)
+        for i in range(24)
     }
     save_file(tensors, str(src / "model.safetensors"))
     before, digest = set(os.listdir(tmp_path)), _digest(src)
@@ -542,12 +543,14 @@ def test_signal_mid_run_leaves_nothing(tmp_path, sig):
         [sys.executable, "-m", "matq_cli", "quantize", str(src), "-o", str(out), "--objective", "multiwidth"],
         stderr=subprocess.PIPE,
         text=True,
+        # test runners (xdist workers) may ignore SIGINT, and children inherit that: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not any(n.startswith(".out.") for n in os.listdir(tmp_path)) and p.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(0.2)
+    time.sleep(0.1)
     p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=60)
     signum = getattr(signal, sig).value
