@@ -30,7 +30,7 @@ IGNORE = -100
 class ObjectiveError(MatqError):
     """Widths, weights or distillation pairs that do not fit together."""
 
-    hint = "e.g. --bits 8,4,2 --lambdas 0.1,0.1,1 --distill 8->2"
+    hint = "e.g. --bits 8,4,2 --lambdas 0.1,0.1,1 --distill '8->2'"
 
 
 def parse_bits(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:

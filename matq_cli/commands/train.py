@@ -26,7 +26,7 @@ def _int_or_none(ctx, param, value):
     epilog="""\b
 Examples:
   matq train ./llama-tiny --data corpus/ --bits 8,4,2 --steps 500 -o llama-tiny-matq
-  matq train ./llama-tiny --data a.txt --data b.jsonl --lambdas 0.1,0.1,1 --distill 8->2 -o out
+  matq train ./llama-tiny --data a.txt --data b.jsonl --lambdas 0.1,0.1,1 --distill '8->2' -o out
   matq train ./llama-tiny --data corpus/ --extra-precision --lambdas 1,1,1 -o out-ep
   matq train ./llama-tiny --data corpus/ --baseline 2 -o llama-tiny-int2   # one width, c = 2
   matq train ./bert --data corpus/ --layers linear --group-size 64 --clip learned -o bert-matq
@@ -40,7 +40,11 @@ Examples:
 )
 @click.option("--bits", default="8,4,2", show_default=True, help="Widths trained together (Eq. 7).")
 @click.option("--lambdas", default=None, help="Loss weight per width, in --bits order [default: 1 each].")
-@click.option("--distill", default=None, help="Co-distillation TEACHER->STUDENT, e.g. 8->2.")
+@click.option(
+    "--distill",
+    default=None,
+    help="Co-distillation TEACHER->STUDENT, e.g. '8->2' (quoted: > is a shell redirection).",
+)
 @click.option(
     "--distill-labels",
     is_flag=True,
