@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -319,28 +320,49 @@ def _quantize_blocks(
 
 
 class _WriteBehind:
-    """Runs writer calls in order on one thread, one at a time, while the caller prepares the next.
+    """Runs writer calls in order on one thread while the caller quantizes what comes next.
 
-    Packing, checksums and file writes of one tensor overlap the quantization of the next; at most
-    two tensors are in memory. A failure in either thread stops both (the writer then aborts).
+    The queue is not bounded: a queued dense tensor holds no memory (its job maps it), and a
+    quantized one holds planes in one of the caller's buffers, which the caller takes back with
+    :meth:`wait`. So the writer thread, which copies every byte into the output files, rarely waits
+    for the quantizer, and the quantizer waits only for a buffer. A failure in either thread stops
+    both (the writer then aborts).
     """
 
     def __init__(self, progress: Callable[[int], None] | None):
         self._io = ThreadPoolExecutor(1, thread_name_prefix="matq-write")
-        self._pending: tuple[Future, int] | None = None
+        self._pending: deque[tuple[Future, int]] = deque()
+        self._failed = False
         self._progress = progress
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            fut, nbytes = self._pending
-            self._pending = None
-            fut.result()
-            if self._progress is not None:
-                self._progress(nbytes)
+    def _pop(self) -> None:
+        fut, nbytes = self._pending[0]
+        fut.result()
+        self._pending.popleft()
+        if self._progress is not None:
+            self._progress(nbytes)
 
-    def put(self, job: Callable[[], None], nbytes: int) -> None:
-        self._wait()
-        self._pending = (self._io.submit(job), nbytes)
+    def _run(self, job: Callable[[], None]) -> None:
+        if self._failed:  # an earlier job failed: write nothing more
+            return
+        try:
+            job()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def put(self, job: Callable[[], None], nbytes: int) -> Future:
+        """Queue ``job`` after the ones before it (and report the jobs that have run)."""
+        while self._pending and self._pending[0][0].done():
+            self._pop()
+        fut = self._io.submit(self._run, job)
+        self._pending.append((fut, nbytes))
+        return fut
+
+    def wait(self, fut: Future | None) -> None:
+        """Wait until ``fut`` (and so every job before it) has run."""
+        while fut is not None and any(f is fut for f, _ in self._pending):
+            self._pop()
 
     def __enter__(self) -> _WriteBehind:
         return self
@@ -348,11 +370,18 @@ class _WriteBehind:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._wait()
-            elif self._pending is not None:
-                futures_wait([self._pending[0]])  # let it stop touching the files before they are removed
+                while self._pending:
+                    self._pop()
+            else:
+                self._failed = True
+                futures_wait([f for f, _ in self._pending])  # let it stop touching the files first
         finally:
             self._io.shutdown(wait=True)
+
+
+def _copy_dense(writer: mf.CheckpointWriter, src: HFSource, name: str) -> None:
+    """Store a tensor as it came; mapped only now, on the writer thread, so a queued one holds no memory."""
+    writer.add_dense(name, src.read(name), src.tensors[name].dtype)
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -414,10 +443,10 @@ def quantize_hf(
     }
     zero_dtype = "U8" if code_bits <= 8 else "U16"
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
-    # Two plane buffers, taken in turns: the write-behind thread stores one tensor's planes while the
-    # next is packed into the other (put() waits for the job before, the last user of that buffer).
+    # Two plane buffers, taken in turns: the writer thread stores one tensor's planes while the next
+    # is packed into the other, once the job that last used it has run.
     sizes = [mf_planes.plane_stride(int(np.prod(src.tensors[n].shape))) for n in selected]
-    plane_bufs = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+    plane_bufs: list[tuple[np.ndarray, Future | None]] = [(np.empty(0, np.uint8), None)] * 2
     plane_cap = code_bits * max(sizes, default=0)
     with (
         ThreadPoolExecutor(n_threads, thread_name_prefix="matq-quantize") as pool,
@@ -434,13 +463,14 @@ def quantize_hf(
         for name in src:
             t = src.tensors[name]
             if name not in selected:
-                sink.put(functools.partial(writer.add_dense, name, src.read(name), t.dtype), t.nbytes)
+                sink.put(functools.partial(_copy_dense, writer, src, name), t.nbytes)
                 continue
-            if plane_bufs[0].size < plane_cap:  # allocated once, at the largest tensor's size
-                plane_bufs[0] = np.empty(plane_cap, np.uint8)
+            buf, last = plane_bufs.pop(0)
+            sink.wait(last)
+            if buf.size < plane_cap:  # allocated once, at the largest tensor's size
+                buf = np.empty(plane_cap, np.uint8)
             n = int(np.prod(t.shape))
-            planes = plane_bufs[0][: code_bits * mf_planes.plane_stride(n)].reshape(code_bits, -1)
-            plane_bufs.reverse()
+            planes = buf[: code_bits * mf_planes.plane_stride(n)].reshape(code_bits, -1)
             scale, zero = quantize_tensor_planes(
                 src.read(name), spec, planes, name=name, path=t.file, pool=pool
             )
@@ -458,5 +488,5 @@ def quantize_hf(
                 zero_dtype=zero_dtype,
                 extra_precision=spec.extra_precision,
             )
-            sink.put(write, t.nbytes)
+            plane_bufs.append((buf, sink.put(write, t.nbytes)))
     return out

@@ -61,7 +61,7 @@ static inline float bf16_value(uint16_t h) {
 }
 
 /* The same two passes for bfloat16 input (widened exactly by a 16-bit shift): no float32 copy. */
-static int minmax_bf16_impl(const uint16_t *w, size_t n_groups, size_t g, float *lo, float *hi) {
+MULTIVERSION static int minmax_bf16_impl(const uint16_t *w, size_t n_groups, size_t g, float *lo, float *hi) {
     uint32_t bad = 0;
     for (size_t j = 0; j < n_groups; j++) {
         const uint16_t *p = w + j * g;
@@ -115,26 +115,16 @@ static inline float f32_value(float x) { return x; }
 DEFINE_QUANTIZE(quantize_impl, float, f32_value)
 DEFINE_QUANTIZE(quantize_bf16_impl, uint16_t, bf16_value)
 
-/* float32 -> float16 bits, round to nearest even (numpy's conversion), for +0 < x or x = +inf. */
-static uint16_t half_bits(float x) {
+/* float32 -> float16 bits rounded up, for 0 < x (x = +inf included): the smallest float16 >= x,
+ * which is what numpy's round to nearest even followed by nextafter upward when it fell short gives.
+ * Branch-free on the common path (the rounding direction of random scales does not predict). */
+static inline uint16_t half_ceil_bits(float x) {
     uint32_t f;
     memcpy(&f, &x, 4);
-    uint32_t e = (f >> 23) & 0xFFu, mant = f & 0x7FFFFFu;
-    if (e >= 143) return 0x7C00u; /* >= 2^16, or inf: inf */
-    if (e < 102) return 0;        /* < 2^-25: rounds to zero */
-    uint32_t h, rem, halfway;
-    if (e < 113) { /* half subnormal: units of 2^-24 */
-        uint32_t shift = 126 - e, m = mant | 0x800000u;
-        h = m >> shift;
-        rem = m & ((1u << shift) - 1);
-        halfway = 1u << (shift - 1);
-    } else {
-        h = ((e - 112) << 10) | (mant >> 13);
-        rem = mant & 0x1FFFu;
-        halfway = 0x1000u;
-    }
-    if (rem > halfway || (rem == halfway && (h & 1u))) h++; /* a carry into the exponent is right */
-    return (uint16_t)h;
+    if (f > 0x477FE000u) return 0x7C00u; /* above 65504, the largest float16: inf */
+    uint32_t e = f >> 23, mant = f & 0x7FFFFFu;
+    if (e < 113) return (uint16_t)ceilf(x * 16777216.0f); /* float16 subnormal: units of 2^-24, exact */
+    return (uint16_t)((((e - 112) << 10) | (mant >> 13)) + ((mant & 0x1FFFu) != 0)); /* carries are right */
 }
 
 static float half_value(uint16_t h) {
@@ -157,8 +147,10 @@ static double alpha_for_zero(double lo, double hi, double z, double qmax) {
 
 static double clip(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-/* Returns 1, 0 when a scale does not fit F16 (numpy raises OverflowError), -1 on non-finite input. */
-static int params_impl(const float *lo32, const float *hi32, size_t n, double qmax, int sym, double m,
+/* Returns 1, 0 when a scale does not fit F16 (numpy raises OverflowError), -1 on non-finite input.
+ * The AVX2 clone rounds with roundsd (SSE4.1) where the default one calls libm's nearbyint: the
+ * same round-half-even in the default rounding mode, in a few cycles instead of a function call. */
+MULTIVERSION static int params_impl(const float *lo32, const float *hi32, size_t n, double qmax, int sym, double m,
                        int sd, float *a_out, float *z_out) {
     for (size_t j = 0; j < n; j++) {
         if (!isfinite(lo32[j]) || !isfinite(hi32[j])) return -1;
@@ -194,8 +186,7 @@ static int params_impl(const float *lo32, const float *hi32, size_t n, double qm
         }
         float a = (float)(alpha > 0 ? alpha : 1.0);
         if (sd == 1) { /* F16, rounded up */
-            uint16_t h = half_bits(a);
-            if (half_value(h) < a) h++;
+            uint16_t h = half_ceil_bits(a);
             if (h >= 0x7C00u) return 0;
             a = half_value(h);
         } else if (sd == 2) { /* BF16, rounded up */
