@@ -59,6 +59,18 @@ def _simd(avx2: bool):
         _bitplanes.set_avx2(was)
 
 
+@contextlib.contextmanager
+def _qk_simd(avx2: bool):
+    """Select the quantize kernel's hand-written AVX2 loop (where the CPU has it) or its portable one."""
+    from matq_format import numerics
+
+    was = numerics._qk.set_avx2(avx2)
+    try:
+        yield
+    finally:
+        numerics._qk.set_avx2(was)
+
+
 def _planes_list(packed: np.ndarray, c: int, bits: int) -> list[np.ndarray | None]:
     need = set(N.planes_needed(c, bits))
     return [packed[k] if k in need else None for k in range(c)]
@@ -290,8 +302,10 @@ def test_quantize_kernel_matches_numpy_reference(rows, cols, group, code_bits, h
         ref_params = numerics.minmax_params(w, code_bits, group, zero_multiple=1 << (code_bits // 2))
     finally:
         numerics.USE_KERNEL = True
-    got = numerics.quantize(w, a, z, code_bits, group)
-    assert got.dtype == np.uint8 and np.array_equal(got, ref)
+    for avx2 in (True, False):  # the hand-written AVX2 loop (where the CPU has it) and the portable one
+        with _qk_simd(avx2):
+            got = numerics.quantize(w, a, z, code_bits, group)
+        assert got.dtype == np.uint8 and np.array_equal(got, ref)
     got_params = numerics.minmax_params(w, code_bits, group, zero_multiple=1 << (code_bits // 2))
     assert all(np.array_equal(g, r) for g, r in zip(got_params, ref_params, strict=True))
 
@@ -468,4 +482,6 @@ def test_bf16_kernels_match_widening_to_float32(rows, cols, group, code_bits, ze
             ref = numerics.quantize(w32, a, z, code_bits, group)
         finally:
             numerics.USE_KERNEL = True
-        assert np.array_equal(numerics.quantize(w, a, z, code_bits, group), ref)
+        for avx2 in (True, False):
+            with _qk_simd(avx2):
+                assert np.array_equal(numerics.quantize(w, a, z, code_bits, group), ref)
