@@ -147,6 +147,11 @@ class HFSource:
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(shard, byte offset, byte count) of a tensor's data, for copying it without reading it."""
+        h, e = self._entries[name]
+        return h.path, h.data_start + e.start, e.nbytes
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (BF16 as ``ml_dtypes.bfloat16``), a read-only memory map of its bytes.
 

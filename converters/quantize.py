@@ -380,8 +380,9 @@ class _WriteBehind:
 
 
 def _copy_dense(writer: mf.CheckpointWriter, src: HFSource, name: str) -> None:
-    """Store a tensor as it came; mapped only now, on the writer thread, so a queued one holds no memory."""
-    writer.add_dense(name, src.read(name), src.tensors[name].dtype)
+    """Store a tensor as it came, copied file to file by the kernel: a queued one holds no memory."""
+    t = src.tensors[name]
+    writer.add_dense_from_file(name, *src.location(name), t.dtype, t.shape)
 
 
 def _check_paths(src: Path, out: Path) -> None:

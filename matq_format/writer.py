@@ -168,6 +168,33 @@ class CheckpointWriter:
             name, C.KIND_DENSE, tuple(array.shape), dtype, extras=dict(extras or {})
         )
 
+    def add_dense_from_file(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        offset: int,
+        nbytes: int,
+        dtype: str,
+        shape: tuple[int, ...],
+        *,
+        extras: dict | None = None,
+    ) -> None:
+        """:meth:`add_dense` of ``nbytes`` little-endian bytes of ``path`` at ``offset`` (a tensor of a
+        safetensors file): the same entry, copied by the kernel, in constant memory."""
+        self._check_name(name)
+        if dtype not in C.DTYPES:
+            raise WriterError(self.out, f"{name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
+        shape = tuple(int(d) for d in shape)
+        if len(shape) > C.MAX_DIMS:
+            raise WriterError(self.out, f"{name}: {len(shape)} dimensions exceed the limit of {C.MAX_DIMS}")
+        if nbytes != int(np.prod(shape, dtype=object)) * C.DTYPES[dtype][1]:
+            raise WriterError(
+                self.out, f"{name}: {nbytes} bytes do not hold a {dtype} tensor of shape {shape}"
+            )
+        crc = self._base.copy_from(name, path, offset, nbytes, dtype, shape)
+        self._entries[name] = {"file": C.BASE_FILENAME, "crc32": crc}
+        self._tensors[name] = TensorInfo(name, C.KIND_DENSE, shape, dtype, extras=dict(extras or {}))
+
     def add_quantized(
         self,
         name: str,

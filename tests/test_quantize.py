@@ -297,6 +297,54 @@ def test_planes_packed_per_block_equal_the_reference(monkeypatch, dtype, cols, k
     np.testing.assert_array_equal(planes, P.pack(codes, 8, use_kernel=False))
 
 
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_dense_copied_from_file_equals_add_dense(tmp_path, monkeypatch, sendfile):
+    """The writer's file-to-file copy (quantize_hf's dense tensors) gives the bytes, entry and
+    checksum that add_dense gives, with sendfile and through memory where sendfile is refused."""
+    import errno
+
+    import ml_dtypes
+
+    from matq_format import container
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a": rng.standard_normal((33, 7)).astype(ml_dtypes.bfloat16),
+        "empty": np.zeros((0, 5), np.float32),
+        "b": rng.integers(-9, 9, (3, 5, 2)).astype(np.int64),
+    }
+    src = tmp_path / "src.safetensors"
+    w = container.SafetensorsWriter(src, reserve=64)
+    for n, a in arrays.items():
+        w.write(n, a, {np.dtype(np.int64): "I64", np.dtype(np.float32): "F32"}.get(a.dtype, "BF16"))
+    w.close({})
+    if not sendfile:
+
+        def refuse(*args):
+            raise OSError(errno.EINVAL, "no sendfile here")
+
+        monkeypatch.setattr(container.os, "sendfile", refuse)
+    monkeypatch.setattr(container.SafetensorsWriter, "COPY_WINDOW", 100)  # several checksum windows
+    h = container.read_header(src)
+    for how in ("array", "file"):
+        with mf.CheckpointWriter(tmp_path / how, single_file=True) as out:
+            for n, e in h.entries.items():
+                if how == "array":
+                    out.add_dense(n, arrays[n], e.dtype)
+                else:
+                    out.add_dense_from_file(n, src, h.data_start + e.start, e.nbytes, e.dtype, e.shape)
+    assert (tmp_path / "array").read_bytes() == (tmp_path / "file").read_bytes()
+    ck = mf.open(tmp_path / "file")
+    ck.verify()
+    np.testing.assert_array_equal(_raw(ck.dense("a")), _raw(arrays["a"]))
+    with (
+        pytest.raises(WriterError, match="do not hold"),
+        mf.CheckpointWriter(tmp_path / "bad", single_file=True) as out,
+    ):
+        out.add_dense_from_file("x", src, 0, 10, "F32", (3,))  # 10 bytes are no 3 floats
+    assert not (tmp_path / "bad").exists()
+
+
 def test_multiwidth_checkpoint(tiny, tmp_path):
     ck = mf.open(quantize_hf(tiny["gemma2"], tmp_path / "mw", objective="multiwidth", lambdas=(1, 1, 1)))
     assert ck.source["objective"] == "multiwidth" and ck.source["widths"] == [8, 4, 2]
