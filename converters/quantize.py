@@ -4,12 +4,13 @@
     quantize_hf("Llama-3.2-1B", "Llama-3.2-1B-matq")                       # FFN, group 128, MinMax
     quantize_hf("Llama-3.2-1B", "out", layers="linear", objective="multiwidth", group_size=None)
 
-Tensors stream from memory-mapped shards one at a time (peak memory is about one and a half times
-the largest tensor for BF16 sources); each is cut into row blocks that fit in cache and are
-quantized on a few threads. Every formula comes from ``matq_format.numerics``: ``minmax_params``
-and ``quantize`` for MinMax, ``multiwidth_params`` and ``multiwidth_codes`` for the multi-width
-objective. Unselected tensors are written exactly as stored. The output appears only when
-complete; the input is only read.
+Selected tensors stream from memory-mapped shards one at a time; each is cut into row blocks that
+fit in cache, quantized and packed into bit-planes on a few threads, while a writer thread stores
+the tensor before (peak memory is about twice the largest selected tensor's BF16 bytes: its map
+and two plane buffers). Every formula comes from ``matq_format.numerics``: ``minmax_params`` and
+``quantize`` for MinMax, ``multiwidth_params`` and ``multiwidth_codes`` for the multi-width
+objective. Unselected tensors are copied exactly as stored, file to file by the kernel. The output
+appears only when complete; the input is only read.
 """
 
 from __future__ import annotations
