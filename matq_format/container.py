@@ -9,6 +9,7 @@ file can be wrong gets its own error, then maps entries with ``numpy.memmap``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -224,24 +225,13 @@ class SafetensorsWriter:
             fd = f.fileno()
             self._f.flush()
             start = self._f.tell()
-            done = 0
-            while done < nbytes:
-                try:
-                    n = os.sendfile(self._f.fileno(), fd, offset + done, nbytes - done)
-                except OSError as exc:
-                    if done or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise
-                    n = 0  # no sendfile between these files: copy through memory below
-                if n == 0:
-                    break
-                done += n
-            self._f.seek(start + done)
-            while done < nbytes:
-                chunk = os.pread(fd, min(self.COPY_WINDOW, nbytes - done), offset + done)
-                if not chunk:
-                    raise OSError(errno.EIO, f"{src} ends inside the copied range")
-                self._f.write(chunk)
-                done += len(chunk)
+            try:
+                self._copy_range(fd, offset, nbytes, start)
+            except BaseException:  # leave the file as it was, so the entries after this one stay right
+                with contextlib.suppress(OSError):
+                    self._f.seek(start)
+                    self._f.truncate()
+                raise
             crc, pos = 0, 0
             while pos < nbytes:
                 lo, n = offset + pos, min(self.COPY_WINDOW, nbytes - pos)
@@ -264,6 +254,26 @@ class SafetensorsWriter:
         crc_hex = f"{crc & 0xFFFFFFFF:08x}"
         self.crcs[name] = crc_hex
         return crc_hex
+
+    def _copy_range(self, fd: int, offset: int, nbytes: int, start: int) -> None:
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.sendfile(self._f.fileno(), fd, offset + done, nbytes - done)
+            except OSError as exc:
+                if done or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                n = 0  # no sendfile between these files: copy through memory below
+            if n == 0:
+                break
+            done += n
+        self._f.seek(start + done)
+        while done < nbytes:
+            chunk = os.pread(fd, min(self.COPY_WINDOW, nbytes - done), offset + done)
+            if not chunk:
+                raise OSError(errno.EIO, "the source file ends inside the copied range")
+            self._f.write(chunk)
+            done += len(chunk)
 
     def close(self, metadata: dict[str, str]) -> None:
         header = {"__metadata__": metadata, **self._entries} if metadata else dict(self._entries)

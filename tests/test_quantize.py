@@ -343,6 +343,13 @@ def test_dense_copied_from_file_equals_add_dense(tmp_path, monkeypatch, sendfile
     ):
         out.add_dense_from_file("x", src, 0, 10, "F32", (3,))  # 10 bytes are no 3 floats
     assert not (tmp_path / "bad").exists()
+    with mf.CheckpointWriter(tmp_path / "short", single_file=True) as out:
+        with pytest.raises(OSError):  # the range runs past the end of the file: nothing of it is kept
+            out.add_dense_from_file("x", src, src.stat().st_size - 4, 8, "F32", (2,))
+        out.add_dense("b", arrays["b"], "I64")
+    ck = mf.open(tmp_path / "short")
+    ck.verify()
+    assert list(ck.tensor_names()) == ["b"]
 
 
 def test_multiwidth_checkpoint(tiny, tmp_path):
