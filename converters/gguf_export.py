@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from matq_format import __version__ as MATQ_VERSION
-from matq_format.errors import WriterError
+from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
+from matq_format.publish import AtomicOutput, OutputKind
+from matq_format.safefs import open_regular
 
 from . import gguf_arch
 from .registry import ConvertOptionError, ConvertOptions, ConvertResult, UnsupportedModelError
@@ -56,6 +58,18 @@ _FILE_TYPES = {
 }
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file (its magic), so ``--force`` replaces only such a file."""
+    try:
+        with open_regular(path) as f:
+            return f.read(4) == b"GGUF"
+    except (OSError, MatqError):
+        return False
+
+
+GGUF_FILE = OutputKind("GGUF file", False, is_gguf)
+
+
 @dataclass
 class _Tensor:
     hf_name: str
@@ -78,6 +92,8 @@ class _Prepared:
     float_slices: str | None
     """Write slices as plain floats (what llama.cpp's own converter makes; for comparisons)."""
     warnings: list[str]
+    root: Path
+    """Checked copies of the carried files (config, tokenizer)."""
 
 
 class GGUFConverter:
@@ -87,7 +103,8 @@ class GGUFConverter:
     dependencies = ("gguf", "numpy")
 
     def validate(self, ckpt, options: ConvertOptions) -> list[str]:
-        return _prepare(ckpt, options).warnings
+        with ckpt.carried_folder() as root:
+            return _prepare(ckpt, options, root).warnings
 
     def convert(
         self,
@@ -99,8 +116,8 @@ class GGUFConverter:
         return export_gguf(ckpt, out, options, progress)
 
 
-def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
-    """Everything that can fail, checked before a byte is written."""
+def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
+    """Everything that can fail, checked before a byte is written (``root``: the checked carried files)."""
     if (options.bits is None) == (options.plan is None):
         raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
     if options.outtype not in OUTTYPES:
@@ -159,10 +176,10 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     from . import gguf_vocab
 
     warnings = []
-    kind = gguf_vocab.detect(ckpt.root, arch)
+    kind = gguf_vocab.detect(root, arch)
     if kind == "bpe" and not options.extra.get("tokenizer_pre"):
-        gguf_vocab.bpe_pre(ckpt.root / "tokenizer.json")
-    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings)
+        gguf_vocab.bpe_pre(root / "tokenizer.json")
+    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings, root)
 
 
 def _allowed_types(names) -> tuple | None:
@@ -196,28 +213,25 @@ def export_gguf(
 
     from . import gguf_vocab
 
-    prep = _prepare(ckpt, options)
     out = Path(out)
-    if out.exists() and not options.overwrite:
-        raise WriterError(out, "already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    w = gguf.GGUFWriter(None, prep.arch.name, use_temp_file=True)
-    try:
-        details = _write(w, ckpt, prep, options, progress)
-        vocab = gguf_vocab.add_vocab(
-            w, ckpt.root, prep.arch, prep.n_vocab, prep.cfg, pre=options.extra.get("tokenizer_pre")
-        )
-        prep.warnings.extend(vocab.warnings)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        AtomicOutput(out, GGUF_FILE, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o,
+        ckpt.carried_folder() as root,
+    ):
+        prep = _prepare(ckpt, options, root)
+        w = gguf.GGUFWriter(None, prep.arch.name, use_temp_file=True)
+        try:
+            details = _write(w, ckpt, prep, options, progress)
+            vocab = gguf_vocab.add_vocab(
+                w, root, prep.arch, prep.n_vocab, prep.cfg, pre=options.extra.get("tokenizer_pre")
+            )
+            prep.warnings.extend(vocab.warnings)
+            w.write_header_to_file(o.tmp)
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+        o.commit()
     details.update(tokenizer=vocab.kind, tokenizer_pre=vocab.pre, bytes=out.stat().st_size)
     counts = Counter(details["types"].values())
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -239,7 +253,7 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
     c = ckpt.code_bits
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(ckpt.source.get("model") or prep.cfg.get("_name_or_path") or ckpt.root.name))
-    prep.warnings.extend(prep.arch.hparams(w, prep.cfg, ckpt.root) or [])
+    prep.warnings.extend(prep.arch.hparams(w, prep.cfg, prep.root) or [])
     w.add_vocab_size(prep.n_vocab)
     types: dict[str, str] = {}
     weights_by_type: Counter = Counter()

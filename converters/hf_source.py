@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_format import constants as C
 from matq_format import dtypes
 from matq_format.container import Entry, FileHeader, read_header
 from matq_format.errors import HeaderError, MatqError
+from matq_format.safefs import allowed_roots, check_file, read_bounded
 
 __all__ = [
     "HFSource",
@@ -74,11 +76,13 @@ class HFSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotAModelFolderError(self.root, "is not a folder")
+        self.roots = allowed_roots(self.root)
+        """Where the folder's files may lie (itself, or a Hugging Face cache's blobs)."""
         cfg = self.root / "config.json"
-        if not cfg.is_file():
+        if not os.path.lexists(cfg):
             raise NotAModelFolderError(self.root, "has no config.json; is it a Hugging Face model folder?")
         try:
-            self.config: dict = json.loads(cfg.read_text(encoding="utf-8"))
+            self.config: dict = json.loads(self._read_small(cfg).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise NotAModelFolderError(cfg, f"is not valid JSON ({exc.__class__.__name__})") from None
         if not isinstance(self.config, dict):
@@ -104,9 +108,9 @@ class HFSource:
     def _shard_files(self) -> list[Path]:
         index = self.root / INDEX_NAME
         self._index: dict[str, str] | None = None
-        if index.is_file():
+        if os.path.lexists(index):
             try:
-                doc = json.loads(index.read_text(encoding="utf-8"))
+                doc = json.loads(self._read_small(index).decode("utf-8"))
                 weight_map = doc["weight_map"]
                 if not isinstance(weight_map, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -127,13 +131,19 @@ class HFSource:
                     self.root / missing[0],
                     f"shard listed in {INDEX_NAME} is missing ({len(missing)} missing)",
                 )
-            return [self.root / s for s in shards]
-        files = sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
+            return [check_file(self.root / s, self.roots) for s in shards]
+        files = sorted(
+            check_file(p, self.roots) for p in self.root.glob("*.safetensors") if not p.name.startswith(".")
+        )
         if not files:
             other = [p.name for p in self.root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
             extra = f" (found {other[0]}; re-save it with safe_serialization=True)" if other else ""
             raise NotAModelFolderError(self.root, f"has no safetensors weights{extra}")
         return files
+
+    def _read_small(self, path: Path) -> bytes:
+        check_file(path, self.roots)
+        return read_bounded(path, C.CARRY_MAX_BYTES)
 
     # --- queries --------------------------------------------------------------------------------
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -127,6 +127,7 @@ def import_matgptq(
             source=source,
             overwrite=overwrite,
             expected_tensors=len(src.tensors),
+            inputs=src.roots,
         ) as w:
             for name, t in src.tensors.items():
                 if name in scale_names:

@@ -387,12 +387,6 @@ def _copy_dense(writer: mf.CheckpointWriter, src: HFSource, name: str) -> None:
     writer.add_dense_from_file(name, *src.location(name), t.dtype, t.shape)
 
 
-def _check_paths(src: Path, out: Path) -> None:
-    s, o = src.resolve(), out.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise OptionError(out, f"output must lie outside the input folder {src} (and not contain it)")
-
-
 def quantize_hf(
     hf_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -432,7 +426,6 @@ def quantize_hf(
         scale_dtype=scale_dtype,
     )
     src = HFSource(hf_dir)
-    _check_paths(hf_dir, out)
     arch = architectures.detect(src.config)
     selected = set(architectures.select(src.shapes(), layers, arch, path=str(hf_dir)))
     source = {
@@ -460,6 +453,7 @@ def quantize_hf(
             source=source,
             overwrite=overwrite,
             expected_tensors=len(src.tensors),
+            inputs=src.roots,
         ) as writer,
         _WriteBehind(progress) as sink,
     ):

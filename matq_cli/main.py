@@ -5,6 +5,7 @@ Set ``MATQ_DEBUG=1`` to see tracebacks.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ import sys
 import click
 
 from matq_format.errors import MatqError
+from matq_format.publish import OutputExistsError, OutputRaceError
 
 
 class Terminated(BaseException):
@@ -52,6 +54,8 @@ class MatqGroup(click.Group):
 
 def describe(exc: BaseException) -> str:
     """One line for any error; MatqError already names its file."""
+    if isinstance(exc, OutputExistsError) and not isinstance(exc, OutputRaceError):
+        return f"{exc} (use --force to replace it)"
     if isinstance(exc, MatqError):
         return str(exc) + (f" ({exc.hint})" if exc.hint else "")
     if isinstance(exc, FileNotFoundError):
@@ -92,6 +96,9 @@ _register()
 
 
 def main() -> None:
+    handler = logging.StreamHandler()  # the library's notes (stale outputs removed...) as one line each
+    handler.setFormatter(logging.Formatter("matq: %(message)s"))
+    logging.getLogger("matq").addHandler(handler)
     # Python's default for SIGTERM is to die on the spot, leaving temporary outputs behind.
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from .errors import (
 )
 from .manifest import TensorInfo, entry_name, parse_manifest, plane_entry
 from .planes import plane_stride, unpack
-from .writer import sha256_file
+from .safefs import allowed_roots, check_file, open_regular
 
 UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset()
 
@@ -53,6 +56,8 @@ class Checkpoint:
         self.partial = partial
         self.missing_files: set[str] = set()
         self.root = self.path.parent
+        self._roots = allowed_roots(self.root)
+        self._opened_folder = Path(path).is_dir()
         self.verify_reads = verify_reads
         base = read_header(self.path)
         meta = base.metadata
@@ -83,6 +88,7 @@ class Checkpoint:
                     self.missing_files.add(fname)
                     continue
                 raise MissingFileError(p, "listed in the manifest but missing (or not a file)")
+            check_file(p, self._roots)
             size = p.stat().st_size
             if size < finfo["bytes"]:
                 raise TruncatedFileError(p, f"is {size} bytes, the manifest says {finfo['bytes']}")
@@ -295,19 +301,62 @@ class Checkpoint:
             + size(entry_name(name, C.ZERO_SUFFIX))
         )
 
+    @property
+    def is_folder(self) -> bool:
+        """A checkpoint folder (planes and carried files beside the base), not a single file."""
+        m = self.manifest
+        return self.path.name == C.BASE_FILENAME and (self._opened_folder or bool(m["files"] or m.get("carried")))
+
+    def input_paths(self) -> list[Path]:
+        """What a command reading this checkpoint must never write into: the folder, or the file."""
+        return list(self._roots) if self.is_folder else [self.path]
+
+    def read_carried(self, rel: str) -> bytes:
+        """A carried file's bytes, checked: a regular file inside the folder, of the recorded size
+        and sha256 (at most that many bytes are read)."""
+        meta = self.manifest.get("carried", {}).get(rel)
+        p = self.root / rel
+        if meta is None:
+            raise UnknownTensorError(self.path, f"no carried file named {rel!r}")
+        if not p.exists() and not p.is_symlink():
+            raise MissingFileError(p, "carried file listed in the manifest is missing")
+        check_file(p, self._roots)
+        with open_regular(p) as f:  # one byte past the recorded size tells a longer file
+            data = f.read(min(int(meta["bytes"]), C.CARRY_MAX_BYTES) + 1)
+        if len(data) != meta["bytes"]:
+            raise ChecksumError(p, f"carried file is not the {meta['bytes']} bytes the manifest records")
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            raise ChecksumError(p, "carried file does not match its sha256")
+        return data
+
+    def carried_bytes(self) -> dict[str, bytes]:
+        """Every carried file, checked as :meth:`read_carried` does (relative name -> bytes)."""
+        return {rel: self.read_carried(rel) for rel in self.manifest.get("carried", {})}
+
+    @contextlib.contextmanager
+    def carried_folder(self) -> Iterator[Path]:
+        """A private temporary folder of checked copies of the carried files, for libraries that
+        read files by path (tokenizers, gguf-py); removed on exit."""
+        with tempfile.TemporaryDirectory(prefix="matq-carried-") as tmp:
+            for rel, data in self.carried_bytes().items():
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / rel).write_bytes(data)
+            yield Path(tmp)
+
     def carried_files(self) -> dict[str, Path]:
-        """Config, tokenizer and other files carried from the source model (relative name -> path)."""
+        """Carried files (relative name -> path), each checked as :meth:`read_carried` does."""
+        self.carried_bytes()
         return {rel: self.root / rel for rel in self.manifest.get("carried", {})}
 
     @property
     def config(self) -> dict | None:
-        p = self.root / "config.json"
-        if "config.json" not in self.manifest.get("carried", {}) or not p.exists():
+        if "config.json" not in self.manifest.get("carried", {}):
             return None
+        data = self.read_carried("config.json")
         try:
-            return json.loads(p.read_text(encoding="utf-8"))
+            return json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError):
-            raise HeaderError(p, "carried config.json is not valid JSON") from None
+            raise HeaderError(self.root / "config.json", "carried config.json is not valid JSON") from None
 
     @property
     def digest(self) -> str:
@@ -337,12 +386,7 @@ class Checkpoint:
         for name in self.quantized_names():
             self.scale(name)
             self.zero(name)
-        for rel, meta in self.manifest.get("carried", {}).items():
-            p = self.root / rel
-            if not p.is_file():
-                raise MissingFileError(p, "carried file listed in the manifest is missing")
-            if sha256_file(p) != meta.get("sha256"):
-                raise ChecksumError(p, "carried file does not match its sha256")
+        self.carried_bytes()
 
     def close(self) -> None:
         self._maps.clear()

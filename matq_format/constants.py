@@ -35,6 +35,8 @@ MAX_DIM_SIZE = 2**40
 PLANE_ALIGN_BYTES = 8
 """Every plane entry is zero-padded to a multiple of 8 bytes (64 codes) so kernels work in u64 words."""
 HEADER_ALIGN_BYTES = 8
+CARRY_MAX_BYTES = 64 << 20
+"""Largest file carried from the source model (config, tokenizer); larger ones are not carried."""
 
 # --- entries ---------------------------------------------------------------------------------
 ENTRY_SEP = "@"

@@ -37,6 +37,7 @@ from .errors import (
     OffsetError,
     TruncatedFileError,
 )
+from .safefs import open_regular
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
@@ -98,8 +99,8 @@ def _encodable(s: str) -> bool:
 def read_header(path: str | os.PathLike) -> FileHeader:
     """Parse and validate a safetensors header: sizes, JSON, dtypes, shapes, offsets, limits."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or device is refused, never waited on
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(C.HEADER_PREFIX_BYTES)
         if len(prefix) < C.HEADER_PREFIX_BYTES:
             raise TruncatedFileError(path, f"file is {size} bytes, shorter than the 8-byte header length")

@@ -41,7 +41,7 @@ def slice_checkpoint(
         "widths": sorted(set(widths.values())),
         "extra_precision": bool(extra_precision),
     }
-    carry = None if single_file else (ckpt.carried_files() or None)
+    carry = None if single_file else (ckpt.carried_bytes() or None)  # checked, never laundered
     with CheckpointWriter(
         out,
         ckpt.code_bits,
@@ -52,6 +52,7 @@ def slice_checkpoint(
         extensions=ckpt.manifest.get("extensions"),
         must_understand=ckpt.manifest.get("must_understand"),
         expected_tensors=len(ckpt.tensor_names()),
+        inputs=ckpt.input_paths(),
     ) as w:
         for name in ckpt.tensor_names():
             t = ckpt.info(name)

@@ -11,17 +11,20 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from . import constants as C
 from . import dtypes
-from .container import SafetensorsWriter, crc32_hex
-from .errors import WriterError
+from .container import SafetensorsWriter, crc32_hex, read_header
+from .errors import MatqError, WriterError
 from .manifest import TensorInfo, _safe_relpath, entry_name, plane_entry
 from .numerics import code_max, n_groups, planes_needed
 from .planes import pack
+from .publish import AtomicOutput, OutputKind, output_error
+from .safefs import allowed_roots, check_file, read_bounded
 
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -36,21 +39,45 @@ WEIGHT_SUFFIXES = (
     ".onnx_data",
     ".index.json",
 )
-CARRY_MAX_BYTES = 64 << 20
 
 
 def carried_sources(src: str | os.PathLike) -> list[Path]:
-    """Files of a model folder that travel with a checkpoint: config, tokenizer, everything but weights."""
+    """Files of a model folder that travel with a checkpoint: config, tokenizer, everything but weights.
+
+    Links are followed only inside the folder (or a Hugging Face cache's blobs, see
+    :mod:`matq_format.safefs`); any other link, FIFO or device among them is refused, not skipped,
+    so nothing from outside the folder is ever published with a checkpoint.
+    """
     src = Path(src)
+    roots = allowed_roots(src)
     out = []
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if not p.is_file() or not _safe_relpath(rel.as_posix()):  # hidden files, odd names
-            continue
-        if p.name.endswith(WEIGHT_SUFFIXES) or p.name == "README.md" or p.stat().st_size > CARRY_MAX_BYTES:
-            continue
-        out.append(p)
-    return out
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if _safe_relpath(d)]
+        for fname in filenames:
+            p = Path(dirpath) / fname
+            rel = p.relative_to(src).as_posix()
+            if not _safe_relpath(rel) or fname.endswith(WEIGHT_SUFFIXES) or fname == "README.md":
+                continue  # hidden files, odd names, weights
+            check_file(p, roots)
+            if p.stat().st_size <= C.CARRY_MAX_BYTES:
+                out.append(p)
+    return sorted(out)
+
+
+def checkpoint_kind(single_file: bool) -> OutputKind:
+    """What the writer writes, for replacing only that (see :mod:`matq_format.publish`)."""
+    return OutputKind("matq checkpoint", not single_file, is_checkpoint)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a matq checkpoint (a folder with its base file, or a single file)."""
+    path = Path(path)
+    base = path / C.BASE_FILENAME if path.is_dir() else path
+    try:
+        meta = read_header(base).metadata
+    except (MatqError, OSError):
+        return False
+    return meta.get(C.METADATA_KEY_FORMAT) == C.FORMAT_NAME and C.METADATA_KEY_MANIFEST in meta
 
 
 def _manifest_json(obj) -> str:
@@ -96,12 +123,11 @@ class CheckpointWriter:
         extensions: dict | None = None,
         must_understand: list[str] | None = None,
         expected_tensors: int | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
     ):
         if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
             raise WriterError(out, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}")
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise WriterError(self.out, "already exists (pass overwrite to replace it)")
         self.code_bits = code_bits
         self.single_file = single_file
         self.source = dict(source or {})
@@ -115,31 +141,38 @@ class CheckpointWriter:
             _manifest_json({"source": self.source, "extensions": self.extensions})
         except (TypeError, ValueError) as exc:
             raise WriterError(self.out, f"source and extensions must be plain JSON: {exc}") from None
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        except OSError as exc:
-            raise WriterError(self.out, f"cannot write here: {exc.strerror or exc}") from None
+        if carry_from is not None and single_file:
+            raise WriterError(
+                self.out, "a single-file checkpoint carries no side files; write a folder to keep them"
+            )
+        self._output = AtomicOutput(self.out, checkpoint_kind(single_file), inputs=inputs, overwrite=overwrite)
+        self._output.open()
+        self._planes: dict[int, SafetensorsWriter] = {}
         # Header room: with a tensor count the headers fit without moving any data at close.
         self._plane_reserve = 1 << 20 if expected_tensors is None else 4096 + 320 * expected_tensors
         base_reserve = 4 << 20 if expected_tensors is None else 65536 + 2048 * expected_tensors
-        self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=base_reserve)
-        self._planes: dict[int, SafetensorsWriter] = {}
+        try:
+            # A folder is built in the output's partial folder; a single file in a partial folder
+            # of its own (named like it, so a later run cleans it up too), then moved.
+            self._tmp = (
+                Path(tempfile.mkdtemp(prefix=self._output.tmp.name + "-", dir=self.out.parent))
+                if single_file
+                else self._output.tmp
+            )
+            self._base = SafetensorsWriter(self._tmp / C.BASE_FILENAME, reserve=base_reserve)
+        except OSError as exc:
+            self._output.close()
+            raise output_error(self.out, exc) from None
         self._tensors: dict[str, TensorInfo] = {}
         self._entries: dict[str, dict] = {}
         self._carried: dict[str, dict] = {}
         self._closed = False
-        if carry_from is not None and single_file:
-            self.abort()
-            raise WriterError(
-                self.out, "a single-file checkpoint carries no side files; write a folder to keep them"
-            )
         if carry_from is not None:
             try:
                 self._carry(carry_from)
             except OSError as exc:
                 self.abort()
-                raise WriterError(self.out, f"cannot carry files from {carry_from}: {exc}") from None
+                raise output_error(self.out, exc) from None
             except BaseException:
                 self.abort()
                 raise
@@ -355,18 +388,27 @@ class CheckpointWriter:
                     C.METADATA_KEY_MANIFEST_CRC: crc32_hex(text.encode("utf-8")),
                 }
             )
-            self._publish()
+            if self.single_file:
+                os.rename(self._base.path, self._output.tmp)
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._output.commit()
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.out, exc) from None
         except BaseException:
             self.abort()
             raise
+        self._output.close()
         return self.out
 
     def abort(self) -> None:
+        """Drop everything written so far; the output path is left as it was."""
         self._closed = True
         for w in [self._base, *self._planes.values()]:
             if not w._f.closed:
                 w._f.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        self._output.close()
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -406,8 +448,10 @@ class CheckpointWriter:
         crc = w.write(entry, data, "U8")
         self._entries[entry] = {"file": w.path.name, "crc32": crc}
 
-    def _carry(self, src: str | os.PathLike | dict[str, Path]) -> None:
-        """Copy a model folder's side files (or an explicit ``{relative name: path}`` map)."""
+    def _carry(self, src: str | os.PathLike | dict[str, Path | bytes]) -> None:
+        """Copy a model folder's side files, or an explicit ``{relative name: path or bytes}`` map.
+
+        Files are read as regular files of bounded size (a FIFO or ``/dev/zero`` is refused)."""
         if not isinstance(src, dict):
             root = Path(src)
             src = {p.relative_to(root).as_posix(): p for p in carried_sources(root)}
@@ -417,23 +461,10 @@ class CheckpointWriter:
                 raise WriterError(
                     self.out, f"cannot carry {rel!r}: not a plain relative path, or a matq file name"
                 )
+            data = p if isinstance(p, bytes) else read_bounded(p, C.CARRY_MAX_BYTES)
+            if len(data) > C.CARRY_MAX_BYTES:
+                raise WriterError(self.out, f"cannot carry {rel!r}: larger than {C.CARRY_MAX_BYTES} bytes")
             dst = self._tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dst)
-            self._carried[rel] = {"bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
-
-    def _publish(self) -> None:
-        final = self._tmp / C.BASE_FILENAME if self.single_file else self._tmp
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        if not self.single_file:  # mkdtemp made it private; publish it like any folder
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(final, 0o777 & ~umask)
-        os.replace(final, self.out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        if self.single_file:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            dst.write_bytes(data)
+            self._carried[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

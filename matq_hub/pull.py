@@ -24,8 +24,8 @@ from pathlib import Path
 
 import matq_format as mf
 from matq_format import constants as C
-from matq_format.errors import ChecksumError, FormatError, PlanError, RequestError, WriterError
-from matq_format.writer import sha256_file
+from matq_format.errors import FormatError, PlanError, RequestError
+from matq_format.publish import OutputExistsError
 
 from .client import api, endpoint_of, hub_errors
 from .errors import DownloadChecksumError, NotAMatqRepoError
@@ -77,8 +77,8 @@ def pull(
     out = Path(out)
     if bits is not None and plan is not None:
         raise PlanError(repo_id, "give at most one of bits or plan")
-    if out.exists() and not overwrite:
-        raise WriterError(out, "already exists; choose another output folder or remove it")
+    if os.path.lexists(out) and not overwrite:  # before any download; the writer checks again
+        raise OutputExistsError(out, "already exists")
     hub = api(endpoint, token)
     ep = endpoint_of(endpoint)
 
@@ -127,9 +127,7 @@ def pull(
 
     with _integrity(repo_id, commit, snapshot):
         ckpt = mf.open(snapshot, partial=True)
-        for rel, meta in ckpt.manifest.get("carried", {}).items():
-            if sha256_file(snapshot / rel) != meta.get("sha256"):
-                raise ChecksumError(snapshot / rel, "does not match the sha256 in the manifest")
+        ckpt.carried_bytes()  # checked here so that a bad download is purged from the cache
         mf.slice_checkpoint(
             ckpt,
             out,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ def export_matq(
     extra_precision: bool = False,
     source: dict | None = None,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Export ``model`` (prepared with :func:`matq_train.fakequant.prepare`) to the folder ``out``.
 
@@ -54,7 +56,12 @@ def export_matq(
         if tokenizer is not None:
             tokenizer.save_pretrained(side)
         with mf.CheckpointWriter(
-            out, code_bits=spec.code_bits, carry_from=side, source=source or {}, overwrite=overwrite
+            out,
+            code_bits=spec.code_bits,
+            carry_from=side,
+            source=source or {},
+            overwrite=overwrite,
+            inputs=inputs,
         ) as w:
             seen: set[int] = set()
             for name, t in model.state_dict(keep_vars=False).items():

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from matq_format.errors import MatqError
+from matq_format.publish import OutputExistsError, check_disjoint
 
 from .data import TokenBlocks, load_blocks, mask_tokens
 from .fakequant import QuantSpec, fake_quant_layers, prepare, width
@@ -340,8 +341,10 @@ def train(
         raise TrainConfigError(
             None, f"batch size {cfg.batch_size} is not divisible by the world size {world}"
         )
-    if cfg.out and not cfg.full_precision and Path(cfg.out).exists():
-        raise TrainConfigError(cfg.out, "already exists; choose a new output folder")
+    if cfg.out and not cfg.full_precision:
+        check_disjoint(cfg.out, [cfg.model_dir, *cfg.data])
+        if os.path.lexists(cfg.out):
+            raise OutputExistsError(cfg.out, "already exists; choose a new output folder")
     if cfg.steps < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
         raise TrainConfigError(
             None, "steps, batch size and sequence length must be positive (sequence length >= 2)"
@@ -495,5 +498,10 @@ def _export(cfg, model, tokenizer, spec, objective, history, rank, world) -> Pat
         "final_loss": history[-1]["widths"] if history else None,
     }
     return export_matq(
-        model, cfg.out, tokenizer=tokenizer, extra_precision=objective.extra_precision, source=source
+        model,
+        cfg.out,
+        tokenizer=tokenizer,
+        extra_precision=objective.extra_precision,
+        source=source,
+        inputs=[cfg.model_dir, *cfg.data],
     )

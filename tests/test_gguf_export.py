@@ -6,7 +6,6 @@ The llama.cpp runs (loading, tokenizing, logits) are in test_gguf_llama_cpp.py.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import gguf
@@ -302,8 +301,32 @@ def test_bad_requests_fail_before_writing(models, tmp_path):
 
 
 def _edit_copy(src: Path, dst: Path, edit) -> mf.Checkpoint:
-    shutil.copytree(src, dst)
-    edit(dst)
+    """A copy of ``src`` whose carried files were edited and re-recorded (checksums match)."""
+    ck = mf.open(src)
+    side = dst.with_name(dst.name + "-side")
+    for rel, data in ck.carried_bytes().items():
+        (side / rel).parent.mkdir(parents=True, exist_ok=True)
+        (side / rel).write_bytes(data)
+    edit(side)
+    with mf.CheckpointWriter(dst, ck.code_bits, carry_from=side) as w:
+        for name in ck.tensor_names():
+            t = ck.info(name)
+            if not t.quantized:
+                w.add_dense(name, ck.dense(name), t.dtype)
+                continue
+            w.add_quantized_planes(
+                name,
+                {k: ck.plane(name, k) for k in t.planes},
+                ck.scale(name),
+                ck.zero(name),
+                shape=t.shape,
+                dtype=t.dtype,
+                group_size=t.group_size,
+                scheme=t.scheme,
+                scale_dtype=t.scale_dtype,
+                zero_dtype=t.zero_dtype,
+                extra_precision=t.extra_precision,
+            )
     return mf.open(dst, verify_reads=True)
 
 
@@ -316,7 +339,6 @@ def test_unsupported_architecture_tokenizer_and_tensors(models, tmp_path):
         cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
         (d / "config.json").write_text(json.dumps(cfg))
 
-    # carried files are checksummed by matq verify, not by open: editing them models a user's fix-up
     ck = _edit_copy(root, tmp_path / "a", arch)
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         export(ck, tmp_path / "a.gguf", bits=4)

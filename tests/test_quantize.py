@@ -31,6 +31,7 @@ from matq_cli.main import cli
 from matq_format import numerics as N
 from matq_format import planes as P
 from matq_format.errors import WriterError
+from matq_format.publish import OutputOverlapError
 
 FFN_NAMES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
@@ -397,7 +398,7 @@ def test_errors_are_typed_and_leave_nothing(tiny, tmp_path):
         quantize_hf(broken, out)
     _no_leftovers(tmp_path, before)
 
-    with pytest.raises(OptionError, match="outside the input"):
+    with pytest.raises(OutputOverlapError, match="inside the input"):
         quantize_hf(src, src / "q")
     with pytest.raises(OptionError, match="unknown objective"):
         quantize_hf(src, out, objective="gptq")

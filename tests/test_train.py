@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from matq_format.publish import OutputExistsError, OutputOverlapError
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
@@ -32,7 +34,6 @@ from matq_train.loss import Objective, ObjectiveError, parse_distill  # noqa: E4
 from matq_train.trainer import (  # noqa: E402
     CheckpointMismatchError,
     TrainConfig,
-    TrainConfigError,
     latest_checkpoint,
     train,
 )
@@ -377,8 +378,11 @@ def test_masked_lm_trains_and_exports(tmp_path):
 
 def test_existing_output_and_bad_batch_refused(llama_dir, tmp_path):
     (tmp_path / "taken").mkdir()
-    with pytest.raises(TrainConfigError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         train(cfg_for(llama_dir, tmp_path / "taken"))
+    with pytest.raises(OutputOverlapError, match="inside the input"):
+        train(cfg_for(llama_dir, llama_dir / "out"))
+    assert not (llama_dir / "out").exists()
 
 
 # --- CLI -------------------------------------------------------------------------------------------
