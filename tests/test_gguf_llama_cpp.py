@@ -6,7 +6,9 @@ matq's dequantized weights. Tolerance: llama.cpp quantizes activations for quant
 Q8_1, Q8_0), so with logits of spread sigma we require mean |diff| <= 0.06 sigma, max |diff| <= 0.5
 sigma and correlation >= 0.998; an F32 export of the same slice (no activation quantization) must
 agree to 0.01 sigma, which pins the architecture mapping itself. The real all-MiniLM-L6-v2 runs as a
-BERT embedding model: cosine >= 0.995 to transformers on the same weights.
+BERT embedding model: cosine >= 0.995 to transformers on the same weights. Every model loads with
+llama.cpp's extra buffer types off (``gguf_helpers.llama_cpp_model``): with them, llama.cpp built with
+AMX crashes on AMX CPUs; a Q4_1 file from llama.cpp's own quantizer checks that they stay off.
 
 Select with ``-m llama_cpp``; they run in the default suite.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf_helpers import BERT_LINEAR, SAMPLE, hf_model_on_matq, tiny_hf_model, to_matq
+from gguf_helpers import BERT_LINEAR, SAMPLE, hf_model_on_matq, llama_cpp_model, tiny_hf_model, to_matq
 from matq_converters import registry
 from matq_converters.registry import ConvertOptions
 
@@ -56,7 +58,8 @@ def built(tmp_path_factory):
 
 
 def load(path: Path, **kw):
-    return llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, n_threads=2, verbose=False, seed=0, **kw)
+    # extra buffer types off: AMX builds of llama.cpp crash or miscompute with them (gguf_helpers)
+    return llama_cpp_model(path, n_ctx=256, n_batch=256, n_threads=2, verbose=False, seed=0, **kw)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -162,3 +165,34 @@ def test_all_minilm_embeddings_match_transformers(minilm, tmp_path, bits):
             want = model(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0).double().numpy()
         cos = got @ want / np.linalg.norm(got) / np.linalg.norm(want)
         assert cos >= 0.995, (text, cos)
+
+
+def test_llama_cpps_own_q4_1_runs_with_extra_buffer_types_off(minilm, tmp_path):
+    """all-MiniLM-L6-v2 quantized to Q4_1 by llama.cpp's own quantizer embeds like the F32 file.
+
+    On CPUs with AMX, a llama.cpp built with AMX repacks such weights into its extra buffer types and
+    crashes in ggml_backend_amx_mul_mat (llama.cpp#20824) or computes Q4_0/Q4_1 wrongly (#16315);
+    every load here turns the extra buffer types off, which the model parameters must show.
+    """
+    import ctypes
+
+    import gguf
+
+    f32 = export(minilm[1], tmp_path / "f32.gguf", bits=8, extra={"types": ["F32"]}).path
+    q4_1 = tmp_path / "q4_1.gguf"
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
+    p.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(q4_1).encode(), ctypes.byref(p)) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(q4_1).tensors}
+    assert types["blk.0.ffn_up.weight"] == types["blk.5.attn_q.weight"] == "Q4_1", types
+    embeddings = []
+    for path in (f32, q4_1):
+        llm = load(path, embedding=True)
+        assert llm.model_params.use_extra_bufts is False
+        embeddings.append([np.asarray(llm.embed(text), np.float64) for text in TEXTS])
+        llm.close()
+    assert llama_cpp.llama_model_default_params().use_extra_bufts  # llama.cpp's default is back
+    for text, want, got in zip(TEXTS, *embeddings, strict=True):
+        cos = got @ want / np.linalg.norm(got) / np.linalg.norm(want)
+        assert cos >= 0.93, (text, cos)  # measured 0.955 to 0.978; different texts: 0.03 to 0.22
