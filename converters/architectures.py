@@ -31,6 +31,7 @@ __all__ = [
     "detect",
     "layer_index",
     "select",
+    "unquantized",
 ]
 
 ROLES = ("ffn", "attention", "embedding", "norm", "head", "other")
@@ -116,7 +117,36 @@ def detect(config: Mapping | None) -> Architecture:
 
 def quantizable(dtype: str, shape: tuple[int, ...]) -> bool:
     """Only 2-D float weights [out, in] become codes; everything else stays dense."""
-    return dtype in C.QUANTIZABLE_DTYPES and len(shape) == 2 and shape[0] > 0 and shape[1] > 0
+    return why_dense(dtype, shape) is None
+
+
+def why_dense(dtype: str, shape: tuple[int, ...]) -> str | None:
+    """Why a tensor cannot become codes (``"1-D"``, ``"3-D"``, ``"dtype I32"``, ``"empty"``), or None."""
+    if dtype not in C.QUANTIZABLE_DTYPES:
+        return f"dtype {dtype}"
+    if len(shape) != 2:
+        return f"{len(shape)}-D"
+    if 0 in shape:
+        return "empty"
+    return None
+
+
+def unquantized(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]], layers: str, arch: Architecture
+) -> dict[str, str]:
+    """Tensors the selection names (by role or pattern, as :func:`select` does) that stay dense
+    because they are not 2-D float weights: ``{name: why}``, in the given order."""
+    if layers in PRESETS:
+        roles = {"ffn": ("ffn",), "attention": ("attention",), "linear": ("ffn", "attention")}[layers]
+        hits = [n for n in tensors if arch.role(n) in roles]
+    else:
+        try:
+            rx = re.compile(layers)
+        except re.error:
+            return {}
+        hits = [n for n in tensors if rx.search(n)]
+    out = {n: why_dense(*tensors[n]) for n in hits}
+    return {n: why for n, why in out.items() if why is not None}
 
 
 def select(

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +33,7 @@ import matq_format as mf
 from matq_format import constants as C
 from matq_format import numerics
 from matq_format import planes as mf_planes
-from matq_format.errors import MatqError
+from matq_format.errors import MatqError, printable
 
 from . import architectures
 from .hf_source import HFSource, SourceError
@@ -43,6 +44,7 @@ __all__ = [
     "NonFiniteWeightError",
     "OptionError",
     "QuantizeSpec",
+    "UnquantizedWarning",
     "quantize_hf",
     "quantize_tensor",
     "quantize_tensor_planes",
@@ -63,6 +65,25 @@ class OptionError(MatqError):
 
 class NonFiniteWeightError(SourceError):
     """A selected weight holds NaN or infinity, or a range no float16 scale can cover."""
+
+
+class UnquantizedWarning(UserWarning):
+    """Tensors the layer selection names that are stored dense: not 2-D float weights.
+
+    ``tensors`` maps each name to why (``"1-D"``, ``"3-D"``, ``"dtype I32"``, ``"empty"``)."""
+
+    SHOWN = 5
+
+    def __init__(self, tensors: dict[str, str]):
+        self.tensors = dict(tensors)
+        super().__init__(self.tensors)  # args: rebuilt from them when pickled
+
+    def __str__(self) -> str:
+        listed = ", ".join(f"{printable(n)} ({why})" for n, why in list(self.tensors.items())[: self.SHOWN])
+        n, more = len(self.tensors), len(self.tensors) - self.SHOWN
+        return f"stored {n} tensor{'s' if n != 1 else ''} unquantized: {listed}" + (
+            f", and {more} more" if more > 0 else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -98,8 +119,15 @@ class QuantizeSpec:
             raise OptionError(
                 None, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}"
             )
-        if group_size is not None and group_size < 1:
-            raise OptionError(None, f"group size {group_size} must be a positive number of columns")
+        if group_size is not None and (
+            not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1
+        ):
+            raise OptionError(None, f"group size {group_size!r} must be a positive number of columns")
+        if group_size is not None and group_size > C.MAX_DIM_SIZE:
+            raise OptionError(
+                None, f"group size {group_size} exceeds the format's limit of {C.MAX_DIM_SIZE} columns"
+            )
+        group_size = None if group_size is None else int(group_size)
         if scheme not in ("asymmetric", "symmetric"):
             raise OptionError(None, f"unknown scheme {scheme!r}; use asymmetric or symmetric")
         if objective not in OBJECTIVES:
@@ -404,6 +432,12 @@ def quantize_hf(
     threads: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    calib: str | os.PathLike | None = None,
+    calib_tokens: int | None = None,
+    calib_seq_len: int | None = None,
+    calib_propagate: str = "per-width",
+    device: str = "cpu",
+    layer_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Quantize a Hugging Face safetensors folder into a matq checkpoint folder at ``out``.
 
@@ -412,6 +446,11 @@ def quantize_hf(
     so every width in ``widths`` has an integer zero point. ``objective="multiwidth"`` rounds each
     weight for the lambda-weighted error of its ``widths`` slices and picks scales for it too.
     ``progress`` is called with the source bytes of each tensor once it is written.
+
+    ``calib`` (a text file or folder): run the model on that text (``calib_tokens`` tokens at most,
+    default 131072, in sequences of ``calib_seq_len``, default 512) on ``device`` and quantize the
+    selected linears with multi-width GPTQ (``matq_converters.calibrated``; ``layer_progress(done,
+    total)`` after each layer).
     """
     hf_dir, out = Path(hf_dir), Path(out)
     spec = QuantizeSpec.build(
@@ -428,6 +467,9 @@ def quantize_hf(
     src = HFSource(hf_dir)
     arch = architectures.detect(src.config)
     selected = set(architectures.select(src.shapes(), layers, arch, path=str(hf_dir)))
+    skipped = architectures.unquantized(src.shapes(), layers, arch)
+    if skipped:  # named like the selected layers, but 1-D, 3-D or integer: say so, not silently
+        warnings.warn(UnquantizedWarning(skipped), stacklevel=2)
     source = {
         "tool": "matq quantize",
         "model": hf_dir.name,
@@ -437,6 +479,24 @@ def quantize_hf(
         "quantized_tensors": len(selected),
         **spec.source_record(),
     }
+    if calib is not None:
+        from .calibrated import quantize_calibrated
+
+        return quantize_calibrated(
+            src,
+            out,
+            spec,
+            selected,
+            source,
+            calib=calib,
+            calib_tokens=calib_tokens,
+            calib_seq_len=calib_seq_len,
+            device=device,
+            propagate=calib_propagate,
+            overwrite=overwrite,
+            progress=progress,
+            layer_progress=layer_progress,
+        )
     zero_dtype = "U8" if code_bits <= 8 else "U16"
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
     # Two plane buffers, taken in turns: the writer thread stores one tensor's planes while the next

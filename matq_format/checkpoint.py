@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import hashlib
@@ -10,21 +11,24 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from . import constants as C
 from . import dtypes, numerics
-from .container import FileHeader, crc32_hex, read_header
+from .container import FileHeader, crc32_hex, file_identity, read_header
 from .errors import (
     BadMagicError,
     BadParameterError,
     ChecksumError,
+    FileChangedError,
     FormatError,
     HeaderError,
     MissingFileError,
     MissingPlanesError,
     OffsetError,
+    ShapeTooLargeError,
     TruncatedFileError,
     UnknownTensorError,
     WidthError,
@@ -104,26 +108,18 @@ class Checkpoint:
         listed = self.manifest["entries"]
         for fname, h in self._headers.items():
             for ename in h.entries:
-                if listed.get(ename, {}).get("file") != fname:
+                le = listed.get(ename)
+                if le is None or le["file"] != fname:
                     raise HeaderError(h.path, f"entry {ename!r} is not listed in the manifest for this file")
-        expected: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for name, t in self._infos.items():
-            if not t.quantized:
-                expected[name] = (t.dtype, t.shape)
-                continue
-            stride = plane_stride(t.numel)
-            for k in t.planes:
-                expected[plane_entry(name, k)] = ("U8", (stride,))
-            g = (t.shape[0], t.groups)
-            expected[entry_name(name, C.SCALE_SUFFIX)] = (t.scale_dtype, g)
-            expected[entry_name(name, C.ZERO_SUFFIX)] = (t.zero_dtype, g)
-        if set(expected) != set(listed):
-            extra = sorted(set(listed) - set(expected))[:3]
-            missing = sorted(set(expected) - set(listed))[:3]
-            raise HeaderError(
-                self.path, f"manifest entries do not match its tensors (extra {extra}, missing {missing})"
-            )
-        for ename, (dtype, shape) in expected.items():
+        # Expected entries are made one at a time, never all at once: a checkpoint may have millions.
+        n = 0
+        for ename, _, _ in self._expected_entries():
+            if ename not in listed:
+                self._entries_mismatch()
+            n += 1
+        if n != len(listed):  # the expected names are distinct and all listed: so some listed are extra
+            self._entries_mismatch()
+        for ename, dtype, shape in self._expected_entries():
             fname = listed[ename]["file"]
             if not ename.partition(C.ENTRY_SEP)[2].startswith("plane") and fname != C.BASE_FILENAME:
                 raise HeaderError(self.path, f"entry {ename!r} must live in the base file, not {fname!r}")
@@ -137,6 +133,28 @@ class Checkpoint:
                     self._fpath(fname),
                     f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected {dtype}{list(shape)}",
                 )
+
+    def _expected_entries(self) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+        """(entry name, dtype, shape) of every entry the manifest's tensors call for (section 6)."""
+        for name, t in self._infos.items():
+            if not t.quantized:
+                yield name, t.dtype, t.shape
+                continue
+            stride = (plane_stride(t.numel),)
+            for k in t.planes:
+                yield plane_entry(name, k), "U8", stride
+            g = (t.shape[0], t.groups)
+            yield entry_name(name, C.SCALE_SUFFIX), t.scale_dtype, g
+            yield entry_name(name, C.ZERO_SUFFIX), t.zero_dtype, g
+
+    def _entries_mismatch(self) -> NoReturn:
+        expected = {e for e, _, _ in self._expected_entries()}
+        listed = set(self.manifest["entries"])
+        extra = sorted(listed - expected)[:3]
+        missing = sorted(expected - listed)[:3]
+        raise HeaderError(
+            self.path, f"manifest entries do not match its tensors (extra {extra}, missing {missing})"
+        )
 
     def _drop_missing_planes(self) -> None:
         """Partial view (e.g. a width-selective download): planes in absent files are not served."""
@@ -166,30 +184,48 @@ class Checkpoint:
         return data
 
     def _map(self, fname: str) -> np.ndarray:
-        """The whole file, memory-mapped once; a file gone or cut since open is a typed error."""
+        """The whole file, memory-mapped once; a file gone, or changed since open, is a typed error."""
         mm = self._maps.get(fname)
         if mm is None:
             h = self._headers[fname]
             try:
-                size = h.path.stat().st_size
-                mm = np.memmap(h.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+                with builtins.open(h.path, "rb") as f:  # the very file mapped is the one compared
+                    now = file_identity(os.fstat(f.fileno()))
+                    mm = np.memmap(f, dtype=np.uint8, mode="r") if now[0] else np.zeros(0, np.uint8)
             except OSError as exc:
                 raise MissingFileError(h.path, f"cannot be read: {exc.strerror or exc}") from None
-            if size != h.file_size:
-                raise TruncatedFileError(
-                    h.path, f"changed size since it was opened ({h.file_size} -> {size})"
+            if now[0] != h.file_size or (h.identity is not None and now != h.identity):
+                raise FileChangedError(
+                    h.path, f"changed while being read ({_changes(h.identity, now, h.file_size)} since it was opened)"
                 )
             self._maps[fname] = mm
         return mm
 
-    def _check_crc(self, ename: str, data: np.ndarray) -> None:
+    def _check_crc(self, ename: str, data: np.ndarray, got: str | None = None) -> None:
+        """``data`` (or bytes whose CRC-32 is ``got``) against the entry's CRC-32: ChecksumError, or
+        FileChangedError if the file is no longer the one opened."""
         fname = self.manifest["entries"][ename]["file"]
-        got = crc32_hex(data)
+        got = crc32_hex(data) if got is None else got
         if got != self.manifest["entries"][ename]["crc32"]:
+            h = self._headers[fname]
+            try:
+                now = file_identity(os.stat(h.path))
+            except OSError:
+                now = None
+            if h.identity is not None and now != h.identity:  # rewritten under the map: not damage
+                raise FileChangedError(
+                    self._fpath(fname),
+                    f"changed while being read: entry {ename!r} no longer matches its CRC-32 "
+                    f"({_changes(h.identity, now, h.file_size)} since it was opened)",
+                )
             raise ChecksumError(self._fpath(fname), f"entry {ename!r} does not match its CRC-32")
         self._verified.add(ename)
 
     # --- public API -----------------------------------------------------------------------------
+    def checked_entries(self) -> int:
+        """How many entries have been read and matched their CRC-32 so far (all after :meth:`verify`)."""
+        return len(self._verified)
+
     def tensor_names(self) -> list[str]:
         return list(self._infos)
 
@@ -273,7 +309,31 @@ class Checkpoint:
         t = self.info(name)
         if t.quantized:
             raise UnknownTensorError(self.path, f"{name} is quantized; use dequantize()")
-        return dtypes.from_bytes(self._raw(name), t.dtype, t.shape)
+        raw = self._raw(name)
+        try:
+            return dtypes.from_bytes(raw, t.dtype, t.shape)
+        except ValueError:  # e.g. [0, 2^40, 2^40]: no elements, but dimensions numpy cannot multiply
+            raise ShapeTooLargeError(
+                self.path, f"{name}: shape {list(t.shape)} is more than a numpy array can hold, even empty"
+            ) from None
+
+    def dense_location(self, name: str) -> tuple[Path, int, int]:
+        """Where an unquantized tensor's bytes lie, as ``(file, offset, nbytes)``: for copying them
+        file to file (then pass their CRC-32 to :meth:`check_copied`). The file is checked unchanged."""
+        t = self.info(name)
+        if t.quantized:
+            raise UnknownTensorError(self.path, f"{name} is quantized")
+        fname = self.manifest["entries"][name]["file"]
+        h = self._headers[fname]
+        e = h.entries[name]
+        self._map(fname)  # FileChangedError if the file is not the one opened
+        return self._fpath(fname), h.data_start + e.start, e.nbytes
+
+    def check_copied(self, name: str, crc32: str) -> None:
+        """With ``verify_reads``: bytes copied from :meth:`dense_location` must have the entry's CRC-32
+        (ChecksumError, or FileChangedError if the file changed meanwhile)."""
+        if self.verify_reads:
+            self._check_crc(name, None, crc32)
 
     def dequantize(self, name: str, bits: int | None = None, extra_precision: bool = False) -> np.ndarray:
         """float32 weights of one tensor at a width; unquantized float tensors come back as stored, in float32."""
@@ -409,6 +469,22 @@ class Checkpoint:
     def _fpath(self, fname: str) -> Path:
         """Where a file the manifest names lives (the base may be a single file of any name)."""
         return self.path if fname == C.BASE_FILENAME else self.root / fname
+
+
+def _changes(old: tuple | None, new: tuple | None, size: int) -> str:
+    """What differs between two ``file_identity`` values, in words."""
+    if new is None:
+        return "removed"
+    if old is None:
+        old = (size, *new[1:])
+    what = []
+    if new[0] != old[0]:
+        what.append(f"size {old[0]} -> {new[0]}")
+    if new[2:] != old[2:]:
+        what.append("replaced by another file")
+    elif new[1] != old[1]:
+        what.append("modified")
+    return ", ".join(what) or "modified"
 
 
 def open(path: str | os.PathLike, *, verify_reads: bool = True, partial: bool = False) -> Checkpoint:  # noqa: A001

@@ -28,8 +28,11 @@ HEADER_PREFIX_BYTES = 8
 """safetensors: little-endian u64 header length, then that many bytes of UTF-8 JSON."""
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors reference limit; larger headers are rejected before they are read."""
-MAX_TENSORS = 1_000_000
-MAX_ENTRIES = 20_000_000
+MAX_TENSORS = 2**18
+MAX_ENTRIES = 2**22
+"""Most entries in one file's header, and in the manifest (a quantized tensor has c + 2)."""
+MAX_NAME_BYTES = 1024
+"""Longest tensor name, in bytes of UTF-8."""
 MAX_DIMS = 8
 MAX_DIM_SIZE = 2**40
 PLANE_ALIGN_BYTES = 8

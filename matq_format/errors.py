@@ -8,15 +8,28 @@ from __future__ import annotations
 import os
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that does not print (controls, line and paragraph separators,
+    bidi overrides) escaped as ``repr`` would (``\\n``, ``\\x1b``, ``\\u202e``); anything else is kept.
+
+    For names and paths from files shown on a terminal: one line, and no escape sequences."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class MatqError(Exception):
-    """Base of every error matq raises on purpose."""
+    """Base of every error matq raises on purpose.
+
+    The text (``str(error)``) is one printable line: tensor names and paths are shown through
+    :func:`printable`; ``path`` and ``message`` keep them as they are."""
 
     hint: str = ""
 
     def __init__(self, path: str | os.PathLike | None, message: str):
         self.path = None if path is None else os.fspath(path)
         self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        super().__init__(printable(f"{self.path}: {message}" if self.path else message))
 
 
 # --- the file itself ----------------------------------------------------------------------------
@@ -85,5 +98,15 @@ class PlanError(RequestError):
     """A Mix'n'Match plan cannot be parsed or does not match the checkpoint."""
 
 
+class ShapeTooLargeError(RequestError):
+    """A tensor numpy cannot hold as one array: dimensions that multiply past 2^63 bytes (an empty
+    ``[0, 2^40, 2^40]`` is valid matq, and copies fine, but is no numpy array)."""
+
+
 class WriterError(MatqError):
     """The writer was used out of order or given inconsistent tensors."""
+
+
+class FileChangedError(MatqError):
+    """A file of an open checkpoint was rewritten, replaced or cut by someone else while being read:
+    its bytes are not the ones that were opened (not necessarily a damaged file; open it again)."""

@@ -67,5 +67,6 @@ def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], 
         "carried": sorted(ckpt.manifest.get("carried", {})),
         "source": ckpt.source,
         "bytes_per_width": totals,
+        "checksums": {"entries": len(ckpt.manifest["entries"]), "checked": ckpt.checked_entries()},
         "tensors": tensors,
     }

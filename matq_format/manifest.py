@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import constants as C
-from .container import strict_json
+from .container import gc_paused, strict_json
 from .errors import HeaderError, LimitError, UnsupportedVersionError
 from .numerics import n_groups, planes_needed
 
@@ -80,6 +80,7 @@ def plane_entry(tensor: str, k: int) -> str:
 
 _VERSION_RE = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CRC_RE = re.compile(r"[0-9a-f]{8}")
 
 
 def parse_version(path: Path, text) -> tuple[int, int]:
@@ -171,6 +172,10 @@ def parse_manifest(
     entries = _req(path, m, "entries", dict, "manifest")
     if len(tensors) > C.MAX_TENSORS:
         raise LimitError(path, f"{len(tensors)} tensors exceed the limit of {C.MAX_TENSORS}")
+    if len(entries) > C.MAX_ENTRIES:
+        raise LimitError(path, f"{len(entries)} entries exceed the limit of {C.MAX_ENTRIES}")
+    # Every entry then holds one shared string per file name rather than a parsed copy of its own.
+    fnames = {C.BASE_FILENAME: C.BASE_FILENAME, **{f: f for f in files}}
     for ename, e in entries.items():
         if (
             not isinstance(e, dict)
@@ -178,13 +183,16 @@ def parse_manifest(
             or not isinstance(e.get("crc32"), str)
         ):
             raise HeaderError(path, f"entry {ename!r} needs 'file' and 'crc32'")
-        if len(e["crc32"]) != 8 or any(ch not in "0123456789abcdef" for ch in e["crc32"]):
+        if len(e["crc32"]) != 8 or not _CRC_RE.fullmatch(e["crc32"]):
             raise HeaderError(path, f"entry {ename!r} has a malformed crc32")
-        if e["file"] != C.BASE_FILENAME and e["file"] not in files:
+        fname = fnames.get(e["file"])
+        if fname is None:
             raise HeaderError(
                 path, f"entry {ename!r} names file {e['file']!r}, which the manifest does not list"
             )
-    infos = {name: _parse_tensor(path, name, t, c) for name, t in tensors.items()}
+        e["file"] = fname
+    with gc_paused():
+        infos = {name: _parse_tensor(path, name, t, c) for name, t in tensors.items()}
     return m, infos
 
 
@@ -218,6 +226,8 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
         raise HeaderError(path, f"{where}: not an object")
     if not name or C.ENTRY_SEP in name:
         raise HeaderError(path, f"{where}: names must be non-empty and free of '@'")
+    if len(name) > C.MAX_NAME_BYTES // 4 and len(name.encode("utf-8", "surrogatepass")) > C.MAX_NAME_BYTES:
+        raise LimitError(path, f"tensor {name[:64]!r}...: name longer than {C.MAX_NAME_BYTES} bytes of UTF-8")
     kind = _req(path, t, "kind", str, where)
     if kind not in C.KINDS:
         raise HeaderError(path, f"{where}: unknown kind {kind!r}")

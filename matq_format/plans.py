@@ -12,6 +12,7 @@ A plan spec is one of:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import constants as C
 from . import numerics
-from .errors import PlanError
+from .errors import PlanError, WidthError
 
 PATTERNS = ("pyramid", "reverse_pyramid", "increasing", "decreasing")
 DEFAULT_PATTERN_WIDTHS = (2, 4, 8)
@@ -71,8 +72,11 @@ def resolve_plan(spec: str | int | dict, ckpt, *, extra_precision: bool = False)
             raise PlanError(
                 ckpt.path, f"{name}: width {r} needs planes this checkpoint lacks (it serves up to {avail})"
             )
-        if extra_precision and r >= c:
-            continue
+    if extra_precision and plan and all(r >= c for r in plan.values()):
+        raise WidthError(
+            ckpt.path,
+            f"extra precision needs a width below the code width {c}; this plan serves every tensor at {c}",
+        )
     return plan
 
 
@@ -178,6 +182,8 @@ def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
         budget = float(text.split(":", 1)[1])
     except ValueError:
         raise PlanError(text, "budget must be a number of bits per weight, e.g. budget:3.5") from None
+    if not math.isfinite(budget) or budget <= 0:
+        raise PlanError(text, "budget must be a positive, finite number of bits per weight, e.g. budget:3.5")
     c = ckpt.code_bits
     names = ckpt.quantized_names()
     widths = {n: [r for r in BUDGET_WIDTHS if r <= ckpt.info(n).max_width(c)] for n in names}

@@ -56,8 +56,10 @@ def slice_checkpoint(
     ) as w:
         for name in ckpt.tensor_names():
             t = ckpt.info(name)
-            if not t.quantized:
-                w.add_dense(name, ckpt.dense(name), t.dtype, extras=t.extras)
+            if not t.quantized:  # copied file to file: constant memory, and any shape the format allows
+                src, offset, nbytes = ckpt.dense_location(name)
+                crc = w.add_dense_from_file(name, src, offset, nbytes, t.dtype, t.shape, extras=t.extras)
+                ckpt.check_copied(name, crc)
                 if progress:
                     progress(1)
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -102,6 +103,74 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _escaped_len(text: str) -> int:
+    """UTF-8 bytes of JSON text once more JSON-escaped, as the manifest sits in the base header.
+
+    The text comes from ``json.dumps``, which leaves no control character raw, so only quotes and
+    backslashes grow (by one byte each)."""
+    return len(text.encode("utf-8")) + text.count('"') + text.count("\\")
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""The manifest's encoding (as ``_manifest_json``), made once: tensors are counted one by one."""
+_ENTRY_RECORD = len('{"dtype":"","shape":[],"data_offsets":[,]}') + 2
+"""Bytes of a header entry record but for its name, dtype, dimensions and offsets (plus ':' and ',')."""
+
+
+class _HeaderBudget:
+    """The bytes and entries each header will hold, counted tensor by tensor as ``close`` writes them.
+
+    Exact for entries and manifest records; the fixed part (metadata, files, source, carried) is
+    counted with every plane file present and 20-digit file sizes, so the total is an upper bound.
+    """
+
+    def __init__(self, w: CheckpointWriter):
+        self.base = 0  # entry records of the base file
+        self.planes: dict[int, int] = {}  # entry records of each plane file
+        self.manifest = 0  # tensor and entry records of the manifest, as escaped in the base header
+        self._fixed: int | None = None
+        # An entry's manifest record but for its name: ':{"file":"<file>","crc32":"<8 hex>"},'
+        self._files = {
+            f: _escaped_len(":" + json.dumps({"file": f, "crc32": "0" * 8}, separators=(",", ":")) + ",")
+            for f in [C.BASE_FILENAME, *(C.PLANE_FILENAME.format(k=k) for k in range(w.code_bits))]
+        }
+        meta = {C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES}
+        self.plane_meta = len(json.dumps({"__metadata__": meta}, separators=(",", ":"))) + 1 + 8
+
+    def fixed(self, w: CheckpointWriter) -> int:
+        """Base header bytes besides entries and records: metadata, manifest keys, files, source."""
+        if self._fixed is None:
+            meta = {
+                C.METADATA_KEY_FORMAT: C.FORMAT_NAME,
+                C.METADATA_KEY_ROLE: C.ROLE_BASE,
+                C.METADATA_KEY_MANIFEST: "",
+                C.METADATA_KEY_MANIFEST_CRC: "0" * 8,
+            }
+            files = {
+                C.PLANE_FILENAME.format(k=k): {"bytes": 10**20, "planes": [k]}
+                for k in range(0 if w.single_file else w.code_bits)
+            }
+            manifest = {
+                "format": C.FORMAT_NAME,
+                "version": f"{C.FORMAT_VERSION[0]}.{C.FORMAT_VERSION[1]}",
+                "code_bits": w.code_bits,
+                "must_understand": w.must_understand,
+                "extensions": w.extensions,
+                "files": files,
+                "carried": w._carried,
+                "tensors": {},
+                "entries": {},
+                "source": w.source,
+            }
+            self._fixed = (
+                len(json.dumps({"__metadata__": meta}, separators=(",", ":")))
+                + _escaped_len(_manifest_json(manifest))
+                + 1
+                + 8  # the comma after the metadata, and alignment padding
+            )
+        return self._fixed
+
+
 class CheckpointWriter:
     """Write a checkpoint tensor by tensor.
 
@@ -194,12 +263,10 @@ class CheckpointWriter:
             raise WriterError(self.out, f"{name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
         if array.dtype.itemsize != C.DTYPES[dtype][1]:
             raise WriterError(self.out, f"{name}: array itemsize does not match dtype {dtype}")
-        if array.ndim > C.MAX_DIMS:
-            raise WriterError(self.out, f"{name}: {array.ndim} dimensions exceed the limit of {C.MAX_DIMS}")
+        info = TensorInfo(name, C.KIND_DENSE, tuple(array.shape), dtype, extras=dict(extras or {}))
+        self._charge(info, [(name, dtype, info.shape, array.nbytes)], [])
         self._write_base(name, array, dtype)
-        self._tensors[name] = TensorInfo(
-            name, C.KIND_DENSE, tuple(array.shape), dtype, extras=dict(extras or {})
-        )
+        self._tensors[name] = info
 
     def add_dense_from_file(
         self,
@@ -211,22 +278,24 @@ class CheckpointWriter:
         shape: tuple[int, ...],
         *,
         extras: dict | None = None,
-    ) -> None:
+    ) -> str:
         """:meth:`add_dense` of ``nbytes`` little-endian bytes of ``path`` at ``offset`` (a tensor of a
-        safetensors file): the same entry, copied by the kernel, in constant memory."""
+        safetensors file): the same entry, copied by the kernel, in constant memory. Returns the
+        CRC-32 of the bytes copied (8 hex digits)."""
         self._check_name(name)
         if dtype not in C.DTYPES:
             raise WriterError(self.out, f"{name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
         shape = tuple(int(d) for d in shape)
-        if len(shape) > C.MAX_DIMS:
-            raise WriterError(self.out, f"{name}: {len(shape)} dimensions exceed the limit of {C.MAX_DIMS}")
-        if nbytes != int(np.prod(shape, dtype=object)) * C.DTYPES[dtype][1]:
+        if nbytes != math.prod(shape) * C.DTYPES[dtype][1]:
             raise WriterError(
                 self.out, f"{name}: {nbytes} bytes do not hold a {dtype} tensor of shape {shape}"
             )
+        info = TensorInfo(name, C.KIND_DENSE, shape, dtype, extras=dict(extras or {}))
+        self._charge(info, [(name, dtype, shape, nbytes)], [])
         crc = self._base.copy_from(name, path, offset, nbytes, dtype, shape)
         self._entries[name] = {"file": C.BASE_FILENAME, "crc32": crc}
-        self._tensors[name] = TensorInfo(name, C.KIND_DENSE, shape, dtype, extras=dict(extras or {}))
+        self._tensors[name] = info
+        return crc
 
     def add_quantized(
         self,
@@ -304,6 +373,8 @@ class CheckpointWriter:
             raise WriterError(self.out, f"{name}: extra_precision lists a width twice")
         rows, cols = (int(d) for d in shape)
         group_size = None if group_size is None else int(group_size)
+        if group_size is not None and group_size > C.MAX_DIM_SIZE:
+            raise WriterError(self.out, f"{name}: group_size {group_size} exceeds the limit of {C.MAX_DIM_SIZE}")
         groups = n_groups(cols, group_size)
         info = TensorInfo(
             name,
@@ -351,6 +422,15 @@ class CheckpointWriter:
         for k, p in arrays.items():
             if not 0 <= k < self.code_bits or p.size != stride:
                 raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
+        g = (rows, groups)
+        self._charge(
+            info,
+            [
+                (entry_name(name, C.SCALE_SUFFIX), scale_dtype, g, s_arr.nbytes),
+                (entry_name(name, C.ZERO_SUFFIX), zero_dtype, g, z_arr.nbytes),
+            ],
+            [(k, plane_entry(name, k), stride) for k in arrays],
+        )
         for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
             self._write_plane(k, plane_entry(name, k), p)
         self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
@@ -363,6 +443,7 @@ class CheckpointWriter:
             return self.out
         self._closed = True
         try:
+            self.check_limits()  # every limit the reader enforces, before anything is published
             files = {}
             for k, w in sorted(self._planes.items(), reverse=True):
                 w.close({C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES})
@@ -416,8 +497,10 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(exc, OSError):  # disk full and the like: say which output it was
+            raise output_error(self.out, exc) from None
 
     # --- internals ------------------------------------------------------------------------------
     def _check_name(self, name: str) -> None:
@@ -426,11 +509,140 @@ class CheckpointWriter:
         if not isinstance(name, str) or not name or C.ENTRY_SEP in name or name == "__metadata__":
             raise WriterError(self.out, f"tensor name {name!r} must be a non-empty string free of '@'")
         try:
-            name.encode("utf-8")
+            nbytes = len(name.encode("utf-8"))
         except UnicodeEncodeError:
-            raise WriterError(self.out, f"tensor name {name!r} is not valid Unicode") from None
+            raise WriterError(self.out, f"tensor name {name[:64]!r} is not valid Unicode") from None
+        if nbytes > C.MAX_NAME_BYTES:
+            raise WriterError(
+                self.out,
+                f"tensor name {name[:64]!r}... is {nbytes} bytes of UTF-8, over the limit of {C.MAX_NAME_BYTES}",
+            )
         if name in self._tensors:
             raise WriterError(self.out, f"duplicate tensor {name!r}")
+        if len(self._tensors) >= C.MAX_TENSORS:
+            raise WriterError(
+                self.out, f"{name}: a checkpoint holds at most {C.MAX_TENSORS} tensors (the reader's limit)"
+            )
+
+    _budget: _HeaderBudget | None = None
+
+    def _charge(
+        self,
+        info: TensorInfo,
+        base: list[tuple[str, str, tuple[int, ...], int]],
+        planes: list[tuple[int, str, int]],
+    ) -> None:
+        """Count a tensor's entries and records into the headers, or refuse it (nothing written yet)
+        if any limit the reader enforces would be passed: dimensions, entries, header bytes.
+
+        ``base``: (entry, dtype, shape, bytes) of entries in the base file; ``planes``: (plane,
+        entry, bytes) of U8 plane entries (in the base file too, for a single file)."""
+        name = info.name
+        for what, shape in [("shape", info.shape), *((e, s) for e, _, s, _ in base)]:
+            if len(shape) > C.MAX_DIMS or any(d > C.MAX_DIM_SIZE for d in shape):
+                raise WriterError(
+                    self.out,
+                    f"{name}: {what} {list(shape)} passes the limits of {C.MAX_DIMS} dimensions "
+                    f"of at most {C.MAX_DIM_SIZE}",
+                )
+        if self._budget is None:
+            self._budget = _HeaderBudget(self)
+        b = self._budget
+        j = _ENCODER.encode(name)
+        jlen = len(j.encode("utf-8"))
+        jesc = jlen + j.count('"') + j.count("\\")
+        try:
+            record = _ENCODER.encode(info.to_json())
+        except (TypeError, ValueError) as exc:
+            raise WriterError(self.out, f"{name}: extras must be plain JSON: {exc}") from None
+        manifest = jesc + _escaped_len(record) + 2
+        base_bytes = 0
+        plane_bytes: dict[int, int] = {}
+        pos = {C.BASE_FILENAME: self._base._pos}
+        counts = {C.BASE_FILENAME: len(self._base._entries)}
+        entries = []  # in the order they are written: planes, then the base file's entries
+        for k, e, n in planes:
+            f = C.BASE_FILENAME if self.single_file else C.PLANE_FILENAME.format(k=k)
+            if f not in pos:
+                w = self._planes.get(k)
+                pos[f], counts[f] = (w._pos, len(w._entries)) if w is not None else (0, 0)
+            entries.append((e, f, None if self.single_file else k, "U8", (n,), n))
+        entries += [(e, C.BASE_FILENAME, None, dt, sh, n) for e, dt, sh, n in base]
+        for e, f, k, dt, sh, n in entries:
+            suffix = len(e) - len(name)  # "@plane7", "@scale", "@zero": nothing to escape
+            rec = (
+                jlen
+                + suffix
+                + _ENTRY_RECORD
+                + len(dt)
+                + len(",".join(map(str, sh)))
+                + len(str(pos[f]))
+                + len(str(pos[f] + n))
+            )
+            pos[f] += n
+            counts[f] += 1
+            if k is None:
+                base_bytes += rec
+            else:
+                plane_bytes[k] = plane_bytes.get(k, 0) + rec
+            manifest += jesc + suffix + b._files[f]
+        for f, n in counts.items():
+            if n > C.MAX_ENTRIES:
+                raise WriterError(
+                    self.out, f"{name}: {f} would hold {n} entries, over the limit of {C.MAX_ENTRIES}"
+                )
+        if len(self._entries) + len(entries) > C.MAX_ENTRIES:
+            raise WriterError(
+                self.out, f"{name}: the manifest would list over {C.MAX_ENTRIES} entries (the reader's limit)"
+            )
+        total = b.fixed(self) + b.manifest + manifest + b.base + base_bytes
+        if total > C.MAX_HEADER_BYTES:
+            raise WriterError(
+                self.out,
+                f"{name}: the header of {C.BASE_FILENAME} would take over {total} bytes, past the "
+                f"reader's limit of {C.MAX_HEADER_BYTES} (too many tensors, or too long names)",
+            )
+        for k, n in plane_bytes.items():
+            if b.plane_meta + b.planes.get(k, 0) + n > C.MAX_HEADER_BYTES:
+                raise WriterError(
+                    self.out,
+                    f"{name}: the header of {C.PLANE_FILENAME.format(k=k)} would pass the reader's "
+                    f"limit of {C.MAX_HEADER_BYTES} bytes",
+                )
+        b.manifest += manifest
+        b.base += base_bytes
+        for k, n in plane_bytes.items():
+            b.planes[k] = b.planes.get(k, 0) + n
+
+    def check_limits(self) -> None:
+        """Raise :class:`WriterError` if the checkpoint as written so far would break a limit the
+        reader enforces (tensors, entries, header bytes); call before publishing.
+
+        Every ``add_*`` already refuses a tensor that would; this recounts the fixed part of the
+        base header (source, extensions, carried files), which may have changed since."""
+        if self._budget is None:
+            self._budget = _HeaderBudget(self)
+        b = self._budget
+        b._fixed = None
+        if len(self._tensors) > C.MAX_TENSORS:
+            raise WriterError(self.out, f"{len(self._tensors)} tensors exceed the limit of {C.MAX_TENSORS}")
+        files = [self._base, *self._planes.values()]
+        if len(self._entries) > C.MAX_ENTRIES or any(len(w._entries) > C.MAX_ENTRIES for w in files):
+            raise WriterError(self.out, f"more than {C.MAX_ENTRIES} entries in a header (the reader's limit)")
+        total = b.fixed(self) + b.manifest + b.base
+        if total > C.MAX_HEADER_BYTES:
+            raise WriterError(
+                self.out,
+                f"the header of {C.BASE_FILENAME} would take over {total} bytes, past the reader's "
+                f"limit of {C.MAX_HEADER_BYTES}",
+            )
+        for k, n in b.planes.items():
+            if b.plane_meta + n > C.MAX_HEADER_BYTES:
+                raise WriterError(
+                    self.out,
+                    f"the header of {C.PLANE_FILENAME.format(k=k)} would pass the reader's limit of "
+                    f"{C.MAX_HEADER_BYTES} bytes",
+                )
 
     def _write_base(self, entry: str, array: np.ndarray, dtype: str) -> None:
         crc = self._base.write(entry, array, dtype)

@@ -108,3 +108,38 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         env={**env, "MATQ_DEBUG": "1"},
     )
     assert p.returncode == 1 and "Traceback" in p.stderr
+
+
+# --- issue 10, item 7f: names from a file never reach the terminal raw ------------------------------
+EVIL = "model.layers.0.mlp.up\x1b]0;owned\x07\x1b[2J\r\nfake line\u202e.weight"
+"""Escape sequences (set the title, clear the screen), a line break, a bidi override."""
+
+
+def test_control_characters_in_names_are_escaped(tmp_path):
+    from matq_format.errors import MatqError, WriterError, printable
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    s, z = N.minmax_params(x, 8, None)
+    with mf.CheckpointWriter(tmp_path / "ck") as w:
+        w.add_quantized(EVIL, N.quantize(x, s, z, 8, None), s, z)
+        w.add_dense(EVIL + ".bias", np.zeros(4, np.float32))
+    shown = "model.layers.0.mlp.up\\x1b]0;owned\\x07\\x1b[2J\\r\\nfake line\\u202e.weight"
+    assert printable(EVIL) == shown and printable("plain ü €") == "plain ü €"
+
+    r = run("inspect", tmp_path / "ck")
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\r" not in r.output and "\u202e" not in r.output
+    assert f"  {shown}  F32 [4x64]" in r.output and f"  {shown}.bias  dense F32 [4]" in r.output
+    r = run("inspect", tmp_path / "ck", "--json")  # JSON stays exact
+    assert [t["name"] for t in json.loads(r.output)["tensors"]] == [EVIL, EVIL + ".bias"]
+
+    # Errors that name a tensor: the library's message is one printable line; .message keeps it as is.
+    err = WriterError(tmp_path, f"{EVIL}: bad")
+    assert str(err) == f"{tmp_path}: {shown}: bad" and err.message == f"{EVIL}: bad"
+    assert isinstance(err, MatqError)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"patterns": {"up": 9}}))
+    r = CliRunner().invoke(cli, ["slice", str(tmp_path / "ck"), "--plan", str(plan), "-o", str(tmp_path / "s")])
+    assert r.exit_code == 1
+    assert r.output == f"matq: {tmp_path / 'ck' / 'matq.safetensors'}: {shown}: width 9 outside 1..8\n"

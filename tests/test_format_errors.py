@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import signal
 import struct
@@ -1039,3 +1040,50 @@ def test_fuzz_header_structure_only_typed_errors(pristine, tmp_path, form, which
     except AssertionError:
         unparse(path, edited, payload)
     _check_only_typed_errors(ck)
+
+
+# --- issue 10, item 7g: a file changed while being read is not a corrupt file ------------------------
+def _touch_later(path: Path) -> None:
+    """A modification time after the one recorded at open (writes within one clock tick may keep it)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_file_rewritten_after_open_is_a_file_changed_error(ck):
+    from matq_format.errors import FileChangedError
+
+    path, off, _ = locate(ck, f"{Q}@plane7")
+    # Before it is first read: refused when mapped, whatever the bytes.
+    ckpt = mf.open(ck)
+    flip(path, off)
+    _touch_later(path)
+    err = expect(FileChangedError, path, ckpt.dequantize, Q, 8)
+    assert "changed while being read (modified since it was opened)" in str(err)
+    # Mapped already, then rewritten in place: the CRC no longer matches, and the file is not the one opened.
+    flip(path, off)
+    ckpt = mf.open(ck)
+    ckpt.dequantize(Q1, 8)  # maps every plane file
+    flip(path, off)
+    _touch_later(path)
+    err = expect(FileChangedError, path, ckpt.dequantize, Q, 8)
+    assert f"entry '{Q}@plane7' no longer matches its CRC-32 (modified since it was opened)" in str(err)
+    expect(FileChangedError, path, ckpt.verify)
+    # The same damage found by a fresh open is damage.
+    expect(ChecksumError, path, mf.open(ck).dequantize, Q, 8)
+
+
+def test_file_replaced_or_cut_after_open_is_a_file_changed_error(ck, tmp_path):
+    from matq_format.errors import FileChangedError
+
+    path, off, _ = locate(ck, f"{Q}@plane3")
+    ckpt = mf.open(ck)
+    other = tmp_path / "other"
+    shutil.copyfile(path, other)
+    flip(other, off)
+    os.replace(other, path)
+    err = expect(FileChangedError, path, ckpt.dequantize, Q, 8)
+    assert "replaced by another file" in str(err)
+    ckpt = mf.open(ck)
+    path.write_bytes(path.read_bytes()[:-8])
+    err = expect(FileChangedError, path, ckpt.dequantize, Q, 8)
+    assert f"size {path.stat().st_size + 8} -> {path.stat().st_size}" in str(err)

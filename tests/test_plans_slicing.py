@@ -219,3 +219,51 @@ def test_partial_view_serves_present_widths(ckpt, tmp_path):
     assert np.array_equal(s.dequantize(name, 2), ckpt.dequantize(name, 2))
     with pytest.raises(PlanError):
         mf.slice_checkpoint(p, tmp_path / "int4", bits=4)
+
+
+# --- issue 10, item 7c/7d: budgets that are no number of bits, extra precision at the code width ---
+@pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "-1", "0", "-0.0"])
+def test_budget_must_be_positive_and_finite(ckpt, budget):
+    with pytest.raises(PlanError, match="budget must be a positive, finite number") as ei:
+        mf.resolve_plan(f"budget:{budget}", ckpt)
+    assert ei.value.path == f"budget:{budget}"
+
+
+def test_extra_precision_needs_a_width_below_the_code_width(ckpt, tmp_path):
+    from matq_format.errors import WidthError
+
+    for spec in ("8", 8, {}):  # a width, an int, a plan that leaves every tensor at c
+        with pytest.raises(WidthError, match="extra precision needs a width below the code width 8"):
+            mf.resolve_plan(spec, ckpt, extra_precision=True)
+    with pytest.raises(WidthError, match="extra precision"):
+        mf.slice_checkpoint(ckpt, tmp_path / "s", bits=8, extra_precision=True)
+    assert not (tmp_path / "s").exists()
+    # Mixed plans keep extra precision for the tensors below c.
+    plan = mf.resolve_plan("pyramid:2,8", ckpt, extra_precision=True)
+    assert set(plan.values()) == {2, 8}
+    assert mf.resolve_plan("8", ckpt) == dict.fromkeys(ckpt.quantized_names(), 8)
+
+
+def test_cli_rejects_budget_and_extra_precision_at_c(ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from matq_cli.main import cli
+
+    src = str(ckpt.root)
+    for args in (["--plan", "budget:nan"], ["--plan", "budget:inf"], ["--bits", "8", "--extra-precision"]):
+        r = CliRunner().invoke(cli, ["slice", src, *args, "-o", str(tmp_path / "s")])
+        assert r.exit_code == 1, r.output
+        line = r.output.strip()
+        assert line.startswith("matq: ") and "\n" not in line and "internal error" not in line, line
+        assert not (tmp_path / "s").exists()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6}))
+    build(tmp_path / "ck", layers=2, carry=hf)
+    r = CliRunner().invoke(
+        cli,
+        [str(a) for a in ("convert", tmp_path / "ck", "--to", "gguf", "--bits", 8, "--extra-precision", "-o", tmp_path / "m.gguf")],
+    )
+    assert r.exit_code == 1, r.output
+    assert r.output.startswith("matq: ") and "extra precision needs a width below the code width 8" in r.output
+    assert not (tmp_path / "m.gguf").exists()

@@ -613,3 +613,82 @@ def test_signal_mid_run_leaves_nothing(tmp_path, sig):
     assert p.returncode == (130 if sig == "SIGINT" else 128 + signum), err
     assert "no output was written" in err and "Traceback" not in err
     assert set(os.listdir(tmp_path)) == before and _digest(src) == digest
+
+
+# --- issue 10: group sizes past the format's limit; selected tensors that stay dense -----------------
+def _hf_folder(root: Path, tensors: dict[str, np.ndarray]) -> Path:
+    from safetensors.numpy import save_file
+
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file(tensors, str(root / "model.safetensors"))
+    return root
+
+
+def test_group_size_past_the_limit_is_an_option_error(tmp_path):
+    """Before: --group-size 99999999999999999999 ended in an internal TypeError from numpy."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 256)).astype(np.float32)
+    src = _hf_folder(tmp_path / "hf", {"model.layers.0.mlp.up_proj.weight": w})
+    for bad in (10**20, 2**40 + 1, True, 2.5, 0, -3):
+        with pytest.raises(OptionError, match="group size"):
+            QuantizeSpec.build(group_size=bad)
+    r = CliRunner().invoke(
+        cli, ["quantize", str(src), "-o", str(tmp_path / "q"), "--group-size", "99999999999999999999"]
+    )
+    assert r.exit_code == 1
+    assert r.output == (
+        "matq: group size 99999999999999999999 exceeds the format's limit of 1099511627776 columns\n"
+    )
+    assert not (tmp_path / "q").exists()
+    # The largest allowed group size is one group per row, as per channel (and allocates no 2^40 columns).
+    quantize_hf(src, tmp_path / "g", group_size=2**40)
+    quantize_hf(src, tmp_path / "c", group_size=None)
+    name = "model.layers.0.mlp.up_proj.weight"
+    g, c = mf.open(tmp_path / "g"), mf.open(tmp_path / "c")
+    assert g.info(name).group_size == 2**40
+    for r_ in (8, 4, 2):
+        np.testing.assert_array_equal(g.dequantize(name, r_), c.dequantize(name, r_))
+
+
+def test_selected_tensors_stored_dense_are_reported(tmp_path):
+    """Before: 1-D, 3-D and integer tensors named like the selected layers were stored dense silently."""
+    from matq_converters.quantize import UnquantizedWarning
+
+    src = _hf_folder(
+        tmp_path / "hf",
+        {
+            "model.layers.0.mlp.up_proj.weight": np.ones((4, 128), np.float32),
+            "model.layers.0.mlp.down_proj.weight": np.ones((2, 3, 4), np.float32),
+            "model.layers.0.mlp.gate_proj.weight": np.ones((4, 4), np.int32),
+            "model.layers.1.mlp.up_proj.weight": np.ones(8, np.float32),
+            "model.layers.1.mlp.down_proj.weight": np.ones((0, 8), np.float32),
+            "model.norm.weight": np.ones(8, np.float32),  # not an FFN weight: no word about it
+        },
+    )
+    expected = {
+        "model.layers.0.mlp.down_proj.weight": "3-D",
+        "model.layers.0.mlp.gate_proj.weight": "dtype I32",
+        "model.layers.1.mlp.up_proj.weight": "1-D",
+        "model.layers.1.mlp.down_proj.weight": "empty",
+    }
+    with pytest.warns(UnquantizedWarning) as rec:
+        quantize_hf(src, tmp_path / "q")
+    assert len(rec) == 1 and rec[0].message.tensors == expected
+    ckpt = mf.open(tmp_path / "q")
+    assert ckpt.quantized_names() == ["model.layers.0.mlp.up_proj.weight"]
+    assert all(not ckpt.info(n).quantized for n in expected)
+
+    r = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "q2")])
+    assert r.exit_code == 0, r.output
+    head = "matq: warning: stored 4 tensors unquantized: "
+    assert r.stderr.startswith(head) and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(r.stderr[len(head) : -1].split(", ")) == sorted(f"{n} ({why})" for n, why in expected.items())
+    # A pattern reports what it names, too; nothing to report, no warning.
+    r = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "q3"), "--layers", r"layers\.0\.mlp\.up"])
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    with pytest.warns(UnquantizedWarning, match=r"stored 1 tensor unquantized: model\.norm\.weight \(1-D\)$"):
+        quantize_hf(src, tmp_path / "q4", layers=r"layers\.0\.mlp\.up|norm")
+    many = UnquantizedWarning({f"t{i}": "1-D" for i in range(7)})
+    assert str(many) == "stored 7 tensors unquantized: t0 (1-D), t1 (1-D), t2 (1-D), t3 (1-D), t4 (1-D), and 2 more"
+    assert str(UnquantizedWarning({"a\x1b[31m": "3-D"})) == "stored 1 tensor unquantized: a\\x1b[31m (3-D)"

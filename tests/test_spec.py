@@ -303,6 +303,7 @@ def test_schema_enums_match_constants_py():
     assert d["extension_name"]["pattern"] == C.EXTENSION_NAME_RE.pattern
     assert d["dim"]["maximum"] == C.MAX_DIM_SIZE
     assert SCHEMA["properties"]["tensors"]["maxProperties"] == C.MAX_TENSORS
+    assert SCHEMA["properties"]["entries"]["maxProperties"] == C.MAX_ENTRIES
     cb = SCHEMA["properties"]["code_bits"]
     assert (cb["minimum"], cb["maximum"]) == (C.MIN_CODE_BITS, C.MAX_CODE_BITS_SPEC)
     assert SCHEMA["properties"]["version"]["pattern"].startswith(f"^{C.FORMAT_VERSION[0]}\\.")

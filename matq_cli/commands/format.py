@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 import matq_format as mf
+from matq_format.errors import printable
 from matq_format.inspect import human_bytes
 from matq_format.plans import summarize
 
@@ -34,15 +35,20 @@ def inspect(path: Path, as_json: bool, no_stats: bool) -> None:
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    click.echo(f"{d['path']}  matq {d['format_version']}  c={d['code_bits']}  digest {d['digest'][:16]}")
+    click.echo(f"{printable(d['path'])}  matq {d['format_version']}  c={d['code_bits']}  digest {d['digest'][:16]}")
     click.echo(
         "bytes read per width: "
         + ", ".join(f"int{r}: {human_bytes(b)}" for r, b in d["bytes_per_width"].items())
     )
+    cs = d["checksums"]
+    click.echo(
+        f"checksums: {cs['checked']} of {cs['entries']} entries read and checked"
+        + ("" if cs["checked"] == cs["entries"] else "; the rest were not read (`matq verify` checks all)")
+    )
     for t in d["tensors"]:
         shape = "x".join(map(str, t["shape"]))
         if t["kind"] == "dense":
-            click.echo(f"  {t['name']}  dense {t['dtype']} [{shape}]  {human_bytes(t['bytes'])}")
+            click.echo(f"  {printable(t['name'])}  dense {t['dtype']} [{shape}]  {human_bytes(t['bytes'])}")
             continue
         g = "channel" if t["granularity"] == "channel" else f"group {t['group_size']}"
         ep = f"  ep {t['extra_precision']}" if t["extra_precision"] else ""
@@ -52,7 +58,7 @@ def inspect(path: Path, as_json: bool, no_stats: bool) -> None:
                 f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items()
             )
         widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
-        click.echo(f"  {t['name']}  {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}")
+        click.echo(f"  {printable(t['name'])}  {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}")
 
 
 @click.command(
@@ -70,7 +76,7 @@ def verify(path: Path) -> None:
         ckpt.verify(progress=pb.update)
     n = len(ckpt.manifest["entries"])
     click.echo(
-        f"{ckpt.path}: OK ({len(ckpt.tensor_names())} tensors, {n} entries, {human_bytes(total)} checked)"
+        f"{printable(str(ckpt.path))}: OK ({len(ckpt.tensor_names())} tensors, {n} entries, {human_bytes(total)} checked)"
     )
 
 

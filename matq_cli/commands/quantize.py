@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -36,6 +39,24 @@ def _group_size(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise click.BadParameter(f"{text!r}: use a number of columns or 'channel'") from None
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Library warnings meant for the user (tensors stored unquantized) as ``matq: warning: ...``
+    lines once the progress bar is gone, even if the run then fails; other warnings as usual."""
+    from matq_converters.quantize import UnquantizedWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnquantizedWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, UnquantizedWarning):
+                    click.echo(f"matq: warning: {w.message}", err=True)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _report(out: Path, seconds: float, source_bytes: int, as_json: bool) -> None:
@@ -71,10 +92,13 @@ Examples:
   matq quantize ./gemma-2-2b -o out --objective multiwidth --widths 8,4,2 --lambdas 1,1,1
   matq quantize ./model -o out --layers 'layers\\.(1[0-9])\\.mlp' --zero-multiple slice-exact
   matq quantize ./model -o out --from matgptq       # same as: matq import-matgptq ./model -o out
+  matq quantize ./SmolLM2-135M -o out --layers linear --calib docs/ --calib-tokens 65536
 
 \b
 Defaults: FFN weights only, groups of 128 input columns, asymmetric MinMax, float16 scales,
 integer (uint8) zero points. Embeddings, norms and the output head stay as they are.
+--calib TEXT (a UTF-8 file or a folder of .txt/.md/.rst) runs the model on that text in
+transformers, layer by layer, and quantizes the selected linears with multi-width GPTQ.
 """
 )
 @click.argument("hf_dir", type=click.Path(path_type=Path))
@@ -136,6 +160,27 @@ integer (uint8) zero points. Embeddings, norms and the output head stay as they 
 @click.option(
     "--threads", type=click.IntRange(1, 256), default=None, help="Worker threads (default: CPUs, at most 8)."
 )
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Calibration text (file or folder): multi-width GPTQ from the model's activations on it.",
+)
+@click.option(
+    "--calib-tokens",
+    type=click.IntRange(16, None),
+    default=131072,
+    show_default=True,
+    help="Calibration tokens at most (sequences of 512).",
+)
+@click.option(
+    "--calib-propagate",
+    type=click.Choice(["mean", "per-width"]),
+    default="per-width",
+    show_default=True,
+    help="GPTQ error feedback: the lambda-weighted mean error, or one target per width.",
+)
+@click.option("--device", default="cpu", show_default=True, help="Where --calib runs: cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 def quantize(
@@ -153,6 +198,10 @@ def quantize(
     code_bits: int,
     scale_dtype: str,
     threads: int | None,
+    calib: Path | None,
+    calib_tokens: int,
+    calib_propagate: str,
+    device: str,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -165,7 +214,21 @@ def quantize(
 
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
-    with bar(total, "quantize", "B", unit_scale=True) as pb:
+    calibrated = {}
+    if calib is not None:
+        calibrated = dict(
+            calib=calib, calib_tokens=calib_tokens, calib_propagate=calib_propagate, device=device
+        )
+    with (
+        _warnings_to_stderr(),
+        bar(None if calib else total, "calibrate" if calib else "quantize", "layer" if calib else "B",
+            unit_scale=not calib) as pb,
+    ):  # fmt: skip
+
+        def layer_done(done: int, n: int) -> None:
+            pb.total = n
+            pb.update(done - pb.n)
+
         quantize_hf(
             hf_dir,
             out,
@@ -181,7 +244,9 @@ def quantize(
             scale_dtype=scale_dtype,
             threads=threads,
             overwrite=force,
-            progress=pb.update,
+            progress=None if calib else pb.update,
+            layer_progress=layer_done if calib else None,
+            **calibrated,
         )
     _report(out, time.perf_counter() - t0, total, as_json)
 
