@@ -17,14 +17,14 @@ from gguf import GGMLQuantizationType as T
 from matq_format import numerics as N
 
 QK_K = 256
-ORDER: tuple[T, ...] = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q4_1, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16, T.F32)
+ORDER: tuple[T, ...] = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q4_0, T.Q4_1, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16, T.F32)
 """Every type the exporter writes, smallest first (bits per weight 2.625 ... 32)."""
 
 # unsigned level capacity of the types with a stored minimum, and the largest sub-block multiplier
 _AFFINE = {T.Q4_1: 15, T.Q5_1: 31}
 _KQUANT = {T.Q2_K: (3, 15), T.Q4_K: (15, 63), T.Q5_K: (31, 63)}
 # signed level range of the offset-free types, and the largest sub-block multiplier (None: no sub-blocks)
-_SIGNED = {T.Q8_0: (-128, 127, None), T.Q3_K: (-4, 3, 31), T.Q6_K: (-32, 31, 127)}
+_SIGNED = {T.Q8_0: (-128, 127, None), T.Q4_0: (-8, 7, None), T.Q3_K: (-4, 3, 31), T.Q6_K: (-32, 31, 127)}
 
 
 def bits_per_weight(qtype: T) -> float:
@@ -72,7 +72,8 @@ def fits_layout(qtype: T, cols: int, group_size: int | None) -> bool:
 
 
 def encode(sl: Slice, allowed: tuple[T, ...] | None = None) -> Encoded:
-    """The smallest type of ``allowed`` (default: all) that holds the slice's grid."""
+    """The smallest type of ``allowed`` (default: all) that holds the slice's grid: its levels, with
+    block parameters exact or one fp16 rounding away (``Encoded.exact`` tells); F32 always does."""
     for qtype in ORDER:
         if allowed is not None and qtype not in allowed and qtype != T.F32:
             continue
@@ -80,6 +81,116 @@ def encode(sl: Slice, allowed: tuple[T, ...] | None = None) -> Encoded:
         if enc is not None:
             return enc
     raise AssertionError("F32 always holds a slice")  # pragma: no cover
+
+
+# --- compact files: the type llama.cpp would use for a width, exact where the grid allows ----------
+COMPACT: dict[int, T] = {1: T.Q2_K, 2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_K, 5: T.Q5_K, 6: T.Q6_K, 7: T.Q8_0, 8: T.Q8_0}
+"""llama.cpp's base type for a width (its Q2_K ... Q8_0 file types)."""
+SUB_BLOCK: dict[T, int] = {T.Q2_K: 16, T.Q3_K: 16, T.Q4_K: 32, T.Q5_K: 32, T.Q6_K: 16}
+"""Weights per sub-block (one integer scale, and minimum where there is one) of the K types."""
+ROW_FALLBACK: dict[T, T] = {T.Q2_K: T.Q4_1, T.Q3_K: T.Q4_1, T.Q4_K: T.Q4_1, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+"""For rows that are not a multiple of 256 (hidden sizes like 576): the smallest block-32 type that
+holds an affine grid of the width (llama.cpp falls back to IQ4_NL, Q5_0, Q5_1 and Q8_0 there)."""
+
+
+LEVELS_OVER_SIZE = 5
+"""Up to this width, a grid the compact type cannot hold (an asymmetric int3 in the offset-free
+Q3_K) goes one type up with its levels kept (Q4_K, 4.5 instead of 3.44 bits per weight): re-fitting
+the values would move them by up to half a step, which on SmolLM2-135M took int3 from perplexity
+240 (the slice, in transformers) to 5051. Wider grids (int6, int8) are re-fitted: their steps are
+small and Q8_0's 8.5 bits would double int6's size."""
+
+
+def compact_type(bits: int, cols: int) -> T:
+    """The type a width-``bits`` grid (count the extra bucket as one bit more) is written in."""
+    qtype = COMPACT[min(max(bits, 1), 8)]
+    if cols % GGML_QUANT_SIZES[qtype][0]:
+        qtype = ROW_FALLBACK.get(qtype, qtype)
+    return qtype if cols % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
+
+
+def encode_compact(sl: Slice) -> Encoded:
+    """The smallest exact type no bigger than the width's compact type; else that type, re-fitted.
+
+    A re-fit keeps the slice's integer levels where the type holds them (only block parameters are
+    rounded), and otherwise quantizes the slice's values into the type: an asymmetric grid has no
+    place in the offset-free Q8_0 and Q6_K, so its int8 and int6 slices move by up to half a
+    (small) step there; narrower grids go one type up instead (see ``LEVELS_OVER_SIZE``).
+    Symmetric checkpoints with nested scales are exact at every width. Either way the result says
+    whether it is exact, and :func:`rel_rms_error` tells by how much it is not.
+    """
+    bits = sl.bits + (1 if sl.max_level > N.code_max(sl.bits) else 0)
+    target = compact_type(bits, sl.k.shape[1])
+    budget = bits_per_weight(target)
+    candidates = [t for t in ORDER if t not in (T.F16, T.F32)]
+    for qtype in candidates:
+        if bits_per_weight(qtype) > budget:
+            break
+        enc = encode_as(sl, qtype) or encode_nested(sl, qtype)
+        if enc is not None and enc.exact:
+            return enc
+    # not exact: the same levels with rounded parameters where the type holds them, else the values
+    if target in (T.F16, T.F32):
+        return refit(sl.dequantize(), target)
+    enc = encode_as(sl, target) or encode_nested(sl, target)
+    if enc is None and bits <= LEVELS_OVER_SIZE:  # keep the levels one type up rather than move them
+        for qtype in candidates[candidates.index(target) + 1 :]:
+            enc = encode_as(sl, qtype) or encode_nested(sl, qtype)
+            if enc is not None:
+                break
+    return enc or refit(sl.dequantize(), target)
+
+
+def refit(w: np.ndarray, qtype: T) -> Encoded:
+    """Float weights ``[rows, cols]`` quantized into ``qtype`` (dense tensors, and slices whose levels
+    the type cannot hold): gguf-py's quantizers for the 32-blocks, sub-block max scaling for the
+    offset-free K types, nearest fp16 for F16."""
+    import gguf
+
+    w = np.ascontiguousarray(w, np.float32)
+    if qtype == T.F32:
+        return Encoded(qtype, w, False)
+    if qtype == T.F16:
+        return Encoded(qtype, w.astype(np.float16), False)
+    if qtype in _SIGNED and _SIGNED[qtype][2] is not None:
+        return Encoded(qtype, _refit_signed_k(w, qtype), False)
+    if qtype in (T.Q2_K, T.Q4_K, T.Q5_K):  # no float quantizer here: the next offset-free type up
+        return refit(w, T.Q6_K if w.shape[1] % QK_K == 0 else T.Q8_0)
+    return Encoded(qtype, gguf.quants.quantize(w, qtype), False)
+
+
+def _refit_signed_k(w: np.ndarray, qtype: T) -> np.ndarray:
+    """Q3_K/Q6_K from floats: per 16-weight sub-block the scale that maps its largest magnitude to
+    the top level, stored as an integer multiple of one fp16 scale per super-block."""
+    lo, hi, max_mult = _SIGNED[qtype]
+    rows = w.shape[0]
+    x = w.reshape(-1, QK_K // 16, 16).astype(np.float64)
+    sub = np.abs(x).max(axis=2) / -lo  # scale per sub-block: the largest magnitude at the end level
+    d = N.fp16_round((sub.max(axis=1) / max_mult).astype(np.float32)).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.clip(np.rint(sub / d[:, None]), 0, max_mult), 0)
+        step = (d[:, None] * sc)[:, :, None]
+        lv = np.where(step > 0, np.clip(np.rint(x / step), lo, hi), 0).astype(np.int32)
+    lv = lv.reshape(-1, QK_K)
+    pack = _pack_q3_k if qtype == T.Q3_K else _pack_q6_k
+    return pack(lv, d.astype(np.float32), sc.astype(np.int32)).reshape(rows, -1)
+
+
+def decode(enc: Encoded) -> np.ndarray:
+    """What ggml's decoder returns for an encoding (gguf-py's reference dequantizers)."""
+    import gguf
+
+    if enc.qtype in (T.F16, T.F32):
+        return np.asarray(enc.data, np.float32)
+    return gguf.quants.dequantize(enc.data, enc.qtype)
+
+
+def rel_rms_error(enc: Encoded, target: np.ndarray) -> float:
+    """sqrt(sum (decoded - target)^2 / sum target^2): how far an inexact encoding is from its slice."""
+    t = np.asarray(target, np.float64)
+    diff = decode(enc).astype(np.float64) - t
+    den = float(np.sum(t * t))
+    return float(np.sqrt(np.sum(diff * diff) / den)) if den else float(np.sqrt(np.sum(diff * diff)))
 
 
 def encode_as(sl: Slice, qtype: T) -> Encoded | None:
@@ -99,6 +210,51 @@ def encode_as(sl: Slice, qtype: T) -> Encoded | None:
     if qtype in _KQUANT:
         return _kquant(sl, qtype)
     return _signed(sl, qtype)
+
+
+def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
+    """A K type for a slice whose groups are smaller than its 256-weight super-blocks: each sub-block
+    (16 or 32 weights, inside one group) takes its group's step and minimum, stored as integer
+    multiples of one fp16 value per super-block (``numerics.fp16_times_ints``). Exact where the
+    groups' parameters are such multiples; else each is rounded to the nearest."""
+    rows, cols = sl.k.shape
+    sub = SUB_BLOCK.get(qtype)
+    if sub is None or cols % QK_K or (sl.group_size is not None and sl.group_size % sub):
+        return None
+    if qtype in _KQUANT:
+        top, max_mult = _KQUANT[qtype]
+        if sl.max_level > top:
+            return None
+        step = sl.scale * np.float32(1 << (sl.code_bits - sl.bits))
+        low = sl.scale * sl.zero
+        per = lambda p: _per_block(p, cols, sl.group_size, sub).reshape(-1, QK_K // sub)  # noqa: E731
+        d, sc = N.fp16_times_ints(per(step), max_mult)
+        dmin, mn = N.fp16_times_ints(per(low), max_mult)
+        exact = bool(
+            np.all(d[:, None].astype(np.float64) * sc == per(step).astype(np.float64))
+            and np.all(dmin[:, None].astype(np.float64) * mn == per(low).astype(np.float64))
+            and np.all(sl.zero == np.rint(sl.zero))
+        )
+        lv = _blocks(sl.k, QK_K)
+        if qtype == T.Q2_K:
+            data = _pack_q2_k(lv, d, dmin, sc, mn)
+        else:
+            data = (_pack_q4_k if qtype == T.Q4_K else _pack_q5_k)(lv, d, dmin, sc, mn)
+        return Encoded(qtype, data.reshape(rows, -1), exact)
+    lo, hi, max_mult = _SIGNED[qtype]
+    s = sl.code_bits - sl.bits
+    split = N.ggml_zero_split(sl.zero, s)
+    if split is None or np.any(split[0] != s):
+        return None  # no minimum: z must lie on the r-bit grid
+    zq = split[1]
+    levels = sl.k.astype(np.int32) - N.expand_groups(zq, cols, sl.group_size)
+    if levels.min(initial=0) < lo or levels.max(initial=0) > hi:
+        return None
+    step = _per_block(sl.scale * np.float32(1 << s), cols, sl.group_size, sub).reshape(-1, QK_K // sub)
+    d, sc = N.fp16_times_ints(step, max_mult)
+    exact = bool(np.all(d[:, None].astype(np.float64) * sc == step.astype(np.float64)))
+    pack = _pack_q3_k if qtype == T.Q3_K else _pack_q6_k
+    return Encoded(qtype, pack(_blocks(levels, QK_K), d, sc).reshape(rows, -1), exact)
 
 
 # --- parameter choice ------------------------------------------------------------------------------
@@ -176,8 +332,9 @@ def _signed(sl: Slice, qtype: T) -> Encoded | None:
     levels = sl.k.astype(np.int32) * N.expand_groups(mult, cols, sl.group_size) - N.expand_groups(
         zq, cols, sl.group_size
     )
-    if qtype == T.Q8_0:
-        data = _pack_q8_0(_blocks(levels, 32), _per_block(d, cols, sl.group_size, 32))
+    if qtype in (T.Q8_0, T.Q4_0):
+        pack = _pack_q8_0 if qtype == T.Q8_0 else _pack_q4_0
+        data = pack(_blocks(levels, 32), _per_block(d, cols, sl.group_size, 32))
     else:
         db = _per_block(d, cols, sl.group_size, QK_K)
         scb = _sub(_per_block(sc, cols, sl.group_size, QK_K), 16)
@@ -216,6 +373,11 @@ def _pack_q5_1(lv: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def _pack_q8_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16(d), lv.astype(np.int8).view(np.uint8)], axis=1)
+
+
+def _pack_q4_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
+    q = _u8(lv + 8)
+    return np.concatenate([_f16(d), q[:, :16] | (q[:, 16:] << 4)], axis=1)
 
 
 def _pack_q2_k(lv: np.ndarray, d, dmin, sc: np.ndarray, mn: np.ndarray) -> np.ndarray:

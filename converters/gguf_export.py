@@ -10,6 +10,7 @@ file next to the output, renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +28,11 @@ from matq_format.safefs import open_regular
 from . import gguf_arch
 from .registry import ConvertOptionError, ConvertOptions, ConvertResult, UnsupportedModelError
 
-OUTTYPES = ("auto", "f32", "f16", "bf16")
+OUTTYPES = ("auto", "source", "f32", "f16", "bf16", "q8_0")
+"""Types of unquantized 2-D tensors: auto (what llama.cpp picks for the width: Q6_K, Q8_0 at int8),
+source (as stored), or one type for all."""
+NO_QUANT = ("position_embd.weight", "token_types.weight")
+"""Tensors llama.cpp never quantizes (BERT's position and token-type embeddings)."""
 
 # matq.* keys, beside llama.cpp's general.* keys: where the file came from and what it holds
 KEY_FORMAT_VERSION = "matq.format_version"
@@ -42,6 +47,8 @@ KEY_EXACT = "matq.exact"
 KEY_EXACT_TENSORS = "matq.exact_tensors"
 KEY_QUANTIZED_TENSORS = "matq.quantized_tensors"
 KEY_CONVERTER = "matq.converter"
+KEY_REFIT = "matq.refit_rel_rms"
+"""JSON {tensor: relative RMS error against its slice} of the tensors not stored exactly."""
 
 _FILE_TYPES = {
     "F32": "ALL_F32",
@@ -128,9 +135,10 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
         raise ConvertOptionError(None, f"float_slices {float_slices!r} is not one of f32, f16, bf16")
     cfg = ckpt.config
     arch = gguf_arch.detect(cfg, ckpt.path)
-    widths = resolve_plan(
-        options.bits if options.plan is None else options.plan, ckpt, extra_precision=options.extra_precision
-    )
+    budget = _file_budget(options)
+    if budget is None:
+        spec = options.bits if options.plan is None else options.plan
+        widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     if arch.name == "gemma2" and cfg.get("tie_word_embeddings") is False:
         raise UnsupportedModelError(
             ckpt.path, "llama.cpp's gemma2 reuses the token embedding as lm_head; untied is unsupported"
@@ -151,8 +159,6 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
         info = ckpt.info(hf)
         t = _Tensor(hf, g, info.quantized, offset=gguf_arch.norm_offset(arch, hf))
         if info.quantized:
-            t.bits = widths[hf]
-            t.extra_precision = options.extra_precision and t.bits < c
             if t.offset:
                 raise UnsupportedModelError(
                     ckpt.path, f"{hf}: a quantized norm weight cannot take Gemma's +1 offset"
@@ -172,6 +178,15 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     embd = seen.get("token_embd.weight")
     if embd is None:
         raise UnsupportedModelError(ckpt.path, "has no token embedding")
+    if budget is not None:
+        from .gguf_budget import file_budget_plan
+
+        dense = lambda t: dense_bits(ckpt.info(t.hf_name), t, options.outtype, 6)  # noqa: E731
+        widths = file_budget_plan(ckpt, tensors, budget, options.extra_precision, dense)
+    for t in tensors:
+        if t.quantized:
+            t.bits = widths[t.hf_name]
+            t.extra_precision = options.extra_precision and t.bits < c
     n_vocab = ckpt.info(embd).shape[0]
     from . import gguf_vocab
 
@@ -180,6 +195,48 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     if kind == "bpe" and not options.extra.get("tokenizer_pre"):
         gguf_vocab.bpe_pre(root / "tokenizer.json")
     return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings, root)
+
+
+def _file_budget(options: ConvertOptions) -> float | None:
+    """``budget:BITS`` counts the file's bits per weight here (every tensor, as llama.cpp reports them)."""
+    plan = options.plan
+    if not (isinstance(plan, str) and plan.startswith("budget:")):
+        return None
+    try:
+        budget = float(plan.split(":", 1)[1])
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget <= 0:
+        raise ConvertOptionError(None, f"{plan}: the budget must be a positive number of bits per weight")
+    if options.extra.get("exact") or options.extra.get("float_slices") or options.extra.get("types"):
+        raise ConvertOptionError(None, f"{plan} chooses compact types itself; it cannot be combined with exact")
+    return budget
+
+
+def dense_type(info, t: _Tensor, outtype: str, width: int):
+    """The type of an unquantized tensor, or None to store it as it is (see ``_dense``)."""
+    from gguf import GGMLQuantizationType as T
+
+    from . import gguf_blocks as B
+
+    if len(info.shape) != 2 or t.offset or outtype not in ("auto", "q8_0") or t.gguf_name in NO_QUANT:
+        return None
+    cols = info.shape[1]
+    if cols % 32:
+        return None
+    return T.Q8_0 if outtype == "q8_0" or width >= 7 or cols % B.QK_K else T.Q6_K
+
+
+def dense_bits(info, t: _Tensor, outtype: str, width: int) -> float:
+    """Bits an unquantized tensor takes in the file."""
+    from . import gguf_blocks as B
+
+    qtype = dense_type(info, t, outtype, width)
+    if qtype is not None:
+        return B.bits_per_weight(qtype) * info.numel
+    if len(info.shape) != 2 or t.offset or outtype == "f32" or info.dtype in ("F32", "F64"):
+        return 32.0 * info.numel  # as _dense writes them: F32
+    return 16.0 * info.numel  # f16, bf16, or F16/BF16 as stored
 
 
 def _allowed_types(names) -> tuple | None:
@@ -257,7 +314,11 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
     w.add_vocab_size(prep.n_vocab)
     types: dict[str, str] = {}
     weights_by_type: Counter = Counter()
+    n_bytes = n_weights = 0
     q_bits = q_weights = exact = quantized = 0
+    refit: dict[str, float] = {}
+    exact_only = bool(options.extra.get("exact"))
+    width = options.bits or (8 if min(prep.widths.values(), default=c) >= 7 else 6)
     for t in prep.tensors:
         info = ckpt.info(t.hf_name)
         if t.quantized:
@@ -266,18 +327,26 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
             if t.perm is not None:
                 k, a, z = k[t.perm], a[t.perm], z[t.perm]
             sl = B.Slice(k, a, z, c, t.bits, info.group_size, t.extra_precision)
-            enc = (
-                B.encode(sl, prep.allowed)
-                if prep.float_slices is None
-                else _float_slice(sl, prep.float_slices)
-            )
+            if prep.float_slices is not None:
+                enc = _float_slice(sl, prep.float_slices)
+            elif exact_only or prep.allowed is not None:
+                enc = B.encode(sl, prep.allowed)
+            else:
+                enc = B.encode_compact(sl)
+            if not enc.exact:
+                refit[t.gguf_name] = B.rel_rms_error(enc, sl.dequantize())
             qtype, data = enc.qtype, enc.data
             quantized += 1
             exact += enc.exact
             q_bits += data.nbytes * 8
             q_weights += k.size
         else:
-            qtype, data = _dense(ckpt, t, info, options.outtype)
+            outtype = options.outtype
+            if outtype == "auto" and exact_only:
+                outtype = "source"
+            qtype, data = _dense(ckpt, t, info, outtype, width)
+        n_bytes += int(np.asarray(data).nbytes)
+        n_weights += info.numel
         if qtype in (T.F16, T.F32):
             w.add_tensor(t.gguf_name, data)
         else:
@@ -310,6 +379,8 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
     w.add_bool(KEY_EXACT, exact == quantized)
     w.add_uint32(KEY_EXACT_TENSORS, exact)
     w.add_uint32(KEY_QUANTIZED_TENSORS, quantized)
+    if refit:
+        w.add_string(KEY_REFIT, json.dumps(refit, sort_keys=True))
     return {
         "arch": prep.arch.name,
         "types": types,
@@ -317,27 +388,38 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
         "exact_tensors": exact,
         "quantized_tensors": quantized,
         "bits_per_weight": q_bits / q_weights if q_weights else 0.0,
+        "file_bits_per_weight": 8 * n_bytes / n_weights if n_weights else 0.0,
+        "refit_rel_rms": refit,
     }
 
 
-def _dense(ckpt, t: _Tensor, info, outtype: str):
-    """An unquantized tensor: 1-D at F32 (llama.cpp's norms and biases), 2-D at ``outtype``."""
+def _dense(ckpt, t: _Tensor, info, outtype: str, width: int):
+    """An unquantized tensor: 1-D at F32 (llama.cpp's norms and biases), 2-D at ``outtype``
+    (``auto``: Q8_0 for int8 files, else Q6_K where rows are multiples of 256, else Q8_0)."""
     import gguf
     from gguf import GGMLQuantizationType as T
 
+    from . import gguf_blocks as B
+
+    qtype = dense_type(info, t, outtype, width)
+    if qtype is not None:
+        enc = B.refit(_rows(ckpt.dequantize(t.hf_name).astype(np.float32), t.perm), qtype)
+        return enc.qtype, enc.data
+    if outtype in ("auto", "q8_0"):
+        outtype = "source"
     if (
         len(info.shape) != 2
         or t.offset
-        or (outtype == "auto" and info.dtype in ("F32", "F64"))
+        or (outtype == "source" and info.dtype in ("F32", "F64"))
         or outtype == "f32"
     ):
         x = ckpt.dequantize(t.hf_name).astype(np.float32)
         if t.offset:
             x = x + np.float32(t.offset)
         return T.F32, _rows(x, t.perm)
-    if outtype == "auto" and info.dtype == "F16":
+    if outtype == "source" and info.dtype == "F16":
         return T.F16, _rows(np.asarray(ckpt.dense(t.hf_name), np.float16), t.perm)
-    if outtype == "auto" and info.dtype == "BF16":
+    if outtype == "source" and info.dtype == "BF16":
         raw = np.asarray(ckpt.dense(t.hf_name)).view(np.uint16)
         return T.BF16, _rows(raw, t.perm).view(np.uint8)
     x = ckpt.dequantize(t.hf_name).astype(np.float32)

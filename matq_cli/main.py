@@ -81,7 +81,7 @@ def _register() -> None:
     for cmd in format_cmds.COMMANDS:
         cli.add_command(cmd)
     # Each further command module registers here; a missing optional dependency only hides its commands.
-    for modname in ("quantize", "convert", "train", "hub"):
+    for modname in ("quantize", "convert", "train", "hub", "eval"):
         try:
             mod = __import__(f"matq_cli.commands.{modname}", fromlist=["COMMANDS"])
         except ModuleNotFoundError as exc:

@@ -209,7 +209,7 @@ def group_minmax(w: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.
     """Smallest and largest weight per row and group, float32 ``[rows, groups]``."""
     bits = _bf16_bits(w)
     rows, cols = w.shape
-    g = cols if group_size is None else group_size
+    g = cols if group_size is None else min(group_size, max(cols, 1))  # no padding past a row
     if bits is not None and cols % g == 0 and w.size:
         lo = np.empty((rows, cols // g), np.float32)
         hi = np.empty((rows, cols // g), np.float32)
@@ -259,7 +259,7 @@ def quantize(
         if out is None:
             out = np.empty((rows, cols), np.uint8)
         if out.dtype == np.uint8 and out.flags.c_contiguous:
-            g = cols if group_size is None else group_size
+            g = cols if group_size is None else min(group_size, max(cols, 1))  # no padding past a row
             groups = n_groups(cols, group_size)
             a = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32), (rows, groups)))
             z = np.ascontiguousarray(np.broadcast_to(np.asarray(zero, np.float32), (rows, groups)))
@@ -397,6 +397,61 @@ def fp16_times_int(target: np.ndarray, max_mult: int) -> tuple[np.ndarray, np.nd
             if not np.any(best_err):
                 break
     return best_b, best_n
+
+
+def fp16_times_ints(target: np.ndarray, max_mult: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``target`` ``[n, m]`` (one K-quant super-block's sub-blocks): an fp16 ``b`` and
+    integers ``0 <= sc <= max_mult`` with ``b * sc`` nearest each target.
+
+    The largest target takes the largest multiplier that makes every product of its row exact, if
+    one does; otherwise ``max_mult`` (the finest steps), and each sub-block is rounded to its
+    nearest multiple. Rows of zeros get ``b = 0``.
+    """
+    t = np.asarray(target, np.float32)
+    top = t.max(axis=1, initial=0)
+
+    def fit(n: int):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            b = fp16_round(top / np.float32(n))
+            sc = np.where(b[:, None] > 0, np.rint(t / b[:, None]), 0)
+        sc = np.clip(np.nan_to_num(sc), 0, max_mult)
+        exact = np.all(b[:, None] * sc.astype(np.float32) == t, axis=1)
+        return b, sc.astype(np.int32), exact
+
+    b, sc, exact = fit(max_mult)
+    for n in range(max_mult - 1, 0, -1):
+        if exact.all():
+            break
+        bn, scn, ok = fit(n)
+        take = ok & ~exact
+        b, sc, exact = np.where(take, bn, b), np.where(take[:, None], scn, sc), exact | take
+    return b, sc
+
+
+NEST_BLOCK = 256
+"""Columns per K-quant super-block: the span whose group scales ``nest_scales`` ties together."""
+NEST_MULT = 15
+"""Largest group multiplier: Q2_K's 4-bit sub-block scales, the smallest of the K-quants."""
+
+
+def nest_scales(alpha: np.ndarray, cols: int, group_size: int | None) -> np.ndarray:
+    """Scales that every K-quant holds exactly at every width: within each 256 columns of a row,
+    ``alpha_g = D * m_g`` with one ``D`` (an fp16 value of at most 7 significant bits, so that
+    ``D * m_g`` is fp16 too) and integers ``1 <= m_g <= 15``, each rounded up so that the group's
+    range stays covered. A K-quant then stores ``D * 2^(c-r)`` per super-block and ``m_g`` per
+    sub-block. Per-channel scales, and rows whose length is not a multiple of 256, are returned
+    as they are (they nest already, or no K-quant can hold them).
+    """
+    a = np.asarray(alpha, np.float32)
+    if group_size is None or cols % NEST_BLOCK or NEST_BLOCK % group_size:
+        return a
+    rows = a.shape[0]
+    per = a.reshape(rows, cols // NEST_BLOCK, NEST_BLOCK // group_size).astype(np.float64)
+    need = per.max(axis=2, keepdims=True) / NEST_MULT
+    exp = np.floor(np.log2(np.where(need > 0, need, 1.0))) - 6  # 7 significant bits: D = k * 2^exp
+    d = np.ceil(need / np.exp2(exp)) * np.exp2(exp)
+    m = np.clip(np.ceil(per / d), 1, NEST_MULT)
+    return round_scale((d * m).reshape(rows, -1).astype(np.float32), "F16")
 
 
 def ggml_affine_params(
@@ -630,7 +685,7 @@ def _envelope_piece(env: _Envelope, x: np.ndarray) -> np.ndarray:
 
 def _group_sums(e: np.ndarray, group_size: int | None) -> np.ndarray:
     rows, cols = e.shape
-    g = cols if group_size is None else group_size
+    g = cols if group_size is None else min(group_size, max(cols, 1))  # no padding past a row
     pad = (-cols) % g
     if pad:
         e = np.pad(e, ((0, 0), (0, pad)))
@@ -708,7 +763,7 @@ def multiwidth_params(
     if w.ndim != 2:
         raise ValueError("quantized tensors are 2-D [rows, cols]")
     rows, cols = w.shape
-    g = cols if group_size is None else group_size
+    g = cols if group_size is None else min(group_size, max(cols, 1))  # no padding past a row
     pad = (-cols) % g
     wg = (np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w).reshape(rows, -1, g)
     ends = np.stack([np.minimum(wg.min(axis=2), 0.0), np.maximum(wg.max(axis=2), 0.0)], axis=-1)

@@ -282,31 +282,10 @@ def env_threads() -> int:
 
 
 def llama_cpp_model(path: Path, **kw):
-    """``llama_cpp.Llama(path, **kw)`` with llama.cpp's extra CPU buffer types off (``use_extra_bufts``).
+    """``llama_cpp.Llama(path, **kw)`` with llama.cpp's extra CPU buffer types off: see
+    ``matq_eval.llama.load_llama`` (AMX builds crash or miscompute with them)."""
+    from matq_eval.llama import load_llama
 
-    The extra buffer types repack weights for faster matmuls, AMX among them: on CPUs with AMX
-    (Sapphire Rapids and later) a llama.cpp built with AMX crashes in ``ggml_backend_amx_mul_mat``
-    (ggml-org/llama.cpp#20824) or gives wrong Q4_0/Q4_1 results (#16315). llama-cpp-python 0.3.36's
-    ``Llama`` has no ``use_extra_bufts`` keyword (and ignores keywords it does not know), so the
-    model parameters it starts from are switched while it loads; the result is checked.
-    """
-    import llama_cpp
-    import llama_cpp.llama_cpp as lib
-
-    if "use_extra_bufts" in inspect.signature(llama_cpp.Llama.__init__).parameters:
-        llm = llama_cpp.Llama(str(path), use_extra_bufts=False, **kw)
-    else:
-        default = lib.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        lib.llama_model_default_params = params
-        try:
-            llm = llama_cpp.Llama(str(path), **kw)
-        finally:
-            lib.llama_model_default_params = default
+    llm = load_llama(path, **kw)
     assert llm.model_params.use_extra_bufts is False, "llama.cpp's extra buffer types are still on"
     return llm

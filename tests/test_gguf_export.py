@@ -67,7 +67,7 @@ def reference(sl: B.Slice, qtype: T) -> np.ndarray:
     s = c - r
     j, zq = N.ggml_zero_split(sl.zero, s)
     levels = sl.k.astype(np.int32) * per_elem(1 << (s - j)) - per_elem(zq)
-    if qtype == T.Q8_0:
+    if qtype in (T.Q8_0, T.Q4_0):
         d = N.fp16_round(sl.scale * np.exp2(j).astype(np.float32))
     else:
         d0, sc = N.fp16_times_int(sl.scale * np.float32(1 << s), SIGNED_MULT[qtype])
@@ -125,7 +125,7 @@ EXPECTED = {
     ("asym", 128): "F32 F32 F32 Q4_1 Q5_1 Q4_1 Q4_1 Q4_1 Q4_1",
     ("asym16", None): "F32 Q8_0 Q8_0 Q4_K Q5_K Q4_K Q4_K Q2_K Q4_K",
     ("sym", None): "Q8_0 Q6_K Q8_0 Q4_K Q5_K Q3_K Q4_K Q2_K Q3_K",
-    ("sym", 128): "Q8_0 Q8_0 Q8_0 Q4_1 Q5_1 Q4_1 Q4_1 Q4_1 Q4_1",
+    ("sym", 128): "Q8_0 Q8_0 Q8_0 Q4_0 Q5_1 Q4_0 Q4_0 Q4_0 Q4_0",
 }
 
 
@@ -175,7 +175,8 @@ def models(tmp_path_factory):
 
 
 def export(ckpt, out, **kw) -> registry.ConvertResult:
-    extra = kw.pop("extra", {})
+    """The exact export (``--exact``) unless ``extra`` says otherwise: these tests check grids bit for bit."""
+    extra = {"exact": True, **kw.pop("extra", {})}
     return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, extra=extra, **kw))
 
 
@@ -445,3 +446,170 @@ def test_float_slices_is_what_llama_cpps_converter_would_write(models, tmp_path)
     assert t.tensor_type == T.F16 and np.array_equal(np.asarray(t.data), want)
     with pytest.raises(ConvertOptionError):
         export(ckpt, tmp_path / "m.gguf", bits=4, extra={"float_slices": "q8"})
+
+
+# --- compact files (the default): the width's llama.cpp type, exact where the grid allows -----------
+def nested_reference(sl: B.Slice, qtype: T) -> np.ndarray:
+    """A K type's decode with one step (and minimum) per sub-block, from numerics.fp16_times_ints."""
+    c, r, g = sl.code_bits, sl.bits, sl.group_size
+    rows, cols = sl.k.shape
+    sub = B.SUB_BLOCK[qtype]
+    per_sub = lambda p: np.repeat(N.expand_groups(p, cols, g)[:, ::sub].reshape(-1, 256 // sub), 1, 0)  # noqa: E731
+    step = per_sub(sl.scale * np.float32(1 << (c - r)))
+    d, sc = N.fp16_times_ints(step, {T.Q2_K: 15, T.Q3_K: 31, T.Q6_K: 127}.get(qtype, 63))
+    elem = lambda p: np.repeat(p.reshape(-1), sub).reshape(rows, cols)  # noqa: E731
+    stepv = elem(d[:, None] * sc.astype(np.float32))
+    if qtype in K_MULT:
+        dmin, mn = N.fp16_times_ints(per_sub(sl.scale * sl.zero), K_MULT[qtype])
+        return N.dequantize_k_reference(sl.k, stepv, 1.0, elem(dmin[:, None] * mn.astype(np.float32)), 1.0)
+    j, zq = N.ggml_zero_split(sl.zero, c - r)
+    levels = sl.k.astype(np.int32) - N.expand_groups(zq, cols, g)
+    return N.dequantize_q8_0_reference(levels, stepv)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    group=st.sampled_from([32, 64, 128]),
+    sym=st.booleans(),
+    width=st.sampled_from(WIDTHS),
+    nested=st.booleans(),
+)
+def test_nested_k_types_decode_to_their_reference(seed, group, sym, width, nested):
+    """Groups smaller than a super-block: one integer step per sub-block; exact when the groups'
+    scales are integer multiples of one fp16 value (a layout built for it), else within rounding."""
+    rng = np.random.default_rng(seed)
+    sl = make_slice(rng, 3, 512, group, sym, 1, 0.05, *width)
+    if nested:  # scales that nest: alpha_g = D * m_g with m_g <= 15, D an fp16 power of two
+        m = rng.integers(8, 16, sl.scale.shape).astype(np.float32)
+        sl = B.Slice(sl.k, m * np.float32(2.0**-12), sl.zero, 8, sl.bits, group, sl.extra_precision)
+    for qtype in B.SUB_BLOCK:
+        enc = B.encode_nested(sl, qtype)
+        if enc is None:
+            continue
+        got = decode(enc)
+        assert bits_equal(got, nested_reference(sl, qtype)), qtype.name
+        if enc.exact:
+            assert bits_equal(got, sl.dequantize()), qtype.name
+        elif nested and sym:  # symmetric zero points nest too (z = 128 on every grid)
+            raise AssertionError(f"{qtype.name}: nested scales must be exact")
+
+
+@pytest.mark.parametrize("cols", [576, 512])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group", [None, 128])
+def test_compact_types_are_no_bigger_than_llama_cpps_and_say_how_exact(cols, sym, group):
+    rng = np.random.default_rng(cols + sym)
+    for r, ep in WIDTHS:
+        sl = make_slice(rng, 8, cols, group, sym, 1, 0.05, r, ep)
+        enc = B.encode_compact(sl)
+        target = B.compact_type(r + (1 if ep and r < 8 else 0), cols)
+        want = sl.dequantize()
+        if enc.exact:
+            assert bits_equal(decode(enc), want) and B.bits_per_weight(enc.qtype) <= B.bits_per_weight(target)
+            continue
+        if enc.qtype != target:  # an asymmetric int3 keeps its levels one type up
+            assert not sym and r + ep == 3 and enc.qtype in (T.Q4_K, T.Q4_1), (r, ep, enc.qtype.name)
+        err = B.rel_rms_error(enc, want)
+        # levels kept, parameters rounded (fine K scales; Q2_K's 4-bit ones are coarser); or, for an
+        # asymmetric grid in an offset-free type, values re-fitted: within half a step of the slice
+        moved = not sym and enc.qtype in (T.Q8_0, T.Q6_K)
+        bound = (
+            {8: 0.01, 7: 0.01, 6: 0.03, 5: 0.03, 4: 0.1, 3: 0.25}[r + ep]
+            if moved
+            else 0.03
+            if r + ep > 2
+            else 0.1
+        )
+        assert 0 < err < bound, (r, ep, enc.qtype.name, err)
+
+
+def test_compact_file_sizes_fall_with_width_and_record_their_error(models, tmp_path):
+    _, _, cks = models
+    ckpt = cks["llama"]  # per channel, z % 16 == 0: K types hold most slices exactly
+    sizes = {}
+    for bits in (8, 4, 3, 2):
+        res = export(ckpt, tmp_path / f"m{bits}.gguf", bits=bits, extra={"exact": False})
+        sizes[bits] = res.details["bytes"]
+        reader = gguf.GGUFReader(res.path)
+        kv = fields(reader)
+        refit = json.loads(kv.get("matq.refit_rel_rms", "{}"))
+        assert refit == res.details["refit_rel_rms"]
+        assert kv["matq.exact_tensors"] + len(refit) == kv["matq.quantized_tensors"]
+        tensors = {t.name: t for t in reader.tensors}
+        cfg = ckpt.config
+        names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
+        for hf in ckpt.quantized_names():
+            g = names.gguf_name(hf)
+            want = ckpt.dequantize(hf, bits)
+            if g.split(".")[-2] in ("attn_q", "attn_k"):
+                heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
+                want = llama_permute(want, heads)
+            got = gguf.quants.dequantize(tensors[g].data, tensors[g].tensor_type).astype(np.float64)
+            err = float(np.sqrt(np.sum((got - want) ** 2) / np.sum(want.astype(np.float64) ** 2)))
+            if g in refit:
+                assert err == pytest.approx(refit[g], rel=1e-9), g
+            else:
+                assert err == 0.0, g
+        emb = tensors["token_embd.weight"].tensor_type  # unquantized 2-D: llama.cpp's choice, not F32
+        assert emb == (T.Q8_0 if bits == 8 else T.Q6_K)
+        assert tensors["output_norm.weight"].tensor_type == T.F32
+    assert sizes[8] > sizes[4] >= sizes[3] > sizes[2], sizes  # asymmetric int3 keeps its levels in Q4_K
+    exact = export(ckpt, tmp_path / "e.gguf", bits=4)
+    assert exact.details["bytes"] > sizes[4]  # Q4_K slices, but embeddings as stored
+
+
+def file_bits_per_weight(path: Path) -> float:
+    """Bits per weight as llama.cpp reports them: every tensor's bytes over every tensor's elements."""
+    tensors = gguf.GGUFReader(path).tensors
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def test_budget_counts_the_files_bits_and_buys_the_least_error(models, tmp_path):
+    _, _, cks = models
+    ckpt = cks["llama"]
+    errors = []
+    for budget in (3.6, 4.2, 5.0, 7.0):
+        res = export(ckpt, tmp_path / f"b{budget}.gguf", plan=f"budget:{budget}", extra={"exact": False})
+        got = file_bits_per_weight(res.path)
+        assert got <= budget and got == pytest.approx(res.details["file_bits_per_weight"])
+        assert got > budget - 1.0  # the budget is spent, not ignored
+        widths = res.details["widths"]
+        reader = {t.name: t for t in gguf.GGUFReader(res.path).tensors}
+        cfg = ckpt.config
+        names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
+        err = 0.0
+        for hf in ckpt.quantized_names():
+            g = names.gguf_name(hf)
+            full = ckpt.dequantize(hf)
+            if g.split(".")[-2] in ("attn_q", "attn_k"):
+                heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
+                full = llama_permute(full, heads)
+            got_w = gguf.quants.dequantize(reader[g].data, reader[g].tensor_type)
+            err += float(np.sum((got_w.astype(np.float64) - full) ** 2))
+        errors.append(err)
+        assert set(widths.values()) <= {2, 3, 4, 6, 8}
+    assert errors == sorted(errors, reverse=True), errors  # more bits, less error
+    out = tmp_path / "tiny.gguf"
+    with pytest.raises(ConvertOptionError, match="below the smallest file"):
+        export(ckpt, out, plan="budget:2", extra={"exact": False})
+    with pytest.raises(ConvertOptionError, match="budget"):
+        export(ckpt, out, plan="budget:nan", extra={"exact": False})
+    with pytest.raises(ConvertOptionError, match="exact"):
+        export(ckpt, out, plan="budget:4")  # export() asks for exact types
+    assert not out.exists()
+
+
+def test_cli_exact_and_compact(models, tmp_path):
+    _, _, cks = models
+    ck = cks["llama"].root
+    sizes = {}
+    for flags, name in (([], "c.gguf"), (["--exact"], "e.gguf")):
+        out = tmp_path / name
+        r = CliRunner().invoke(
+            cli, ["convert", str(ck), "--to", "gguf", "--bits", "2", "-o", str(out), "--json", *flags]
+        )
+        assert r.exit_code == 0, r.output
+        sizes[name] = json.loads(r.output)["bytes"]
+        assert sizes[name] == out.stat().st_size
+    assert sizes["c.gguf"] < sizes["e.gguf"]  # embeddings as Q6_K instead of as stored

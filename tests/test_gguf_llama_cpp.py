@@ -84,7 +84,8 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 
 
 def export(ckpt, out: Path, **kw):
-    extra = kw.pop("extra", {})
+    """The exact export (``--exact``) unless ``extra`` says otherwise: these tests check grids bit for bit."""
+    extra = {"exact": True, **kw.pop("extra", {})}
     return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, extra=extra, **kw))
 
 

@@ -38,10 +38,18 @@ Examples:
 @click.option("--extra-precision", is_flag=True, help="Serve with the extra bucket (2^r+1 levels).")
 @click.option(
     "--outtype",
-    type=click.Choice(["auto", "f32", "f16", "bf16"]),
+    type=click.Choice(["auto", "source", "f32", "f16", "bf16", "q8_0"]),
     default="auto",
     show_default=True,
-    help="Float type of unquantized 2-D tensors (auto: as stored). 1-D tensors are always f32.",
+    help="Type of unquantized 2-D tensors (embeddings, head): auto picks as llama.cpp does for the "
+    "width (Q6_K; Q8_0 at int8 or where rows are not multiples of 256), source keeps them as stored. "
+    "1-D tensors are always f32.",
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Only types that hold each slice exactly, even where that is bigger than the width's compact "
+    "type (and unquantized tensors as stored unless --outtype says otherwise).",
 )
 @click.option("--tokenizer-pre", help="GGUF: llama.cpp pre-tokenizer name, when matq cannot infer it.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output file.")
@@ -55,6 +63,7 @@ def convert(
     extra_precision: bool,
     outtype: str,
     tokenizer_pre: str | None,
+    exact: bool,
     out: Path,
     force: bool,
     as_json: bool,
@@ -70,6 +79,8 @@ def convert(
     if not os.environ.get("MATQ_DEBUG"):
         logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's notes on tokenizer templates
     extra = {"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {}
+    if exact:
+        extra["exact"] = True
     options = registry.ConvertOptions(bits, plan, extra_precision, outtype, force, extra)
     ckpt = mf.open(path)
     for w in conv.validate(ckpt, options):

