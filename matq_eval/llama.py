@@ -45,14 +45,6 @@ def load_llama(path: str | os.PathLike, **kw):
     return llm
 
 
-def is_gguf(path: str | os.PathLike) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 @dataclass(frozen=True)
 class GGUFSize:
     """What a GGUF file's tensors hold, as llama.cpp reports it (``model size``, ``BPW``)."""

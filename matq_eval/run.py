@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from matq_converters.gguf_export import is_gguf
 
 import matq_format as mf
 from matq_format import constants as C
@@ -102,7 +103,7 @@ def parse_candidate(spec: str | os.PathLike) -> list[Candidate]:
     if not p.exists():
         raise CandidateError(p, "no such file or folder")
     if m is None:
-        if p.is_file() and L.is_gguf(p):
+        if p.is_file() and is_gguf(p):
             return [Candidate(p.name, "gguf", p)]
         if _is_checkpoint(p):
             raise CandidateError(

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import constants as C
 from . import numerics
+from .budget import BudgetTooSmall, cheapest_within
 from .errors import PlanError, WidthError
 
 PATTERNS = ("pyramid", "reverse_pyramid", "increasing", "decreasing")
@@ -199,28 +200,10 @@ def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
             d = ckpt.dequantize(n, r, extra_precision and r < c) - ref
             err[n][r] = float(np.dot(d.ravel(), d.ravel()))
             cost[n][r] = tensor_bits(ckpt, n, r, extra_precision) * numel
-    plan = {n: widths[n][0] for n in names}
     total_w = sum(ckpt.info(n).numel for n in names)
-    spent = sum(cost[n][plan[n]] for n in names)
-    if spent > budget * total_w:
+    try:
+        return cheapest_within(err, cost, budget * total_w)
+    except BudgetTooSmall as exc:
         raise PlanError(
-            text, f"budget {budget} is below the narrowest plan ({spent / total_w:.3f} bits per weight)"
-        )
-    while True:
-        best, best_gain = None, 0.0
-        for n in names:
-            ws = widths[n]
-            i = ws.index(plan[n])
-            if i + 1 == len(ws):
-                continue
-            nxt = ws[i + 1]
-            dc = cost[n][nxt] - cost[n][plan[n]]
-            if spent + dc > budget * total_w:
-                continue
-            gain = (err[n][plan[n]] - err[n][nxt]) / max(dc, 1e-9)
-            if best is None or gain > best_gain:
-                best, best_gain = (n, nxt, dc), gain
-        if best is None:
-            return plan
-        plan[best[0]] = best[1]
-        spent += best[2]
+            text, f"budget {budget} is below the narrowest plan ({exc.minimum / total_w:.3f} bits per weight)"
+        ) from None
