@@ -19,10 +19,13 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
     checkpoint that holds every tensor dense (``CheckpointWriter.add_dense``, no quantized tensor):
     nothing is sliced or rounded, the exporter only maps names and the tokenizer (its F32 output
     is pinned to transformers by tests/test_gguf_llama_cpp.py).
-(c) matq: ``matq quantize HF -o CK --layers linear`` (``quantize_hf``, defaults otherwise: MinMax,
-    groups of 128), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and ``--plan
-    P`` for each ``--plans``), run by llama.cpp like the others. ``--transformers`` also evaluates
-    CK@R in transformers (the slices themselves, before any GGUF type).
+(c) matq: one checkpoint per ``--recipes`` entry (``RECIPES``: ``minmax`` is ``matq quantize HF -o CK
+    --layers linear`` with its defaults, asymmetric MinMax in groups of 128; ``gguf`` adds ``--layout
+    gguf`` (symmetric, groups of 32, nested scales); ``gguf-calib`` also ``--calib`` on the
+    calibration text), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and
+    ``--plan P`` for each ``--plans``; with ``--budgets``, the last recipe also at ``--plan budget:B``
+    for B = each llama.cpp file's bits per weight), run by llama.cpp like the others.
+    ``--transformers`` also evaluates CK@R in transformers (the slices themselves).
 (d) ``matq_eval.evaluate``: the float folder in transformers is the reference; every file scores
     perplexity, mean KLD and top-1 agreement on the same windows (``--ctx`` tokens, the second half
     of each scored, as llama.cpp's perplexity tool). The F32 GGUF row is the runtime floor: llama.cpp
@@ -30,9 +33,8 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
 
 Text (``split_text``, the one place it is decided): the reST sources of the Python 3.11
 documentation (Debian's python3.11-doc, ``/usr/share/doc/python3.11/html/_sources``). Evaluation:
-the first ``--eval-files`` files of ``library/`` in sorted order. Calibration (for ``matq quantize
---calib`` later, listed in the JSON, unused here): ``tutorial/`` and ``howto/``; disjoint by
-construction, checked.
+the first ``--eval-files`` files of ``library/`` in sorted order. Calibration (``matq quantize --calib``,
+concatenated into one file): ``tutorial/`` and ``howto/``; disjoint by construction, checked.
 
 Prints a table (size MiB, bits per weight over all tensors and over the linear layers, perplexity,
 KLD, top-1, seconds to make each file) and writes ``bench/out/quality.json`` and
@@ -160,6 +162,14 @@ def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
     return dst
 
 
+RECIPES = {
+    "minmax": {},  # matq quantize's defaults: asymmetric MinMax, groups of 128
+    "gguf": {"layout": "gguf", "group_size": 32, "scheme": "symmetric"},
+    "gguf-calib": {"layout": "gguf", "group_size": 32, "scheme": "symmetric", "calib": True},
+}
+"""matq quantize options compared: ``--recipes`` picks, ``calib`` means the calibration text."""
+
+
 def timed(fn, *a, **kw):
     t0 = time.perf_counter()
     out = fn(*a, **kw)
@@ -194,18 +204,27 @@ def run(args) -> dict:
         _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
         files.append(out)
 
-    ck = Path(args.matq_ckpt) if args.matq_ckpt else work / "smollm2-matq"
+    evaluation, calibration = split_text(Path(args.docs), args.eval_files)
+    calib_text = work / "calibration.txt"  # tutorial/ + howto/, never evaluated
+    calib_text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in calibration), encoding="utf-8")
+    budgets = [f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight:.4f}" for f in files[1:]]
     transformers_specs = []
-    if args.widths or args.plans:
+    for i, recipe in enumerate(args.recipes):
+        kw = dict(RECIPES[recipe])
+        if kw.pop("calib", False):
+            kw.update(calib=calib_text, calib_tokens=args.calib_tokens)
+        ck = Path(args.matq_ckpt) if args.matq_ckpt else work / f"smollm2-matq-{recipe}"
         if not (ck / mf.constants.BASE_FILENAME).exists():
-            _, steps[f"(c) matq quantize --layers {args.layers}"] = timed(
-                quantize_hf, hf, ck, layers=args.layers, threads=args.threads
+            _, steps[f"(c) matq quantize --layers {args.layers} [{recipe}]"] = timed(
+                quantize_hf, hf, ck, layers=args.layers, threads=args.threads, **kw
             )
         ckpt = mf.open(ck)
         conv = registry.get("gguf")
-        for spec in [*(f"{r}" for r in args.widths), *(f"plan:{p}" for p in args.plans)]:
+        plans = [*args.plans, *(budgets if args.budgets and i == len(args.recipes) - 1 else [])]
+        for spec in [*(f"{r}" for r in args.widths), *(f"plan:{p}" for p in plans)]:
             bits, plan = (int(spec), None) if spec.isdigit() else (None, spec[5:])
-            out = work / f"smollm2-matq-{spec.replace(':', '-').replace('/', '_')}.gguf"
+            tag = spec.replace(":", "-").replace("/", "_")
+            out = work / f"smollm2-matq-{recipe}-{tag}.gguf"
             opts = ConvertOptions(bits=bits, plan=plan, overwrite=True)
             _, made[out.name] = timed(conv.convert, ckpt, out, opts)
             files.append(out)
@@ -213,7 +232,6 @@ def run(args) -> dict:
                 transformers_specs.append(f"{ck}@{spec}")
     files += [Path(p) for p in args.gguf]
 
-    evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     bar = {"name": None, "bar": None}
 
     def progress(name: str, done: int, total: int) -> None:
@@ -284,6 +302,18 @@ def main() -> None:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--widths", type=ints, default=[8, 4, 3, 2], help="matq widths, GGUF each (8,4,3,2)")
     ap.add_argument("--plans", type=lambda s: [x for x in s.split(",") if x], default=[], help="matq plans")
+    ap.add_argument(
+        "--recipes",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["gguf", "gguf-calib"],
+        help=f"matq quantize recipes, each its own checkpoint ({','.join(RECIPES)})",
+    )
+    ap.add_argument(
+        "--budgets",
+        action="store_true",
+        help="Also export the last recipe with --plan budget:B for B = each llama.cpp file's bits per weight.",
+    )
+    ap.add_argument("--calib-tokens", type=int, default=32768, help="Calibration tokens (gguf-calib)")
     ap.add_argument("--transformers", action="store_true", help="Also evaluate CK@R in transformers.")
     ap.add_argument("--gguf", nargs="*", default=[], help="More GGUF files to evaluate.")
     ap.add_argument(

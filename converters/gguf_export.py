@@ -54,6 +54,7 @@ _FILE_TYPES = {
     "F32": "ALL_F32",
     "F16": "MOSTLY_F16",
     "BF16": "MOSTLY_BF16",
+    "Q4_0": "MOSTLY_Q4_0",
     "Q4_1": "MOSTLY_Q4_1",
     "Q5_1": "MOSTLY_Q5_1",
     "Q8_0": "MOSTLY_Q8_0",

@@ -59,6 +59,9 @@ CHUNK_ELEMENTS = 1 << 19
 enough items to share; fewer, larger items spend less time in Python per weight."""
 
 
+LAYOUTS = ("free", "gguf")
+
+
 class OptionError(MatqError):
     """A quantization option that is out of range or inconsistent."""
 
@@ -99,6 +102,9 @@ class QuantizeSpec:
     lambdas: tuple[float, ...] = numerics.MULTIWIDTH_LAMBDAS
     extra_precision: tuple[int, ...] = ()
     scale_dtype: str = "F16"
+    layout: str = "free"
+    """``gguf``: symmetric, scales nested in 256-column super-blocks (``numerics.nest_scales``), so
+    every width exports exactly to llama.cpp's compact types; ``free``: no constraint."""
 
     @classmethod
     def build(
@@ -113,6 +119,7 @@ class QuantizeSpec:
         lambdas: Sequence[float] | None = None,
         extra_precision: Sequence[int] = (),
         scale_dtype: str = "F16",
+        layout: str = "free",
     ) -> QuantizeSpec:
         """Check every option and resolve ``zero_multiple="slice-exact"``; raises :class:`OptionError`."""
         if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
@@ -128,6 +135,10 @@ class QuantizeSpec:
                 None, f"group size {group_size} exceeds the format's limit of {C.MAX_DIM_SIZE} columns"
             )
         group_size = None if group_size is None else int(group_size)
+        if layout not in LAYOUTS:
+            raise OptionError(None, f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        if layout == "gguf" and (scheme != "symmetric" or scale_dtype != "F16" or code_bits != 8):
+            raise OptionError(None, "the gguf layout is symmetric with F16 scales and 8-bit codes")
         if scheme not in ("asymmetric", "symmetric"):
             raise OptionError(None, f"unknown scheme {scheme!r}; use asymmetric or symmetric")
         if objective not in OBJECTIVES:
@@ -171,14 +182,16 @@ class QuantizeSpec:
             lambdas,
             extra_precision,
             scale_dtype,
+            layout,
         )
 
     def params_and_codes(
-        self, w: np.ndarray, group_size: int | None, out: np.ndarray
+        self, w: np.ndarray, group_size: int | None, out: np.ndarray, cols: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero of a float32 block, its codes into ``out``; the formulas all live in numerics.
 
-        ``w`` is overwritten (it is the caller's scratch buffer).
+        ``w`` is overwritten (it is the caller's scratch buffer). ``cols``: the tensor's row length
+        when ``w`` holds its groups as rows (``group_size=None`` then), for the gguf layout.
         """
         sym = self.scheme == "symmetric"
         if self.objective == "minmax":
@@ -190,6 +203,7 @@ class QuantizeSpec:
                 zero_multiple=self.zero_multiple,
                 scale_dtype=self.scale_dtype,
             )
+            a = self._nest(a, w.shape[1], group_size, cols)
             numerics.quantize(w, a, z, self.code_bits, group_size, out=out, work=w)
             return a, z
         mw = dict(widths=self.widths, lambdas=self.lambdas, extra_precision=self.extra_precision)
@@ -202,8 +216,16 @@ class QuantizeSpec:
             scale_dtype=self.scale_dtype,
             **mw,
         )
+        a = self._nest(a, w.shape[1], group_size, cols)
         out[...] = numerics.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
         return a, z
+
+    def _nest(self, a: np.ndarray, width: int, group_size: int | None, cols: int | None) -> np.ndarray:
+        if self.layout != "gguf":
+            return a
+        if cols is None:  # rows of the tensor as they are
+            return numerics.nest_scales(a, width, group_size)
+        return numerics.nest_scales(a.reshape(-1, cols // width), cols, width).reshape(a.shape)
 
     def source_record(self) -> dict:
         return {
@@ -218,6 +240,7 @@ class QuantizeSpec:
                 else {}
             ),
             "scale_dtype": self.scale_dtype,
+            **({"layout": self.layout} if self.layout != "free" else {}),
         }
 
 
@@ -324,7 +347,7 @@ def _quantize_blocks(
         q = codes[r0:r1] if codes is not None else _scratch_u8((r1 - r0) * cols).reshape(r1 - r0, cols)
         try:
             if flat:
-                a, z = spec.params_and_codes(f.reshape(-1, gs), None, q.reshape(-1, gs))
+                a, z = spec.params_and_codes(f.reshape(-1, gs), None, q.reshape(-1, gs), cols)
             else:
                 a, z = spec.params_and_codes(f, gs, q)
         except OverflowError:
@@ -429,6 +452,7 @@ def quantize_hf(
     lambdas: Sequence[float] | None = None,
     extra_precision: Sequence[int] = (),
     scale_dtype: str = "F16",
+    layout: str = "free",
     threads: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -463,6 +487,7 @@ def quantize_hf(
         lambdas=lambdas,
         extra_precision=extra_precision,
         scale_dtype=scale_dtype,
+        layout=layout,
     )
     src = HFSource(hf_dir)
     arch = architectures.detect(src.config)

@@ -613,3 +613,28 @@ def test_cli_exact_and_compact(models, tmp_path):
         sizes[name] = json.loads(r.output)["bytes"]
         assert sizes[name] == out.stat().st_size
     assert sizes["c.gguf"] < sizes["e.gguf"]  # embeddings as Q6_K instead of as stored
+
+
+def test_gguf_layout_checkpoint_is_exact_at_every_width(models, tmp_path):
+    """quantize --layout gguf: every width in llama.cpp's compact type for it, bit for bit; without
+    nesting, symmetric groups of 32 still give exact Q4_0 files (file type MOSTLY_Q4_0)."""
+    from matq_converters.quantize import quantize_hf
+
+    base, hf, _ = models
+    ck = mf.open(
+        quantize_hf(
+            hf["llama"], tmp_path / "ck", layers="linear", layout="gguf", group_size=32, scheme="symmetric"
+        )
+    )
+    assert ck.source["layout"] == "gguf"
+    want = {8: "Q8_0", 6: "Q6_K", 4: "Q4_K", 3: "Q3_K", 2: "Q2_K"}
+    for bits, qtype in want.items():
+        res = export(ck, tmp_path / f"m{bits}.gguf", bits=bits, extra={"exact": False})
+        assert (
+            res.details["exact_tensors"] == res.details["quantized_tensors"]
+            and not res.details["refit_rel_rms"]
+        )
+        assert {res.details["types"][n] for n in res.details["widths"]} == {qtype}
+    plain = to_matq(hf["llama"], tmp_path / "plain", group_size=32, symmetric=True)
+    res = export(plain, tmp_path / "q40.gguf", bits=4, extra={"exact": False})
+    assert fields(gguf.GGUFReader(res.path))["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0

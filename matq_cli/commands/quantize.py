@@ -125,14 +125,25 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
     help="ffn, attention, linear (both), or a regular expression over tensor names.",
 )
 @click.option(
-    "--group-size",
-    "group_size",
-    default="128",
+    "--layout",
+    type=click.Choice(["free", "gguf"]),
+    default="free",
     show_default=True,
-    help="Input columns per scale, or 'channel' for one scale per output row.",
+    help="gguf: symmetric, groups of 32 unless --group-size says otherwise, scales nested in "
+    "256-column super-blocks, so every width exports to llama.cpp's compact types exactly.",
 )
 @click.option(
-    "--scheme", type=click.Choice(["asymmetric", "symmetric"]), default="asymmetric", show_default=True
+    "--group-size",
+    "group_size",
+    default=None,
+    help="Input columns per scale, or 'channel' for one scale per output row (default: 128; 32 with "
+    "--layout gguf).",
+)
+@click.option(
+    "--scheme",
+    type=click.Choice(["asymmetric", "symmetric"]),
+    default=None,
+    help="Zero points (default: asymmetric; symmetric with --layout gguf).",
 )
 @click.option(
     "--zero-multiple",
@@ -188,8 +199,9 @@ def quantize(
     out: Path,
     source_kind: str,
     layers: str,
-    group_size: str,
-    scheme: str,
+    layout: str,
+    group_size: str | None,
+    scheme: str | None,
     zero_multiple: str,
     objective: str,
     widths: str,
@@ -214,6 +226,9 @@ def quantize(
 
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
+    gguf = layout == "gguf"
+    group_size = group_size or ("32" if gguf else "128")
+    scheme = scheme or ("symmetric" if gguf else "asymmetric")
     calibrated = {}
     if calib is not None:
         calibrated = dict(
@@ -242,6 +257,7 @@ def quantize(
             lambdas=_floats(lambdas),
             extra_precision=_ints(extra_precision),
             scale_dtype=scale_dtype,
+            layout=layout,
             threads=threads,
             overwrite=force,
             progress=None if calib else pb.update,

