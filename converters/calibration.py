@@ -51,6 +51,7 @@ import numpy as np
 from matq_format import numerics
 from matq_format.errors import MatqError
 
+from . import corpus
 from .hf_source import HFSource, SourceError
 
 __all__ = [
@@ -71,7 +72,7 @@ DEFAULT_SEQ_LEN = 512
 DEFAULT_CALIB_TOKENS = 131072
 MIN_TOKENS = 16
 """Fewer calibration tokens than this is refused: the Hessian would say nothing."""
-SUFFIXES = (".txt", ".md", ".rst")
+SUFFIXES = corpus.SUFFIXES
 BATCH_TOKENS = 4096
 """Tokens per forward call (whole sequences; at least one)."""
 
@@ -120,33 +121,7 @@ class CalibrationText:
 
 def text_files(path: str | os.PathLike) -> list[Path]:
     """The files a calibration argument stands for: the file itself, or a folder's text files."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(
-            (f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)),
-            key=lambda f: f.relative_to(p).as_posix(),
-        )
-        if not files:
-            raise CalibrationTextError(p, f"folder holds no {', '.join(SUFFIXES)} files")
-        return files
-    if not p.exists():
-        raise CalibrationTextError(p, "no such file or folder")
-    if not p.is_file():
-        raise CalibrationTextError(p, "is not a regular file")
-    return [p]
-
-
-def _read(path: Path) -> tuple[bytes, str]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CalibrationTextError(path, f"cannot read: {exc.strerror or exc}") from None
-    if b"\0" in data:
-        raise CalibrationTextError(path, "is not text (holds NUL bytes)")
-    try:
-        return data, data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CalibrationTextError(path, f"is not UTF-8 text (byte {exc.start})") from None
+    return corpus.text_files(path, CalibrationTextError)
 
 
 def _adds_bos(tokenizer) -> int | None:
@@ -177,7 +152,7 @@ def load_calibration_text(
     for f in files:
         if len(ids) >= max_tokens:
             break
-        data, text = _read(f)
+        data, text = corpus.read_text(f, CalibrationTextError)
         if not text.strip():
             if single:
                 raise CalibrationTextError(f, "is empty")

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matq_converters import corpus
 
 from .errors import TextError
 
-SUFFIXES = (".txt", ".rst", ".md")
+SUFFIXES = corpus.SUFFIXES
 DEFAULT_CTX = 512
 DEFAULT_MAX_TOKENS = 32768
 
@@ -54,39 +55,12 @@ class Windows:
 
 def text_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """The files a text argument stands for: a file, a folder's text files, or a list of either."""
-    if not isinstance(path, (str, os.PathLike)):
-        out = [f for p in path for f in text_files(p)]
-        if not out:
-            raise TextError(None, "no evaluation text given")
-        return out
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(
-            (f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)),
-            key=lambda f: f.relative_to(p).as_posix(),
-        )
-        if not files:
-            raise TextError(p, f"folder holds no {', '.join(SUFFIXES)} files")
-        return files
-    if not p.exists():
-        raise TextError(p, "no such file or folder")
-    if not p.is_file():
-        raise TextError(p, "is not a regular file")
-    return [p]
+    return corpus.text_files(path, TextError)
 
 
 def read_text(path: Path) -> str:
     """A file's text: UTF-8 (a BOM is dropped), no NUL bytes, not only white space."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TextError(path, f"cannot read: {exc.strerror or exc}") from None
-    if b"\0" in data:
-        raise TextError(path, "is not text (holds NUL bytes)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TextError(path, f"is not UTF-8 text (byte {exc.start})") from None
+    text = corpus.read_text(path, TextError)[1]
     if not text.strip():
         raise TextError(path, "is empty")
     return text
