@@ -84,20 +84,7 @@ def weighted_multiwidth_params(
         e = np.pad(e, ((0, 0), (0, pad))).reshape(rows, -1, g)
         return a, z, (e * weight).sum(axis=2)
 
-    best_f = np.ones(shape, np.float32)
-    best_a, best_z, best_e = score(best_f)
-    tries = [np.full(shape, v, np.float32) for v in sorted(set(map(float, grid)) - {1.0})]
-    for step in (None, *refine):
-        if step is not None:
-            tries = [np.maximum(best_f + np.float32(s), np.float32(0.01)) for s in (-step, step)]
-        for f in tries:
-            a, z, e = score(f)
-            take = e < best_e
-            best_f = np.where(take, f, best_f)
-            best_a = np.where(take, a, best_a)
-            best_z = np.where(take, z, best_z)
-            best_e = np.where(take, e, best_e)
-    return best_a, best_z
+    return numerics.search_range_factors(score, shape, grid, refine)
 
 
 def quantize_calibrated(

@@ -781,7 +781,16 @@ def multiwidth_params(
         _, e = multiwidth_cost(w, a, z, code_bits, group_size, widths, lambdas, extra_precision, exact=False)
         return a, z, e
 
-    shape = ends.shape[:2]
+    return search_range_factors(score, ends.shape[:2], grid, refine)
+
+
+def search_range_factors(
+    score, shape: tuple[int, ...], grid=MULTIWIDTH_GRID, refine=MULTIWIDTH_REFINE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The search the multi-width scale choices share: ``score(f)`` gives (scale, zero, cost) per
+    row or group for range factors ``f``; every factor of ``grid`` is tried, then the best plus and
+    minus each ``refine`` step in turn. 1.0 (MinMax) is always a candidate, so the result is never
+    worse on the cost than MinMax."""
     best_f = np.ones(shape, np.float32)
     best_a, best_z, best_e = score(best_f)
     tries = [np.full(shape, v, np.float32) for v in sorted(set(map(float, grid)) - {1.0})]
