@@ -76,10 +76,7 @@ def multiwidth_table(spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
     ``numerics.multiwidth_codes(w, a, z, ...) == codes[searchsorted(breaks, x, side="left")]`` with
     ``x = float64(float32(w / a)) + z``: the breakpoints are where the envelope's best code changes.
     """
-    # numerics keeps the envelope private; this reads it without recomputing any formula.
-    env = numerics._envelope_for(spec.code_bits, spec.widths, spec.lambdas, spec.extra_precision)
-    n = len(env.codes)
-    return np.asarray(env.padded[: n - 1], np.float64), np.asarray(env.codes)
+    return numerics.multiwidth_breakpoints(spec.code_bits, spec.widths, spec.lambdas, spec.extra_precision)
 
 
 def _slice_tables(spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +209,7 @@ def gptq_multiwidth(
     lam_total = torch.tensor(float(lam_np.sum()), dtype=torch.float32, device=dev)
     per_width = propagate == "per-width" and len(spec.widths) > 1
     if per_width:  # the search's objective, with numerics' tie-break weight on the full width
-        tie = np.float32(1e-6 * lam_np.sum())
+        tie = np.float32(numerics.MULTIWIDTH_TIE * lam_np.sum())
         top = numerics.slice_codes_c_scale(np.arange(1 << spec.code_bits), spec.code_bits, spec.code_bits)
         sq = (lam_np[:, None] * levels_np**2).sum(0) + tie * top.astype(np.float32) ** 2
         search_b = torch.from_numpy(sq.astype(np.float32)).to(dev)  # [2^c]

@@ -590,7 +590,7 @@ def _envelope(
         lam[r] = lam.get(r, 0.0) + float(v)
     # Codes that tie on every listed width are told apart by full-width error, with a weight far
     # too small to change any other decision.
-    lam[code_bits] = lam.get(code_bits, 0.0) + 1e-6 * sum(lambdas)
+    lam[code_bits] = lam.get(code_bits, 0.0) + MULTIWIDTH_TIE * sum(lambdas)
     q = np.arange(1 << code_bits)
     a = np.zeros(q.size)
     b = np.zeros(q.size)
@@ -640,6 +640,18 @@ def _envelope(
         cell_break=cell_break,
         cell_break32=cell_break.astype(np.float32),
     )
+
+
+def multiwidth_breakpoints(code_bits, widths, lambdas, extra_precision=()) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints (float64, increasing) and codes of the multi-width envelope: where its best code
+    changes. ``multiwidth_codes(w, a, z, ...) == codes[searchsorted(breaks, x)]`` with
+    ``x = float64(float32(w / a)) + z``; for callers (GPTQ on a device) that look codes up themselves."""
+    env = _envelope_for(code_bits, widths, lambdas, extra_precision)
+    return np.asarray(env.padded[: len(env.codes) - 1], np.float64), np.asarray(env.codes)
+
+
+MULTIWIDTH_TIE = 1e-6
+"""Weight, relative to the lambdas' sum, given to the full code width so ties go to the nearest code."""
 
 
 def _envelope_for(code_bits, widths, lambdas, extra_precision) -> _Envelope:
