@@ -152,11 +152,7 @@ def quantize_calibrated(
             scale,
             zero,
             dtype=t.dtype,
-            group_size=spec.group_size,
-            scheme=spec.scheme,
-            scale_dtype=spec.scale_dtype,
-            zero_dtype="U8",
-            extra_precision=spec.extra_precision,
+            **spec.entry_options(),
         )
         if progress is not None:
             progress(t.nbytes)

@@ -227,6 +227,16 @@ class QuantizeSpec:
             return numerics.nest_scales(a, width, group_size)
         return numerics.nest_scales(a.reshape(-1, cols // width), cols, width).reshape(a.shape)
 
+    def entry_options(self) -> dict:
+        """How the writer stores tensors quantized with this spec (``add_quantized*`` keywords)."""
+        return {
+            "group_size": self.group_size,
+            "scheme": self.scheme,
+            "scale_dtype": self.scale_dtype,
+            "zero_dtype": "U8" if self.code_bits <= 8 else "U16",
+            "extra_precision": self.extra_precision,
+        }
+
     def source_record(self) -> dict:
         return {
             "code_bits": self.code_bits,
@@ -522,7 +532,6 @@ def quantize_hf(
             progress=progress,
             layer_progress=layer_progress,
         )
-    zero_dtype = "U8" if code_bits <= 8 else "U16"
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
     # Two plane buffers, taken in turns: the writer thread stores one tensor's planes while the next
     # is packed into the other, once the job that last used it has run.
@@ -564,11 +573,7 @@ def quantize_hf(
                 zero,
                 shape=t.shape,
                 dtype=t.dtype,
-                group_size=spec.group_size,
-                scheme=spec.scheme,
-                scale_dtype=spec.scale_dtype,
-                zero_dtype=zero_dtype,
-                extra_precision=spec.extra_precision,
+                **spec.entry_options(),
             )
             plane_bufs.append((buf, sink.put(write, t.nbytes)))
     return out
