@@ -56,6 +56,7 @@ _FILE_TYPES = {
     "BF16": "MOSTLY_BF16",
     "Q4_0": "MOSTLY_Q4_0",
     "Q4_1": "MOSTLY_Q4_1",
+    "Q5_0": "MOSTLY_Q5_0",
     "Q5_1": "MOSTLY_Q5_1",
     "Q8_0": "MOSTLY_Q8_0",
     "Q2_K": "MOSTLY_Q2_K",

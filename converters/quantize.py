@@ -31,7 +31,7 @@ import numpy as np
 
 import matq_format as mf
 from matq_format import constants as C
-from matq_format import numerics
+from matq_format import multiwidth, numerics
 from matq_format import planes as mf_planes
 from matq_format.errors import MatqError, printable
 
@@ -98,8 +98,8 @@ class QuantizeSpec:
     scheme: str = "asymmetric"
     zero_multiple: int = 1
     objective: str = "minmax"
-    widths: tuple[int, ...] = numerics.MULTIWIDTH_WIDTHS
-    lambdas: tuple[float, ...] = numerics.MULTIWIDTH_LAMBDAS
+    widths: tuple[int, ...] = multiwidth.MULTIWIDTH_WIDTHS
+    lambdas: tuple[float, ...] = multiwidth.MULTIWIDTH_LAMBDAS
     extra_precision: tuple[int, ...] = ()
     scale_dtype: str = "F16"
     layout: str = "free"
@@ -147,7 +147,7 @@ class QuantizeSpec:
             raise OptionError(None, f"scale dtype {scale_dtype!r} not one of {', '.join(C.SCALE_DTYPES)}")
         if widths is None:  # 8, 4, 2 with c in place of 8
             widths = sorted(
-                {min(r, code_bits) for r in numerics.MULTIWIDTH_WIDTHS} | {code_bits}, reverse=True
+                {min(r, code_bits) for r in multiwidth.MULTIWIDTH_WIDTHS} | {code_bits}, reverse=True
             )
         widths = tuple(int(r) for r in widths)
         if not widths or any(not 1 <= r <= code_bits for r in widths):
@@ -207,7 +207,7 @@ class QuantizeSpec:
             numerics.quantize(w, a, z, self.code_bits, group_size, out=out, work=w)
             return a, z
         mw = dict(widths=self.widths, lambdas=self.lambdas, extra_precision=self.extra_precision)
-        a, z = numerics.multiwidth_params(
+        a, z = multiwidth.multiwidth_params(
             w,
             self.code_bits,
             group_size,
@@ -217,7 +217,7 @@ class QuantizeSpec:
             **mw,
         )
         a = self._nest(a, w.shape[1], group_size, cols)
-        out[...] = numerics.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
+        out[...] = multiwidth.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
         return a, z
 
     def _nest(self, a: np.ndarray, width: int, group_size: int | None, cols: int | None) -> np.ndarray:

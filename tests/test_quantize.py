@@ -28,6 +28,7 @@ from matq_converters.quantize import (
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_format import multiwidth as MW
 from matq_format import numerics as N
 from matq_format import planes as P
 from matq_format.errors import WriterError
@@ -223,14 +224,14 @@ def test_multiwidth_codes_are_the_exact_minimum(widths, lambdas, ep):
     w = (rng.standard_normal((12, 200)) * rng.uniform(0.2, 3, (12, 1))).astype(np.float32)
     s, z = N.minmax_params(w, 8, 64)
     s = N.round_scale(s * 0.8, "F16")  # a clipped range, so the ends are exercised too
-    q = N.multiwidth_codes(w, s, z, 8, 64, widths, lambdas, ep)
+    q = MW.multiwidth_codes(w, s, z, 8, 64, widths, lambdas, ep)
     got = sum(
         lam * (w - N.dequantize(q, s, z, 8, r, 64, r in ep).astype(np.float64)) ** 2
         for r, lam in zip(widths, lambdas, strict=True)
     )
     best = _brute_force(w, s, z, 64, widths, lambdas, ep)
     np.testing.assert_allclose(got, best, rtol=1e-9, atol=1e-12)
-    q2, cost = N.multiwidth_cost(w, s, z, 8, 64, widths, lambdas, ep)
+    q2, cost = MW.multiwidth_cost(w, s, z, 8, 64, widths, lambdas, ep)
     np.testing.assert_array_equal(q2, q)
     np.testing.assert_allclose(cost.sum(), got.sum(), rtol=1e-5)
 
@@ -240,18 +241,18 @@ def test_multiwidth_reduces_to_rounding_and_never_loses_to_minmax():
     w = rng.standard_normal((40, 256)).astype(np.float32)
     s, z = N.minmax_params(w, 8, 128)
     np.testing.assert_array_equal(
-        N.multiwidth_codes(w, s, z, 8, 128, (8,), (1,)), N.quantize(w, s, z, 8, 128)
+        MW.multiwidth_codes(w, s, z, 8, 128, (8,), (1,)), N.quantize(w, s, z, 8, 128)
     )
-    _, c_minmax = N.multiwidth_cost(w, s, z, 8, 128)
-    s2, z2 = N.multiwidth_params(w, 8, 128)
-    _, c_mw = N.multiwidth_cost(w, s2, z2, 8, 128)
+    _, c_minmax = MW.multiwidth_cost(w, s, z, 8, 128)
+    s2, z2 = MW.multiwidth_params(w, 8, 128)
+    _, c_mw = MW.multiwidth_cost(w, s2, z2, 8, 128)
     assert np.all(c_mw <= c_minmax * (1 + 1e-6)) and c_mw.sum() < 0.95 * c_minmax.sum()
     assert np.all(np.isin(s2.astype(np.float16).astype(np.float32), s2))  # still float16 scales
     # the quantizer streams blocks and lays groups out as rows: same numbers as one call
     spec = QuantizeSpec.build(objective="multiwidth")
     codes, scale, zero = quantize_tensor(w, spec)
     np.testing.assert_array_equal(scale, s2)
-    np.testing.assert_array_equal(codes, N.multiwidth_codes(w, s2, z2, 8, 128))
+    np.testing.assert_array_equal(codes, MW.multiwidth_codes(w, s2, z2, 8, 128))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -360,8 +361,8 @@ def test_multiwidth_checkpoint(tiny, tmp_path):
     for n in ck.quantized_names():
         w = src.read(n).astype(np.float32)
         s, z = N.minmax_params(w, 8, 128)
-        _, c_mm = N.multiwidth_cost(w, s, z, 8, 128)
-        _, c_mw = N.multiwidth_cost(w, ck.scale(n), ck.zero(n), 8, 128)
+        _, c_mm = MW.multiwidth_cost(w, s, z, 8, 128)
+        _, c_mw = MW.multiwidth_cost(w, ck.scale(n), ck.zero(n), 8, 128)
         assert c_mw.sum() <= c_mm.sum()
 
 
