@@ -168,6 +168,7 @@ def quantize_calibrated(
         overwrite=overwrite,
         expected_tensors=len(src.tensors),
         inputs=src.roots,
+        **spec.writer_options(),
     ) as writer:
         for name in src:
             if name not in selected:

@@ -38,20 +38,21 @@ def fp16_times_int(target: np.ndarray, max_mult: int) -> tuple[np.ndarray, np.nd
 
 def fp16_times_ints(target: np.ndarray, max_mult: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``target`` ``[n, m]`` (one K-quant super-block's sub-blocks): an fp16 ``b`` and
-    integers ``0 <= sc <= max_mult`` with ``b * sc`` nearest each target.
+    integers ``|sc| <= max_mult`` with ``b * sc`` nearest each target (``sc`` takes the target's
+    sign: Q3_K and Q6_K store signed sub-block scales; the unsigned types are given none below 0).
 
     The largest target takes the largest multiplier that makes every product of its row exact, if
     one does; otherwise ``max_mult`` (the finest steps), and each sub-block is rounded to its
     nearest multiple. Rows of zeros get ``b = 0``.
     """
     t = np.asarray(target, np.float32)
-    top = t.max(axis=1, initial=0)
+    top = np.abs(t).max(axis=1, initial=0)
 
     def fit(n: int):
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             b = fp16_round(top / np.float32(n))
             sc = np.where(b[:, None] > 0, np.rint(t / b[:, None]), 0)
-        sc = np.clip(np.nan_to_num(sc), 0, max_mult)
+        sc = np.clip(np.nan_to_num(sc), -max_mult, max_mult)
         exact = np.all(b[:, None] * sc.astype(np.float32) == t, axis=1)
         return b, sc.astype(np.int32), exact
 

@@ -227,7 +227,7 @@ def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
         return None
     if qtype in _KQUANT:
         top, max_mult = _KQUANT[qtype]
-        if sl.max_level > top:
+        if sl.max_level > top or np.any(sl.scale < 0):  # unsigned sub-block scales and minimums
             return None
         step = sl.scale * np.float32(1 << (sl.code_bits - sl.bits))
         low = sl.scale * sl.zero

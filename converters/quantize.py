@@ -40,6 +40,8 @@ from .hf_source import HFSource, SourceError
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "GGUF_GROUP_SIZE",
+    "BY_LAYOUT",
     "OBJECTIVES",
     "NonFiniteWeightError",
     "OptionError",
@@ -51,6 +53,10 @@ __all__ = [
 ]
 
 DEFAULT_GROUP_SIZE = 128
+GGUF_GROUP_SIZE = 32
+"""The gguf layout's group: llama.cpp's 32-weight blocks (Q4_0, Q5_0, Q8_0)."""
+BY_LAYOUT = "by-layout"
+"""``group_size`` default: :data:`GGUF_GROUP_SIZE` in the gguf layout, else :data:`DEFAULT_GROUP_SIZE`."""
 """Groups of 128 input columns, as MatGPTQ and the OmniQuant ports use; ``None`` is per channel."""
 OBJECTIVES = ("minmax", "multiwidth")
 SLICE_EXACT = "slice-exact"
@@ -111,8 +117,8 @@ class QuantizeSpec:
         cls,
         *,
         code_bits: int = C.DEFAULT_CODE_BITS,
-        group_size: int | None = DEFAULT_GROUP_SIZE,
-        scheme: str = "asymmetric",
+        group_size: int | None | str = BY_LAYOUT,
+        scheme: str | None = None,
         zero_multiple: int | str = 1,
         objective: str = "minmax",
         widths: Sequence[int] | None = None,
@@ -121,7 +127,12 @@ class QuantizeSpec:
         scale_dtype: str = "F16",
         layout: str = "free",
     ) -> QuantizeSpec:
-        """Check every option and resolve ``zero_multiple="slice-exact"``; raises :class:`OptionError`."""
+        """Check every option and resolve ``zero_multiple="slice-exact"`` and the layout's defaults
+        (``scheme`` None and ``group_size`` :data:`BY_LAYOUT`); raises :class:`OptionError`."""
+        if group_size == BY_LAYOUT:
+            group_size = GGUF_GROUP_SIZE if layout == "gguf" else DEFAULT_GROUP_SIZE
+        if scheme is None:
+            scheme = "symmetric" if layout == "gguf" else "asymmetric"
         if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
             raise OptionError(
                 None, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}"
@@ -194,6 +205,16 @@ class QuantizeSpec:
         when ``w`` holds its groups as rows (``group_size=None`` then), for the gguf layout.
         """
         sym = self.scheme == "symmetric"
+        sign = None
+        if self.signed_scales:  # quantize w * sign with positive scales: the codes of w with signed ones
+            sign = numerics.extreme_signs(w, group_size)
+            w *= numerics.expand_groups(sign, w.shape[1], group_size)
+        a, z = self._params_and_codes(w, group_size, out, cols, sym)
+        return (a, z) if sign is None else (a * sign, z)
+
+    def _params_and_codes(
+        self, w: np.ndarray, group_size: int | None, out: np.ndarray, cols: int | None, sym: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.objective == "minmax":
             a, z = numerics.minmax_params(
                 w,
@@ -219,6 +240,15 @@ class QuantizeSpec:
         a = self._nest(a, w.shape[1], group_size, cols)
         out[...] = multiwidth.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
         return a, z
+
+    @property
+    def signed_scales(self) -> bool:
+        """The gguf layout signs each group's scale (``numerics.extreme_signs``)."""
+        return self.layout == "gguf"
+
+    def writer_options(self) -> dict:
+        """``CheckpointWriter`` keywords this spec needs (the extension signed scales require)."""
+        return {"must_understand": [C.EXT_SIGNED_SCALES]} if self.signed_scales else {}
 
     def _nest(self, a: np.ndarray, width: int, group_size: int | None, cols: int | None) -> np.ndarray:
         if self.layout != "gguf":
@@ -348,7 +378,11 @@ def _quantize_blocks(
         r1 = min(rows, r0 + step)
         block = w[r0:r1]
         scratch = _scratch_f32((r1 - r0) * cols).reshape(r1 - r0, cols)
-        direct = spec.objective == "minmax" and numerics.reads_bf16_as_stored(block, spec.code_bits)
+        direct = (
+            spec.objective == "minmax"
+            and not spec.signed_scales  # the sign flip needs a float32 copy to write into
+            and numerics.reads_bf16_as_stored(block, spec.code_bits)
+        )
         f = block if direct else _to_float32(block, scratch)
         if (
             spec.objective != "minmax"
@@ -453,8 +487,8 @@ def quantize_hf(
     out: str | os.PathLike,
     *,
     code_bits: int = C.DEFAULT_CODE_BITS,
-    group_size: int | None = DEFAULT_GROUP_SIZE,
-    scheme: str = "asymmetric",
+    group_size: int | None | str = BY_LAYOUT,
+    scheme: str | None = None,
     zero_multiple: int | str = 1,
     layers: str = "ffn",
     objective: str = "minmax",
@@ -548,6 +582,7 @@ def quantize_hf(
             overwrite=overwrite,
             expected_tensors=len(src.tensors),
             inputs=src.roots,
+            **spec.writer_options(),
         ) as writer,
         _WriteBehind(progress) as sink,
     ):

@@ -361,6 +361,19 @@ def fp16_round(x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
 
 
+def extreme_signs(w: np.ndarray, group_size: int | None) -> np.ndarray:
+    """Per row and group, -1 where the largest-magnitude weight is positive, else +1.
+
+    A symmetric grid (z = 2^(c-1)) reaches one step further below z than above it. Multiplying
+    the group's scale by this sign puts its largest-magnitude weight on code 0, the one value every
+    slice holds exactly (slicing rounds the others toward a coarser grid and clamps the top),
+    as llama.cpp's Q4_0 does with its signed block scale. Quantizing ``w * sign`` with a positive
+    scale gives the same codes as ``w`` with the signed scale.
+    """
+    lo, hi = group_minmax(w, group_size)
+    return np.where(hi > -lo, np.float32(-1), np.float32(1))
+
+
 NEST_BLOCK = 256
 """Columns per K-quant super-block: the span whose group scales ``nest_scales`` ties together."""
 NEST_MULT = 15
@@ -379,9 +392,10 @@ def nest_scales(alpha: np.ndarray, cols: int, group_size: int | None) -> np.ndar
     if group_size is None or cols % NEST_BLOCK or NEST_BLOCK % group_size:
         return a
     rows = a.shape[0]
-    per = a.reshape(rows, cols // NEST_BLOCK, NEST_BLOCK // group_size).astype(np.float64)
+    sign = np.where(a < 0, -1.0, 1.0)  # signed scales nest by magnitude and keep their sign
+    per = np.abs(a).reshape(rows, cols // NEST_BLOCK, NEST_BLOCK // group_size).astype(np.float64)
     need = per.max(axis=2, keepdims=True) / NEST_MULT
     exp = np.floor(np.log2(np.where(need > 0, need, 1.0))) - 6  # 7 significant bits: D = k * 2^exp
     d = np.ceil(need / np.exp2(exp)) * np.exp2(exp)
     m = np.clip(np.ceil(per / d), 1, NEST_MULT)
-    return round_scale((d * m).reshape(rows, -1).astype(np.float32), "F16")
+    return round_scale((d * m).reshape(rows, -1).astype(np.float32), "F16") * sign.astype(np.float32)

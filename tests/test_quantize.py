@@ -693,3 +693,46 @@ def test_selected_tensors_stored_dense_are_reported(tmp_path):
     many = UnquantizedWarning({f"t{i}": "1-D" for i in range(7)})
     assert str(many) == "stored 7 tensors unquantized: t0 (1-D), t1 (1-D), t2 (1-D), t3 (1-D), t4 (1-D), and 2 more"
     assert str(UnquantizedWarning({"a\x1b[31m": "3-D"})) == "stored 1 tensor unquantized: a\\x1b[31m (3-D)"
+
+
+def test_gguf_layout_signs_scales_so_the_extreme_is_exact_at_every_width(tiny, tmp_path):
+    """Each group's largest-magnitude weight sits on code 0 (its scale takes the weight's sign), so
+    every slice holds it exactly; the checkpoint says so in must_understand, and a reader that does
+    not know the extension refuses it rather than misreading it."""
+    from matq_format.errors import UnsupportedVersionError
+    from matq_format.manifest import parse_manifest
+
+    out = quantize_hf(tiny["llama-f32"], tmp_path / "ck", layers="linear", layout="gguf")
+    ck = mf.open(out)
+    assert ck.signed_scales and ck.manifest["must_understand"] == ["matq.signed_scales"]
+    src = HFSource(tiny["llama-f32"])
+    negative = positive = 0
+    for name in ck.quantized_names():
+        w = src.read(name).astype(np.float32)
+        a = ck.scale(name)
+        negative, positive = negative + int((a < 0).sum()), positive + int((a > 0).sum())
+        g = w.reshape(w.shape[0], -1, 32)
+        top = np.abs(g).argmax(axis=2)  # the largest magnitude of each group
+        extreme = np.take_along_axis(g, top[..., None], 2)[..., 0]
+        assert np.array_equal(np.sign(a), -np.sign(extreme) + (extreme == 0))
+        codes = np.take_along_axis(ck.codes(name).reshape(g.shape), top[..., None], 2)[..., 0]
+        # code 0, or (where nesting raised the scale, rows of 256) a code every width <= 4 slices to 0
+        assert codes.max() <= 7
+        for r in (4, 3, 2):
+            d = np.take_along_axis(ck.dequantize(name, r).reshape(g.shape), top[..., None], 2)[..., 0]
+            np.testing.assert_array_equal(d, -128 * a)
+    assert negative and positive
+    # rows that do not nest (576 columns, as SmolLM2's): the extreme is on code 0, or on 1 where the
+    # opposite end is within 1/128 of it and int8 keeps both (every narrower slice rounds 1 to 0)
+    w = np.random.default_rng(0).standard_normal((64, 576)).astype(np.float32)
+    codes, a, _ = quantize_tensor(w, QuantizeSpec.build(layout="gguf"))
+    top = np.abs(w.reshape(64, -1, 32)).argmax(axis=2)
+    at = np.take_along_axis(codes.reshape(64, -1, 32), top[..., None], 2)
+    assert at.max() <= 1 and (at == 0).mean() > 0.95
+    assert (a < 0).any() and (a > 0).any()
+    with pytest.raises(UnsupportedVersionError, match="matq.signed_scales"):
+        parse_manifest(ck.path, json.dumps(ck.manifest))
+    w = mf.CheckpointWriter(tmp_path / "neg", 8)
+    with pytest.raises(WriterError, match="negative scales need matq.signed_scales"):
+        w.add_quantized("x", np.zeros((1, 32), np.uint8), np.full((1, 1), -1.0), np.full((1, 1), 128.0))
+    w.abort()

@@ -222,13 +222,10 @@ def quantize(
         _import_matgptq(hf_dir, out, force, as_json)
         return
     from matq_converters.hf_source import HFSource
-    from matq_converters.quantize import SLICE_EXACT, quantize_hf
+    from matq_converters.quantize import BY_LAYOUT, SLICE_EXACT, quantize_hf
 
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
-    gguf = layout == "gguf"
-    group_size = group_size or ("32" if gguf else "128")
-    scheme = scheme or ("symmetric" if gguf else "asymmetric")
     calibrated = {}
     if calib is not None:
         calibrated = dict(
@@ -248,7 +245,7 @@ def quantize(
             hf_dir,
             out,
             code_bits=code_bits,
-            group_size=_group_size(group_size),
+            group_size=BY_LAYOUT if group_size is None else _group_size(group_size),
             scheme=scheme,
             zero_multiple=zero_multiple if zero_multiple == SLICE_EXACT else _ints(zero_multiple)[0],
             layers=layers,
