@@ -274,6 +274,9 @@ exporters: Registry[Converter] = Registry("converter", "--to")
 exporters.builtin(
     "gguf", "matq_converters.gguf_export", "GGUFConverter", "GGUF for llama.cpp, sliced grids kept exactly"
 )
+exporters.builtin(
+    "hf", "matq_converters.hf_export", "HFConverter", "Hugging Face folder: compressed-tensors, dense or GPTQ"
+)
 
 importers: Registry[Importer] = Registry("importer", "--from")
 importers.builtin("hf", "matq_converters.quantize", "HFImporter", "a float Hugging Face model (PTQ)", "hf")
@@ -302,4 +305,3 @@ def get(name: str) -> Converter:
 def settings(conv: Converter, options: ConvertOptions) -> Any:
     """The typed settings of ``options`` for ``conv`` (defaults where none were given)."""
     return typed_options(getattr(conv, "Options", NoOptions), options.settings, f"--to {conv.name}")
-

@@ -21,13 +21,13 @@ from matq_cli.main import cli
 
 
 def test_builtin_names_and_lazy_descriptions():
-    assert {"gguf"} <= set(registry.exporters.names())
+    assert {"gguf", "hf"} <= set(registry.exporters.names())
     assert registry.importers.names() == ["hf", "matgptq"]
     assert all(registry.exporters.describe().values())
 
 
 def test_unknown_name_lists_the_known():
-    with pytest.raises(UnknownConverterError, match=r"unknown converter 'tflite'; known: gguf"):
+    with pytest.raises(UnknownConverterError, match=r"unknown converter 'tflite'; known: gguf, hf"):
         registry.exporters.get("tflite")
     with pytest.raises(UnknownConverterError, match=r"unknown importer 'awq'; known: hf, matgptq"):
         registry.importers.get("awq")
@@ -73,11 +73,27 @@ def test_declared_options_become_cli_flags(tmp_path):
     specs = registry.declared(EchoOptions)
     assert [(s.flag, s.kind, s.help) for s in specs] == [("--shout", bool, "Say it louder.")]
     text = CliRunner().invoke(cli, ["convert", "--help"]).output
-    for flag in ("--outtype", "--tokenizer-pre", "--exact"):
+    for flag in ("--outtype", "--tokenizer-pre", "--layout", "--dtype", "--max-shard-size", "--exact"):
         assert flag in text
     assert "--float-slices" not in text  # declared with cli=False
 
 
 def test_a_flag_of_another_target_is_refused(tmp_path):
     ck = build_checkpoint(tmp_path / "ck")
-    assert ck
+    r = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(ck.path),
+            "--to",
+            "gguf",
+            "--bits",
+            "4",
+            "--layout",
+            "dense",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert r.exit_code == 2 and "--layout is not an option of --to gguf" in r.output
+    assert not Path(tmp_path / "o").exists()

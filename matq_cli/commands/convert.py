@@ -89,7 +89,9 @@ def convert(
     conv = registry.exporters.get(target)
     if not os.environ.get("MATQ_DEBUG"):
         logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's notes on tokenizer templates
-    options = registry.ConvertOptions(bits, plan, extra_precision, force, registry.exporters.options(target, settings))
+    options = registry.ConvertOptions(
+        bits, plan, extra_precision, force, registry.exporters.options(target, settings)
+    )
     ckpt = mf.open(path)
     for w in conv.validate(ckpt, options):
         click.echo(f"matq: warning: {w}", err=True)
@@ -127,7 +129,9 @@ def _build() -> click.Command:
         ),
         click.Option(["--extra-precision"], is_flag=True, help="Serve with the extra bucket (2^r+1 levels)."),
         *(_click_option(n, uses) for n, uses in _declared_flags().items()),
-        click.Option(["-o", "--output", "out"], required=True, type=click.Path(path_type=Path), help="Output."),
+        click.Option(
+            ["-o", "--output", "out"], required=True, type=click.Path(path_type=Path), help="Output."
+        ),
         click.Option(["--force"], is_flag=True, help="Replace OUT if it exists."),
         click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable report on stdout."),
     ]
