@@ -482,6 +482,7 @@ def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> Con
         "dequantized": [p.name for p in quantized if p.how == "float"],
         "exact_tensors": len(quantized) - len([n for n in inexact if n in prep.widths]),
         "quantized_tensors": len(quantized),
+        "quantized_bytes": sum(p.nbytes for p in quantized),
         "inexact": inexact,
     }
     summary = (
