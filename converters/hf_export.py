@@ -45,6 +45,7 @@ from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 
+from . import hf_gptq
 from .registry import (
     ConvertOptionError,
     ConvertOptions,
@@ -54,7 +55,7 @@ from .registry import (
     typed_options,
 )
 
-LAYOUTS = ("compressed-tensors", "dense")
+LAYOUTS = ("compressed-tensors", "dense", "gptq")
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 WEIGHTS_NAME = "model.safetensors"
@@ -68,13 +69,18 @@ class InexactError(ConvertOptionError):
     """``--exact`` was given and a tensor would not be stored bit for bit."""
 
 
+class GPTQLayoutError(UnsupportedModelError):
+    """A slice GPTQ cannot hold exactly (zero points, scales or shapes); the message says which."""
+
+
 @dataclass(frozen=True)
 class HFOptions:
     """Settings of ``--to hf``; the CLI's flags come from these fields."""
 
     layout: str = option(
         "compressed-tensors",
-        "compressed-tensors: pack-quantized integer codes (exact); dense: the dequantized slice as floats.",
+        "compressed-tensors: pack-quantized integer codes (exact); dense: the dequantized slice as floats; "
+        "gptq: GPTQ v1 where every slice is exact (else refused).",
         choices=LAYOUTS,
     )
     dtype: str | None = option(
@@ -137,6 +143,7 @@ class _Prepared:
     extra_precision: bool
     groups: dict = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
+    gptq: dict = field(default_factory=dict)
 
 
 class HFConverter:
@@ -173,7 +180,7 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     spec = options.bits if options.plan is None else options.plan
     widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     ep = options.extra_precision
-    linear = _linear_modules(cfg, ckpt.path) if opts.layout == "compressed-tensors" else set()
+    linear = _linear_modules(cfg, ckpt.path) if opts.layout != "dense" else set()
     plans = [_plan_tensor(ckpt, n, widths.get(n), ep, opts, linear) for n in ckpt.tensor_names()]
     prep = _Prepared(opts, cfg, plans, widths, ep)
     if opts.layout == "compressed-tensors":
@@ -182,6 +189,8 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
             _one_scheme(ckpt, plans)
         prep.groups = _config_groups(ckpt, plans)
         prep.ignore = sorted(linear - packed)
+    if opts.layout == "gptq":
+        prep.gptq = _gptq_config(ckpt, plans, linear)
     return prep
 
 
@@ -197,7 +206,42 @@ def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, linear: set[s
     if opts.layout == "dense" or module not in linear or not name.endswith(".weight"):
         dtype = DTYPES[opts.dtype] if opts.dtype else _float_dtype(info.dtype)
         return _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype)
+    if opts.layout == "gptq":
+        return _gptq_plan(ckpt, name, module, bits, ep)
     return _packed_plan(ckpt, name, module, bits, ep)
+
+
+def _gptq_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan:
+    """GPTQ entries of one linear weight in its smallest exact container; refused if none is exact."""
+    info = ckpt.info(name)
+    g = info.group_size
+    if g is not None and info.shape[1] % g:
+        raise GPTQLayoutError(
+            ckpt.path, f"{name}: {info.shape[1]} columns are not a multiple of the group size {g}"
+        )
+    z = ckpt.zero(name)
+    c, why = hf_gptq.choose(z, ckpt.scale(name), ckpt.code_bits, bits, ep, info.shape)
+    if not c:
+        raise GPTQLayoutError(
+            ckpt.path,
+            f"{name}: GPTQ cannot hold width {bits}{' + extra' if ep else ''} exactly: {why} "
+            "(--layout compressed-tensors can)",
+        )
+    sym = bool(np.all(z == np.float32(1 << (ckpt.code_bits - c + ep)) * (1 << (c - 1))))
+    groups = 1 if g is None else info.shape[1] // g
+    return _Plan(name, "gptq", hf_gptq.entries(module, info.shape, groups, c), bits, c, sym)
+
+
+def _gptq_config(ckpt, plans: list[_Plan], linear: set[str]) -> dict:
+    """The GPTQ ``quantization_config`` (one group size for the whole model)."""
+    done = [p for p in plans if p.how == "gptq"]
+    grids = {ckpt.info(p.name).group_size for p in done}
+    if len(grids) > 1:
+        raise GPTQLayoutError(ckpt.path, "GPTQ has one group size per model; these tensors use several")
+    containers = {p.name.removesuffix(".weight"): p.container for p in done}
+    skipped = sorted(linear - set(containers))
+    sym = all(p.symmetric for p in done)
+    return hf_gptq.config(containers, grids.pop() if grids else None, sym, skipped)
 
 
 def _float_dtype(dtype: str) -> str:
@@ -405,8 +449,31 @@ def _write_tensor(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> bool
             )
         w.write(p.name, y, p.dtype)
         return exact
+    if p.how == "gptq":
+        _write_gptq(w, ckpt, p, prep)
+        return True
     _write_packed(w, ckpt, p, prep)
     return True
+
+
+def _write_gptq(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> None:
+    """GPTQ entries: codes and zero points packed in int32, float16 scales, g_idx."""
+    ep = prep.extra_precision and p.bits < ckpt.code_bits
+    k = ckpt.sliced_codes(p.name, p.bits, ep)
+    arrays = hf_gptq.tensors(
+        k,
+        ckpt.scale(p.name),
+        ckpt.zero(p.name),
+        ckpt.code_bits,
+        p.bits,
+        ep,
+        p.container,
+        ckpt.info(p.name).group_size,
+    )
+    module = p.name.removesuffix(".weight")
+    for suffix, array in arrays.items():
+        name = f"{module}.{suffix}"
+        w.write(name, array, p.entries[name][0])
 
 
 def _write_packed(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> None:
@@ -455,6 +522,8 @@ def _write_side_files(ckpt, tmp: Path, prep: _Prepared) -> None:
     if prep.opts.dtype:
         cfg["dtype"] = prep.opts.dtype
         cfg.pop("torch_dtype", None)
+    if prep.gptq:
+        cfg["quantization_config"] = prep.gptq
     if prep.groups:
         cfg["quantization_config"] = {
             "quant_method": "compressed-tensors",
@@ -470,7 +539,7 @@ def _write_side_files(ckpt, tmp: Path, prep: _Prepared) -> None:
 
 def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> ConvertResult:
     """The summary line and the ``--json`` details."""
-    packed = [p for p in prep.plans if p.how == "packed"]
+    packed = [p for p in prep.plans if p.how in ("packed", "gptq")]
     quantized = [p for p in prep.plans if p.bits is not None]
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     details = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_helpers import hf_model_on_matq, tiny_hf_model, to_matq
+from gguf_helpers import hf_model_on_matq, hf_tensors, tiny_hf_model, to_matq
 from matq_converters import registry
 from matq_converters.hf_export import InexactError, container_bits, pack_int32
 from matq_converters.registry import ConvertOptions, UnsupportedModelError
@@ -242,3 +242,134 @@ def test_cli(models, tmp_path):
     r = run("--plan", "pyramid", "--layout", "dense", "--json", "-o", str(tmp_path / "c"))
     assert r.exit_code == 0 and json.loads(r.output)["layout"] == "dense"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+
+
+# --- GPTQ: read by onnxruntime-genai's model builder, run by onnxruntime -----------------------------
+def build_onnx(folder: Path, out: Path) -> Path:
+    """onnxruntime-genai's builder on a GPTQ folder (fp32 activations; the float head left float)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out)]
+    cmd += ["-p", "int4", "-e", "cpu", "-c", str(out) + "-cache"]
+    cmd += ["--extra_options", "accuracy_level=1", "nodes_to_exclude=/lm_head/MatMul"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "model.onnx"
+
+
+def matmulnbits_weights(model_path: Path) -> dict[str, np.ndarray]:
+    """Every MatMulNBits node's weight ``[N, K]`` as onnxruntime decodes it: the node alone, run on
+    the identity matrix (fp32 products by 1 and sums of zeros are exact)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n = attrs["K"], attrs["N"]
+        one = helper.make_node("MatMulNBits", ["X", *node.input[1:]], ["Y"], domain="com.microsoft", **attrs)
+        graph = helper.make_graph(
+            [one],
+            "one",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, [k, k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [k, n])],
+            [inits[i] for i in node.input[1:] if i],
+        )
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString())
+        out[node.name] = sess.run(None, {"X": np.eye(k, dtype=np.float32)})[0].T
+    return out
+
+
+def onnx_logits(model_path: Path) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path))
+    ids = np.array(IDS, np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, 64), np.float32)
+    return sess.run(["logits"], feeds)[0]
+
+
+@pytest.fixture(scope="module")
+def symmetric_llama(models, tmp_path_factory):
+    hf, _ = models
+    return to_matq(hf["llama"], tmp_path_factory.mktemp("gptq") / "ck", group_size=128, symmetric=True)
+
+
+PLAN = "plan: layer 0 int4, layer 1 int2"
+
+
+@pytest.mark.parametrize(
+    "bits,ep,container", [(8, False, 8), (4, False, 4), (2, True, 4), (2, False, 2), (PLAN, False, 4)]
+)
+def test_gptq_read_by_onnxruntime_genai_bit_for_bit(models, symmetric_llama, tmp_path, bits, ep, container):
+    pytest.importorskip("onnxruntime_genai")
+    hf, _ = models
+    ckpt = symmetric_llama
+    if bits == PLAN:
+        bits = {n: 4 if "layers.0." in n else 2 for n in ckpt.quantized_names()}
+        res = export(ckpt, tmp_path / "gptq", plan=bits, settings={"layout": "gptq"})
+    else:
+        res = export(ckpt, tmp_path / "gptq", bits=bits, extra_precision=ep, settings={"layout": "gptq"})
+    widths = bits if isinstance(bits, dict) else dict.fromkeys(ckpt.quantized_names(), bits)
+    assert set(res.details["containers"].values()) == ({4, 2} if isinstance(bits, dict) else {container})
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == container and qc["checkpoint_format"] == "gptq" and qc["sym"] == (not ep)
+    onnx_model = build_onnx(tmp_path / "gptq", tmp_path / "onnx")
+    for node, w in matmulnbits_weights(onnx_model).items():
+        layer, kind = node.split("/")[2].removeprefix("layers."), node.split("/")[4]
+        parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}.get(kind, [kind])
+        sub = "self_attn" if kind in ("qkv_proj", "o_proj") else "mlp"
+        names = [f"model.layers.{layer}.{sub}.{p}.weight" for p in parts]
+        want = [ckpt.dequantize(n, widths[n], ep) for n in names]
+        assert np.array_equal(w, np.concatenate(want)), node
+    want = logits(hf_model_on_matq(hf["llama"], ckpt, bits, ep)).numpy()
+    got = onnx_logits(onnx_model)
+    assert np.abs(got - want).max() < 1e-4 * want.std()  # measured 5e-6: only the GEMMs' order differs
+
+
+def tweaked_checkpoint(src: Path, out: Path, tweak) -> mf.Checkpoint:
+    """Per-channel asymmetric MinMax of every linear layer; ``tweak(name, x) -> (x, scale_dtype)``."""
+    from matq_format import numerics as N
+
+    with mf.CheckpointWriter(out, 8, carry_from=src) as w:
+        for name, x in hf_tensors(src).items():
+            if not name.endswith("proj.weight"):
+                w.add_dense(name, x)
+                continue
+            x, scale_dtype = tweak(name, x.astype(np.float32))
+            s, z = N.minmax_params(x, 8, None, scale_dtype=scale_dtype)
+            q = N.quantize(x, s, z, 8, None)
+            w.add_quantized(name, q, s, z, dtype="F32", scheme="asymmetric", scale_dtype=scale_dtype)
+    return mf.open(out)
+
+
+def test_gptq_refuses_what_it_cannot_hold_exactly(models, tmp_path):
+    from matq_converters.hf_export import GPTQLayoutError
+
+    hf, _ = models
+    up = "model.layers.0.mlp.up_proj.weight"
+
+    def nonnegative_row(name, x):  # a row of weights all >= 0 has zero point 0, which v1 stores as -1
+        if name == up:
+            x[0] = np.abs(x[0])
+        return x, "F16"
+
+    ckpt = tweaked_checkpoint(hf["llama"], tmp_path / "z0", nonnegative_row)
+    assert ckpt.zero(up)[0, 0] == 0
+    with pytest.raises(GPTQLayoutError, match=r"up_proj.weight: GPTQ cannot .* a zero point is 0 in 8 bits"):
+        export(ckpt, tmp_path / "o", bits=8, settings={"layout": "gptq"})
+    ckpt = tweaked_checkpoint(hf["llama"], tmp_path / "f32", lambda name, x: (x, "F32"))
+    with pytest.raises(GPTQLayoutError, match=r"scales are not exact in float16"):
+        export(ckpt, tmp_path / "o", bits=4, settings={"layout": "gptq"})
+    assert not (tmp_path / "o").exists()
+    export(ckpt, tmp_path / "ct", bits=4)  # compressed-tensors holds both: float32 scales
