@@ -558,4 +558,12 @@ def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> Con
         f"{out}: {prep.opts.layout}, {len(prep.plans)} tensors in {len(shards)} file(s), {size} bytes; "
         f"{len(packed)} packed, {details['exact_tensors']}/{len(quantized)} quantized tensors bit-exact"
     )
-    return ConvertResult(out, summary, details)
+    warnings = []
+    if details["dequantized"] and prep.opts.layout != "dense":
+        names = details["dequantized"]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        warnings.append(
+            f"stored {len(names)} quantized tensor(s) dequantized (not a linear layer's weight, or no exact "
+            f"container): {', '.join(names[:3])}{more}"
+        )
+    return ConvertResult(out, summary, details, warnings)
