@@ -501,13 +501,26 @@ def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
     padded = math.ceil(cols / 32) * 32
     out = np.empty((rows, padded * bits // 32), np.uint32)
     step = max(1, PACK_BLOCK // max(padded, 1))
-    shifts = np.arange(bits, dtype=np.uint16)
     for r0 in range(0, rows, step):
-        v = np.zeros((min(step, rows - r0), padded), np.uint16)
+        v = np.zeros((min(step, rows - r0), padded), np.uint8)
         v[:, :cols] = values[r0 : r0 + step]
-        bitstream = ((v[..., None] >> shifts) & 1).astype(np.uint8).reshape(len(v), -1)
-        out[r0 : r0 + step] = np.packbits(bitstream, axis=1, bitorder="little").view("<u4")
+        out[r0 : r0 + step] = _pack_bytes(v, bits).view("<u4")
     return np.ascontiguousarray(out[:, :words]).view(np.int32)
+
+
+def _pack_bytes(v: np.ndarray, bits: int) -> np.ndarray:
+    """Rows of codes (uint8) as the bytes of their little-endian bit stream, ``bits`` per code."""
+    if bits == 8:
+        return v
+    if 8 % bits == 0:  # whole codes per byte: shift and or, a pass per code in the byte
+        per = 8 // bits
+        g = v.reshape(len(v), -1, per)
+        out = g[:, :, 0].copy()
+        for i in range(1, per):
+            out |= g[:, :, i] << np.uint8(bits * i)
+        return out
+    stream = ((v[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(len(v), -1)
+    return np.packbits(stream, axis=1, bitorder="little")
 
 
 def _write_side_files(ckpt, tmp: Path, prep: _Prepared) -> None:

@@ -77,14 +77,14 @@ class MatqWeights:
             raise mf.errors.MissingPlanesError(
                 self.ckpt.path, f"{t.name}: width {bits} needs planes {list(need)}, loaded {list(t.present)}"
             )
-        planes = getattr(t.module, f"{t.attr}_matq_planes").numpy()
+        planes = getattr(t.module, f"{t.attr}_matq_planes").cpu().numpy()
         n = int(np.prod(t.shape))
         k = unpack(
             [planes[i] if i in need else None for i in range(self.code_bits)], n, self.code_bits, bits, ep
         )
         k = k.reshape(t.shape)
-        scale = getattr(t.module, f"{t.attr}_matq_scale").numpy()
-        zero = getattr(t.module, f"{t.attr}_matq_zero").numpy()
+        scale = getattr(t.module, f"{t.attr}_matq_scale").cpu().numpy()
+        zero = getattr(t.module, f"{t.attr}_matq_zero").cpu().numpy()
         step = max(1, ROW_BLOCK // max(t.shape[1], 1))
         out = _numpy_view(t.param)
         scratch = np.empty((min(step, t.shape[0]), t.shape[1]), np.float32)
