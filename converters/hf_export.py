@@ -203,12 +203,14 @@ def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, linear: set[s
         return _Plan(name, "float", {name: (DTYPES[opts.dtype], info.shape)}, dtype=DTYPES[opts.dtype])
     ep = ep and bits < ckpt.code_bits
     module = name.removesuffix(".weight")
-    if opts.layout == "dense" or module not in linear or not name.endswith(".weight"):
+    plan = None
+    if opts.layout != "dense" and module in linear and name.endswith(".weight"):
+        pick = _gptq_plan if opts.layout == "gptq" else _packed_plan
+        plan = pick(ckpt, name, module, bits, ep)
+    if plan is None:  # dense, not a linear layer's weight, or no exact container: dequantized
         dtype = DTYPES[opts.dtype] if opts.dtype else _float_dtype(info.dtype)
-        return _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype)
-    if opts.layout == "gptq":
-        return _gptq_plan(ckpt, name, module, bits, ep)
-    return _packed_plan(ckpt, name, module, bits, ep)
+        plan = _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype)
+    return plan
 
 
 def _gptq_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan:
@@ -235,6 +237,8 @@ def _gptq_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan:
 def _gptq_config(ckpt, plans: list[_Plan], linear: set[str]) -> dict:
     """The GPTQ ``quantization_config`` (one group size for the whole model)."""
     done = [p for p in plans if p.how == "gptq"]
+    if not done:
+        raise GPTQLayoutError(ckpt.path, "quantizes no linear layer, so a GPTQ folder would hold nothing")
     grids = {ckpt.info(p.name).group_size for p in done}
     if len(grids) > 1:
         raise GPTQLayoutError(ckpt.path, "GPTQ has one group size per model; these tensors use several")
@@ -249,16 +253,15 @@ def _float_dtype(dtype: str) -> str:
     return dtype if dtype in ("F32", "F16", "BF16") else "F32"
 
 
-def _packed_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan:
-    """compressed-tensors entries of one linear weight, in its smallest exact container."""
+def _packed_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan | None:
+    """compressed-tensors entries of one linear weight in its smallest exact container; None if none."""
     info = ckpt.info(name)
     rows, cols = info.shape
     g = info.group_size
     z = ckpt.zero(name)
     c = container_bits(z, ckpt.code_bits, bits, ep)
     if c is None or (g is not None and cols % g):
-        dtype = _float_dtype(info.dtype)
-        return _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype)
+        return None
     sym = not ep and bool(np.all(z == 2.0 ** (ckpt.code_bits - 1)))
     return _Plan(name, "packed", _packed_entries(module, info.shape, g, c, sym), bits, c, sym)
 

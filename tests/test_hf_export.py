@@ -368,6 +368,20 @@ def test_gptq_refuses_what_it_cannot_hold_exactly(models, tmp_path):
     assert ckpt.zero(up)[0, 0] == 0
     with pytest.raises(GPTQLayoutError, match=r"up_proj.weight: GPTQ cannot .* a zero point is 0 in 8 bits"):
         export(ckpt, tmp_path / "o", bits=8, settings={"layout": "gptq"})
+    args = [
+        "convert",
+        str(ckpt.root),
+        "--to",
+        "hf",
+        "--bits",
+        "8",
+        "--layout",
+        "gptq",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "which GPTQ v1 stores as 0 - 1" in r.output
     ckpt = tweaked_checkpoint(hf["llama"], tmp_path / "f32", lambda name, x: (x, "F32"))
     with pytest.raises(GPTQLayoutError, match=r"scales are not exact in float16"):
         export(ckpt, tmp_path / "o", bits=4, settings={"layout": "gptq"})
