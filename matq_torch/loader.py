@@ -87,15 +87,17 @@ class MatqWeights:
         zero = getattr(t.module, f"{t.attr}_matq_zero").cpu().numpy()
         step = max(1, ROW_BLOCK // max(t.shape[1], 1))
         out = _numpy_view(t.param)
-        scratch = np.empty((min(step, t.shape[0]), t.shape[1]), np.float32)
+        direct = out is not None and out.dtype == np.float32  # dequantized straight into the weights
+        scratch = None if direct else np.empty((min(step, t.shape[0]), t.shape[1]), np.float32)
         for r0 in range(0, t.shape[0], step):
             rows = slice(r0, r0 + step)
-            w = dequantize_rows(k[rows], scale[rows], zero[rows], self.code_bits, bits, t.group_size, scratch)
-            if out is not None:
-                out[rows] = w
-            else:
+            buf = out[rows] if direct else scratch
+            w = dequantize_rows(k[rows], scale[rows], zero[rows], self.code_bits, bits, t.group_size, buf)
+            if out is None:
                 with torch.no_grad():
                     t.param[rows].copy_(torch.from_numpy(w))
+            elif not np.may_share_memory(w, out):
+                out[rows] = w
         t.bits, t.extra_precision = bits, ep
 
     def nbytes(self) -> dict[str, int]:
