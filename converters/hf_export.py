@@ -28,6 +28,7 @@ tensors are copied file to file. Quantized tensors that are not weights of a ``L
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from .registry import (
     ConvertOptionError,
     ConvertOptions,
     ConvertResult,
+    MissingDependencyError,
     UnsupportedModelError,
     option,
     typed_options,
@@ -347,6 +349,11 @@ def _config_groups(ckpt, plans: list[_Plan]) -> dict:
 
 def _linear_modules(cfg: dict, path) -> set[str]:
     """Names of the ``nn.Linear`` modules of the config's model class, built on the meta device."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            None, f"--layout compressed-tensors and gptq need {', '.join(missing)} (pip install 'matq[hf]')"
+        )
     import torch
     import transformers
 

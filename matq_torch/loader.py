@@ -206,7 +206,10 @@ def _build(ckpt: mf.Checkpoint, model_class, dtype):
     with ckpt.carried_folder() as root:
         if not (root / "config.json").exists():
             raise LoadError(ckpt.path, "carries no config.json; transformers cannot build its model")
-        config = transformers.AutoConfig.from_pretrained(root)
+        try:
+            config = transformers.AutoConfig.from_pretrained(root)
+        except (ValueError, KeyError, OSError) as exc:
+            raise LoadError(ckpt.path, f"transformers cannot read its config.json: {exc}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if model_class is None:

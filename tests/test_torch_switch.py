@@ -127,6 +127,13 @@ def test_errors(models, tmp_path):
     built = build_checkpoint(tmp_path / "nocfg")
     with pytest.raises(matq_torch.LoadError, match="carries no config.json"):
         matq_torch.load(built.path)
+    import json
+
+    built = build_checkpoint(
+        tmp_path / "odd", carry={"config.json": json.dumps({"model_type": "no-such-model"})}
+    )
+    with pytest.raises(matq_torch.LoadError, match="transformers cannot read its config.json"):
+        matq_torch.load(built.path)
 
 
 def test_real_minilm_switches(tmp_path):
