@@ -291,17 +291,15 @@ def register(name: str, factory: Callable[[], Converter], description: str = "")
 
 
 def names() -> list[str]:
+    """Exporter names (``exporters.names``), kept for callers of the one-registry API."""
     return exporters.names()
 
 
 def describe() -> dict[str, str]:
+    """Exporter descriptions (``exporters.describe``)."""
     return exporters.describe()
 
 
 def get(name: str) -> Converter:
+    """An exporter (``exporters.get``)."""
     return exporters.get(name)
-
-
-def settings(conv: Converter, options: ConvertOptions) -> Any:
-    """The typed settings of ``options`` for ``conv`` (defaults where none were given)."""
-    return typed_options(getattr(conv, "Options", NoOptions), options.settings, f"--to {conv.name}")
