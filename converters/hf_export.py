@@ -14,13 +14,14 @@ Layouts (``--layout``):
   ``--groups one`` (default) puts every packed tensor in one scheme, the widest container any of
   them needs, because transformers 5.24's ``dequantize`` path decompresses every dense module with
   the first config group's scheme (``get_dense_scheme``); ``--groups per-width`` gives each
-  container its own group (smallest files, as vLLM reads them; transformers cannot load those). One config group per container and
-  grid; ``dequantize: true`` in the config, because transformers' compressed path cannot yet run
+  container its own group (smallest files, as vLLM reads them; transformers cannot load those).
+  ``dequantize: true`` in the config, because transformers' compressed path cannot yet run
   asymmetric packed zero points (compressed-tensors #458/#459).
 - ``dense``: the dequantized slice in each tensor's source dtype (or ``--dtype``): plain
   safetensors for any tool.
+- ``gptq``: AutoGPTQ's v1 format (``hf_gptq``), written only where every slice is exact.
 
-Both stream tensor by tensor into transformers-style shards (``model-0000i-of-0000n.safetensors``
+All stream tensor by tensor into transformers-style shards (``model-0000i-of-0000n.safetensors``
 and an index), built in a temporary folder and published whole by ``AtomicOutput``; unquantized
 tensors are copied file to file. Quantized tensors that are not weights of a ``Linear`` layer
 (embeddings) are written dequantized.
@@ -64,7 +65,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 META_CONVERTER = "matq.converter"
 PACK_BLOCK = 1 << 20
-"""Codes packed at a time: bounds the packing's scratch memory (8 bytes per code at 8 bits)."""
+"""Codes packed at a time: bounds the packing's scratch memory (a few bytes per code)."""
 
 
 class InexactError(ConvertOptionError):
@@ -124,7 +125,7 @@ class _Plan:
 
     name: str
     how: str
-    """copy (as stored), float (dequantized or cast), packed (compressed-tensors)."""
+    """copy (as stored), float (dequantized or cast), packed (compressed-tensors), gptq."""
     entries: dict[str, tuple[str, tuple[int, ...]]]
     bits: int | None = None
     container: int | None = None

@@ -2,9 +2,10 @@
 
 Memory: the planes of every quantized tensor (``code_bits`` bits per weight, 1 byte at 8 bits),
 float32 scales and zero points, and one float copy of the model at its dtype, the weights served
-now; switching needs one row block of codes and floats beside that. That is below two float copies
-at any dtype of 2 bytes or more. Every number comes from ``numerics.dequantize_codes``, the
-reference every reader matches, so a switched model equals a fresh load bit for bit.
+now; switching needs one tensor's unpacked codes (a byte per weight) and a row block of float32
+beside that. That is below two float copies at any dtype of 2 bytes or more. Every number is
+computed with ``numerics.dequantize_codes``'s float32 operations in the same order (the reference
+every reader matches), so a switched model equals a fresh load bit for bit.
 """
 
 from __future__ import annotations
