@@ -212,6 +212,23 @@ def test_bad_requests_write_nothing(models, tmp_path):
         registry.get("hf").convert(ck["llama"], out, ConvertOptions(bits=2))
 
 
+def test_force_replaces_only_a_folder_this_exporter_wrote(models, tmp_path):
+    from matq_format.publish import OutputKindError
+
+    _, ck = models
+    out = tmp_path / "o"
+    export(ck["llama"], out, bits=8, settings={"max_shard_size": "1MB"})  # sharded: found through the index
+    res = export(ck["llama"], out, bits=2)
+    assert res.details["widths"][ck["llama"].quantized_names()[0]] == 2
+    assert not (out / "model.safetensors.index.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(OutputKindError):
+        export(ck["llama"], other, bits=2)
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+
+
 def test_an_architecture_transformers_cannot_build(tmp_path):
     from conftest import build_checkpoint
 
