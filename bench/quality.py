@@ -144,7 +144,7 @@ def f32_gguf(hf: Path, work: Path, out: Path) -> Path:
     with mf.CheckpointWriter(dense, 8, carry_from=hf, source={"model": hf.name}, overwrite=True) as w:
         for name in src:
             w.add_dense(name, src.read(name))
-    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, outtype="f32", overwrite=True))
+    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, overwrite=True, settings={"outtype": "f32"}))
     shutil.rmtree(dense)
     return out
 

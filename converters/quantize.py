@@ -15,6 +15,7 @@ appears only when complete; the input is only read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -37,6 +38,7 @@ from matq_format.errors import MatqError, printable
 
 from . import architectures
 from .hf_source import HFSource, SourceError
+from .registry import option
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -46,6 +48,8 @@ __all__ = [
     "NonFiniteWeightError",
     "OptionError",
     "QuantizeSpec",
+    "HFImportOptions",
+    "HFImporter",
     "UnquantizedWarning",
     "quantize_hf",
     "quantize_tensor",
@@ -612,3 +616,44 @@ def quantize_hf(
             )
             plane_bufs.append((buf, sink.put(write, t.nbytes)))
     return out
+
+
+@dataclass(frozen=True)
+class HFImportOptions:
+    """Settings of ``--from hf`` (the keywords of :func:`quantize_hf`, checked by ``QuantizeSpec.build``)."""
+
+    code_bits: int = option(C.DEFAULT_CODE_BITS, "Bits of the stored codes.")
+    group_size: int | None | str = option(
+        BY_LAYOUT, "Input columns per scale; None per channel; by-layout: 32 in the gguf layout, else 128."
+    )
+    scheme: str | None = option(
+        None,
+        "Zero points (None: symmetric in the gguf layout, else asymmetric).",
+        choices=("asymmetric", "symmetric"),
+    )
+    zero_multiple: int | str = option(1, "Zero points on multiples of this power of two, or slice-exact.")
+    layers: str = option("ffn", "ffn, attention, linear, or a regular expression over tensor names.")
+    objective: str = option("minmax", "Rounding and scale objective.", choices=OBJECTIVES)
+    widths: tuple[int, ...] | None = option(None, "Target widths of multiwidth and slice-exact.")
+    lambdas: tuple[float, ...] | None = option(None, "One weight per width.")
+    extra_precision: tuple[int, ...] = option((), "Widths served with the extra bucket.")
+    scale_dtype: str = option("F16", "Scale dtype.", choices=("F16", "BF16", "F32"))
+    layout: str = option("free", "gguf: every width exact in llama.cpp's compact types.", choices=LAYOUTS)
+    threads: int | None = option(None, "Worker threads.")
+    calib: str | os.PathLike | None = option(None, "Calibration text: multi-width GPTQ.")
+    calib_tokens: int | None = option(None, "Calibration tokens at most.")
+    calib_propagate: str = option("per-width", "GPTQ error feedback.", choices=("mean", "per-width"))
+    device: str = option("cpu", "Where calibration runs.")
+
+
+class HFImporter:
+    """``--from hf``: post-training quantization of a float Hugging Face model (:func:`quantize_hf`)."""
+
+    name = "hf"
+    description = "a float Hugging Face model (PTQ)"
+    dependencies = ("numpy", "safetensors")
+    Options = HFImportOptions
+
+    def run(self, src, out, settings: HFImportOptions, **kw) -> Path:
+        """``kw``: overwrite, progress, layer_progress, as :func:`quantize_hf` takes them."""
+        return quantize_hf(src, out, **dataclasses.asdict(settings), **kw)

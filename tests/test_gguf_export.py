@@ -177,8 +177,10 @@ def models(tmp_path_factory):
 
 def export(ckpt, out, **kw) -> registry.ConvertResult:
     """The exact export (``--exact``) unless ``extra`` says otherwise: these tests check grids bit for bit."""
-    extra = {"exact": True, **kw.pop("extra", {})}
-    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, extra=extra, **kw))
+    settings = {"exact": True, **kw.pop("extra", {})}
+    if "outtype" in kw:
+        settings["outtype"] = kw.pop("outtype")
+    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, settings=settings, **kw))
 
 
 def fields(reader: gguf.GGUFReader) -> dict:
@@ -411,7 +413,7 @@ def test_registry():
     try:
         assert "echo" in registry.names() and registry.get("echo").name == "echo"
     finally:
-        registry._REGISTERED.pop("echo")
+        registry.exporters.unregister("echo")
 
 
 def test_cli_convert(models, tmp_path):
