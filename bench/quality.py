@@ -55,7 +55,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from math import floor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -208,8 +207,8 @@ def run(args) -> dict:
     evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     calib_text = work / "calibration.txt"  # tutorial/ + howto/, never evaluated
     calib_text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in calibration), encoding="utf-8")
-    # floored, so the matq file is never bigger than llama.cpp's
-    budgets = [f"budget:{floor(matq_eval.llama.gguf_size(f).bits_per_weight * 1e6) / 1e6}" for f in files[1:]]
+    # the exact figure (repr), so the matq file is never bigger than llama.cpp's, and may be as big
+    budgets = [f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}" for f in files[1:]]
     transformers_specs = []
     for i, recipe in enumerate(args.recipes):
         kw = dict(RECIPES[recipe])

@@ -48,7 +48,8 @@ def file_budget_plan(
             err[t.hf_name][r] = float(np.sum(d * d))
             cost[t.hf_name][r] = 8.0 * enc.data.nbytes
     try:
-        return cheapest_within(err, cost, budget * total - fixed)
+        return cheapest_within(err, cost, budget * total * (1 + 1e-12) - fixed)  # a budget given as
+        # another file's bits per weight (bytes * 8 / weights) admits a file of exactly those bytes
     except BudgetTooSmall as exc:
         least = (exc.minimum + fixed) / total
         raise ConvertOptionError(
