@@ -130,6 +130,7 @@ class QuantizeSpec:
         extra_precision: Sequence[int] = (),
         scale_dtype: str = "F16",
         layout: str = "free",
+        calibrated: bool = False,
     ) -> QuantizeSpec:
         """Check every option and resolve ``zero_multiple="slice-exact"`` and the layout's defaults
         (``scheme`` None and ``group_size`` :data:`BY_LAYOUT`); raises :class:`OptionError`."""
@@ -160,14 +161,15 @@ class QuantizeSpec:
             raise OptionError(None, f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
         if scale_dtype not in C.SCALE_DTYPES:
             raise OptionError(None, f"scale dtype {scale_dtype!r} not one of {', '.join(C.SCALE_DTYPES)}")
-        if widths is None:  # 8, 4, 2 with c in place of 8
-            widths = sorted(
-                {min(r, code_bits) for r in multiwidth.MULTIWIDTH_WIDTHS} | {code_bits}, reverse=True
-            )
+        if widths is None:  # 8, 4, 2 (8, 5, 4, 3 calibrated) with c in place of 8
+            base = multiwidth.CALIBRATED_WIDTHS if calibrated else multiwidth.MULTIWIDTH_WIDTHS
+            widths = sorted({min(r, code_bits) for r in base} | {code_bits}, reverse=True)
         widths = tuple(int(r) for r in widths)
         if not widths or any(not 1 <= r <= code_bits for r in widths):
             raise OptionError(None, f"widths {list(widths)} must be non-empty and within 1..{code_bits}")
-        lambdas = tuple(float(v) for v in (lambdas if lambdas is not None else [1.0] * len(widths)))
+        if lambdas is None:
+            lambdas = multiwidth.noise_equal_lambdas(widths) if calibrated else [1.0] * len(widths)
+        lambdas = tuple(float(v) for v in lambdas)
         if (
             len(lambdas) != len(widths)
             or any(not np.isfinite(v) or v < 0 for v in lambdas)
@@ -522,7 +524,8 @@ def quantize_hf(
     ``calib`` (a text file or folder): run the model on that text (``calib_tokens`` tokens at most,
     default 131072, in sequences of ``calib_seq_len``, default 512) on ``device`` and quantize the
     selected linears with multi-width GPTQ (``matq_converters.calibrated``; ``layer_progress(done,
-    total)`` after each layer).
+    total)`` after each layer). Its default widths and lambdas are ``CALIBRATED_WIDTHS`` and
+    ``noise_equal_lambdas`` (``matq_format.multiwidth``).
     """
     hf_dir, out = Path(hf_dir), Path(out)
     spec = QuantizeSpec.build(
@@ -536,6 +539,7 @@ def quantize_hf(
         extra_precision=extra_precision,
         scale_dtype=scale_dtype,
         layout=layout,
+        calibrated=calib is not None,
     )
     src = HFSource(hf_dir)
     arch = architectures.detect(src.config)

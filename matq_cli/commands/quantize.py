@@ -164,8 +164,16 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
     show_default=True,
     help="multiwidth: round (and pick scales) for the lambda-weighted error of the --widths slices.",
 )
-@click.option("--widths", default=None, help="Target widths of multiwidth and slice-exact (default: 8,4,2).")
-@click.option("--lambdas", default=None, help="One weight per width (default: all 1).")
+@click.option(
+    "--widths",
+    default=None,
+    help="Target widths of multiwidth, slice-exact and --calib (default: 8,4,2; 8,5,4,3 with --calib).",
+)
+@click.option(
+    "--lambdas",
+    default=None,
+    help="One weight per width (default: all 1; with --calib 4^(r - narrowest), e.g. 1024,16,4,1).",
+)
 @click.option(
     "--extra-precision",
     "extra_precision",
