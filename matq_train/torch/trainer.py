@@ -1,16 +1,19 @@
-"""The MatQuant QAT loop: one process, DDP under ``torchrun`` (gloo on CPU), or FSDP2 sharding.
+"""The MatQuant QAT loop in torch: one process or device, DDP under ``torchrun``, or FSDP2 sharding.
 
 Every step draws the same global batch whatever the world size (``data.TokenBlocks``), so a run on
 N processes trains the same model as one process, and a resumed run continues exactly where its
-checkpoint left off. Checkpoints are safetensors plus JSON (no pickles): the model, the optimizer
-state and the step, written to a temporary folder and renamed into place.
+checkpoint left off. Each width runs its forward and its backward before the next width starts
+(gradients accumulate; under DDP only the last backward synchronises), so the memory of a step is
+that of one width, as in plain fine-tuning; options add gradient checkpointing and bfloat16
+autocast, and ``--device`` picks CPU or CUDA. Checkpoints are safetensors plus JSON (no pickles):
+the model, the optimizer state and the step, written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -24,14 +27,16 @@ import torch
 from torch import nn
 
 from matq_format.errors import MatqError
-from matq_format.publish import OutputExistsError, check_disjoint
 
-from .data import TokenBlocks, load_blocks, mask_tokens
-from .fakequant import QuantSpec, fake_quant_layers, prepare, width
-from .loss import MatQuantStep, Objective, token_nll
+from ..config import CheckpointMismatchError, TrainConfig, TrainConfigError, check_resumable, lr_factor
+from ..data import TokenBlocks, load_blocks, mask_tokens
+from .fakequant import fake_quant_layers, prepare, width
+from .loss import MatQuantStep, token_nll
 
 __all__ = [
     "CheckpointMismatchError",
+    "DeviceError",
+    "OutOfMemoryError",
     "TrainConfig",
     "TrainConfigError",
     "TrainResult",
@@ -46,82 +51,18 @@ log = logging.getLogger("matq_train")
 STATE_FILE = "trainer.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
-# Fields that may change between a run and its resumption; every other field must match.
-RESUMABLE_CHANGES = {
-    "steps",
-    "out",
-    "log_every",
-    "save_every",
-    "resume",
-    "checkpoint_dir",
-    "threads",
-    "eval_every",
-    "fsdp",
-}
 
 
-class CheckpointMismatchError(MatqError):
-    """A trainer checkpoint made with different settings than the run that tries to resume from it."""
+class DeviceError(MatqError):
+    """A ``--device`` torch cannot use here (no CUDA, an index past the last GPU, an unknown name)."""
 
-    hint = "resume with the settings the checkpoint was made with, or use a new --checkpoint-dir"
-
-
-class TrainConfigError(MatqError):
-    """Run settings that cannot work together (batch size and world size, an existing output)."""
+    hint = "use --device cpu, or cuda / cuda:N on a machine with that GPU"
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; stored in every trainer checkpoint."""
+class OutOfMemoryError(MatqError):
+    """A step that does not fit in the device's memory."""
 
-    model_dir: str
-    data: list[str]
-    out: str | None = None
-    bits: tuple[int, ...] = (8, 4, 2)
-    lambdas: tuple[float, ...] | None = None
-    distill: str | None = None
-    distill_labels: bool = False
-    extra_precision: bool = False
-    baseline: int | None = None
-    full_precision: bool = False
-    layers: str = "ffn"
-    group_size: int | None = None
-    clip: str = "minmax"
-    scheme: str = "asymmetric"
-    scale_dtype: str = "F16"
-    code_bits: int = 8
-    steps: int = 100
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 1e-4
-    clip_lr: float = 5e-3
-    weight_decay: float = 0.0
-    warmup: int = 0
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    holdout: float = 0.0
-    text_field: str = "text"
-    log_every: int = 10
-    save_every: int = 0
-    eval_every: int = 0
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    fsdp: bool = False
-    threads: int | None = None
-
-    def quant_spec(self) -> QuantSpec:
-        c = self.baseline if self.baseline is not None else self.code_bits
-        return QuantSpec(c, self.group_size, self.clip, self.scheme, self.scale_dtype)
-
-    def objective(self) -> Objective:
-        if self.full_precision:
-            return Objective((), (), {}, False)
-        if self.baseline is not None:
-            return Objective.build((self.baseline,), None, None, False)
-        return Objective.build(
-            self.bits, self.lambdas, self.distill, self.extra_precision, self.distill_labels
-        )
+    hint = "lower --batch-size or --seq-len, or add --grad-checkpointing / --precision bf16"
 
 
 @dataclass
@@ -186,15 +127,6 @@ def _shard(model: nn.Module) -> None:
         if type(m).__name__ in units:
             fully_shard(m)
     fully_shard(model)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` at the last step."""
-    if cfg.warmup and step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    span = max(cfg.steps - cfg.warmup, 1)
-    t = min(max(step - cfg.warmup, 0) / span, 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -265,14 +197,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt, cfg: TrainConfig) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = json.loads((path / STATE_FILE).read_text())
-    saved, now = state["config"], asdict(cfg)
-    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(now[k]))
-    if diff:
-        raise CheckpointMismatchError(
-            path,
-            "made with different settings: "
-            + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in diff),
-        )
+    check_resumable(state["config"], cfg, path)
     msd = load_file(str(path / MODEL_FILE))
     with safe_open(str(path / OPTIM_FILE), "pt") as f:
         ometa = json.loads(f.metadata()["meta"])
@@ -281,10 +206,6 @@ def load_checkpoint(path: Path, model: nn.Module, opt, cfg: TrainConfig) -> int:
         model, opt, model_state_dict=msd, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True)
     )
     return int(state["step"])
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 # --- evaluation -------------------------------------------------------------------------------------
@@ -311,7 +232,8 @@ def evaluate(
                 labels = ids
                 if not causal:
                     ids, labels = mask_tokens(ids, tokenizer, seed, i, np.arange(len(ids)))
-                x, y = torch.from_numpy(ids).long(), torch.from_numpy(labels).long()
+                dev = next(model.parameters()).device
+                x, y = torch.from_numpy(ids).long().to(dev), torch.from_numpy(labels).long().to(dev)
                 nll, n = token_nll(model(input_ids=x).logits, y, causal)
                 total += float(nll)
                 count += int(n)
@@ -320,7 +242,131 @@ def evaluate(
     return total / max(count, 1)
 
 
+# --- devices and options ----------------------------------------------------------------------------
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` as a torch device (default: this rank's GPU when CUDA is present, else the CPU)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name is None:
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(None, f"unknown device {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(None, f"--device {name}: this torch has no CUDA device")
+        index = local if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise DeviceError(None, f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
+        return torch.device("cuda", index)
+    if dev.type != "cpu":
+        raise DeviceError(None, f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """bfloat16 autocast for ``--precision bf16``; nothing for float32."""
+    if cfg.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; learned clipping parameters get their own learning rate and no weight decay."""
+    clip_params = [p for n, p in model.named_parameters() if n.endswith(("clip_gamma", "clip_beta"))]
+    clip_ids = {id(p) for p in clip_params}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in clip_ids], "lr": cfg.lr, "base_lr": cfg.lr}
+    ]
+    if clip_params:
+        groups.append({"params": clip_params, "lr": cfg.clip_lr, "base_lr": cfg.clip_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _wrap(step_module: MatQuantStep, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """DDP, FSDP2 or nothing around the step module."""
+    if world > 1 and cfg.fsdp:
+        _shard(step_module.model)
+        return step_module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(step_module, device_ids=ids)
+    return step_module
+
+
 # --- the loop ---------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What every step of a run needs."""
+
+    cfg: TrainConfig
+    net: nn.Module
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+    causal: bool
+    tokenizer: object
+    rank: int
+    world: int
+    terms: tuple = ()
+    extra_precision: bool = False
+
+
+def _batch(run: _Run, blocks: TokenBlocks, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """This rank's share of global batch ``step`` on the device, and the loss denominator."""
+    cfg = run.cfg
+    rows = blocks.indices(step, cfg.batch_size, cfg.seed, run.rank, run.world)
+    ids = blocks.blocks[rows]
+    labels = ids
+    if not run.causal:
+        ids, labels = mask_tokens(ids, run.tokenizer, cfg.seed, step, rows)
+    x, y = torch.from_numpy(ids).long(), torch.from_numpy(labels).long()
+    scored = torch.tensor(float(((y[:, 1:] if run.causal else y) != -100).sum()))
+    if run.world > 1 and run.device.type == "cuda":
+        scored = scored.to(run.device)
+    denom = float(_all_mean(scored, run.world))  # global count / world: DDP's averaging gives the global mean
+    return x.to(run.device), y.to(run.device), max(denom, 1.0)
+
+
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, denom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: each width's forward and backward in turn; returns (total, per-width losses)."""
+    terms, ddp = run.terms, hasattr(run.net, "no_sync")  # DDP: synchronise on the last width only
+    teachers: dict[int, torch.Tensor] = {}
+    total = torch.zeros((), device=run.device)
+    per = []
+    for i in range(len(terms)):
+        last = i == len(terms) - 1
+        sync = run.net.no_sync() if ddp and not last else contextlib.nullcontext()
+        # the width stays set through backward: gradient checkpointing recomputes at this width
+        with sync, width(run.model, terms[i].bits, run.extra_precision):
+            with _autocast(run.cfg, run.device):
+                value, nll = run.net(x, y, None, denom, i, teachers)
+            value.backward()
+        total += value.detach()
+        per.append(nll)
+        for r in [r for r in teachers if all(t.teacher != r for t in terms[i + 1 :])]:
+            del teachers[r]  # no later student needs it
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return total, torch.stack(per)
+
+
+def _setup(cfg: TrainConfig, rank: int, world: int):
+    """Model on its device with fake-quantized layers, tokenizer, whether causal, the device."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, causal = load_model(cfg.model_dir)
+    model.to(device)
+    model.train()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, causal, device
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -337,132 +383,44 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world = _dist()
-    if cfg.batch_size % world:
-        raise TrainConfigError(
-            None, f"batch size {cfg.batch_size} is not divisible by the world size {world}"
-        )
-    if cfg.out and not cfg.full_precision:
-        check_disjoint(cfg.out, [cfg.model_dir, *cfg.data])
-        if os.path.lexists(cfg.out):
-            raise OutputExistsError(cfg.out, "already exists; choose a new output folder")
-    if cfg.steps < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
-        raise TrainConfigError(
-            None, "steps, batch size and sequence length must be positive (sequence length >= 2)"
-        )
-    spec, objective = cfg.quant_spec(), cfg.objective()  # settings errors before any loading
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, causal = load_model(cfg.model_dir)
-    model.train()
+    spec, objective = cfg.check(world)  # settings errors before any loading
+    model, tokenizer, causal, device = _setup(cfg, rank, world)
     quantized = [] if cfg.full_precision else prepare(model, cfg.layers, spec)
     if train_blocks is None:
         train_blocks, held = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.holdout, cfg.text_field)
         eval_blocks = eval_blocks or held
-
     step_module = MatQuantStep(model, objective, causal)
-    if world > 1 and cfg.fsdp:
-        _shard(model)
-        net: nn.Module = step_module
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(step_module)
-    else:
-        net = step_module
-
-    clip_params = [p for n, p in model.named_parameters() if n.endswith(("clip_gamma", "clip_beta"))]
-    clip_ids = {id(p) for p in clip_params}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in clip_ids], "lr": cfg.lr, "base_lr": cfg.lr}
-    ]
-    if clip_params:
-        groups.append({"params": clip_params, "lr": cfg.clip_lr, "base_lr": cfg.clip_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    ckpt_dir = (
-        Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (Path(f"{cfg.out}.ckpt") if cfg.out else None)
+    net = _wrap(step_module, cfg, world, device)  # FSDP2 replaces the parameters: the optimizer comes after
+    opt = _optimizer(model, cfg)
+    run = _Run(
+        cfg,
+        net,
+        model,
+        opt,
+        device,
+        causal,
+        tokenizer,
+        rank,
+        world,
+        step_module.terms,
+        objective.extra_precision,
     )
+    ckpt_dir = Path(d) if (d := cfg.checkpoint_folder()) else None
     start = 0
     if cfg.resume and ckpt_dir is not None and (found := latest_checkpoint(ckpt_dir)) is not None:
         start = load_checkpoint(found, model, opt, cfg)
         if rank == 0:
             log.info("resumed from %s at step %d", found, start)
-
-    names = [f"int{r}" for r in objective.bits] or ["fp"]
-    fq_layers = [m for _, m in fake_quant_layers(model)]
-    history: list[dict] = []
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    t_train, t_mark, steps_mark = 0.0, time.perf_counter(), start
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        rows = train_blocks.indices(step, cfg.batch_size, cfg.seed, rank, world)
-        ids = train_blocks.blocks[rows]
-        labels = ids
-        if not causal:
-            ids, labels = mask_tokens(ids, tokenizer, cfg.seed, step, rows)
-        x, y = torch.from_numpy(ids).long(), torch.from_numpy(labels).long()
-        scored = torch.tensor(float(((y[:, 1:] if causal else y) != -100).sum()))
-        denom = float(_all_mean(scored, world))  # global count / world: DDP's averaging gives the global mean
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, cfg)
-        total, per = net(x, y, None, max(denom, 1.0))
-        total.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for layer in fq_layers:
-            layer.invalidate()
-        t_train += time.perf_counter() - t0
-        done = step + 1
-        if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
-            per = _all_mean(per, world)
-            now = time.perf_counter()
-            rec = {
-                "step": done,
-                "loss": float(_all_mean(total.detach(), world)),
-                "widths": {n: round(float(v), 5) for n, v in zip(names, per, strict=True)},
-                "lr": opt.param_groups[0]["lr"],
-                "tokens_per_s": (done - steps_mark) * tokens_per_step / max(now - t_mark, 1e-9),
-            }
-            t_mark, steps_mark = now, done
-            if cfg.eval_every and eval_blocks is not None and done % cfg.eval_every == 0 and world == 1:
-                rec["eval"] = {
-                    n: evaluate(
-                        model,
-                        eval_blocks,
-                        r,
-                        extra_precision=objective.extra_precision,
-                        causal=causal,
-                        tokenizer=tokenizer,
-                    )
-                    for n, r in zip(names, objective.bits or (None,), strict=True)
-                }
-            history.append(rec)
-            if rank == 0:
-                log.info(
-                    "step %d/%d  loss %.4f  %s  %.0f tok/s",
-                    done,
-                    cfg.steps,
-                    rec["loss"],
-                    "  ".join(f"{k} {v:.4f}" for k, v in rec["widths"].items()),
-                    rec["tokens_per_s"],
-                )
-                if on_log is not None:
-                    on_log(rec)
-        if ckpt_dir is not None and cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
-            save_checkpoint(ckpt_dir, done, model, opt, cfg, rank)
-        if on_step is not None and rank == 0:
-            on_step(done)
+    try:
+        history, t_train = _loop(run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_log, on_step)
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryError(
+            None, f"a step of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in {device} memory"
+        ) from None
     steps_run = cfg.steps - start
+    tokens = steps_run * cfg.batch_size * cfg.seq_len
     result = TrainResult(
-        model,
-        tokenizer,
-        history,
-        steps_run * tokens_per_step / max(t_train, 1e-9),
-        t_train,
-        steps_run,
-        None,
-        quantized,
+        model, tokenizer, history, tokens / max(t_train, 1e-9), t_train, steps_run, None, quantized
     )
     if cfg.out and not cfg.full_precision:
         result.out = _export(cfg, model, tokenizer, spec, objective, history, rank, world)
@@ -471,6 +429,78 @@ def train(
 
         dist.barrier()
     return result
+
+
+def _loop(run: _Run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_log, on_step):
+    """Steps ``start`` .. ``cfg.steps``: the history of logged records and the seconds spent training."""
+    cfg, model = run.cfg, run.model
+    names = [f"int{r}" for r in objective.bits] or ["fp"]
+    fq_layers = [m for _, m in fake_quant_layers(model)]
+    history: list[dict] = []
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    t_train, t_mark, steps_mark = 0.0, time.perf_counter(), start
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        x, y, denom = _batch(run, train_blocks, step)
+        for g in run.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+        total, per = _step(run, x, y, denom)
+        for layer in fq_layers:
+            layer.invalidate()
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        t_train += time.perf_counter() - t0
+        done = step + 1
+        if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            rec = {
+                "step": done,
+                "loss": float(_all_mean(total, run.world)),
+                "widths": {
+                    n: round(float(v), 5) for n, v in zip(names, _all_mean(per, run.world), strict=True)
+                },
+                "lr": run.opt.param_groups[0]["lr"],
+                "tokens_per_s": (done - steps_mark) * tokens_per_step / max(now - t_mark, 1e-9),
+            }
+            t_mark, steps_mark = now, done
+            if cfg.eval_every and eval_blocks is not None and done % cfg.eval_every == 0 and run.world == 1:
+                rec["eval"] = _held_out(run, eval_blocks, objective, names)
+            history.append(rec)
+            _report(run, rec, on_log)
+        if ckpt_dir is not None and cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_checkpoint(ckpt_dir, done, model, run.opt, cfg, run.rank)
+        if on_step is not None and run.rank == 0:
+            on_step(done)
+    return history, t_train
+
+
+def _held_out(run: _Run, blocks: TokenBlocks, objective, names) -> dict[str, float]:
+    return {
+        n: evaluate(
+            run.model,
+            blocks,
+            r,
+            extra_precision=objective.extra_precision,
+            causal=run.causal,
+            tokenizer=run.tokenizer,
+        )
+        for n, r in zip(names, objective.bits or (None,), strict=True)
+    }
+
+
+def _report(run: _Run, rec: dict, on_log) -> None:
+    if run.rank != 0:
+        return
+    log.info(
+        "step %d/%d  loss %.4f  %s  %.0f tok/s",
+        rec["step"],
+        run.cfg.steps,
+        rec["loss"],
+        "  ".join(f"{k} {v:.4f}" for k, v in rec["widths"].items()),
+        rec["tokens_per_s"],
+    )
+    if on_log is not None:
+        on_log(rec)
 
 
 def _export(cfg, model, tokenizer, spec, objective, history, rank, world) -> Path | None:
@@ -487,21 +517,11 @@ def _export(cfg, model, tokenizer, spec, objective, history, rank, world) -> Pat
         model.load_state_dict(full)
     elif rank != 0:
         return None
-    source = {
-        "trainer": "matq_train",
-        "model": os.path.basename(os.path.normpath(cfg.model_dir)),
-        "objective": objective.to_json(),
-        "steps": cfg.steps,
-        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-        "layers": cfg.layers,
-        "clip": cfg.clip,
-        "final_loss": history[-1]["widths"] if history else None,
-    }
     return export_matq(
         model,
         cfg.out,
         tokenizer=tokenizer,
         extra_precision=objective.extra_precision,
-        source=source,
+        source=cfg.source_record(objective, history),
         inputs=[cfg.model_dir, *cfg.data],
     )

@@ -1,4 +1,4 @@
-"""Fake-quantized linear layers for MatQuant QAT, bit-exact with :mod:`matq_format.numerics`.
+"""Fake-quantized linear layers for MatQuant QAT in torch, on the training device, bit-exact with :mod:`matq_format.numerics`.
 
 The forward pass computes, in float32 and in the order of ``numerics.quantize`` and
 ``numerics.dequantize_codes``::
@@ -8,35 +8,35 @@ The forward pass computes, in float32 and in the order of ``numerics.quantize`` 
     w_r = alpha * (k * 2^(c-r) - z)
 
 so the weights a layer uses at width r are exactly the weights a matq reader dequantizes from the
-exported checkpoint. ``round`` and ``slice`` pass gradients straight through (the straight-through
-estimator), each as a tiny :class:`torch.autograd.Function` that returns its exact forward value.
-
-Scales and zero points come from ``numerics.minmax_params`` on the current weights (MinMax, the
-paper's QAT default; treated as constants), or from learned clipping factors gamma, beta per row
-and group (OmniQuant's LWC): ``alpha = (sigmoid(gamma) max - sigmoid(beta) min) / (2^c - 1)``,
-``z = round(-sigmoid(beta) min / alpha)``, with the scale rounded up to its stored dtype by
-``numerics.round_scale``. Only the parameterisation is trainer-specific; every stored number is
-produced and checked by the numerics module.
+exported checkpoint. MinMax scales and zero points are ``numerics.minmax_params_from_range``'s
+float64 arithmetic written in torch (:mod:`.qops`), computed on the weights' device once per
+optimizer step; the codes ``q`` are kept (one byte per weight) and every width of the step slices
+them. With MinMax the range covers every weight, so the straight-through gradient of ``w_r`` with
+respect to ``w`` is exactly the identity (:class:`FakeQuantSTE`; nothing is saved for backward).
+Learned clipping (OmniQuant's LWC, ``--clip learned``) composes ``round`` and ``slice``
+straight-through estimators so gradients reach gamma and beta:
+``alpha = (sigmoid(gamma) max - sigmoid(beta) min) / (2^c - 1)``, ``z = round(-sigmoid(beta) min / alpha)``,
+the scale rounded up to its stored dtype. ``tests/test_train.py`` checks every path against numerics.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matq_format import constants as C
 from matq_format import numerics
-from matq_format.errors import MatqError
+
+from ..export import Quantized
+from ..spec import LWC_INIT, LayerSelectionError, QuantSpec, QuantSpecError, select_weights
+from . import qops
 
 __all__ = [
-    "CLIP_MODES",
     "FakeQuantLinear",
+    "FakeQuantSTE",
     "LayerSelectionError",
     "QuantSpec",
     "QuantSpecError",
@@ -48,47 +48,6 @@ __all__ = [
     "set_width",
     "width",
 ]
-
-CLIP_MODES = ("minmax", "learned")
-LWC_INIT = 4.0
-"""OmniQuant's initial clipping logit: sigmoid(4) = 0.982 of the MinMax range."""
-
-
-class LayerSelectionError(MatqError):
-    """The layer selection names no Linear weight, or names a weight that is not a Linear layer's."""
-
-    hint = "use --layers ffn, linear, attention, or a regular expression matching Linear weight names"
-
-
-class QuantSpecError(MatqError):
-    """Quantization settings that matq cannot store (code width, granularity, clipping, scale dtype)."""
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How the selected weights are quantized: the stored code width and its parameters."""
-
-    code_bits: int = C.DEFAULT_CODE_BITS
-    group_size: int | None = None
-    clip: str = "minmax"
-    scheme: str = "asymmetric"
-    scale_dtype: str = "F16"
-
-    def __post_init__(self) -> None:
-        if not C.MIN_CODE_BITS <= self.code_bits <= C.MAX_CODE_BITS_IMPL:
-            raise QuantSpecError(
-                None, f"code bits {self.code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}"
-            )
-        if self.clip not in CLIP_MODES:
-            raise QuantSpecError(None, f"clip must be one of {CLIP_MODES}, not {self.clip!r}")
-        if self.scheme not in ("asymmetric", "symmetric"):
-            raise QuantSpecError(None, f"scheme must be asymmetric or symmetric, not {self.scheme!r}")
-        if self.clip == "learned" and self.scheme != "asymmetric":
-            raise QuantSpecError(None, "learned clipping is asymmetric (gamma for the max, beta for the min)")
-        if self.group_size is not None and self.group_size < 1:
-            raise QuantSpecError(None, "group size must be positive")
-        if self.scale_dtype not in C.SCALE_DTYPES:
-            raise QuantSpecError(None, f"scale dtype must be one of {C.SCALE_DTYPES}")
 
 
 # --- straight-through estimators ---------------------------------------------------------------
@@ -105,22 +64,11 @@ class RoundSTE(torch.autograd.Function):
 
 
 class SliceSTE(torch.autograd.Function):
-    """Eq. 6 on float codes: forward ``k * 2^s`` with ``k`` from ``numerics``' integer formula; identity backward.
-
-    The integer arithmetic mirrors ``numerics.slice_codes``; ``tests/test_train.py`` checks every
-    code 0..2^c-1 against it.
-    """
+    """Eq. 6 on float codes (``qops.slice_c_scale``); identity backward."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, code_bits: int, bits: int, extra_precision: bool) -> torch.Tensor:
-        if bits == code_bits:
-            return q.clone()
-        s = code_bits - bits
-        qi = q.to(torch.int32)
-        k = (qi >> s) + ((qi >> (s - 1)) & 1)
-        if not extra_precision:
-            k = torch.clamp_max(k, numerics.code_max(bits))
-        return k.to(torch.float32) * torch.tensor(float(1 << s), dtype=torch.float32)
+        return qops.slice_c_scale(q, code_bits, bits, extra_precision)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -128,26 +76,34 @@ class SliceSTE(torch.autograd.Function):
 
 
 class ScaleRoundSTE(torch.autograd.Function):
-    """``numerics.round_scale`` (upward to the stored dtype) forward, identity backward."""
+    """``numerics.round_scale`` (upward to the stored dtype, :func:`qops.round_scale`) forward, identity backward."""
 
     @staticmethod
     def forward(ctx, alpha: torch.Tensor, dtype: str) -> torch.Tensor:
-        r = numerics.round_scale(alpha.detach().cpu().numpy(), dtype)
-        return torch.from_numpy(np.ascontiguousarray(r)).to(alpha.device)
+        return qops.round_scale(alpha, dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g, None
 
 
+class FakeQuantSTE(torch.autograd.Function):
+    """``w_r`` from the kept codes forward; the gradient passes to ``w`` unchanged.
+
+    Exact for MinMax, whose range covers every weight (no clamp ever bites); it saves no tensor, so
+    a width's fake-quantized weights live only as long as the matrix product that uses them.
+    """
+
+    @staticmethod
+    def forward(ctx, w, q, alpha, zero, code_bits: int, bits: int, extra_precision: bool, group_size):
+        return qops.dequantize(q, alpha, zero, code_bits, bits, group_size, extra_precision)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None, None, None, None, None, None, None
+
+
 # --- the layer ----------------------------------------------------------------------------------
-def _expand(p: torch.Tensor, cols: int, group_size: int | None) -> torch.Tensor:
-    """Per-group parameters ``[rows, groups]`` to ``[rows, cols]`` (``numerics.expand_groups``)."""
-    if group_size is None:
-        return p[:, :1]
-    return torch.repeat_interleave(p, group_size, dim=1)[:, :cols]
-
-
 def _group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """``[rows, groups, g]``, padding the last group with its edge value as ``numerics.minmax_params`` does."""
     rows, cols = w.shape
@@ -185,27 +141,37 @@ class FakeQuantLinear(nn.Linear):
         g = "channel" if self.spec.group_size is None else f"group {self.spec.group_size}"
         return f"{super().extra_repr()}, c={self.spec.code_bits}, {g}, {self.spec.clip}, bits={self.bits}"
 
-    # -- quantization parameters --
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point ``[rows, groups]`` float32 for the current weights."""
-        w = self.weight
-        spec = self.spec
-        if spec.clip == "minmax":
-            # Valid while the weights are unchanged: within one step, every width reuses them.
-            key = (w.data_ptr(), w._version, w.device)
-            if self._cache is None or self._cache[0] != key:
-                a, z = numerics.minmax_params(
-                    # a copy: FSDP frees unsharded storage, which a numpy view would pin
-                    w.detach().to("cpu", torch.float32, copy=True).numpy(),
+    # -- MinMax: parameters and codes kept for the step --
+    def _minmax(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale, zero point and uint8 codes of the current weights, computed once per weight version.
+
+        Every width of a step (and a gradient-checkpointing recomputation) reuses them; the trainer
+        calls :meth:`invalidate` after each optimizer step, and the weight's version guards the rest.
+        """
+        w, spec = self.weight, self.spec
+        key = (w.data_ptr(), w._version, w.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                a, z = qops.minmax_params(
+                    w,
                     spec.code_bits,
                     spec.group_size,
                     symmetric=spec.scheme == "symmetric",
                     scale_dtype=spec.scale_dtype,
                 )
-                self._cache = (key, torch.from_numpy(a).to(w.device), torch.from_numpy(z).to(w.device))
-            return self._cache[1], self._cache[2]
+                q = qops.quantize(w, a, z, spec.code_bits, spec.group_size)
+            self._cache = (key, a, z, q)
+        return self._cache[1], self._cache[2], self._cache[3]
+
+    def invalidate(self) -> None:
+        """Forget the kept MinMax parameters and codes (the trainer calls this after every optimizer step)."""
+        self._cache = None
+
+    # -- learned clipping: differentiable parameters --
+    def _learned(self) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
         qmax = float(numerics.code_max(spec.code_bits))
-        wg = _group_view(w.float(), spec.group_size)
+        wg = _group_view(self.weight.float(), spec.group_size)
         hi = torch.clamp_min(wg.amax(dim=2), 0.0)
         lo = torch.clamp_max(wg.amin(dim=2), 0.0)
         gamma, beta = torch.sigmoid(self.clip_gamma), torch.sigmoid(self.clip_beta)
@@ -215,15 +181,18 @@ class FakeQuantLinear(nn.Linear):
         z = torch.clamp(RoundSTE.apply(-beta * lo / alpha), 0.0, qmax)
         return alpha, z
 
-    def invalidate(self) -> None:
-        """Forget cached MinMax parameters (the trainer calls this after every optimizer step)."""
-        self._cache = None
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point ``[rows, groups]`` float32 for the current weights."""
+        if self.spec.clip == "minmax":
+            a, z, _ = self._minmax()
+            return a, z
+        return self._learned()
 
-    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float codes ``q`` (with gradient through the STE), scale and zero point expanded to ``[rows, cols]``."""
-        a, z = self.qparams()
-        cols = self.weight.shape[1]
-        A, Z = _expand(a, cols, self.spec.group_size), _expand(z, cols, self.spec.group_size)
+    def _learned_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float codes ``q`` with gradients through the STEs, scale and zero point ``[rows, cols]``."""
+        a, z = self._learned()
+        cols, g = self.weight.shape[1], self.spec.group_size
+        A, Z = qops.expand(a, cols, g), qops.expand(z, cols, g)
         q = torch.clamp(
             RoundSTE.apply(self.weight.float() / A) + Z, 0.0, float(numerics.code_max(self.spec.code_bits))
         )
@@ -231,18 +200,26 @@ class FakeQuantLinear(nn.Linear):
 
     def fake_weight(self, bits: int, extra_precision: bool = False) -> torch.Tensor:
         """The weights this layer computes with at width ``bits``: ``alpha * (S(q, r) - z)``, float32."""
-        numerics.check_width(self.spec.code_bits, bits)
-        q, A, Z = self.codes()
-        S = SliceSTE.apply(q, self.spec.code_bits, bits, bool(extra_precision and bits < self.spec.code_bits))
-        return A * (S - Z)
+        spec = self.spec
+        numerics.check_width(spec.code_bits, bits)
+        ep = bool(extra_precision and bits < spec.code_bits)
+        if spec.clip == "minmax":
+            a, z, q = self._minmax()
+            return FakeQuantSTE.apply(self.weight, q, a, z, spec.code_bits, bits, ep, spec.group_size)
+        q, A, Z = self._learned_codes()
+        return A * (SliceSTE.apply(q, spec.code_bits, bits, ep) - Z)
 
-    def export_params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def export_params(self) -> Quantized:
         """``(codes uint8 [rows, cols], scale f32 [rows, groups], zero f32 [rows, groups])`` as stored."""
         with torch.no_grad():
-            a, z = self.qparams()
-            q, _, _ = self.codes()
-        return (
-            q.cpu().numpy().astype(np.uint8),
+            if self.spec.clip == "minmax":
+                a, z, q = self._minmax()
+            else:
+                qf, _, _ = self._learned_codes()
+                a, z = self._learned()
+                q = qf.to(torch.uint8)
+        return Quantized(
+            q.cpu().numpy(),
             a.detach().float().cpu().numpy().astype(np.float32),
             z.detach().float().cpu().numpy().astype(np.float32),
         )
@@ -255,29 +232,7 @@ class FakeQuantLinear(nn.Linear):
 
 
 # --- model surgery ------------------------------------------------------------------------------
-def _select_names(model: nn.Module, layers: str) -> list[str]:
-    """Weight names chosen by a preset (ffn, attention, linear) or a regular expression."""
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    shapes = {n: (names.get(p.dtype, str(p.dtype)), tuple(p.shape)) for n, p in model.named_parameters()}
-    config = getattr(model, "config", None)
-    cfg = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
-    try:
-        from matq_converters.architectures import detect, select
-    except ImportError:  # the shared role table is optional; keep the paper's FFN default working
-        return _select_local(shapes, layers)
-    return select(shapes, layers, detect(cfg))
-
-
-_LOCAL_PRESETS = {
-    "ffn": r"(?:^|\.)(?:mlp|ffn|feed_forward)\.[\w.]*weight$|\.(?:intermediate|output)\.dense\.weight$",
-    "attention": r"(?:^|\.)(?:self_attn|attn|attention)\.[\w.]*weight$",
-}
-_LOCAL_PRESETS["linear"] = f"{_LOCAL_PRESETS['ffn']}|{_LOCAL_PRESETS['attention']}"
-
-
-def _select_local(shapes: dict, layers: str) -> list[str]:
-    rx = re.compile(_LOCAL_PRESETS.get(layers, layers))
-    return [n for n, (_, sh) in shapes.items() if len(sh) == 2 and rx.search(n)]
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def prepare(model: nn.Module, layers: str, spec: QuantSpec) -> list[str]:
@@ -285,7 +240,12 @@ def prepare(model: nn.Module, layers: str, spec: QuantSpec) -> list[str]:
 
     Starts at full precision (``bits=None``); :func:`set_width` switches widths.
     """
-    names = [n for n in _select_names(model, layers) if n.endswith(".weight")]
+    shapes = {
+        n: (_DTYPE_NAMES.get(p.dtype, str(p.dtype)), tuple(p.shape)) for n, p in model.named_parameters()
+    }
+    config = getattr(model, "config", None)
+    cfg = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    names = [n for n in select_weights(shapes, layers, cfg) if n.endswith(".weight")]
     modules = dict(model.named_modules())
     chosen = []
     for n in names:
