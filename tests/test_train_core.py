@@ -175,3 +175,25 @@ def test_checkpointing_and_bf16_options_train(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA"):
             train(cfg_for(model_dir, None, device="cuda"))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_linear_equals_linear_on_fake_weights(bits):
+    """The recomputing layer gives ``F.linear(x, w_r)``'s output exactly and its gradients."""
+    from matq_train.torch.fakequant import FakeQuantLinear
+
+    torch.manual_seed(bits)
+    lin = torch.nn.Linear(40, 24, bias=True)
+    layer = FakeQuantLinear(lin, QuantSpec(8, 16))
+    layer.bits = bits
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = (x.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone())
+    x.grad = lin.weight.grad = lin.bias.grad = None
+    ref = torch.nn.functional.linear(x, layer.fake_weight(bits), lin.bias)
+    assert torch.equal(y, ref)
+    ref.backward(g)
+    for a, b in zip(got, (x.grad, lin.weight.grad, lin.bias.grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -36,6 +36,7 @@ from . import qops
 
 __all__ = [
     "FakeQuantLinear",
+    "FakeQuantLinearFn",
     "FakeQuantSTE",
     "LayerSelectionError",
     "QuantSpec",
@@ -90,8 +91,7 @@ class ScaleRoundSTE(torch.autograd.Function):
 class FakeQuantSTE(torch.autograd.Function):
     """``w_r`` from the kept codes forward; the gradient passes to ``w`` unchanged.
 
-    Exact for MinMax, whose range covers every weight (no clamp ever bites); it saves no tensor, so
-    a width's fake-quantized weights live only as long as the matrix product that uses them.
+    Exact for MinMax, whose range covers every weight (no clamp ever bites); it saves no tensor.
     """
 
     @staticmethod
@@ -101,6 +101,48 @@ class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g, None, None, None, None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives a matrix product of ``x`` (x's own dtype outside autocast)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class FakeQuantLinearFn(torch.autograd.Function):
+    """``x @ w_r^T + b`` for a MinMax layer, with ``w_r`` recomputed from the kept codes in backward.
+
+    A plain ``F.linear`` on ``w_r`` would keep every layer's fake-quantized weights (float32, the
+    size of the weights) alive until backward; this saves only the input, as ``nn.Linear`` does, and
+    the one-byte codes are kept by the layer anyway, so a QAT step needs no more memory than plain
+    fine-tuning. Gradients: ``dx = dy w_r``, ``dw = dy^T x`` (the straight-through estimator), ``db = sum dy``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, q, alpha, zero, code_bits: int, bits: int, ep: bool, group_size):
+        dt = _compute_dtype(x)
+        w_r = qops.dequantize(q, alpha, zero, code_bits, bits, group_size, ep)
+        xc = x.to(dt)
+        ctx.save_for_backward(xc, q, alpha, zero)
+        ctx.args = (code_bits, bits, ep, group_size, x.dtype, w.dtype, bias is not None)
+        return F.linear(xc, w_r.to(dt), None if bias is None else bias.to(dt))
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xc, q, alpha, zero = ctx.saved_tensors
+        code_bits, bits, ep, group_size, x_dtype, w_dtype, has_bias = ctx.args
+        w_r = qops.dequantize(q, alpha, zero, code_bits, bits, group_size, ep).to(gy.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ w_r).to(x_dtype)
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), xc.reshape(-1, xc.shape[-1]).to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g2.t() @ x2).to(w_dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(w_dtype)
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 # --- the layer ----------------------------------------------------------------------------------
@@ -227,6 +269,13 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return F.linear(x, self.weight, self.bias)
+        spec = self.spec
+        if spec.clip == "minmax":
+            numerics.check_width(spec.code_bits, self.bits)
+            a, z, q = self._minmax()
+            ep = bool(self.extra_precision and self.bits < spec.code_bits)
+            args = (q, a, z, spec.code_bits, self.bits, ep, spec.group_size)
+            return FakeQuantLinearFn.apply(x, self.weight, self.bias, *args)
         w = self.fake_weight(self.bits, self.extra_precision)
         return F.linear(x, w.to(x.dtype), self.bias)
 
