@@ -46,12 +46,11 @@ def group_minmax(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor,
 
 
 def _alpha_for_zero(lo, hi, z, qmax: int) -> torch.Tensor:
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=lo.device)
-    zero = torch.zeros((), dtype=torch.float64, device=lo.device)
-    up = torch.where(hi > 0, hi / (qmax - z), zero)
-    down = torch.where(lo < 0, -lo / z, zero)
-    up = torch.where((hi > 0) & (z >= qmax), inf, up)
-    down = torch.where((lo < 0) & (z <= 0), inf, down)
+    # Python scalars, not tensors made from them: a scalar tensor on CUDA is a blocking copy.
+    up = torch.where(hi > 0, hi / (qmax - z), 0.0)
+    down = torch.where(lo < 0, -lo / z, 0.0)
+    up = torch.where((hi > 0) & (z >= qmax), float("inf"), up)
+    down = torch.where((lo < 0) & (z <= 0), float("inf"), down)
     return torch.maximum(up, down)
 
 
@@ -73,9 +72,7 @@ def minmax_params(
     else:
         span = hi - lo
         pos = span > 0
-        z0 = torch.where(
-            pos, -lo / torch.where(pos, span, torch.ones_like(span)) * qmax, torch.zeros_like(span)
-        )
+        z0 = torch.where(pos, -lo / torch.where(pos, span, 1.0) * qmax, 0.0)
         z = torch.clamp(torch.round(z0), 0, qmax)
         best = _alpha_for_zero(lo, hi, z, qmax)
         for zc in (torch.floor(z0), torch.ceil(z0)):  # rint gave 0 or qmax with the other side nonzero
