@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from matq_format.errors import MatqError
 from matq_format.publish import OutputExistsError, check_disjoint
@@ -25,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "TrainConfigError",
     "check_resumable",
+    "latest_checkpoint",
     "lr_factor",
 ]
 
@@ -190,3 +192,16 @@ def check_resumable(saved: dict, cfg: TrainConfig, path) -> None:
             "made with different settings: "
             + ", ".join(f"{k}={saved.get(k, defaults.get(k))!r} (now {now[k]!r})" for k in diff),
         )
+
+
+STATE_FILE = "trainer.json"
+"""Written last into a ``step-N`` trainer checkpoint folder: its presence marks the folder complete."""
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete ``step-N`` folder (its ``trainer.json`` is written last)."""
+    d = Path(directory)
+    found = sorted(
+        (int(p.name[5:]), p) for p in d.glob("step-*") if p.name[5:].isdigit() and (p / STATE_FILE).exists()
+    )
+    return found[-1][1] if found else None

@@ -39,6 +39,7 @@ def export_records(
     *,
     extra_precision: bool = False,
     side_files: Callable[[Path], None] | None = None,
+    carry_from: str | os.PathLike | None = None,
     source: dict | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
@@ -46,7 +47,8 @@ def export_records(
     """Write ``records`` to the checkpoint folder ``out`` (atomically, as every matq writer does).
 
     ``side_files(folder)`` writes the files the checkpoint carries (config, tokenizer) into a
-    temporary folder; ``extra_precision`` marks every width below the code width as trained with the
+    temporary folder; ``carry_from`` names a model folder whose side files travel as they are (instead);
+    ``extra_precision`` marks every width below the code width as trained with the
     extra bucket.
     """
     options = spec.entry_options(extra_precision)
@@ -57,7 +59,7 @@ def export_records(
         with mf.CheckpointWriter(
             out,
             code_bits=spec.code_bits,
-            carry_from=side,
+            carry_from=carry_from if carry_from is not None else side,
             source=source or {},
             overwrite=overwrite,
             inputs=inputs,

@@ -197,3 +197,22 @@ def test_fused_linear_equals_linear_on_fake_weights(bits):
     ref.backward(g)
     for a, b in zip(got, (x.grad, lin.weight.grad, lin.bias.grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_width_batches_train_the_same_model(tmp_path, monkeypatch):
+    """Quantizing a whole width at once (the CUDA path) gives exactly the per-layer path's training."""
+    pytest.importorskip("transformers")
+    from test_train import cfg_for, make_model_dir
+
+    from matq_train.torch import trainer
+
+    model_dir = make_model_dir(tmp_path)
+    kw = dict(steps=2, layers="linear", group_size=16, distill="8->2", extra_precision=True)
+    ref = trainer.train(cfg_for(model_dir, None, **kw))
+    monkeypatch.setattr(trainer, "batched", lambda *a: True)
+    got = trainer.train(cfg_for(model_dir, None, **kw))
+    assert got.history == ref.history or [h["widths"] for h in got.history] == [
+        h["widths"] for h in ref.history
+    ]
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(got.model.state_dict()[k], v), k

@@ -28,9 +28,17 @@ from torch import nn
 
 from matq_format.errors import MatqError
 
-from ..config import CheckpointMismatchError, TrainConfig, TrainConfigError, check_resumable, lr_factor
+from ..config import (
+    STATE_FILE,
+    CheckpointMismatchError,
+    TrainConfig,
+    TrainConfigError,
+    check_resumable,
+    latest_checkpoint,
+    lr_factor,
+)
 from ..data import TokenBlocks, load_blocks, mask_tokens
-from .fakequant import fake_quant_layers, prepare, width
+from .fakequant import WidthBatches, fake_quant_layers, prepare, width
 from .loss import MatQuantStep, token_nll
 
 __all__ = [
@@ -48,7 +56,6 @@ __all__ = [
 
 log = logging.getLogger("matq_train")
 
-STATE_FILE = "trainer.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 
@@ -130,15 +137,6 @@ def _shard(model: nn.Module) -> None:
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete ``step-N`` folder (its ``trainer.json`` is written last)."""
-    d = Path(directory)
-    found = sorted(
-        (int(p.name[5:]), p) for p in d.glob("step-*") if p.name[5:].isdigit() and (p / STATE_FILE).exists()
-    )
-    return found[-1][1] if found else None
-
-
 def _flatten_optim(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = {}, {"param_groups": osd["param_groups"], "scalars": {}}
     for pname, st in osd["state"].items():
@@ -283,6 +281,11 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def batched(cfg: TrainConfig, device: torch.device, world: int) -> bool:
+    """Quantize whole widths at once (:class:`WidthBatches`): on CUDA, without FSDP's sharded weights."""
+    return device.type == "cuda" and not (cfg.fsdp and world > 1)
+
+
 def _wrap(step_module: MatQuantStep, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
     """DDP, FSDP2 or nothing around the step module."""
     if world > 1 and cfg.fsdp:
@@ -312,6 +315,7 @@ class _Run:
     world: int
     terms: tuple = ()
     extra_precision: bool = False
+    batches: WidthBatches | None = None
 
 
 def _batch(run: _Run, blocks: TokenBlocks, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -339,11 +343,15 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, denom: float) -> tuple[to
     for i in range(len(terms)):
         last = i == len(terms) - 1
         sync = run.net.no_sync() if ddp and not last else contextlib.nullcontext()
+        if run.batches is not None:
+            run.batches.set_width(terms[i].bits, run.extra_precision)
         # the width stays set through backward: gradient checkpointing recomputes at this width
         with sync, width(run.model, terms[i].bits, run.extra_precision):
             with _autocast(run.cfg, run.device):
                 value, nll = run.net(x, y, None, denom, i, teachers)
             value.backward()
+        if run.batches is not None:
+            run.batches.release()
         total += value.detach()
         per.append(nll)
         for r in [r for r in teachers if all(t.teacher != r for t in terms[i + 1 :])]:
@@ -405,6 +413,8 @@ def train(
         step_module.terms,
         objective.extra_precision,
     )
+    if batched(cfg, device, world):
+        run.batches = WidthBatches([m for _, m in fake_quant_layers(model)])
     ckpt_dir = Path(d) if (d := cfg.checkpoint_folder()) else None
     start = 0
     if cfg.resume and ckpt_dir is not None and (found := latest_checkpoint(ckpt_dir)) is not None:
@@ -447,6 +457,8 @@ def _loop(run: _Run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_l
         total, per = _step(run, x, y, denom)
         for layer in fq_layers:
             layer.invalidate()
+        if run.batches is not None:
+            run.batches.invalidate()
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         t_train += time.perf_counter() - t0
