@@ -114,29 +114,48 @@ def _term_loss(params, codes, ids, denom, t, lcfg, spec, ep, teachers, names):
 
 
 def make_step(objective: Objective, lcfg: LlamaConfig, spec: QuantSpec, names: frozenset, cfg: TrainConfig):
-    """The jitted training step ``(params, opt_state, codes, ids, lr) -> (params, opt_state, total, per)``."""
+    """The training step ``(params, opt_state, codes, ids, lr) -> (params, opt_state, total, per)``.
+
+    Each width's gradient is its own jitted call (summed into the previous widths'), and the update
+    another: one jitted program for all widths let XLA keep every width's activations at once
+    (SmolLM2-135M on the CPU: 1.65x plain fine-tuning's peak memory).
+    """
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
         optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
     )
     terms, ep, wd = objective.terms(), objective.extra_precision, cfg.weight_decay
 
-    def step(params, opt_state, codes, ids, lr):
-        denom = jnp.float32(ids.shape[0] * (ids.shape[1] - 1))
-        grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-        teachers, total, per = {}, jnp.zeros((), jnp.float32), []
-        for t in terms:
+    def width_fn(t):
+        def grad(params, acc, codes, ids, teacher):
+            denom = jnp.float32(ids.shape[0] * (ids.shape[1] - 1))
+            teachers = {} if teacher is None else {t.teacher: teacher}
             fn = jax.value_and_grad(_term_loss, has_aux=True)
             (value, (nll, logits)), g = fn(params, codes, ids, denom, t, lcfg, spec, ep, teachers, names)
-            if t.keep:
-                teachers[t.bits] = jax.lax.stop_gradient(logits)
-            grads = jax.tree_util.tree_map(jnp.add, grads, g)
-            total, per = total + value, [*per, nll]
+            acc = g if acc is None else jax.tree_util.tree_map(jnp.add, acc, g)
+            return acc, value, nll, (jax.lax.stop_gradient(logits) if t.keep else None)
+
+        return jax.jit(grad)
+
+    grads_of = [width_fn(t) for t in terms]
+
+    @jax.jit
+    def apply(params, opt_state, grads, lr):
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = {n: p - lr * (updates[n] + wd * p) for n, p in params.items()}  # torch's AdamW
+        return {n: p - lr * (updates[n] + wd * p) for n, p in params.items()}, opt_state  # torch's AdamW
+
+    def step(params, opt_state, codes, ids, lr):
+        acc, total, per, kept = None, jnp.zeros((), jnp.float32), [], {}
+        for i, (t, grad) in enumerate(zip(terms, grads_of, strict=True)):
+            acc, value, nll, logits = grad(params, acc, codes, ids, kept.get(t.teacher))
+            if t.keep:
+                kept[t.bits] = logits
+            kept = {r: v for r, v in kept.items() if any(u.teacher == r for u in terms[i + 1 :])}
+            total, per = total + value, [*per, nll]
+        params, opt_state = apply(params, opt_state, acc, lr)
         return params, opt_state, total, jnp.stack(per)
 
-    return tx, jax.jit(step)
+    return tx, step
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ the model, the optimizer state and the step, written to a temporary folder and r
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -281,6 +283,28 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages freed by a width's backward back to the system before the next width runs.
+
+    glibc keeps freed activation buffers of a few MiB in its heap, and the next width's buffers do
+    not land in the same holes, so without this the resident size grows with every width of a step
+    (SmolLM2-135M, MatQuant [8, 4, 2] on the CPU: 1.30x plain fine-tuning's peak RSS, against 1.06x
+    on CUDA, whose caching allocator reuses its blocks). It costs milliseconds per width.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def batched(cfg: TrainConfig, device: torch.device, world: int) -> bool:
     """Quantize whole widths at once (:class:`WidthBatches`): on CUDA, without FSDP's sharded weights."""
     return device.type == "cuda" and not (cfg.fsdp and world > 1)
@@ -352,6 +376,8 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, denom: float) -> tuple[to
             value.backward()
         if run.batches is not None:
             run.batches.release()
+        if run.device.type == "cpu":
+            _return_freed_memory()
         total += value.detach()
         per.append(nll)
         for r in [r for r in teachers if all(t.teacher != r for t in terms[i + 1 :])]:
