@@ -163,13 +163,13 @@ def run(args) -> list[dict]:
         name, ftype = LLAMA_FTYPE[bits]
         out = work / f"matq-int{bits}.gguf"
         t0 = time.perf_counter()
-        conv.convert(ckpt, out, ConvertOptions(bits=bits, outtype="f16", overwrite=True))
+        conv.convert(ckpt, out, ConvertOptions(bits=bits, overwrite=True, settings={"outtype": "f16"}))
         t_matq = time.perf_counter() - t0
         f16 = work / f"slice-int{bits}-f16.gguf"
         q = work / f"llama-cpp-int{bits}-{name}.gguf"
         t0 = time.perf_counter()
         conv.convert(
-            ckpt, f16, ConvertOptions(bits=bits, outtype="f16", overwrite=True, extra={"float_slices": "f16"})
+            ckpt, f16, ConvertOptions(bits=bits, overwrite=True, settings={"outtype": "f16", "float_slices": "f16"})
         )
         t_f16 = time.perf_counter() - t0
         llama_cpp_quantize(f16, q, ftype, args.threads)

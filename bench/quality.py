@@ -143,7 +143,7 @@ def f32_gguf(hf: Path, work: Path, out: Path) -> Path:
     with mf.CheckpointWriter(dense, 8, carry_from=hf, source={"model": hf.name}, overwrite=True) as w:
         for name in src:
             w.add_dense(name, src.read(name))
-    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, outtype="f32", overwrite=True))
+    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, overwrite=True, settings={"outtype": "f32"}))
     shutil.rmtree(dense)
     return out
 
@@ -207,7 +207,8 @@ def run(args) -> dict:
     evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     calib_text = work / "calibration.txt"  # tutorial/ + howto/, never evaluated
     calib_text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in calibration), encoding="utf-8")
-    budgets = [f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight:.4f}" for f in files[1:]]
+    # the exact figure (repr), so the matq file is never bigger than llama.cpp's, and may be as big
+    budgets = [f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}" for f in files[1:]]
     transformers_specs = []
     for i, recipe in enumerate(args.recipes):
         kw = dict(RECIPES[recipe])

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import matq_format as mf
-from matq_format import numerics
+from matq_format import multiwidth, numerics
 
 from .hf_source import HFSource
 from .quantize import NonFiniteWeightError, OptionError, QuantizeSpec, _copy_dense, quantize_tensor
@@ -36,23 +36,23 @@ def weighted_multiwidth_params(
     importance: np.ndarray | None,
     code_bits: int,
     group_size: int | None,
-    widths=numerics.MULTIWIDTH_WIDTHS,
-    lambdas=numerics.MULTIWIDTH_LAMBDAS,
+    widths=multiwidth.MULTIWIDTH_WIDTHS,
+    lambdas=multiwidth.MULTIWIDTH_LAMBDAS,
     *,
     symmetric: bool = False,
     zero_multiple: int = 1,
     scale_dtype: str = "F16",
     extra_precision=False,
-    grid=numerics.MULTIWIDTH_GRID,
-    refine=numerics.MULTIWIDTH_REFINE,
+    grid=multiwidth.MULTIWIDTH_GRID,
+    refine=multiwidth.MULTIWIDTH_REFINE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`numerics.multiwidth_params` with each input column's error weighted by ``importance``.
+    """:func:`multiwidth.multiwidth_params` with each input column's error weighted by ``importance``.
 
     The same candidates (``minmax_params`` of the range times each factor of ``grid``, then the
     refinement steps) scored by ``sum_j importance_j * sum_r lambda_r (w_j - w_hat_rj)^2`` per row or
-    group (the per-weight costs come from ``numerics.multiwidth_cost``), as llama.cpp weights its
+    group (the per-weight costs come from ``multiwidth.multiwidth_cost``), as llama.cpp weights its
     scale search with an importance matrix. ``importance`` None, or equal for every column, is
-    exactly ``numerics.multiwidth_params``.
+    exactly ``multiwidth.multiwidth_params``.
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
@@ -61,7 +61,7 @@ def weighted_multiwidth_params(
     imp = None if importance is None else np.asarray(importance, np.float64).reshape(-1)
     mw = dict(symmetric=symmetric, zero_multiple=zero_multiple, scale_dtype=scale_dtype)
     if imp is None or imp.size == 0 or bool(np.all(imp == imp[0])):
-        return numerics.multiwidth_params(
+        return multiwidth.multiwidth_params(
             w, code_bits, group_size, widths, lambdas, extra_precision=extra_precision, grid=grid,
             refine=refine, **mw,
         )  # fmt: skip
@@ -78,13 +78,13 @@ def weighted_multiwidth_params(
     def score(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, z = numerics.minmax_params((ends * f[..., None]).reshape(-1, 2), code_bits, None, **mw)
         a, z = a.reshape(shape), z.reshape(shape)
-        _, e = numerics.multiwidth_cost(
+        _, e = multiwidth.multiwidth_cost(
             w, a[:, col_group], z[:, col_group], code_bits, 1, widths, lambdas, extra_precision, exact=False
         )  # per weight: its lambda-weighted squared error
         e = np.pad(e, ((0, 0), (0, pad))).reshape(rows, -1, g)
         return a, z, (e * weight).sum(axis=2)
 
-    return numerics.search_range_factors(score, shape, grid, refine)
+    return multiwidth.search_range_factors(score, shape, grid, refine)
 
 
 def quantize_calibrated(
@@ -168,6 +168,7 @@ def quantize_calibrated(
         overwrite=overwrite,
         expected_tensors=len(src.tensors),
         inputs=src.roots,
+        **spec.writer_options(),
     ) as writer:
         for name in src:
             if name not in selected:

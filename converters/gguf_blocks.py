@@ -16,15 +16,19 @@ from gguf import GGMLQuantizationType as T
 
 from matq_format import numerics as N
 
+from . import ggml_params as G
+
 QK_K = 256
-ORDER: tuple[T, ...] = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q4_0, T.Q4_1, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0, T.F16, T.F32)
+ORDER: tuple[T, ...] = (
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q4_0, T.Q4_1, T.Q5_K, T.Q5_0, T.Q5_1, T.Q6_K, T.Q8_0, T.F16, T.F32
+)
 """Every type the exporter writes, smallest first (bits per weight 2.625 ... 32)."""
 
 # unsigned level capacity of the types with a stored minimum, and the largest sub-block multiplier
 _AFFINE = {T.Q4_1: 15, T.Q5_1: 31}
 _KQUANT = {T.Q2_K: (3, 15), T.Q4_K: (15, 63), T.Q5_K: (31, 63)}
 # signed level range of the offset-free types, and the largest sub-block multiplier (None: no sub-blocks)
-_SIGNED = {T.Q8_0: (-128, 127, None), T.Q4_0: (-8, 7, None), T.Q3_K: (-4, 3, 31), T.Q6_K: (-32, 31, 127)}
+_SIGNED = {T.Q8_0: (-128, 127, None), T.Q5_0: (-16, 15, None), T.Q4_0: (-8, 7, None), T.Q3_K: (-4, 3, 31), T.Q6_K: (-32, 31, 127)}
 
 
 def bits_per_weight(qtype: T) -> float:
@@ -215,7 +219,7 @@ def encode_as(sl: Slice, qtype: T) -> Encoded | None:
 def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
     """A K type for a slice whose groups are smaller than its 256-weight super-blocks: each sub-block
     (16 or 32 weights, inside one group) takes its group's step and minimum, stored as integer
-    multiples of one fp16 value per super-block (``numerics.fp16_times_ints``). Exact where the
+    multiples of one fp16 value per super-block (``ggml_params.fp16_times_ints``). Exact where the
     groups' parameters are such multiples; else each is rounded to the nearest."""
     rows, cols = sl.k.shape
     sub = SUB_BLOCK.get(qtype)
@@ -223,13 +227,13 @@ def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
         return None
     if qtype in _KQUANT:
         top, max_mult = _KQUANT[qtype]
-        if sl.max_level > top:
+        if sl.max_level > top or np.any(sl.scale < 0):  # unsigned sub-block scales and minimums
             return None
         step = sl.scale * np.float32(1 << (sl.code_bits - sl.bits))
         low = sl.scale * sl.zero
         per = lambda p: _per_block(p, cols, sl.group_size, sub).reshape(-1, QK_K // sub)  # noqa: E731
-        d, sc = N.fp16_times_ints(per(step), max_mult)
-        dmin, mn = N.fp16_times_ints(per(low), max_mult)
+        d, sc = G.fp16_times_ints(per(step), max_mult)
+        dmin, mn = G.fp16_times_ints(per(low), max_mult)
         exact = bool(
             np.all(d[:, None].astype(np.float64) * sc == per(step).astype(np.float64))
             and np.all(dmin[:, None].astype(np.float64) * mn == per(low).astype(np.float64))
@@ -243,7 +247,7 @@ def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
         return Encoded(qtype, data.reshape(rows, -1), exact)
     lo, hi, max_mult = _SIGNED[qtype]
     s = sl.code_bits - sl.bits
-    split = N.ggml_zero_split(sl.zero, s)
+    split = G.ggml_zero_split(sl.zero, s)
     if split is None or np.any(split[0] != s):
         return None  # no minimum: z must lie on the r-bit grid
     zq = split[1]
@@ -251,7 +255,7 @@ def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
     if levels.min(initial=0) < lo or levels.max(initial=0) > hi:
         return None
     step = _per_block(sl.scale * np.float32(1 << s), cols, sl.group_size, sub).reshape(-1, QK_K // sub)
-    d, sc = N.fp16_times_ints(step, max_mult)
+    d, sc = G.fp16_times_ints(step, max_mult)
     exact = bool(np.all(d[:, None].astype(np.float64) * sc == step.astype(np.float64)))
     pack = _pack_q3_k if qtype == T.Q3_K else _pack_q6_k
     return Encoded(qtype, pack(_blocks(levels, QK_K), d, sc).reshape(rows, -1), exact)
@@ -272,10 +276,10 @@ def _blocks(levels: np.ndarray, block: int) -> np.ndarray:
 def _affine(sl: Slice, qtype: T) -> Encoded | None:
     if sl.max_level > _AFFINE[qtype]:
         return None
-    d, m = N.ggml_affine_params(sl.scale, sl.zero, sl.code_bits, sl.bits)
+    d, m = G.ggml_affine_params(sl.scale, sl.zero, sl.code_bits, sl.bits)
     if not (np.all(np.isfinite(d)) and np.all(np.isfinite(m))):
         return None
-    exact = bool(N.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, d, -m.astype(np.float64)).all())
+    exact = bool(G.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, d, -m.astype(np.float64)).all())
     rows, cols = sl.k.shape
     db, mb = (_per_block(x, cols, sl.group_size, 32) for x in (d, m))
     lv = _blocks(sl.k, 32)
@@ -287,12 +291,12 @@ def _kquant(sl: Slice, qtype: T) -> Encoded | None:
     top, max_mult = _KQUANT[qtype]
     if sl.max_level > top:
         return None
-    d, sc, dmin, mn = N.ggml_k_params(sl.scale, sl.zero, sl.code_bits, sl.bits, max_mult)
+    d, sc, dmin, mn = G.ggml_k_params(sl.scale, sl.zero, sl.code_bits, sl.bits, max_mult)
     if not (np.all(np.isfinite(d)) and np.all(np.isfinite(dmin))):
         return None
     step = d.astype(np.float64) * sc
     low = dmin.astype(np.float64) * mn
-    exact = bool(N.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step, low).all())
+    exact = bool(G.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step, low).all())
     rows, cols = sl.k.shape
     per = lambda x: _per_block(x, cols, sl.group_size, QK_K)  # noqa: E731
     db, scb, dminb, mnb = per(d), per(sc), per(dmin), per(mn)
@@ -309,7 +313,7 @@ def _kquant(sl: Slice, qtype: T) -> Encoded | None:
 def _signed(sl: Slice, qtype: T) -> Encoded | None:
     lo, hi, max_mult = _SIGNED[qtype]
     s = sl.code_bits - sl.bits
-    split = N.ggml_zero_split(sl.zero, s)
+    split = G.ggml_zero_split(sl.zero, s)
     if split is None:
         return None
     j, zq = split
@@ -323,18 +327,17 @@ def _signed(sl: Slice, qtype: T) -> Encoded | None:
         d = N.fp16_round(a * np.exp2(j).astype(np.float32))
         step = d.astype(np.float64) * mult
     else:
-        d, sc = N.fp16_times_int(a * np.float32(1 << s), max_mult)
+        d, sc = G.fp16_times_int(a * np.float32(1 << s), max_mult)
         step = d.astype(np.float64) * sc
     if not np.all(np.isfinite(d)):
         return None
-    exact = bool(N.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step).all())
+    exact = bool(G.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step).all())
     rows, cols = sl.k.shape
     levels = sl.k.astype(np.int32) * N.expand_groups(mult, cols, sl.group_size) - N.expand_groups(
         zq, cols, sl.group_size
     )
-    if qtype in (T.Q8_0, T.Q4_0):
-        pack = _pack_q8_0 if qtype == T.Q8_0 else _pack_q4_0
-        data = pack(_blocks(levels, 32), _per_block(d, cols, sl.group_size, 32))
+    if qtype in _BLOCK32:
+        data = _BLOCK32[qtype](_blocks(levels, 32), _per_block(d, cols, sl.group_size, 32))
     else:
         db = _per_block(d, cols, sl.group_size, QK_K)
         scb = _sub(_per_block(sc, cols, sl.group_size, QK_K), 16)
@@ -378,6 +381,17 @@ def _pack_q8_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
 def _pack_q4_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
     q = _u8(lv + 8)
     return np.concatenate([_f16(d), q[:, :16] | (q[:, 16:] << 4)], axis=1)
+
+
+def _pack_q5_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
+    q = _u8(lv + 16)
+    qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    return np.concatenate([_f16(d), qh, qs], axis=1)
+
+
+_BLOCK32 = {T.Q8_0: _pack_q8_0, T.Q5_0: _pack_q5_0, T.Q4_0: _pack_q4_0}
+"""The offset-free 32-weight types: one fp16 scale per block, signed levels."""
 
 
 def _pack_q2_k(lv: np.ndarray, d, dmin, sc: np.ndarray, mn: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """``matq convert --to gguf --plan budget:BITS``: widths chosen so the file holds at most BITS bits per
 weight as llama.cpp counts them (every tensor's bytes, over every tensor's elements).
 
-Each quantized tensor may take any width its planes serve; its cost at a width is the size of what
+Each quantized tensor may take any width its planes serve (int5 and int7 too: in a file, a width
+costs its block type's bytes, and Q5_0/Q5_K sit between int4's and int6's types); its cost at a width is the size of what
 the compact export writes for it (``gguf_blocks.encode_compact``, encoded here once per width), its
 error the squared distance of that encoding's decoded weights to the checkpoint's full-width
 weights. Unquantized tensors cost what they will take in the
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from matq_format.budget import BudgetTooSmall, cheapest_within
-from matq_format.plans import BUDGET_WIDTHS
+from matq_format.numerics import planes_needed
 
 from . import gguf_blocks as B
 from .registry import ConvertOptionError
@@ -35,7 +36,7 @@ def file_budget_plan(
         if not t.quantized:
             fixed += dense_bits(t)
             continue
-        widths = [r for r in BUDGET_WIDTHS if r <= info.max_width(c)]
+        widths = [r for r in range(2, c + 1) if set(planes_needed(c, r)) <= set(info.planes)]
         ref = ckpt.dequantize(t.hf_name, widths[-1]).astype(np.float64)
         err[t.hf_name], cost[t.hf_name] = {}, {}
         scale, zero = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
@@ -47,7 +48,8 @@ def file_budget_plan(
             err[t.hf_name][r] = float(np.sum(d * d))
             cost[t.hf_name][r] = 8.0 * enc.data.nbytes
     try:
-        return cheapest_within(err, cost, budget * total - fixed)
+        return cheapest_within(err, cost, budget * total * (1 + 1e-12) - fixed)  # a budget given as
+        # another file's bits per weight (bytes * 8 / weights) admits a file of exactly those bytes
     except BudgetTooSmall as exc:
         least = (exc.minimum + fixed) / total
         raise ConvertOptionError(

@@ -26,7 +26,14 @@ from matq_format.publish import AtomicOutput, OutputKind
 from matq_format.safefs import open_regular
 
 from . import gguf_arch
-from .registry import ConvertOptionError, ConvertOptions, ConvertResult, UnsupportedModelError
+from .registry import (
+    ConvertOptionError,
+    ConvertOptions,
+    ConvertResult,
+    UnsupportedModelError,
+    option,
+    typed_options,
+)
 
 OUTTYPES = ("auto", "source", "f32", "f16", "bf16", "q8_0")
 """Types of unquantized 2-D tensors: auto (what llama.cpp picks for the width: Q6_K, Q8_0 at int8),
@@ -56,6 +63,7 @@ _FILE_TYPES = {
     "BF16": "MOSTLY_BF16",
     "Q4_0": "MOSTLY_Q4_0",
     "Q4_1": "MOSTLY_Q4_1",
+    "Q5_0": "MOSTLY_Q5_0",
     "Q5_1": "MOSTLY_Q5_1",
     "Q8_0": "MOSTLY_Q8_0",
     "Q2_K": "MOSTLY_Q2_K",
@@ -76,6 +84,30 @@ def is_gguf(path: Path) -> bool:
 
 
 GGUF_FILE = OutputKind("GGUF file", False, is_gguf)
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    """Settings of ``--to gguf``; the CLI's flags come from these fields."""
+
+    outtype: str = option(
+        "auto",
+        "Type of unquantized 2-D tensors (embeddings, head): auto picks as llama.cpp does for the width "
+        "(Q6_K; Q8_0 at int8 or where rows are not multiples of 256), source keeps them as stored. "
+        "1-D tensors are always f32.",
+        choices=OUTTYPES,
+    )
+    exact: bool = option(
+        False,
+        "Only types that hold each slice exactly, even where that is bigger than the width's compact "
+        "type (and unquantized tensors as stored unless --outtype says otherwise).",
+    )
+    tokenizer_pre: str | None = option(None, "llama.cpp pre-tokenizer name, when matq cannot infer it.")
+    types: tuple[str, ...] | None = option(None, "Block types to try (tests, benchmarks).", cli=False)
+    float_slices: str | None = option(
+        None, "Write slices as plain floats (what llama.cpp's converter makes).", choices=("f32", "f16", "bf16"),
+        cli=False,
+    )
 
 
 @dataclass
@@ -102,6 +134,7 @@ class _Prepared:
     warnings: list[str]
     root: Path
     """Checked copies of the carried files (config, tokenizer)."""
+    opts: GGUFOptions
 
 
 class GGUFConverter:
@@ -109,6 +142,7 @@ class GGUFConverter:
     description = "GGUF for llama.cpp; sliced grids kept exactly"
     suffix = ".gguf"
     dependencies = ("gguf", "numpy")
+    Options = GGUFOptions
 
     def validate(self, ckpt, options: ConvertOptions) -> list[str]:
         with ckpt.carried_folder() as root:
@@ -128,15 +162,12 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     """Everything that can fail, checked before a byte is written (``root``: the checked carried files)."""
     if (options.bits is None) == (options.plan is None):
         raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
-    if options.outtype not in OUTTYPES:
-        raise ConvertOptionError(None, f"outtype {options.outtype!r} is not one of {', '.join(OUTTYPES)}")
-    allowed = _allowed_types(options.extra.get("types"))
-    float_slices = options.extra.get("float_slices")
-    if float_slices not in (None, "f32", "f16", "bf16"):
-        raise ConvertOptionError(None, f"float_slices {float_slices!r} is not one of f32, f16, bf16")
+    opts = typed_options(GGUFOptions, options.settings, "--to gguf")
+    allowed = _allowed_types(opts.types)
+    float_slices = opts.float_slices
     cfg = ckpt.config
     arch = gguf_arch.detect(cfg, ckpt.path)
-    budget = _file_budget(options)
+    budget = _file_budget(options.plan, opts)
     if budget is None:
         spec = options.bits if options.plan is None else options.plan
         widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
@@ -182,7 +213,7 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     if budget is not None:
         from .gguf_budget import file_budget_plan
 
-        dense = lambda t: dense_bits(ckpt.info(t.hf_name), t, options.outtype, 6)  # noqa: E731
+        dense = lambda t: dense_bits(ckpt.info(t.hf_name), t, opts.outtype, 6)  # noqa: E731
         widths = file_budget_plan(ckpt, tensors, budget, options.extra_precision, dense)
     for t in tensors:
         if t.quantized:
@@ -193,14 +224,13 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
 
     warnings = []
     kind = gguf_vocab.detect(root, arch)
-    if kind == "bpe" and not options.extra.get("tokenizer_pre"):
+    if kind == "bpe" and not opts.tokenizer_pre:
         gguf_vocab.bpe_pre(root / "tokenizer.json")
-    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings, root)
+    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings, root, opts)
 
 
-def _file_budget(options: ConvertOptions) -> float | None:
+def _file_budget(plan, opts: GGUFOptions) -> float | None:
     """``budget:BITS`` counts the file's bits per weight here (every tensor, as llama.cpp reports them)."""
-    plan = options.plan
     if not (isinstance(plan, str) and plan.startswith("budget:")):
         return None
     try:
@@ -209,7 +239,7 @@ def _file_budget(options: ConvertOptions) -> float | None:
         budget = math.nan
     if not math.isfinite(budget) or budget <= 0:
         raise ConvertOptionError(None, f"{plan}: the budget must be a positive number of bits per weight")
-    if options.extra.get("exact") or options.extra.get("float_slices") or options.extra.get("types"):
+    if opts.exact or opts.float_slices or opts.types:
         raise ConvertOptionError(None, f"{plan} chooses compact types itself; it cannot be combined with exact")
     return budget
 
@@ -281,7 +311,7 @@ def export_gguf(
         try:
             details = _write(w, ckpt, prep, options, progress)
             vocab = gguf_vocab.add_vocab(
-                w, root, prep.arch, prep.n_vocab, prep.cfg, pre=options.extra.get("tokenizer_pre")
+                w, root, prep.arch, prep.n_vocab, prep.cfg, pre=prep.opts.tokenizer_pre
             )
             prep.warnings.extend(vocab.warnings)
             w.write_header_to_file(o.tmp)
@@ -318,7 +348,7 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
     n_bytes = n_weights = 0
     q_bits = q_weights = exact = quantized = 0
     refit: dict[str, float] = {}
-    exact_only = bool(options.extra.get("exact"))
+    exact_only = prep.opts.exact
     width = options.bits or (8 if min(prep.widths.values(), default=c) >= 7 else 6)
     for t in prep.tensors:
         info = ckpt.info(t.hf_name)
@@ -342,7 +372,7 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
             q_bits += data.nbytes * 8
             q_weights += k.size
         else:
-            outtype = options.outtype
+            outtype = prep.opts.outtype
             if outtype == "auto" and exact_only:
                 outtype = "source"
             qtype, data = _dense(ckpt, t, info, outtype, width)

@@ -9,7 +9,7 @@ width-r slice of the one set of codes (``numerics.dequantize_codes``):
 
 * Codes. Per weight, the code ``q`` minimising ``sum_r lambda_r (t_r - alpha (S(q, r) - z))^2``,
   where ``t_r`` is the error-updated weight (the target) of width r. While every width has the same
-  target (always, with ``propagate="mean"``) this is ``numerics.multiwidth_codes``' exact
+  target (always, with ``propagate="mean"``) this is ``multiwidth.multiwidth_codes``' exact
   lower-envelope minimiser, looked up with the same breakpoints (``torch.searchsorted`` on the
   device), so the codes equal what numerics gives for the same weights, scale and zero point, bit
   for bit; otherwise an exhaustive search over the ``2^c`` codes (one small matrix product and an
@@ -59,7 +59,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from matq_format import numerics
+from matq_format import multiwidth, numerics
 
 from .quantize import QuantizeSpec
 
@@ -73,10 +73,10 @@ DEFAULT_DAMP = 0.01
 def multiwidth_table(spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
     """Breakpoints (float64, increasing) and codes of numerics' multi-width envelope for ``spec``.
 
-    ``numerics.multiwidth_codes(w, a, z, ...) == codes[searchsorted(breaks, x, side="left")]`` with
+    ``multiwidth.multiwidth_codes(w, a, z, ...) == codes[searchsorted(breaks, x, side="left")]`` with
     ``x = float64(float32(w / a)) + z``: the breakpoints are where the envelope's best code changes.
     """
-    return numerics.multiwidth_breakpoints(spec.code_bits, spec.widths, spec.lambdas, spec.extra_precision)
+    return multiwidth.multiwidth_breakpoints(spec.code_bits, spec.widths, spec.lambdas, spec.extra_precision)
 
 
 def _slice_tables(spec: QuantizeSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +126,17 @@ def _group_params(
     w: torch.Tensor, spec: QuantizeSpec, importance: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero per row of one group's weights ``w [rows, g]`` (numerics' formulas)."""
-    wn = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy())
+    wn = np.array(w.detach().to("cpu", torch.float32).numpy(), np.float32, order="C")
+    sign = numerics.extreme_signs(wn, None).reshape(-1) if spec.signed_scales else None
+    if sign is not None:  # as QuantizeSpec.params_and_codes: parameters of w * sign, then signed
+        wn *= sign[:, None]
+    a, z = _unsigned_group_params(wn, spec, importance)
+    return (a, z) if sign is None else (a * sign, z)
+
+
+def _unsigned_group_params(
+    wn: np.ndarray, spec: QuantizeSpec, importance: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     sym = spec.scheme == "symmetric"
     if spec.objective == "minmax":
         a, z = numerics.minmax_params(
@@ -209,7 +219,7 @@ def gptq_multiwidth(
     lam_total = torch.tensor(float(lam_np.sum()), dtype=torch.float32, device=dev)
     per_width = propagate == "per-width" and len(spec.widths) > 1
     if per_width:  # the search's objective, with numerics' tie-break weight on the full width
-        tie = np.float32(numerics.MULTIWIDTH_TIE * lam_np.sum())
+        tie = np.float32(multiwidth.MULTIWIDTH_TIE * lam_np.sum())
         top = numerics.slice_codes_c_scale(np.arange(1 << spec.code_bits), spec.code_bits, spec.code_bits)
         sq = (lam_np[:, None] * levels_np**2).sum(0) + tie * top.astype(np.float32) ** 2
         search_b = torch.from_numpy(sq.astype(np.float32)).to(dev)  # [2^c]

@@ -28,6 +28,7 @@ from matq_format import constants as C
 from matq_format.writer import carried_sources
 
 from .hf_source import HFSource, SourceError
+from .registry import NoOptions
 
 __all__ = ["MatGPTQLayoutError", "NotMatGPTQError", "import_matgptq", "read_matgptq_config"]
 
@@ -157,3 +158,16 @@ def import_matgptq(
                 if progress is not None:
                     progress(t.nbytes + s.nbytes)
     return out
+
+
+class MatGPTQImporter:
+    """``--from matgptq``: a MatGPTQ checkpoint, imported as it is (:func:`import_matgptq`)."""
+
+    name = "matgptq"
+    description = "a MatGPTQ checkpoint, imported as it is"
+    dependencies = ("numpy", "safetensors")
+    Options = NoOptions
+
+    def run(self, src, out, settings: NoOptions, **kw) -> Path:
+        """``kw``: overwrite, progress."""
+        return import_matgptq(src, out, **kw)

@@ -15,6 +15,7 @@ appears only when complete; the input is only read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -31,19 +32,24 @@ import numpy as np
 
 import matq_format as mf
 from matq_format import constants as C
-from matq_format import numerics
+from matq_format import multiwidth, numerics
 from matq_format import planes as mf_planes
 from matq_format.errors import MatqError, printable
 
 from . import architectures
 from .hf_source import HFSource, SourceError
+from .registry import option
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "GGUF_GROUP_SIZE",
+    "BY_LAYOUT",
     "OBJECTIVES",
     "NonFiniteWeightError",
     "OptionError",
     "QuantizeSpec",
+    "HFImportOptions",
+    "HFImporter",
     "UnquantizedWarning",
     "quantize_hf",
     "quantize_tensor",
@@ -51,6 +57,10 @@ __all__ = [
 ]
 
 DEFAULT_GROUP_SIZE = 128
+GGUF_GROUP_SIZE = 32
+"""The gguf layout's group: llama.cpp's 32-weight blocks (Q4_0, Q5_0, Q8_0)."""
+BY_LAYOUT = "by-layout"
+"""``group_size`` default: :data:`GGUF_GROUP_SIZE` in the gguf layout, else :data:`DEFAULT_GROUP_SIZE`."""
 """Groups of 128 input columns, as MatGPTQ and the OmniQuant ports use; ``None`` is per channel."""
 OBJECTIVES = ("minmax", "multiwidth")
 SLICE_EXACT = "slice-exact"
@@ -98,8 +108,8 @@ class QuantizeSpec:
     scheme: str = "asymmetric"
     zero_multiple: int = 1
     objective: str = "minmax"
-    widths: tuple[int, ...] = numerics.MULTIWIDTH_WIDTHS
-    lambdas: tuple[float, ...] = numerics.MULTIWIDTH_LAMBDAS
+    widths: tuple[int, ...] = multiwidth.MULTIWIDTH_WIDTHS
+    lambdas: tuple[float, ...] = multiwidth.MULTIWIDTH_LAMBDAS
     extra_precision: tuple[int, ...] = ()
     scale_dtype: str = "F16"
     layout: str = "free"
@@ -111,8 +121,8 @@ class QuantizeSpec:
         cls,
         *,
         code_bits: int = C.DEFAULT_CODE_BITS,
-        group_size: int | None = DEFAULT_GROUP_SIZE,
-        scheme: str = "asymmetric",
+        group_size: int | None | str = BY_LAYOUT,
+        scheme: str | None = None,
         zero_multiple: int | str = 1,
         objective: str = "minmax",
         widths: Sequence[int] | None = None,
@@ -121,7 +131,12 @@ class QuantizeSpec:
         scale_dtype: str = "F16",
         layout: str = "free",
     ) -> QuantizeSpec:
-        """Check every option and resolve ``zero_multiple="slice-exact"``; raises :class:`OptionError`."""
+        """Check every option and resolve ``zero_multiple="slice-exact"`` and the layout's defaults
+        (``scheme`` None and ``group_size`` :data:`BY_LAYOUT`); raises :class:`OptionError`."""
+        if group_size == BY_LAYOUT:
+            group_size = GGUF_GROUP_SIZE if layout == "gguf" else DEFAULT_GROUP_SIZE
+        if scheme is None:
+            scheme = "symmetric" if layout == "gguf" else "asymmetric"
         if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
             raise OptionError(
                 None, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}"
@@ -147,7 +162,7 @@ class QuantizeSpec:
             raise OptionError(None, f"scale dtype {scale_dtype!r} not one of {', '.join(C.SCALE_DTYPES)}")
         if widths is None:  # 8, 4, 2 with c in place of 8
             widths = sorted(
-                {min(r, code_bits) for r in numerics.MULTIWIDTH_WIDTHS} | {code_bits}, reverse=True
+                {min(r, code_bits) for r in multiwidth.MULTIWIDTH_WIDTHS} | {code_bits}, reverse=True
             )
         widths = tuple(int(r) for r in widths)
         if not widths or any(not 1 <= r <= code_bits for r in widths):
@@ -194,6 +209,16 @@ class QuantizeSpec:
         when ``w`` holds its groups as rows (``group_size=None`` then), for the gguf layout.
         """
         sym = self.scheme == "symmetric"
+        sign = None
+        if self.signed_scales:  # quantize w * sign with positive scales: the codes of w with signed ones
+            sign = numerics.extreme_signs(w, group_size)
+            w *= numerics.expand_groups(sign, w.shape[1], group_size)
+        a, z = self._params_and_codes(w, group_size, out, cols, sym)
+        return (a, z) if sign is None else (a * sign, z)
+
+    def _params_and_codes(
+        self, w: np.ndarray, group_size: int | None, out: np.ndarray, cols: int | None, sym: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.objective == "minmax":
             a, z = numerics.minmax_params(
                 w,
@@ -207,7 +232,7 @@ class QuantizeSpec:
             numerics.quantize(w, a, z, self.code_bits, group_size, out=out, work=w)
             return a, z
         mw = dict(widths=self.widths, lambdas=self.lambdas, extra_precision=self.extra_precision)
-        a, z = numerics.multiwidth_params(
+        a, z = multiwidth.multiwidth_params(
             w,
             self.code_bits,
             group_size,
@@ -217,8 +242,17 @@ class QuantizeSpec:
             **mw,
         )
         a = self._nest(a, w.shape[1], group_size, cols)
-        out[...] = numerics.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
+        out[...] = multiwidth.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
         return a, z
+
+    @property
+    def signed_scales(self) -> bool:
+        """The gguf layout signs each group's scale (``numerics.extreme_signs``)."""
+        return self.layout == "gguf"
+
+    def writer_options(self) -> dict:
+        """``CheckpointWriter`` keywords this spec needs (the extension signed scales require)."""
+        return {"must_understand": [C.EXT_SIGNED_SCALES]} if self.signed_scales else {}
 
     def _nest(self, a: np.ndarray, width: int, group_size: int | None, cols: int | None) -> np.ndarray:
         if self.layout != "gguf":
@@ -348,7 +382,11 @@ def _quantize_blocks(
         r1 = min(rows, r0 + step)
         block = w[r0:r1]
         scratch = _scratch_f32((r1 - r0) * cols).reshape(r1 - r0, cols)
-        direct = spec.objective == "minmax" and numerics.reads_bf16_as_stored(block, spec.code_bits)
+        direct = (
+            spec.objective == "minmax"
+            and not spec.signed_scales  # the sign flip needs a float32 copy to write into
+            and numerics.reads_bf16_as_stored(block, spec.code_bits)
+        )
         f = block if direct else _to_float32(block, scratch)
         if (
             spec.objective != "minmax"
@@ -453,8 +491,8 @@ def quantize_hf(
     out: str | os.PathLike,
     *,
     code_bits: int = C.DEFAULT_CODE_BITS,
-    group_size: int | None = DEFAULT_GROUP_SIZE,
-    scheme: str = "asymmetric",
+    group_size: int | None | str = BY_LAYOUT,
+    scheme: str | None = None,
     zero_multiple: int | str = 1,
     layers: str = "ffn",
     objective: str = "minmax",
@@ -548,6 +586,7 @@ def quantize_hf(
             overwrite=overwrite,
             expected_tensors=len(src.tensors),
             inputs=src.roots,
+            **spec.writer_options(),
         ) as writer,
         _WriteBehind(progress) as sink,
     ):
@@ -577,3 +616,44 @@ def quantize_hf(
             )
             plane_bufs.append((buf, sink.put(write, t.nbytes)))
     return out
+
+
+@dataclass(frozen=True)
+class HFImportOptions:
+    """Settings of ``--from hf`` (the keywords of :func:`quantize_hf`, checked by ``QuantizeSpec.build``)."""
+
+    code_bits: int = option(C.DEFAULT_CODE_BITS, "Bits of the stored codes.")
+    group_size: int | None | str = option(
+        BY_LAYOUT, "Input columns per scale; None per channel; by-layout: 32 in the gguf layout, else 128."
+    )
+    scheme: str | None = option(
+        None,
+        "Zero points (None: symmetric in the gguf layout, else asymmetric).",
+        choices=("asymmetric", "symmetric"),
+    )
+    zero_multiple: int | str = option(1, "Zero points on multiples of this power of two, or slice-exact.")
+    layers: str = option("ffn", "ffn, attention, linear, or a regular expression over tensor names.")
+    objective: str = option("minmax", "Rounding and scale objective.", choices=OBJECTIVES)
+    widths: tuple[int, ...] | None = option(None, "Target widths of multiwidth and slice-exact.")
+    lambdas: tuple[float, ...] | None = option(None, "One weight per width.")
+    extra_precision: tuple[int, ...] = option((), "Widths served with the extra bucket.")
+    scale_dtype: str = option("F16", "Scale dtype.", choices=("F16", "BF16", "F32"))
+    layout: str = option("free", "gguf: every width exact in llama.cpp's compact types.", choices=LAYOUTS)
+    threads: int | None = option(None, "Worker threads.")
+    calib: str | os.PathLike | None = option(None, "Calibration text: multi-width GPTQ.")
+    calib_tokens: int | None = option(None, "Calibration tokens at most.")
+    calib_propagate: str = option("per-width", "GPTQ error feedback.", choices=("mean", "per-width"))
+    device: str = option("cpu", "Where calibration runs.")
+
+
+class HFImporter:
+    """``--from hf``: post-training quantization of a float Hugging Face model (:func:`quantize_hf`)."""
+
+    name = "hf"
+    description = "a float Hugging Face model (PTQ)"
+    dependencies = ("numpy", "safetensors")
+    Options = HFImportOptions
+
+    def run(self, src, out, settings: HFImportOptions, **kw) -> Path:
+        """``kw``: overwrite, progress, layer_progress, as :func:`quantize_hf` takes them."""
+        return quantize_hf(src, out, **dataclasses.asdict(settings), **kw)

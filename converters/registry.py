@@ -1,26 +1,36 @@
-"""Converters from a matq checkpoint to other formats, registered by name (``matq convert --to NAME``).
+"""Exporters (``matq convert --to NAME``) and importers (``matq quantize --from NAME``), registered by name.
 
-A converter is a small object with a name, the Python modules it needs, a ``validate`` step that
-checks everything it can before writing (so a bad request fails fast and leaves nothing behind),
-and ``convert``. Built-in converters are listed here by import path and loaded on first use, so
-``matq --help`` never imports gguf, onnx or transformers. Others can ``register`` their own.
+Two typed registries, ``exporters`` and ``importers``. A converter is a small object with a name,
+the Python modules it needs, and its settings declared as a dataclass (``Options``; each field made
+with :func:`option`, which carries the help text and the allowed values), so the CLI derives its
+flags from them and a library caller gets the same checks. An exporter has ``validate`` (everything
+that can fail, checked before writing) and ``convert``; an importer has ``run``. Built-in converters
+are listed by import path and loaded on first use, so ``matq --help`` never imports gguf or torch.
+A name registered twice is refused; an unknown name lists the known ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from matq_format.errors import MatqError, RequestError
 
 
 class UnknownConverterError(RequestError):
     """No converter of that name; the message lists the known ones."""
+
+
+class DuplicateConverterError(RequestError):
+    """A converter name is registered twice; the first one stays."""
 
 
 class ConvertOptionError(RequestError):
@@ -39,18 +49,109 @@ class TokenizerError(MatqError):
     """The tokenizer files are missing, or of a kind the target runtime does not implement."""
 
 
+# --- declared options ---------------------------------------------------------------------------
+def option(default: Any, help: str, *, choices: tuple = (), cli: bool = True) -> Any:  # noqa: A002
+    """A declared setting: a dataclass field with its help, allowed values, and whether it is a CLI flag."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices), "cli": cli})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A converter without settings of its own."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One declared setting, as the CLI and :func:`typed_options` read it."""
+
+    name: str
+    kinds: tuple[type, ...]
+    """The value's types once ``None`` is set aside: bool, int, float, str, tuple (a sequence), Path."""
+    default: Any
+    help: str
+    choices: tuple
+    cli: bool
+
+    @property
+    def kind(self) -> type:
+        return self.kinds[0]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _base_types(annotation: Any) -> tuple[type, ...]:
+    """``int | None`` -> (int,); ``tuple[str, ...] | None`` -> (tuple,); ``int | str`` -> (int, str)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    else:
+        args = [annotation]
+    return tuple(typing.get_origin(a) or a for a in args)
+
+
+def declared(options_type: type) -> list[OptionSpec]:
+    """The settings a converter declares, in order."""
+    hints = typing.get_type_hints(options_type)
+    return [
+        OptionSpec(
+            f.name,
+            _base_types(hints[f.name]),
+            f.default,
+            f.metadata.get("help", ""),
+            f.metadata.get("choices", ()),
+            f.metadata.get("cli", True),
+        )
+        for f in dataclasses.fields(options_type)
+    ]
+
+
+def typed_options(options_type: type, values: Any, target: str) -> Any:
+    """``values`` (None, a mapping, or already ``options_type``) as a checked ``options_type``."""
+    if isinstance(values, options_type):
+        values = dataclasses.asdict(values)
+    specs = {s.name: s for s in declared(options_type)}
+    unknown = sorted(set(values or {}) - set(specs))
+    if unknown:
+        known = ", ".join(specs) or "none"
+        raise ConvertOptionError(None, f"{target} has no option {unknown[0]!r}; its options: {known}")
+    out = {}
+    for name, value in (values or {}).items():
+        out[name] = _check_value(specs[name], value, target)
+    return options_type(**out)
+
+
+def _check_value(spec: OptionSpec, value: Any, target: str) -> Any:
+    """One value against its declared type and choices (a list becomes a tuple)."""
+    if value is None:
+        return None
+    kinds = spec.kinds
+    if tuple in kinds and isinstance(value, list):
+        value = tuple(value)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+    if not ok:
+        want = " or ".join(k.__name__ for k in kinds)
+        raise ConvertOptionError(None, f"{target}: {spec.name} must be {want}, not {type(value).__name__}")
+    if spec.choices and value not in spec.choices:
+        raise ConvertOptionError(
+            None, f"{target}: {spec.name} {value!r} is not one of {', '.join(map(str, spec.choices))}"
+        )
+    return value
+
+
+# --- exporters ----------------------------------------------------------------------------------
 @dataclass
 class ConvertOptions:
-    """What to export: one width (``bits``) or a Mix'n'Match ``plan``, and how to store the rest."""
+    """What to export: one width (``bits``) or a Mix'n'Match ``plan``; ``settings`` are the
+    converter's own (its ``Options``, or a mapping checked into one by :meth:`Registry.options`)."""
 
     bits: int | None = None
     plan: str | dict[str, int] | None = None
     extra_precision: bool = False
-    outtype: str = "auto"
-    """Float type of unquantized 2-D tensors: auto (as stored), f32, f16 or bf16."""
     overwrite: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Converter-specific settings (e.g. ``tokenizer_pre`` for GGUF)."""
+    settings: Any = None
 
 
 @dataclass
@@ -67,6 +168,7 @@ class Converter(Protocol):
     description: str
     suffix: str
     dependencies: tuple[str, ...]
+    Options: type
 
     def validate(self, ckpt, options: ConvertOptions) -> list[str]:
         """Check the request against the checkpoint without writing; returns warnings, raises MatqError."""
@@ -79,43 +181,125 @@ class Converter(Protocol):
         options: ConvertOptions,
         progress: Callable[[int], None] | None = None,
     ) -> ConvertResult:
-        """Write ``out`` atomically (temp file, then rename); never modifies the checkpoint."""
+        """Write ``out`` atomically (through ``AtomicOutput``); never modifies the checkpoint."""
         ...
 
 
-_BUILTIN: dict[str, tuple[str, str, str]] = {
-    "gguf": ("matq_converters.gguf_export", "GGUFConverter", "GGUF for llama.cpp, sliced grids kept exactly"),
-}
-_REGISTERED: dict[str, Callable[[], Converter]] = {}
+@runtime_checkable
+class Importer(Protocol):
+    name: str
+    description: str
+    dependencies: tuple[str, ...]
+    Options: type
+
+    def run(self, src: str | os.PathLike, out: str | os.PathLike, settings: Any, **kw: Any) -> Path:
+        """Write the matq checkpoint of ``src`` at ``out`` atomically; ``kw``: overwrite, progress."""
+        ...
 
 
-def register(name: str, factory: Callable[[], Converter]) -> None:
-    """Add a converter (``factory`` builds it on first use)."""
-    _REGISTERED[name] = factory
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    description: str
+    factory: Callable[[], Any] | None = None
+    module: str = ""
+    attr: str = ""
+    extra: str = ""
+    """The pip extra that brings its dependencies."""
+
+    def load(self) -> Any:
+        """The converter's class (or factory), importing its module on first use."""
+        return self.factory or getattr(importlib.import_module(self.module), self.attr)
+
+
+class Registry(Generic[T]):
+    """Names -> converters of one kind; ``flag`` is how the CLI names the choice (``--to``, ``--from``)."""
+
+    def __init__(self, kind: str, flag: str):
+        self.kind, self.flag = kind, flag
+        self._entries: dict[str, _Entry] = {}
+
+    def builtin(self, name: str, module: str, attr: str, description: str, extra: str = "") -> None:
+        """A converter shipped with matq, imported on first use."""
+        self._add(name, _Entry(description, None, module, attr, extra or name))
+
+    def register(self, name: str, factory: Callable[[], T], description: str = "") -> None:
+        """Add a converter (``factory`` builds it on first use); a name already taken is refused."""
+        self._add(name, _Entry(description or getattr(factory, "description", ""), factory))
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def _add(self, name: str, entry: _Entry) -> None:
+        if name in self._entries:
+            raise DuplicateConverterError(None, f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def describe(self) -> dict[str, str]:
+        """Name -> one-line description, without importing any converter."""
+        return {n: self._entries[n].description for n in self.names()}
+
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._entries:
+            raise UnknownConverterError(
+                None, f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def options_type(self, name: str) -> type:
+        """The dataclass of ``name``'s settings (``NoOptions`` if it declares none)."""
+        return getattr(self._entry(name).load(), "Options", NoOptions)
+
+    def options(self, name: str, values: Any = None) -> Any:
+        """``values`` checked into ``name``'s ``Options`` (unknown names and bad values refused)."""
+        return typed_options(self.options_type(name), values, f"{self.flag} {name}")
+
+    def get(self, name: str) -> T:
+        """The converter registered as ``name``; an unknown name lists the known ones."""
+        entry = self._entry(name)
+        conv = entry.load()()
+        missing = [m for m in getattr(conv, "dependencies", ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            extra = f" (pip install 'matq[{entry.extra}]')" if entry.extra else ""
+            raise MissingDependencyError(None, f"{self.flag} {name} needs {', '.join(missing)}{extra}")
+        return conv
+
+
+exporters: Registry[Converter] = Registry("converter", "--to")
+exporters.builtin(
+    "gguf", "matq_converters.gguf_export", "GGUFConverter", "GGUF for llama.cpp, sliced grids kept exactly"
+)
+exporters.builtin(
+    "hf", "matq_converters.hf_export", "HFConverter", "Hugging Face folder: compressed-tensors, dense or GPTQ"
+)
+
+importers: Registry[Importer] = Registry("importer", "--from")
+importers.builtin("hf", "matq_converters.quantize", "HFImporter", "a float Hugging Face model (PTQ)", "hf")
+importers.builtin(
+    "matgptq", "matq_converters.matgptq", "MatGPTQImporter", "a MatGPTQ checkpoint, imported as it is", "hf"
+)
+
+
+def register(name: str, factory: Callable[[], Converter], description: str = "") -> None:
+    """Add an exporter (``exporters.register``)."""
+    exporters.register(name, factory, description)
 
 
 def names() -> list[str]:
-    return sorted({*_BUILTIN, *_REGISTERED})
+    """Exporter names (``exporters.names``), kept for callers of the one-registry API."""
+    return exporters.names()
 
 
 def describe() -> dict[str, str]:
-    """Name -> one-line description, without importing any converter."""
-    out = {n: d for n, (_, _, d) in _BUILTIN.items()}
-    out.update({n: "" for n in _REGISTERED if n not in out})
-    return dict(sorted(out.items()))
+    """Exporter descriptions (``exporters.describe``)."""
+    return exporters.describe()
 
 
 def get(name: str) -> Converter:
-    """The converter registered as ``name``; an unknown name lists the known ones."""
-    if name in _REGISTERED:
-        return _REGISTERED[name]()
-    if name not in _BUILTIN:
-        raise UnknownConverterError(None, f"unknown converter {name!r}; known: {', '.join(names())}")
-    module, attr, _ = _BUILTIN[name]
-    conv = getattr(importlib.import_module(module), attr)()
-    missing = [m for m in conv.dependencies if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(
-            None, f"--to {name} needs {', '.join(missing)} (pip install 'matq[{name}]')"
-        )
-    return conv
+    """An exporter (``exporters.get``)."""
+    return exporters.get(name)

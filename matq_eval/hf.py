@@ -118,36 +118,21 @@ def load_hf(path: str | os.PathLike):
 
 
 def load_matq(ckpt: mf.Checkpoint, widths: dict[str, int], extra_precision: bool = False):
-    """The checkpoint's model (from its carried, checked config) with every tensor from
-    ``ckpt.dequantize`` at its width in ``widths``; tied weights follow their source."""
+    """The checkpoint's causal LM (from its carried, checked config) serving ``widths``, loaded by
+    ``matq_torch`` (every tensor as ``ckpt.dequantize`` gives it, bit for bit; ties kept); its
+    ``model.matq.switch`` serves another width in place."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    with ckpt.carried_folder() as cfg_dir:
-        if not (cfg_dir / "config.json").exists():
-            raise CandidateError(ckpt.path, "carries no config.json; transformers cannot build its model")
-        config = AutoConfig.from_pretrained(cfg_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
-    params = model.state_dict()
-    c = ckpt.code_bits
-    loaded: set[str] = set()
-    for name in ckpt.tensor_names():
-        if name not in params:
-            raise CandidateError(ckpt.path, f"tensor {name} has no place in a {config.model_type} model")
-        r = widths.get(name)
-        w = ckpt.dequantize(name, r, extra_precision and r is not None and r < c)
-        if tuple(w.shape) != tuple(params[name].shape):
-            raise CandidateError(
-                ckpt.path, f"{name} has shape {list(w.shape)}, the model expects {list(params[name].shape)}"
-            )
-        with torch.no_grad():
-            params[name].copy_(torch.from_numpy(np.asarray(w)))
-        loaded.add(name)
-    ptrs = {params[n].data_ptr() for n in loaded}
-    missing = [n for n in params if n not in loaded and params[n].data_ptr() not in ptrs]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CandidateError(ckpt.path, f"lacks {', '.join(missing[:3])}{more}")
-    return model
+    import matq_torch
+
+    try:
+        return matq_torch.load(
+            ckpt,
+            plan=widths,
+            extra_precision=extra_precision,
+            dtype=torch.float32,
+            model_class=AutoModelForCausalLM,
+        )
+    except matq_torch.LoadError as exc:
+        raise CandidateError(exc.path, exc.message) from None

@@ -27,9 +27,10 @@ def cheapest_within(
 
     Greedy, as llama.cpp's and MatQuant's mixed-precision searches: every name starts at its
     cheapest option, then the upgrade with the largest error reduction per unit of cost is bought
-    while it fits. Raises :class:`BudgetTooSmall` (with the minimum) when nothing fits.
+    while it fits. Options that another option beats in both cost and error are never taken (an int7
+    and an int8 slice written in the same Q8_0 blocks cost the same). Raises :class:`BudgetTooSmall` (with the minimum) when nothing fits.
     """
-    options = {n: sorted(err[n], key=lambda o, n=n: cost[n][o]) for n in err}
+    options = {n: _frontier(err[n], cost[n]) for n in err}
     choice = {n: opts[0] for n, opts in options.items()}
     spent = sum(cost[n][choice[n]] for n in choice)
     if spent > limit:
@@ -51,3 +52,12 @@ def cheapest_within(
             return choice
         choice[best[0]] = best[1]
         spent += best[2]
+
+
+def _frontier(err: Mapping[Hashable, float], cost: Mapping[Hashable, float]) -> list[Hashable]:
+    """The options no other option beats in both cost and error, cheapest first."""
+    out: list[Hashable] = []
+    for o in sorted(err, key=lambda o: (cost[o], err[o])):
+        if not out or err[o] < err[out[-1]]:
+            out.append(o)
+    return out

@@ -37,7 +37,7 @@ from .manifest import TensorInfo, entry_name, parse_manifest, plane_entry
 from .planes import plane_stride, unpack
 from .safefs import allowed_roots, check_file, open_regular
 
-UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset()
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES})
 
 
 def resolve_base(path: str | os.PathLike) -> Path:
@@ -246,11 +246,17 @@ class Checkpoint:
         s = dtypes.from_bytes(
             self._raw(entry_name(name, C.SCALE_SUFFIX)), t.scale_dtype, (t.shape[0], t.groups)
         ).astype(np.float32)
-        if not np.all(np.isfinite(s)) or not np.all(s > 0):
+        if not np.all(np.isfinite(s)) or not np.all(np.abs(s) > 0 if self.signed_scales else s > 0):
+            what = "non-zero" if self.signed_scales else "positive"
             raise BadParameterError(
-                self._file_of(entry_name(name, C.SCALE_SUFFIX)), f"{name}: scales must be finite and positive"
+                self._file_of(entry_name(name, C.SCALE_SUFFIX)), f"{name}: scales must be finite and {what}"
             )
         return s
+
+    @property
+    def signed_scales(self) -> bool:
+        """Whether scales may be negative (the ``matq.signed_scales`` extension, spec 10.4)."""
+        return C.EXT_SIGNED_SCALES in self.manifest.get("must_understand", [])
 
     def zero(self, name: str) -> np.ndarray:
         t = self._qinfo(name)

@@ -94,4 +94,7 @@ QUANTIZABLE_DTYPES = ("F16", "BF16", "F32")
 # --- serving widths --------------------------------------------------------------------------
 SLICE_WIDTHS = (8, 6, 4, 3, 2)
 EXTENSION_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+EXT_SIGNED_SCALES = "matq.signed_scales"
+"""Extension (spec 10.4): scales may be negative, so that a group's largest-magnitude weight lands
+on code 0 whatever its sign and every slice holds it exactly. Always in ``must_understand``."""
 """Extension names are dotted lower-case identifiers, e.g. ``org.example.hessian``."""

@@ -405,8 +405,12 @@ class CheckpointWriter:
                 f"{name}: scale and zero need {rows}x{groups} values, got {scale.size} and {zero.size}",
             )
         scale, zero = scale.reshape(rows, groups), zero.reshape(rows, groups)
-        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
-            raise WriterError(self.out, f"{name}: scales must be finite and positive")
+        if not np.all(np.isfinite(scale)) or not np.all(scale != 0):
+            raise WriterError(self.out, f"{name}: scales must be finite and non-zero")
+        if np.any(scale < 0) and C.EXT_SIGNED_SCALES not in self.must_understand:
+            raise WriterError(
+                self.out, f"{name}: negative scales need {C.EXT_SIGNED_SCALES} in must_understand"
+            )
         if not np.all(np.isfinite(zero)):
             raise WriterError(self.out, f"{name}: zero points must be finite")
         if zero.min(initial=0) < 0 or zero.max(initial=0) > code_max(self.code_bits):

@@ -213,3 +213,17 @@ def test_cli(model, texts, tmp_path):
     r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(tmp_path / "x"), "--calib", str(tmp_path)])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "holds no" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_calibrated_gguf_layout_exports_exactly(model, texts, tmp_path):
+    """GPTQ with the gguf layout (signed, nested scales): every width written exactly, its largest
+    weights on code 0 where GPTQ left them the group's extreme."""
+    from matq_converters import registry
+    from matq_converters.registry import ConvertOptions
+
+    calib, _ = texts
+    ck = mf.open(_quantize(model, tmp_path / "ck", calib, layout="gguf"))
+    assert ck.signed_scales and any((ck.scale(n) < 0).any() for n in ck.quantized_names())
+    for r in (8, 6, 5, 4, 3):
+        res = registry.get("gguf").convert(ck, tmp_path / f"m{r}.gguf", ConvertOptions(bits=r))
+        assert res.details["exact_tensors"] == res.details["quantized_tensors"], r

@@ -150,7 +150,7 @@ def test_reference_widths_plans_and_gguf_in_one_run(tiny, tmp_path):
     hf, ck, text = tiny
     g4 = tmp_path / "int4.gguf"  # every slice bit-exact, embeddings and head as floats: the same model
     registry.get("gguf").convert(
-        mf.open(ck), g4, ConvertOptions(bits=4, outtype="f32", extra={"exact": True})
+        mf.open(ck), g4, ConvertOptions(bits=4, settings={"outtype": "f32", "exact": True})
     )
     png = tmp_path / "pareto.png"
     args = [hf, "--text", text, "--ctx", CTX, "--max-tokens", MAX_TOKENS, "--json", "--plot", png]

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf_helpers import hf_tensors, tiny_hf_model, to_matq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from matq_converters import ggml_params as G
 from matq_converters import gguf_blocks as B
 from matq_converters import registry
 from matq_converters.gguf_arch import TensorNames, detect
@@ -59,20 +60,20 @@ def reference(sl: B.Slice, qtype: T) -> np.ndarray:
     if qtype in (T.F16, T.F32):
         return sl.dequantize()
     if qtype in (T.Q4_1, T.Q5_1):
-        d, m = N.ggml_affine_params(sl.scale, sl.zero, c, r)
-        return N.dequantize_q4_1_reference(sl.k, per_elem(d), per_elem(m))
+        d, m = G.ggml_affine_params(sl.scale, sl.zero, c, r)
+        return G.dequantize_q4_1_reference(sl.k, per_elem(d), per_elem(m))
     if qtype in K_MULT:
-        d, sc, dmin, mn = N.ggml_k_params(sl.scale, sl.zero, c, r, K_MULT[qtype])
-        return N.dequantize_k_reference(sl.k, per_elem(d), per_elem(sc), per_elem(dmin), per_elem(mn))
+        d, sc, dmin, mn = G.ggml_k_params(sl.scale, sl.zero, c, r, K_MULT[qtype])
+        return G.dequantize_k_reference(sl.k, per_elem(d), per_elem(sc), per_elem(dmin), per_elem(mn))
     s = c - r
-    j, zq = N.ggml_zero_split(sl.zero, s)
+    j, zq = G.ggml_zero_split(sl.zero, s)
     levels = sl.k.astype(np.int32) * per_elem(1 << (s - j)) - per_elem(zq)
-    if qtype in (T.Q8_0, T.Q4_0):
+    if qtype in (T.Q8_0, T.Q5_0, T.Q4_0):
         d = N.fp16_round(sl.scale * np.exp2(j).astype(np.float32))
     else:
-        d0, sc = N.fp16_times_int(sl.scale * np.float32(1 << s), SIGNED_MULT[qtype])
+        d0, sc = G.fp16_times_int(sl.scale * np.float32(1 << s), SIGNED_MULT[qtype])
         d = d0 * sc.astype(np.float32)
-    return N.dequantize_q8_0_reference(levels, per_elem(d))
+    return G.dequantize_q8_0_reference(levels, per_elem(d))
 
 
 def decode(enc: B.Encoded) -> np.ndarray:
@@ -125,7 +126,7 @@ EXPECTED = {
     ("asym", 128): "F32 F32 F32 Q4_1 Q5_1 Q4_1 Q4_1 Q4_1 Q4_1",
     ("asym16", None): "F32 Q8_0 Q8_0 Q4_K Q5_K Q4_K Q4_K Q2_K Q4_K",
     ("sym", None): "Q8_0 Q6_K Q8_0 Q4_K Q5_K Q3_K Q4_K Q2_K Q3_K",
-    ("sym", 128): "Q8_0 Q8_0 Q8_0 Q4_0 Q5_1 Q4_0 Q4_0 Q4_0 Q4_0",
+    ("sym", 128): "Q8_0 Q8_0 Q8_0 Q4_0 Q5_0 Q4_0 Q4_0 Q4_0 Q4_0",
 }
 
 
@@ -156,7 +157,7 @@ def test_rows_that_fit_no_block_fall_back_to_exact_floats():
 
 def test_k_quant_multiplier_makes_products_exact():
     t = np.array([3 * 0.125, 127 * 0.0009765625, 0.0, 1e9], np.float32)
-    b, n = N.fp16_times_int(t, 63)
+    b, n = G.fp16_times_int(t, 63)
     prod = b * n.astype(np.float32)
     assert np.array_equal(prod[:3], t[:3]) and not np.isfinite(b[3])
 
@@ -176,8 +177,10 @@ def models(tmp_path_factory):
 
 def export(ckpt, out, **kw) -> registry.ConvertResult:
     """The exact export (``--exact``) unless ``extra`` says otherwise: these tests check grids bit for bit."""
-    extra = {"exact": True, **kw.pop("extra", {})}
-    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, extra=extra, **kw))
+    settings = {"exact": True, **kw.pop("extra", {})}
+    if "outtype" in kw:
+        settings["outtype"] = kw.pop("outtype")
+    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, settings=settings, **kw))
 
 
 def fields(reader: gguf.GGUFReader) -> dict:
@@ -410,7 +413,7 @@ def test_registry():
     try:
         assert "echo" in registry.names() and registry.get("echo").name == "echo"
     finally:
-        registry._REGISTERED.pop("echo")
+        registry.exporters.unregister("echo")
 
 
 def test_cli_convert(models, tmp_path):
@@ -450,21 +453,21 @@ def test_float_slices_is_what_llama_cpps_converter_would_write(models, tmp_path)
 
 # --- compact files (the default): the width's llama.cpp type, exact where the grid allows -----------
 def nested_reference(sl: B.Slice, qtype: T) -> np.ndarray:
-    """A K type's decode with one step (and minimum) per sub-block, from numerics.fp16_times_ints."""
+    """A K type's decode with one step (and minimum) per sub-block, from ggml_params.fp16_times_ints."""
     c, r, g = sl.code_bits, sl.bits, sl.group_size
     rows, cols = sl.k.shape
     sub = B.SUB_BLOCK[qtype]
     per_sub = lambda p: np.repeat(N.expand_groups(p, cols, g)[:, ::sub].reshape(-1, 256 // sub), 1, 0)  # noqa: E731
     step = per_sub(sl.scale * np.float32(1 << (c - r)))
-    d, sc = N.fp16_times_ints(step, {T.Q2_K: 15, T.Q3_K: 31, T.Q6_K: 127}.get(qtype, 63))
+    d, sc = G.fp16_times_ints(step, {T.Q2_K: 15, T.Q3_K: 31, T.Q6_K: 127}.get(qtype, 63))
     elem = lambda p: np.repeat(p.reshape(-1), sub).reshape(rows, cols)  # noqa: E731
     stepv = elem(d[:, None] * sc.astype(np.float32))
     if qtype in K_MULT:
-        dmin, mn = N.fp16_times_ints(per_sub(sl.scale * sl.zero), K_MULT[qtype])
-        return N.dequantize_k_reference(sl.k, stepv, 1.0, elem(dmin[:, None] * mn.astype(np.float32)), 1.0)
-    j, zq = N.ggml_zero_split(sl.zero, c - r)
+        dmin, mn = G.fp16_times_ints(per_sub(sl.scale * sl.zero), K_MULT[qtype])
+        return G.dequantize_k_reference(sl.k, stepv, 1.0, elem(dmin[:, None] * mn.astype(np.float32)), 1.0)
+    j, zq = G.ggml_zero_split(sl.zero, c - r)
     levels = sl.k.astype(np.int32) - N.expand_groups(zq, cols, g)
-    return N.dequantize_q8_0_reference(levels, stepv)
+    return G.dequantize_q8_0_reference(levels, stepv)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -588,7 +591,7 @@ def test_budget_counts_the_files_bits_and_buys_the_least_error(models, tmp_path)
             got_w = gguf.quants.dequantize(reader[g].data, reader[g].tensor_type)
             err += float(np.sum((got_w.astype(np.float64) - full) ** 2))
         errors.append(err)
-        assert set(widths.values()) <= {2, 3, 4, 6, 8}
+        assert set(widths.values()) <= set(range(2, 9))  # every width the planes serve may be chosen
     assert errors == sorted(errors, reverse=True), errors  # more bits, less error
     out = tmp_path / "tiny.gguf"
     with pytest.raises(ConvertOptionError, match="below the smallest file"):
@@ -627,7 +630,9 @@ def test_gguf_layout_checkpoint_is_exact_at_every_width(models, tmp_path):
         )
     )
     assert ck.source["layout"] == "gguf"
-    want = {8: "Q8_0", 6: "Q6_K", 4: "Q4_K", 3: "Q3_K", 2: "Q2_K"}
+    # signed scales: Q4_K and Q2_K store unsigned sub-block scales, so int4 takes Q4_0 (the same
+    # 4.5 bits per weight) and int2 keeps its levels in Q3_K
+    want = {8: "Q8_0", 6: "Q6_K", 5: "Q5_0", 4: "Q4_0", 3: "Q3_K", 2: "Q3_K"}
     for bits, qtype in want.items():
         res = export(ck, tmp_path / f"m{bits}.gguf", bits=bits, extra={"exact": False})
         assert (

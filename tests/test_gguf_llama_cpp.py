@@ -85,8 +85,10 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 
 def export(ckpt, out: Path, **kw):
     """The exact export (``--exact``) unless ``extra`` says otherwise: these tests check grids bit for bit."""
-    extra = {"exact": True, **kw.pop("extra", {})}
-    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, extra=extra, **kw))
+    settings = {"exact": True, **kw.pop("extra", {})}
+    if "outtype" in kw:
+        settings["outtype"] = kw.pop("outtype")
+    return registry.get("gguf").convert(ckpt, out, ConvertOptions(overwrite=True, settings=settings, **kw))
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

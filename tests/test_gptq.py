@@ -11,6 +11,7 @@ from matq_converters.calibrated import weighted_multiwidth_params  # noqa: E402
 from matq_converters.gptq import gptq_multiwidth, multiwidth_table  # noqa: E402
 from matq_converters.quantize import QuantizeSpec  # noqa: E402
 
+from matq_format import multiwidth as MW  # noqa: E402
 from matq_format import numerics as N  # noqa: E402
 
 WIDTHS = (8, 6, 4, 3, 2)
@@ -55,10 +56,10 @@ def test_identity_hessian_is_numerics_multiwidth_rounding(options, propagate):
     if spec.objective == "minmax":
         a, z = N.minmax_params(w, 8, spec.group_size, **kw)
     else:
-        a, z = N.multiwidth_params(w, 8, spec.group_size, **mw, **kw)
+        a, z = MW.multiwidth_params(w, 8, spec.group_size, **mw, **kw)
     np.testing.assert_array_equal(scale, a)
     np.testing.assert_array_equal(zero, z)
-    np.testing.assert_array_equal(codes, N.multiwidth_codes(w, a, z, 8, spec.group_size, **mw))
+    np.testing.assert_array_equal(codes, MW.multiwidth_codes(w, a, z, 8, spec.group_size, **mw))
 
 
 def test_table_is_numerics_envelope():
@@ -69,7 +70,7 @@ def test_table_is_numerics_envelope():
     x = (w / N.expand_groups(a, 256, 128)).astype(np.float64) + N.expand_groups(z, 256, 128)
     mw = dict(widths=spec.widths, lambdas=spec.lambdas, extra_precision=spec.extra_precision)
     np.testing.assert_array_equal(
-        codes[np.searchsorted(breaks, x)], N.multiwidth_codes(w, a, z, 8, 128, **mw)
+        codes[np.searchsorted(breaks, x)], MW.multiwidth_codes(w, a, z, 8, 128, **mw)
     )
 
 
@@ -138,15 +139,15 @@ def test_dead_columns_keep_their_weights():
 def test_weighted_scale_search():
     w = _weights(rows=32, cols=256)
     kw = dict(widths=(8, 4, 2), lambdas=(1, 1, 1))
-    a0, z0 = N.multiwidth_params(w, 8, 128, **kw)
+    a0, z0 = MW.multiwidth_params(w, 8, 128, **kw)
     a1, z1 = weighted_multiwidth_params(w, np.full(256, 3.0), 8, 128, **kw)
     np.testing.assert_array_equal(a0, a1)  # equal importance is no weighting
     np.testing.assert_array_equal(z0, z1)
     imp = np.ones(256)
     imp[7] = 1e6  # the outlier column matters most: its range is not clipped
     a2, z2 = weighted_multiwidth_params(w, imp, 8, 128, **kw)
-    codes = N.multiwidth_codes(w, a2, z2, 8, 128, **kw)
+    codes = MW.multiwidth_codes(w, a2, z2, 8, 128, **kw)
     err_w = np.abs(N.dequantize(codes, a2, z2, 8, 2, 128) - w)[:, 7].mean()
-    codes0 = N.multiwidth_codes(w, a0, z0, 8, 128, **kw)
+    codes0 = MW.multiwidth_codes(w, a0, z0, 8, 128, **kw)
     err_0 = np.abs(N.dequantize(codes0, a0, z0, 8, 2, 128) - w)[:, 7].mean()
     assert err_w <= err_0

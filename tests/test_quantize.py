@@ -28,6 +28,7 @@ from matq_converters.quantize import (
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_format import multiwidth as MW
 from matq_format import numerics as N
 from matq_format import planes as P
 from matq_format.errors import WriterError
@@ -223,14 +224,14 @@ def test_multiwidth_codes_are_the_exact_minimum(widths, lambdas, ep):
     w = (rng.standard_normal((12, 200)) * rng.uniform(0.2, 3, (12, 1))).astype(np.float32)
     s, z = N.minmax_params(w, 8, 64)
     s = N.round_scale(s * 0.8, "F16")  # a clipped range, so the ends are exercised too
-    q = N.multiwidth_codes(w, s, z, 8, 64, widths, lambdas, ep)
+    q = MW.multiwidth_codes(w, s, z, 8, 64, widths, lambdas, ep)
     got = sum(
         lam * (w - N.dequantize(q, s, z, 8, r, 64, r in ep).astype(np.float64)) ** 2
         for r, lam in zip(widths, lambdas, strict=True)
     )
     best = _brute_force(w, s, z, 64, widths, lambdas, ep)
     np.testing.assert_allclose(got, best, rtol=1e-9, atol=1e-12)
-    q2, cost = N.multiwidth_cost(w, s, z, 8, 64, widths, lambdas, ep)
+    q2, cost = MW.multiwidth_cost(w, s, z, 8, 64, widths, lambdas, ep)
     np.testing.assert_array_equal(q2, q)
     np.testing.assert_allclose(cost.sum(), got.sum(), rtol=1e-5)
 
@@ -240,18 +241,18 @@ def test_multiwidth_reduces_to_rounding_and_never_loses_to_minmax():
     w = rng.standard_normal((40, 256)).astype(np.float32)
     s, z = N.minmax_params(w, 8, 128)
     np.testing.assert_array_equal(
-        N.multiwidth_codes(w, s, z, 8, 128, (8,), (1,)), N.quantize(w, s, z, 8, 128)
+        MW.multiwidth_codes(w, s, z, 8, 128, (8,), (1,)), N.quantize(w, s, z, 8, 128)
     )
-    _, c_minmax = N.multiwidth_cost(w, s, z, 8, 128)
-    s2, z2 = N.multiwidth_params(w, 8, 128)
-    _, c_mw = N.multiwidth_cost(w, s2, z2, 8, 128)
+    _, c_minmax = MW.multiwidth_cost(w, s, z, 8, 128)
+    s2, z2 = MW.multiwidth_params(w, 8, 128)
+    _, c_mw = MW.multiwidth_cost(w, s2, z2, 8, 128)
     assert np.all(c_mw <= c_minmax * (1 + 1e-6)) and c_mw.sum() < 0.95 * c_minmax.sum()
     assert np.all(np.isin(s2.astype(np.float16).astype(np.float32), s2))  # still float16 scales
     # the quantizer streams blocks and lays groups out as rows: same numbers as one call
     spec = QuantizeSpec.build(objective="multiwidth")
     codes, scale, zero = quantize_tensor(w, spec)
     np.testing.assert_array_equal(scale, s2)
-    np.testing.assert_array_equal(codes, N.multiwidth_codes(w, s2, z2, 8, 128))
+    np.testing.assert_array_equal(codes, MW.multiwidth_codes(w, s2, z2, 8, 128))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -360,8 +361,8 @@ def test_multiwidth_checkpoint(tiny, tmp_path):
     for n in ck.quantized_names():
         w = src.read(n).astype(np.float32)
         s, z = N.minmax_params(w, 8, 128)
-        _, c_mm = N.multiwidth_cost(w, s, z, 8, 128)
-        _, c_mw = N.multiwidth_cost(w, ck.scale(n), ck.zero(n), 8, 128)
+        _, c_mm = MW.multiwidth_cost(w, s, z, 8, 128)
+        _, c_mw = MW.multiwidth_cost(w, ck.scale(n), ck.zero(n), 8, 128)
         assert c_mw.sum() <= c_mm.sum()
 
 
@@ -692,3 +693,46 @@ def test_selected_tensors_stored_dense_are_reported(tmp_path):
     many = UnquantizedWarning({f"t{i}": "1-D" for i in range(7)})
     assert str(many) == "stored 7 tensors unquantized: t0 (1-D), t1 (1-D), t2 (1-D), t3 (1-D), t4 (1-D), and 2 more"
     assert str(UnquantizedWarning({"a\x1b[31m": "3-D"})) == "stored 1 tensor unquantized: a\\x1b[31m (3-D)"
+
+
+def test_gguf_layout_signs_scales_so_the_extreme_is_exact_at_every_width(tiny, tmp_path):
+    """Each group's largest-magnitude weight sits on code 0 (its scale takes the weight's sign), so
+    every slice holds it exactly; the checkpoint says so in must_understand, and a reader that does
+    not know the extension refuses it rather than misreading it."""
+    from matq_format.errors import UnsupportedVersionError
+    from matq_format.manifest import parse_manifest
+
+    out = quantize_hf(tiny["llama-f32"], tmp_path / "ck", layers="linear", layout="gguf")
+    ck = mf.open(out)
+    assert ck.signed_scales and ck.manifest["must_understand"] == ["matq.signed_scales"]
+    src = HFSource(tiny["llama-f32"])
+    negative = positive = 0
+    for name in ck.quantized_names():
+        w = src.read(name).astype(np.float32)
+        a = ck.scale(name)
+        negative, positive = negative + int((a < 0).sum()), positive + int((a > 0).sum())
+        g = w.reshape(w.shape[0], -1, 32)
+        top = np.abs(g).argmax(axis=2)  # the largest magnitude of each group
+        extreme = np.take_along_axis(g, top[..., None], 2)[..., 0]
+        assert np.array_equal(np.sign(a), -np.sign(extreme) + (extreme == 0))
+        codes = np.take_along_axis(ck.codes(name).reshape(g.shape), top[..., None], 2)[..., 0]
+        # code 0, or (where nesting raised the scale, rows of 256) a code every width <= 4 slices to 0
+        assert codes.max() <= 7
+        for r in (4, 3, 2):
+            d = np.take_along_axis(ck.dequantize(name, r).reshape(g.shape), top[..., None], 2)[..., 0]
+            np.testing.assert_array_equal(d, -128 * a)
+    assert negative and positive
+    # rows that do not nest (576 columns, as SmolLM2's): the extreme is on code 0, or on 1 where the
+    # opposite end is within 1/128 of it and int8 keeps both (every narrower slice rounds 1 to 0)
+    w = np.random.default_rng(0).standard_normal((64, 576)).astype(np.float32)
+    codes, a, _ = quantize_tensor(w, QuantizeSpec.build(layout="gguf"))
+    top = np.abs(w.reshape(64, -1, 32)).argmax(axis=2)
+    at = np.take_along_axis(codes.reshape(64, -1, 32), top[..., None], 2)
+    assert at.max() <= 1 and (at == 0).mean() > 0.95
+    assert (a < 0).any() and (a > 0).any()
+    with pytest.raises(UnsupportedVersionError, match="matq.signed_scales"):
+        parse_manifest(ck.path, json.dumps(ck.manifest))
+    w = mf.CheckpointWriter(tmp_path / "neg", 8)
+    with pytest.raises(WriterError, match="negative scales need matq.signed_scales"):
+        w.add_quantized("x", np.zeros((1, 32), np.uint8), np.full((1, 1), -1.0), np.full((1, 1), 128.0))
+    w.abort()

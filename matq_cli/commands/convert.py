@@ -1,4 +1,8 @@
-"""`matq convert`: a checkpoint at one width or plan, written in another format (thin wrapper)."""
+"""`matq convert`: a checkpoint at one width or plan, written in another format (thin wrapper).
+
+The target-specific flags are not written here: each exporter declares its settings
+(``registry.option`` fields of its ``Options``), and one flag is made per setting name.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..progress import bar
 
@@ -15,73 +20,78 @@ from ..progress import bar
 def _known() -> str:
     from matq_converters import registry
 
-    return ", ".join(f"{n} ({d})" if d else n for n, d in registry.describe().items())
+    return ", ".join(f"{n} ({d})" if d else n for n, d in registry.exporters.describe().items())
 
 
-@click.command(
-    epilog="""\b
-Examples:
-  matq convert ./model-matq --to gguf --bits 4 -o model-int4.gguf
-  matq convert ./model-matq --to gguf --bits 2 --extra-precision -o model-int2ep.gguf
-  matq convert ./model-matq --to gguf --plan pyramid --outtype f16 -o model-mnm.gguf
-  matq convert ./model-matq --to gguf --plan budget:3.5 -o model-3.5b.gguf --json
-"""
-)
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--to", "target", required=True, help="Target format (known: gguf; hf and onnx will follow).")
-@click.option("--bits", type=click.IntRange(1, 16), help="One width for every quantized tensor.")
-@click.option(
-    "--plan",
-    help="Mix'n'Match plan, as in `matq slice`: a width, pyramid|reverse_pyramid|increasing|decreasing"
-    "[:2,4,8], budget:BITS, or a JSON file.",
-)
-@click.option("--extra-precision", is_flag=True, help="Serve with the extra bucket (2^r+1 levels).")
-@click.option(
-    "--outtype",
-    type=click.Choice(["auto", "source", "f32", "f16", "bf16", "q8_0"]),
-    default="auto",
-    show_default=True,
-    help="Type of unquantized 2-D tensors (embeddings, head): auto picks as llama.cpp does for the "
-    "width (Q6_K; Q8_0 at int8 or where rows are not multiples of 256), source keeps them as stored. "
-    "1-D tensors are always f32.",
-)
-@click.option(
-    "--exact",
-    is_flag=True,
-    help="Only types that hold each slice exactly, even where that is bigger than the width's compact "
-    "type (and unquantized tensors as stored unless --outtype says otherwise).",
-)
-@click.option("--tokenizer-pre", help="GGUF: llama.cpp pre-tokenizer name, when matq cannot infer it.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output file.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+def _declared_flags() -> dict[str, list]:
+    """Setting name -> [(target, OptionSpec)] over every exporter's declared CLI settings."""
+    from matq_converters import registry
+
+    flags: dict[str, list] = {}
+    for name in registry.exporters.names():
+        for spec in registry.declared(registry.exporters.options_type(name)):
+            if spec.cli:
+                flags.setdefault(spec.name, []).append((name, spec))
+    return flags
+
+
+def _click_option(name: str, uses: list) -> click.Option:
+    """One flag for a setting several targets may share (same type; the choices of all)."""
+    spec = uses[0][1]
+    kinds = {s.kind for _, s in uses}
+    if len(kinds) > 1:
+        raise TypeError(f"setting {name} has different types in {', '.join(t for t, _ in uses)}")
+    helps = " ".join(f"[{t}] {s.help}" for t, s in uses)
+    decl = [spec.flag, name]
+    if spec.kind is bool:
+        return click.Option(decl, is_flag=True, default=None, help=helps)
+    choices = [c for _, s in uses for c in s.choices]
+    kind = click.Choice(list(dict.fromkeys(choices))) if choices else spec.kind
+    return click.Option(decl, type=kind, default=None, help=helps)
+
+
+def _settings(ctx: click.Context, target: str, given: dict) -> dict:
+    """The flags given on the command line that belong to ``target``; others are refused."""
+    from matq_converters import registry
+
+    own = {s.name for s in registry.declared(registry.exporters.options_type(target))}
+    out = {}
+    for name, value in given.items():
+        if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        if name not in own:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} is not an option of --to {target}")
+        out[name] = value
+    return out
+
+
 def convert(
     path: Path,
     target: str,
     bits: int | None,
     plan: str | None,
     extra_precision: bool,
-    outtype: str,
-    tokenizer_pre: str | None,
-    exact: bool,
     out: Path,
     force: bool,
     as_json: bool,
+    **given,
 ) -> None:
-    """Export a checkpoint at one width (or a Mix'n'Match plan) to another format, e.g. GGUF for llama.cpp."""
+    """Export a checkpoint at one width (or a Mix'n'Match plan) to another format: GGUF for llama.cpp,
+    a Hugging Face folder for transformers and vLLM."""
     from matq_converters import registry
 
     import matq_format as mf
 
     if (bits is None) == (plan is None):
         raise click.UsageError("give exactly one of --bits or --plan")
-    conv = registry.get(target)
+    settings = _settings(click.get_current_context(), target, given)
+    conv = registry.exporters.get(target)
     if not os.environ.get("MATQ_DEBUG"):
         logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's notes on tokenizer templates
-    extra = {"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {}
-    if exact:
-        extra["exact"] = True
-    options = registry.ConvertOptions(bits, plan, extra_precision, outtype, force, extra)
+    options = registry.ConvertOptions(
+        bits, plan, extra_precision, force, registry.exporters.options(target, settings)
+    )
     ckpt = mf.open(path)
     for w in conv.validate(ckpt, options):
         click.echo(f"matq: warning: {w}", err=True)
@@ -95,5 +105,37 @@ def convert(
         click.echo(result.summary)
 
 
-convert.help = (convert.help or "") + f"\n\nTargets: {_known()}."
-COMMANDS = [convert]
+EPILOG = """\b
+Examples:
+  matq convert ./model-matq --to gguf --bits 4 -o model-int4.gguf
+  matq convert ./model-matq --to gguf --bits 2 --extra-precision -o model-int2ep.gguf
+  matq convert ./model-matq --to gguf --plan pyramid --outtype f16 -o model-mnm.gguf
+  matq convert ./model-matq --to gguf --plan budget:3.5 -o model-3.5b.gguf --json
+  matq convert ./model-matq --to hf --bits 4 -o model-int4-hf              # compressed-tensors
+  matq convert ./model-matq --to hf --bits 4 --layout dense --dtype bfloat16 -o model-int4-dense
+"""
+
+
+def _build() -> click.Command:
+    """The command: the common flags, then one per declared exporter setting."""
+    params = [
+        click.Argument(["path"], type=click.Path(path_type=Path)),
+        click.Option(["--to", "target"], required=True, help=f"Target format: {_known()}."),
+        click.Option(["--bits"], type=click.IntRange(1, 16), help="One width for every quantized tensor."),
+        click.Option(
+            ["--plan"],
+            help="Mix'n'Match plan, as in `matq slice`: a width, pyramid|reverse_pyramid|increasing|"
+            "decreasing[:2,4,8], budget:BITS, or a JSON file.",
+        ),
+        click.Option(["--extra-precision"], is_flag=True, help="Serve with the extra bucket (2^r+1 levels)."),
+        *(_click_option(n, uses) for n, uses in _declared_flags().items()),
+        click.Option(
+            ["-o", "--output", "out"], required=True, type=click.Path(path_type=Path), help="Output."
+        ),
+        click.Option(["--force"], is_flag=True, help="Replace OUT if it exists."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable report on stdout."),
+    ]
+    return click.Command("convert", callback=convert, params=params, help=convert.__doc__, epilog=EPILOG)
+
+
+COMMANDS = [_build()]

@@ -32,6 +32,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def _importer_names() -> list[str]:
+    from matq_converters import registry
+
+    return registry.importers.names()
+
+
 def _group_size(text: str) -> int | None:
     if text.lower() in ("channel", "none", "0"):
         return None
@@ -113,7 +119,7 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
 @click.option(
     "--from",
     "source_kind",
-    type=click.Choice(["hf", "matgptq"]),
+    type=click.Choice(_importer_names()),
     default="hf",
     show_default=True,
     help="hf: a float model; matgptq: import a MatGPTQ checkpoint as it is (other options ignored).",
@@ -218,37 +224,25 @@ def quantize(
     as_json: bool,
 ) -> None:
     """Quantize a Hugging Face model folder (bf16, fp16 or fp32 safetensors) into a matq checkpoint."""
-    if source_kind == "matgptq":
-        _import_matgptq(hf_dir, out, force, as_json)
+    if source_kind != "hf":
+        _import(source_kind, hf_dir, out, force, as_json)
         return
+    from matq_converters import registry
     from matq_converters.hf_source import HFSource
-    from matq_converters.quantize import SLICE_EXACT, quantize_hf
+    from matq_converters.quantize import BY_LAYOUT, SLICE_EXACT
 
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
-    gguf = layout == "gguf"
-    group_size = group_size or ("32" if gguf else "128")
-    scheme = scheme or ("symmetric" if gguf else "asymmetric")
     calibrated = {}
     if calib is not None:
         calibrated = dict(
             calib=calib, calib_tokens=calib_tokens, calib_propagate=calib_propagate, device=device
         )
-    with (
-        _warnings_to_stderr(),
-        bar(None if calib else total, "calibrate" if calib else "quantize", "layer" if calib else "B",
-            unit_scale=not calib) as pb,
-    ):  # fmt: skip
-
-        def layer_done(done: int, n: int) -> None:
-            pb.total = n
-            pb.update(done - pb.n)
-
-        quantize_hf(
-            hf_dir,
-            out,
+    settings = registry.importers.options(
+        "hf",
+        dict(
             code_bits=code_bits,
-            group_size=_group_size(group_size),
+            group_size=BY_LAYOUT if group_size is None else _group_size(group_size),
             scheme=scheme,
             zero_multiple=zero_multiple if zero_multiple == SLICE_EXACT else _ints(zero_multiple)[0],
             layers=layers,
@@ -259,22 +253,40 @@ def quantize(
             scale_dtype=scale_dtype,
             layout=layout,
             threads=threads,
+            **calibrated,
+        ),
+    )
+    with (
+        _warnings_to_stderr(),
+        bar(None if calib else total, "calibrate" if calib else "quantize", "layer" if calib else "B",
+            unit_scale=not calib) as pb,
+    ):  # fmt: skip
+
+        def layer_done(done: int, n: int) -> None:
+            pb.total = n
+            pb.update(done - pb.n)
+
+        registry.importers.get("hf").run(
+            hf_dir,
+            out,
+            settings,
             overwrite=force,
             progress=None if calib else pb.update,
             layer_progress=layer_done if calib else None,
-            **calibrated,
         )
     _report(out, time.perf_counter() - t0, total, as_json)
 
 
-def _import_matgptq(src: Path, out: Path, force: bool, as_json: bool) -> None:
+def _import(kind: str, src: Path, out: Path, force: bool, as_json: bool) -> None:
+    """An importer without settings of its own (``--from matgptq``): the checkpoint as it is."""
+    from matq_converters import registry
     from matq_converters.hf_source import HFSource
-    from matq_converters.matgptq import import_matgptq
 
+    importer = registry.importers.get(kind)
     total = HFSource(src).total_bytes
     t0 = time.perf_counter()
     with bar(total, "import", "B", unit_scale=True) as pb:
-        import_matgptq(src, out, overwrite=force, progress=pb.update)
+        importer.run(src, out, registry.importers.options(kind), overwrite=force, progress=pb.update)
     _report(out, time.perf_counter() - t0, total, as_json)
 
 
@@ -303,7 +315,7 @@ tensor <prefix>.weight; its dequantized weights equal MatGPTQ's at every width.
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 def import_matgptq(src: Path, out: Path, force: bool, as_json: bool) -> None:
     """Import a MatGPTQ checkpoint (quant_method matgptq_quant) as a matq checkpoint."""
-    _import_matgptq(src, out, force, as_json)
+    _import("matgptq", src, out, force, as_json)
 
 
 COMMANDS = [quantize, import_matgptq]

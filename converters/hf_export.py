@@ -1,0 +1,593 @@
+"""Hugging Face export: a matq checkpoint at one width, or a Mix'n'Match plan, as a folder that
+``transformers.AutoModel*.from_pretrained`` loads (``matq convert --to hf``).
+
+Layouts (``--layout``):
+
+- ``compressed-tensors`` (default): the compressed-tensors library's ``pack-quantized`` format.
+  Each quantized linear layer is stored at its width in the smallest container of ``c >= r`` bits
+  (``r + 1`` with extra precision, whose top bucket is ``2^r``) whose zero points are integers: the
+  codes shifted up by ``m = c - r`` (``c - r - 1`` with extra precision), zero points ``z / 2^e``
+  and float32 scales ``alpha * 2^e`` with ``e = 8 - r - m``, so that the library's dequantization
+  ``(k_c - z_c) * s_c`` in float32 is ``alpha * (k * 2^(8-r) - z)`` bit for bit (every product is
+  of an integer and a power of two). A tensor no container holds (odd zero points with extra
+  precision, non-integer zero points, ragged groups) is written dequantized, and reported.
+  ``--groups one`` (default) puts every packed tensor in one scheme, the widest container any of
+  them needs, because transformers 5.24's ``dequantize`` path decompresses every dense module with
+  the first config group's scheme (``get_dense_scheme``); ``--groups per-width`` gives each
+  container its own group (smallest files, as vLLM reads them; transformers cannot load those).
+  ``dequantize: true`` in the config, because transformers' compressed path cannot yet run
+  asymmetric packed zero points (compressed-tensors #458/#459).
+- ``dense``: the dequantized slice in each tensor's source dtype (or ``--dtype``): plain
+  safetensors for any tool.
+- ``gptq``: AutoGPTQ's v1 format (``hf_gptq``), written only where every slice is exact.
+
+All stream tensor by tensor into transformers-style shards (``model-0000i-of-0000n.safetensors``
+and an index), built in a temporary folder and published whole by ``AtomicOutput``; unquantized
+tensors are copied file to file. Quantized tensors that are not weights of a ``Linear`` layer
+(embeddings) are written dequantized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from matq_format import __version__ as MATQ_VERSION
+from matq_format import dtypes
+from matq_format.container import SafetensorsWriter, read_header
+from matq_format.errors import MatqError
+from matq_format.plans import resolve_plan
+from matq_format.publish import AtomicOutput, OutputKind
+
+from . import hf_gptq
+from .registry import (
+    ConvertOptionError,
+    ConvertOptions,
+    ConvertResult,
+    MissingDependencyError,
+    UnsupportedModelError,
+    option,
+    typed_options,
+)
+
+LAYOUTS = ("compressed-tensors", "dense", "gptq")
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+META_CONVERTER = "matq.converter"
+PACK_BLOCK = 1 << 20
+"""Codes packed at a time: bounds the packing's scratch memory (a few bytes per code)."""
+
+
+class InexactError(ConvertOptionError):
+    """``--exact`` was given and a tensor would not be stored bit for bit."""
+
+
+class GPTQLayoutError(UnsupportedModelError):
+    """A slice GPTQ cannot hold exactly (zero points, scales or shapes); the message says which."""
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    """Settings of ``--to hf``; the CLI's flags come from these fields."""
+
+    layout: str = option(
+        "compressed-tensors",
+        "compressed-tensors: pack-quantized integer codes (exact); dense: the dequantized slice as floats; "
+        "gptq: GPTQ v1 where every slice is exact (else refused).",
+        choices=LAYOUTS,
+    )
+    dtype: str | None = option(
+        None,
+        "Float type of dequantized tensors (dense layout, embeddings) and of the config; default: each "
+        "tensor's source dtype.",
+        choices=tuple(DTYPES),
+    )
+    exact: bool = option(False, "Refuse to write any tensor that would not hold its slice bit for bit.")
+    groups: str = option(
+        "one",
+        "compressed-tensors: one: a single scheme, the widest container needed (transformers loads it); "
+        "per-width: one config group per container (smaller; vLLM reads it, transformers 5.24 cannot).",
+        choices=("one", "per-width"),
+    )
+    max_shard_size: str = option("50GB", "Largest safetensors shard, as transformers counts it (5GB, 500MB).")
+
+
+def is_hf_export(path: Path) -> bool:
+    """Whether ``path`` is a folder this exporter wrote (its first shard names matq), for ``--force``."""
+    try:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            return False
+        first = path / WEIGHTS_NAME
+        if not first.exists():
+            index = json.loads((path / INDEX_NAME).read_text())
+            first = path / sorted(set(index["weight_map"].values()))[0]
+        return META_CONVERTER in read_header(first).metadata
+    except (OSError, ValueError, KeyError, IndexError, MatqError):
+        return False
+
+
+HF_FOLDER = OutputKind("Hugging Face folder", True, is_hf_export)
+
+
+@dataclass
+class _Plan:
+    """What one source tensor becomes: output entries (name -> (dtype, shape)) and how."""
+
+    name: str
+    how: str
+    """copy (as stored), float (dequantized or cast), packed (compressed-tensors), gptq."""
+    entries: dict[str, tuple[str, tuple[int, ...]]]
+    bits: int | None = None
+    container: int | None = None
+    symmetric: bool = False
+    dtype: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(dtypes.np_dtype(d).itemsize * math.prod(s) for d, s in self.entries.values())
+
+
+@dataclass
+class _Prepared:
+    opts: HFOptions
+    cfg: dict
+    plans: list[_Plan]
+    widths: dict[str, int]
+    extra_precision: bool
+    groups: dict = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=list)
+    gptq: dict = field(default_factory=dict)
+
+
+class HFConverter:
+    name = "hf"
+    description = "Hugging Face folder: compressed-tensors (pack-quantized) or dense"
+    suffix = ""
+    dependencies = ("numpy", "safetensors")
+    Options = HFOptions
+
+    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
+        _prepare(ckpt, options)
+        return []
+
+    def convert(
+        self,
+        ckpt,
+        out: str | os.PathLike,
+        options: ConvertOptions,
+        progress: Callable[[int], None] | None = None,
+    ) -> ConvertResult:
+        return export_hf(ckpt, out, options, progress)
+
+
+# --- planning: everything that can fail before a byte is written -----------------------------------
+def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
+    """Check the request and plan every output entry."""
+    opts = typed_options(HFOptions, options.settings, "--to hf")
+    if (options.bits is None) == (options.plan is None):
+        raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
+    _shard_bytes(opts.max_shard_size)
+    cfg = ckpt.config
+    if cfg is None:
+        raise UnsupportedModelError(ckpt.path, "has no carried config.json; transformers cannot load it")
+    spec = options.bits if options.plan is None else options.plan
+    widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
+    ep = options.extra_precision
+    linear = _linear_modules(cfg, ckpt.path) if opts.layout != "dense" else set()
+    plans = [_plan_tensor(ckpt, n, widths.get(n), ep, opts, linear) for n in ckpt.tensor_names()]
+    prep = _Prepared(opts, cfg, plans, widths, ep)
+    if opts.layout == "compressed-tensors":
+        packed = {p.name.removesuffix(".weight") for p in plans if p.how == "packed"}
+        if opts.groups == "one":
+            _one_scheme(ckpt, plans)
+        prep.groups = _config_groups(ckpt, plans)
+        prep.ignore = sorted(linear - packed)
+    if opts.layout == "gptq":
+        prep.gptq = _gptq_config(ckpt, plans, linear)
+    return prep
+
+
+def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, linear: set[str]) -> _Plan:
+    """The output entries of one tensor under the chosen layout."""
+    info = ckpt.info(name)
+    if not info.quantized:
+        if opts.dtype is None or info.dtype not in FLOAT_DTYPES or DTYPES[opts.dtype] == info.dtype:
+            return _Plan(name, "copy", {name: (info.dtype, info.shape)})
+        return _Plan(name, "float", {name: (DTYPES[opts.dtype], info.shape)}, dtype=DTYPES[opts.dtype])
+    ep = ep and bits < ckpt.code_bits
+    module = name.removesuffix(".weight")
+    plan = None
+    if opts.layout != "dense" and module in linear and name.endswith(".weight"):
+        pick = _gptq_plan if opts.layout == "gptq" else _packed_plan
+        plan = pick(ckpt, name, module, bits, ep)
+    if plan is None:  # dense, not a linear layer's weight, or no exact container: dequantized
+        dtype = DTYPES[opts.dtype] if opts.dtype else _float_dtype(info.dtype)
+        plan = _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype)
+    return plan
+
+
+def _gptq_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan:
+    """GPTQ entries of one linear weight in its smallest exact container; refused if none is exact."""
+    info = ckpt.info(name)
+    g = info.group_size
+    if g is not None and info.shape[1] % g:
+        raise GPTQLayoutError(
+            ckpt.path, f"{name}: {info.shape[1]} columns are not a multiple of the group size {g}"
+        )
+    z = ckpt.zero(name)
+    c, why = hf_gptq.choose(z, ckpt.scale(name), ckpt.code_bits, bits, ep, info.shape)
+    if not c:
+        raise GPTQLayoutError(
+            ckpt.path,
+            f"{name}: GPTQ cannot hold width {bits}{' + extra' if ep else ''} exactly: {why} "
+            "(--layout compressed-tensors can)",
+        )
+    sym = bool(np.all(z == np.float32(1 << (ckpt.code_bits - c + ep)) * (1 << (c - 1))))
+    groups = 1 if g is None else info.shape[1] // g
+    return _Plan(name, "gptq", hf_gptq.entries(module, info.shape, groups, c), bits, c, sym)
+
+
+def _gptq_config(ckpt, plans: list[_Plan], linear: set[str]) -> dict:
+    """The GPTQ ``quantization_config`` (one group size for the whole model)."""
+    done = [p for p in plans if p.how == "gptq"]
+    if not done:
+        raise GPTQLayoutError(ckpt.path, "quantizes no linear layer, so a GPTQ folder would hold nothing")
+    grids = {ckpt.info(p.name).group_size for p in done}
+    if len(grids) > 1:
+        raise GPTQLayoutError(ckpt.path, "GPTQ has one group size per model; these tensors use several")
+    containers = {p.name.removesuffix(".weight"): p.container for p in done}
+    skipped = sorted(linear - set(containers))
+    sym = all(p.symmetric for p in done)
+    return hf_gptq.config(containers, grids.pop() if grids else None, sym, skipped)
+
+
+def _float_dtype(dtype: str) -> str:
+    """Where a dequantized tensor goes when no ``--dtype`` is given: its source dtype, if a float."""
+    return dtype if dtype in ("F32", "F16", "BF16") else "F32"
+
+
+def _packed_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan | None:
+    """compressed-tensors entries of one linear weight in its smallest exact container; None if none."""
+    info = ckpt.info(name)
+    rows, cols = info.shape
+    g = info.group_size
+    z = ckpt.zero(name)
+    c = container_bits(z, ckpt.code_bits, bits, ep)
+    if c is None or (g is not None and cols % g):
+        return None
+    sym = not ep and bool(np.all(z == 2.0 ** (ckpt.code_bits - 1)))
+    return _Plan(name, "packed", _packed_entries(module, info.shape, g, c, sym), bits, c, sym)
+
+
+def _packed_entries(module: str, shape, g: int | None, c: int, sym: bool) -> dict:
+    """compressed-tensors' names, dtypes and shapes for one linear layer in a ``c``-bit container."""
+    rows, cols = shape
+    groups = 1 if g is None else cols // g
+    entries = {
+        f"{module}.weight_packed": ("I32", (rows, math.ceil(cols * c / 32))),
+        f"{module}.weight_scale": ("F32", (rows, groups)),
+        f"{module}.weight_shape": ("I64", (2,)),
+    }
+    if not sym:
+        entries[f"{module}.weight_zero_point"] = ("I32", (math.ceil(rows * c / 32), groups))
+    return entries
+
+
+def _one_scheme(ckpt, plans: list[_Plan]) -> None:
+    """Every packed tensor in the widest container any needs (a wider one stays exact: the zero
+    points only have to be integers at a finer step), asymmetric if any is."""
+    packed = [p for p in plans if p.how == "packed"]
+    grids = {ckpt.info(p.name).group_size for p in packed}
+    if len(grids) > 1:
+        raise UnsupportedModelError(
+            ckpt.path, "tensors with different group sizes need one config group each; use --groups per-width"
+        )
+    c = max((p.container for p in packed), default=8)
+    sym = all(p.symmetric for p in packed)
+    for p in packed:
+        info = ckpt.info(p.name)
+        p.container, p.symmetric = c, sym
+        p.entries = _packed_entries(p.name.removesuffix(".weight"), info.shape, info.group_size, c, sym)
+
+
+def container_bits(zero: np.ndarray, code_bits: int, bits: int, ep: bool = False) -> int | None:
+    """The fewest bits ``c`` (at most 8) that hold a width-``bits`` slice with integer zero points
+    ``z / 2^step_exponent(...)``; None if none does."""
+    if not np.all(zero == np.round(zero)):
+        return None
+    zi = zero.astype(np.int64)
+    for c in range(bits + ep, 9):
+        if not np.any(zi % (1 << step_exponent(code_bits, bits, ep, c))):
+            return c
+    return None
+
+
+def step_exponent(code_bits: int, bits: int, ep: bool, c: int) -> int:
+    """``e``: a container step is ``2^e`` code steps, the codes shifted up by ``c - bits - ep``."""
+    return max(code_bits - c + ep, 0)
+
+
+def _config_groups(ckpt, plans: list[_Plan]) -> dict:
+    """One compressed-tensors scheme per (container, symmetry, granularity), naming its modules."""
+    by_key: dict[tuple, list[str]] = {}
+    for p in plans:
+        if p.how == "packed":
+            g = ckpt.info(p.name).group_size
+            by_key.setdefault((p.container, p.symmetric, g), []).append(p.name.removesuffix(".weight"))
+    groups = {}
+    for i, ((c, sym, g), targets) in enumerate(
+        sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][2] or 0))
+    ):
+        weights = {
+            "num_bits": c,
+            "type": "int",
+            "symmetric": sym,
+            "strategy": "channel" if g is None else "group",
+            "group_size": g,
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+        }
+        groups[f"group_{i}"] = {
+            "targets": targets,
+            "weights": weights,
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    return groups
+
+
+def _linear_modules(cfg: dict, path) -> set[str]:
+    """Names of the ``nn.Linear`` modules of the config's model class, built on the meta device."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            None, f"--layout compressed-tensors and gptq need {', '.join(missing)} (pip install 'matq[hf]')"
+        )
+    import torch
+    import transformers
+
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    try:
+        config = transformers.AutoConfig.for_model(**cfg)
+        if cls is None:
+            cls = transformers.AutoModel
+        with torch.device("meta"):
+            model = cls.from_config(config) if cls is transformers.AutoModel else cls._from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnsupportedModelError(
+            path, f"transformers cannot build model type {cfg.get('model_type')!r}: {exc}"
+        ) from None
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _shard_bytes(text: str) -> int:
+    """``50GB`` -> 50e9 (KB, MB, GB decimal; KiB, MiB, GiB binary), as transformers reads it."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConvertOptionError(None, f"max_shard_size {text!r} is not a size like 5GB or 500MB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+    size = int(float(m.group(1)) * scale[unit])
+    if size <= 0:
+        raise ConvertOptionError(None, f"max_shard_size {text!r} must be positive")
+    return size
+
+
+def _shards(plans: list[_Plan], limit: int) -> list[list[_Plan]]:
+    """Tensors into shards in order, a new shard when the next tensor would pass ``limit``."""
+    shards: list[list[_Plan]] = [[]]
+    size = 0
+    for p in plans:
+        if shards[-1] and size + p.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+# --- writing ----------------------------------------------------------------------------------------
+def export_hf(
+    ckpt,
+    out: str | os.PathLike,
+    options: ConvertOptions,
+    progress: Callable[[int], None] | None = None,
+) -> ConvertResult:
+    """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly."""
+    out = Path(out)
+    prep = _prepare(ckpt, options)
+    shards = _shards(prep.plans, _shard_bytes(prep.opts.max_shard_size))
+    meta = {"format": "pt", META_CONVERTER: f"matq {MATQ_VERSION}", "matq.source.digest": ckpt.digest}
+    inexact: list[str] = []
+    with AtomicOutput(out, HF_FOLDER, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = (
+                WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            w = SafetensorsWriter(o.tmp / fname)
+            try:
+                for p in shard:
+                    if not _write_tensor(w, ckpt, p, prep):
+                        inexact.append(p.name)
+                    weight_map.update(dict.fromkeys(p.entries, fname))
+                    if progress:
+                        progress(1)
+            except BaseException:
+                w.abort()
+                raise
+            w.close(meta)
+        if len(shards) > 1:
+            total = sum(p.nbytes for p in prep.plans)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (o.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        _write_side_files(ckpt, o.tmp, prep)
+        o.commit()
+    return _result(out, ckpt, prep, shards, inexact)
+
+
+def _write_tensor(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> bool:
+    """One tensor's entries; returns whether they hold the slice (or the stored tensor) bit for bit."""
+    if p.how == "copy":
+        src, offset, nbytes = ckpt.dense_location(p.name)
+        ckpt.check_copied(p.name, w.copy_from(p.name, src, offset, nbytes, *p.entries[p.name]))
+        return True
+    if p.how == "float":
+        info = ckpt.info(p.name)
+        if info.quantized:
+            ep = prep.extra_precision and p.bits < ckpt.code_bits
+            x = ckpt.dequantize(p.name, p.bits, ep)
+        else:
+            x = ckpt.dequantize(p.name)
+        y = x.astype(dtypes.np_dtype(p.dtype))
+        exact = bool(np.array_equal(y.astype(np.float32), x.astype(np.float32)))
+        if prep.opts.exact and not exact:
+            raise InexactError(
+                ckpt.path, f"{p.name}: its values are not exact in {p.dtype} (--exact); try --dtype float32"
+            )
+        w.write(p.name, y, p.dtype)
+        return exact
+    if p.how == "gptq":
+        _write_gptq(w, ckpt, p, prep)
+        return True
+    _write_packed(w, ckpt, p, prep)
+    return True
+
+
+def _write_gptq(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> None:
+    """GPTQ entries: codes and zero points packed in int32, float16 scales, g_idx."""
+    ep = prep.extra_precision and p.bits < ckpt.code_bits
+    k = ckpt.sliced_codes(p.name, p.bits, ep)
+    arrays = hf_gptq.tensors(
+        k,
+        ckpt.scale(p.name),
+        ckpt.zero(p.name),
+        ckpt.code_bits,
+        p.bits,
+        ep,
+        p.container,
+        ckpt.info(p.name).group_size,
+    )
+    module = p.name.removesuffix(".weight")
+    for suffix, array in arrays.items():
+        name = f"{module}.{suffix}"
+        w.write(name, array, p.entries[name][0])
+
+
+def _write_packed(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> None:
+    """compressed-tensors entries: codes in the container, float32 scales, packed zero points."""
+    c, code_bits = p.container, ckpt.code_bits
+    ep = prep.extra_precision and p.bits < code_bits
+    e = step_exponent(code_bits, p.bits, ep, c)
+    module = p.name.removesuffix(".weight")
+    k = ckpt.sliced_codes(p.name, p.bits, ep).astype(np.uint16) << (code_bits - p.bits - e)
+    w.write(f"{module}.weight_packed", pack_int32(k, c), "I32")
+    del k
+    s = ckpt.scale(p.name) * np.float32(1 << e)
+    w.write(f"{module}.weight_scale", s.astype(np.float32), "F32")
+    w.write(f"{module}.weight_shape", np.asarray(ckpt.info(p.name).shape, np.int64), "I64")
+    if not p.symmetric:
+        zc = (ckpt.zero(p.name) / np.float32(1 << e)).astype(np.uint16)
+        w.write(f"{module}.weight_zero_point", np.ascontiguousarray(pack_int32(zc.T, c).T), "I32")
+
+
+def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
+    """compressed-tensors' ``pack_to_int32`` of unsigned codes along rows: element i of a row at bit
+    ``i * bits`` of the row's little-endian bit stream, rows padded to 32 elements, int32 words."""
+    rows, cols = values.shape
+    words = math.ceil(cols * bits / 32)
+    padded = math.ceil(cols / 32) * 32
+    out = np.empty((rows, padded * bits // 32), np.uint32)
+    step = max(1, PACK_BLOCK // max(padded, 1))
+    for r0 in range(0, rows, step):
+        v = np.zeros((min(step, rows - r0), padded), np.uint8)
+        v[:, :cols] = values[r0 : r0 + step]
+        out[r0 : r0 + step] = _pack_bytes(v, bits).view("<u4")
+    return np.ascontiguousarray(out[:, :words]).view(np.int32)
+
+
+def _pack_bytes(v: np.ndarray, bits: int) -> np.ndarray:
+    """Rows of codes (uint8) as the bytes of their little-endian bit stream, ``bits`` per code."""
+    if bits == 8:
+        return v
+    if 8 % bits == 0:  # whole codes per byte: shift and or, a pass per code in the byte
+        per = 8 // bits
+        g = v.reshape(len(v), -1, per)
+        out = g[:, :, 0].copy()
+        for i in range(1, per):
+            out |= g[:, :, i] << np.uint8(bits * i)
+        return out
+    stream = ((v[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(len(v), -1)
+    return np.packbits(stream, axis=1, bitorder="little")
+
+
+def _write_side_files(ckpt, tmp: Path, prep: _Prepared) -> None:
+    """The carried files (tokenizer, generation config...) and config.json with the layout's entries."""
+    for rel, data in ckpt.carried_bytes().items():
+        if rel == "config.json":
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    cfg = dict(prep.cfg)
+    cfg.pop("quantization_config", None)
+    if prep.opts.dtype:
+        cfg["dtype"] = prep.opts.dtype
+        cfg.pop("torch_dtype", None)
+    if prep.gptq:
+        cfg["quantization_config"] = prep.gptq
+    if prep.groups:
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": prep.groups,
+            "ignore": prep.ignore,
+            "kv_cache_scheme": None,
+            "dequantize": True,
+        }
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> ConvertResult:
+    """The summary line and the ``--json`` details."""
+    packed = [p for p in prep.plans if p.how in ("packed", "gptq")]
+    quantized = [p for p in prep.plans if p.bits is not None]
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    details = {
+        "layout": prep.opts.layout,
+        "files": len(shards),
+        "bytes": size,
+        "widths": prep.widths,
+        "containers": {p.name: p.container for p in packed},
+        "dequantized": [p.name for p in quantized if p.how == "float"],
+        "exact_tensors": len(quantized) - len([n for n in inexact if n in prep.widths]),
+        "quantized_tensors": len(quantized),
+        "quantized_bytes": sum(p.nbytes for p in quantized),
+        "inexact": inexact,
+    }
+    summary = (
+        f"{out}: {prep.opts.layout}, {len(prep.plans)} tensors in {len(shards)} file(s), {size} bytes; "
+        f"{len(packed)} packed, {details['exact_tensors']}/{len(quantized)} quantized tensors bit-exact"
+    )
+    warnings = []
+    if details["dequantized"] and prep.opts.layout != "dense":
+        names = details["dequantized"]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        warnings.append(
+            f"stored {len(names)} quantized tensor(s) dequantized (not a linear layer's weight, or no exact "
+            f"container): {', '.join(names[:3])}{more}"
+        )
+    return ConvertResult(out, summary, details, warnings)
