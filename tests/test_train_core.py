@@ -216,3 +216,20 @@ def test_width_batches_train_the_same_model(tmp_path, monkeypatch):
     ]
     for k, v in ref.model.state_dict().items():
         assert torch.equal(got.model.state_dict()[k], v), k
+
+
+def test_checkpoints_from_before_new_settings_still_resume(tmp_path):
+    """A checkpoint written before backend/device/precision existed resumes with their defaults."""
+    from dataclasses import asdict
+
+    from matq_train.config import CheckpointMismatchError, check_resumable
+
+    cfg = TrainConfig(model_dir="m", data=["d"])
+    old = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("backend", "device", "precision", "grad_checkpointing", "mesh")
+    }
+    check_resumable(old, cfg, tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="backend"):
+        check_resumable(old, TrainConfig(model_dir="m", data=["d"], backend="jax"), tmp_path)
