@@ -117,9 +117,10 @@ def speed(model_dir: Path, blocks, args) -> dict[str, float]:
     """
     import torch
 
-    from matq_train.fakequant import QuantSpec, prepare
-    from matq_train.loss import MatQuantStep, Objective
-    from matq_train.trainer import load_model
+    from matq_train.objective import Objective
+    from matq_train.torch.fakequant import QuantSpec, prepare
+    from matq_train.torch.loss import MatQuantStep
+    from matq_train.torch.trainer import load_model
 
     nets = {}
     for kind, obj, spec in (
@@ -258,8 +259,8 @@ def main() -> None:
 
     import matq_format as mf
     from matq_train.data import TokenBlocks, split_documents, tokenize
-    from matq_train.fakequant import QuantSpec, fake_quant_layers, prepare
-    from matq_train.trainer import TrainConfig, evaluate, load_model, train
+    from matq_train.torch.fakequant import QuantSpec, fake_quant_layers, prepare
+    from matq_train.torch.trainer import TrainConfig, evaluate, load_model, train
 
     t_start = time.perf_counter()
     init_dir, pre_dir = args.work / "init", args.work / "pretrained"

@@ -1,89 +1,75 @@
-"""Write a trained model as a matq checkpoint whose slices are the trainer's own fake-quantized weights.
+"""Write trained weights as a matq checkpoint, from (name, codes, scale, zero point) records.
 
-Each fake-quantized layer stores the codes, scales and zero points its forward pass used, so
-``ckpt.dequantize(name, r)`` equals ``layer.fake_weight(r)`` bit for bit (a zero-tolerance test
-checks every width). Everything else is stored dense as trained; the model's config and tokenizer
-travel with the checkpoint.
+A backend hands over, in model order, each fake-quantized weight as the :class:`Quantized` codes,
+scales and zero points its forward pass used, and every other tensor as an array; so
+``ckpt.dequantize(name, r)`` equals the backend's fake-quantized weight at width r bit for bit (the
+tests check every width with zero tolerance). The writer keywords come from the run's
+:class:`~matq_train.spec.QuantSpec`. Nothing here imports torch or jax.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from torch import nn
 
 import matq_format as mf
-from matq_format import constants as C
 
-from .fakequant import fake_quant_layers
+from .spec import QuantSpec
 
-__all__ = ["export_matq"]
-
-_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+__all__ = ["Quantized", "export_records"]
 
 
-def export_matq(
-    model: nn.Module,
+class Quantized(NamedTuple):
+    """One weight as stored: codes ``uint8 [rows, cols]``, scale and zero point ``float32 [rows, groups]``."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+
+
+def export_records(
     out: str | os.PathLike,
+    records: Iterable[tuple[str, Quantized | np.ndarray]],
+    spec: QuantSpec,
     *,
-    tokenizer=None,
     extra_precision: bool = False,
+    side_files: Callable[[Path], None] | None = None,
+    carry_from: str | os.PathLike | None = None,
     source: dict | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Export ``model`` (prepared with :func:`matq_train.fakequant.prepare`) to the folder ``out``.
+    """Write ``records`` to the checkpoint folder ``out`` (atomically, as every matq writer does).
 
-    ``extra_precision`` marks every width below the code width as trained with the extra bucket.
+    ``side_files(folder)`` writes the files the checkpoint carries (config, tokenizer) into a
+    temporary folder; ``carry_from`` names a model folder whose side files travel as they are (instead);
+    ``extra_precision`` marks every width below the code width as trained with the
+    extra bucket.
     """
-    layers = dict(fake_quant_layers(model))
-    if not layers:
-        raise ValueError("the model has no fake-quantized layers; call prepare() first")
-    specs = {m.spec for m in layers.values()}
-    if len(specs) != 1:
-        raise ValueError("all fake-quantized layers of one checkpoint must share code bits and parameters")
-    spec = specs.pop()
-    ep = tuple(r for r in C.SLICE_WIDTHS if r < spec.code_bits) if extra_precision else ()
-    skip = {f"{n[: -len('weight')]}{p}" for n in layers for p in ("clip_gamma", "clip_beta")}
+    options = spec.entry_options(extra_precision)
+    n_quantized = 0
     with tempfile.TemporaryDirectory(prefix=".matq-train-side-") as side:
-        config = getattr(model, "config", None)
-        if config is not None:
-            config.save_pretrained(side)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(side)
+        if side_files is not None:
+            side_files(Path(side))
         with mf.CheckpointWriter(
             out,
             code_bits=spec.code_bits,
-            carry_from=side,
+            carry_from=carry_from if carry_from is not None else side,
             source=source or {},
             overwrite=overwrite,
             inputs=inputs,
         ) as w:
-            seen: set[int] = set()
-            for name, t in model.state_dict(keep_vars=False).items():
-                if name in skip:
-                    continue  # learned clipping is folded into the stored scale and zero point
-                if name in layers:
-                    codes, scale, zero = layers[name].export_params()
-                    w.add_quantized(
-                        name,
-                        codes,
-                        scale,
-                        zero,
-                        dtype="F32",
-                        group_size=spec.group_size,
-                        scheme=spec.scheme,
-                        scale_dtype=spec.scale_dtype,
-                        zero_dtype="U8",
-                        extra_precision=ep,
-                    )
-                    continue
-                if t.data_ptr() in seen and t.numel():
-                    continue  # a tied weight (config.tie_word_embeddings restores it)
-                seen.add(t.data_ptr())
-                w.add_dense(name, np.ascontiguousarray(t.detach().cpu().numpy()))
+            for name, rec in records:
+                if isinstance(rec, Quantized):
+                    w.add_quantized(name, rec.codes, rec.scale, rec.zero, dtype="F32", **options)
+                    n_quantized += 1
+                else:
+                    w.add_dense(name, np.ascontiguousarray(rec))
+            if not n_quantized:
+                raise ValueError("no quantized records: the model has no fake-quantized layers")
     return Path(out)

@@ -22,7 +22,8 @@ from click.testing import CliRunner  # noqa: E402
 import matq_format as mf  # noqa: E402
 from matq_format import numerics as N  # noqa: E402
 from matq_format.errors import MatqError  # noqa: E402
-from matq_train.fakequant import (  # noqa: E402
+from matq_train.objective import Objective, ObjectiveError, parse_distill  # noqa: E402
+from matq_train.torch.fakequant import (  # noqa: E402
     FakeQuantLinear,
     QuantSpec,
     QuantSpecError,
@@ -30,8 +31,7 @@ from matq_train.fakequant import (  # noqa: E402
     fake_quant_layers,
     prepare,
 )
-from matq_train.loss import Objective, ObjectiveError, parse_distill  # noqa: E402
-from matq_train.trainer import (  # noqa: E402
+from matq_train.torch.trainer import (  # noqa: E402
     CheckpointMismatchError,
     TrainConfig,
     latest_checkpoint,
@@ -234,8 +234,8 @@ def test_objective_terms(llama_dir):
     """Eq. 7 term by term: ground truth per width; 8->2 replaces int2's target; with labels, adds to it."""
     from transformers import AutoModelForCausalLM
 
-    from matq_train.fakequant import width
-    from matq_train.loss import MatQuantStep, token_nll
+    from matq_train.torch.fakequant import width
+    from matq_train.torch.loss import MatQuantStep, token_nll
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(llama_dir)

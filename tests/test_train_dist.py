@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 from test_train import cfg_for, make_model_dir  # noqa: E402
 
-from matq_train.trainer import train  # noqa: E402
+from matq_train.torch.trainer import train  # noqa: E402
 
 KW = dict(
     bits=(8, 4, 2),

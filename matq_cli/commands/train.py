@@ -32,6 +32,8 @@ Examples:
   matq train ./bert --data corpus/ --layers linear --group-size 64 --clip learned -o bert-matq
   torchrun --nproc-per-node 2 -m matq_cli train ./llama-tiny --data corpus/ -o out   # DDP, gloo on CPU
   matq train ./llama-tiny --data corpus/ -o out --save-every 100 --resume          # continue a run
+  matq train ./SmolLM2-135M --data docs/ --device cuda --precision bf16 --grad-checkpointing -o out
+  matq train ./llama-tiny --data corpus/ --backend jax -o out-jax                   # JAX, every local device
 """
 )
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -91,6 +93,19 @@ Examples:
 @click.option("--fsdp", is_flag=True, help="Shard parameters with FSDP2 (under torchrun).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option(
+    "--backend", type=click.Choice(["torch", "jax"]), default="torch", show_default=True, help="Training framework."
+)
+@click.option("--device", default=None, help="torch: cpu, cuda or cuda:N [default: cuda when present].")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16: matrix products under bfloat16 autocast (weights and optimizer stay float32).",
+)
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")
+@click.option("--mesh", type=click.IntRange(min=1), default=None, help="jax: data-parallel devices [default: all].")
+@click.option(
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the loss history and speed as JSON.")
@@ -98,10 +113,10 @@ def train(model_dir: Path, data, out: Path, as_json: bool, symmetric: bool, chec
     """Train MODEL_DIR for several widths at once and write a matq checkpoint."""
     import sys
 
-    from matq_train.trainer import TrainConfig
-    from matq_train.trainer import train as run
+    from matq_train.config import TrainConfig
+    from matq_train.run import train as run
 
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and kw.get("backend") == "torch":
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

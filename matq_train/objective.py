@@ -1,4 +1,4 @@
-"""The MatQuant objective (Eq. 7): ``sum_r lambda_r * loss_r``, one model run per width.
+"""The MatQuant objective (Eq. 7), framework-neutral: ``sum_r lambda_r * loss_r``, one model run per width.
 
 ``loss_r`` is the next-token (causal LM) or masked-token (masked LM) cross-entropy of the model
 with its selected weights sliced to ``r`` bits. Co-distillation ``T->S`` replaces the target of
@@ -6,7 +6,8 @@ width S by the output distribution of width T (detached), as in the paper's ``[8
 with ``distill_labels`` the student keeps its ground-truth term too, weighted equally (the
 paper's ``[8, 4, 2, 8->2]``).
 Extra precision drops the slice clamp at every width below ``c``. A single-width baseline is the
-objective with one width and ``c = r``.
+objective with one width and ``c = r``. The backends (``matq_train.torch``, ``matq_train.jax``)
+evaluate it; this module only says what it is and checks it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from matq_format.errors import MatqError
 
-from .fakequant import width
-
-__all__ = ["Objective", "ObjectiveError", "MatQuantStep", "parse_bits", "parse_distill", "token_nll"]
+__all__ = ["IGNORE", "Objective", "ObjectiveError", "Term", "parse_bits", "parse_distill"]
 
 IGNORE = -100
 
@@ -58,6 +53,22 @@ def parse_distill(text: str | None) -> dict[int, int]:
             )
         out[s] = t
     return out
+
+
+@dataclass(frozen=True)
+class Term:
+    """One model run of a step: its width (None: full precision), weight, and what it is scored against.
+
+    ``teacher``: the width whose detached output distribution is the target (KL), or None;
+    ``labels``: whether the ground-truth cross-entropy is part of the term; ``keep``: whether this
+    width's logits are kept (detached) because a later term learns from them.
+    """
+
+    bits: int | None
+    weight: float
+    teacher: int | None
+    labels: bool
+    keep: bool
 
 
 @dataclass(frozen=True)
@@ -115,68 +126,18 @@ class Objective:
             "distill_labels": self.distill_labels,
         }
 
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy (nats) over the scored tokens, and their count."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    flat = labels.reshape(-1)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE, reduction="sum"
-    )
-    return nll, (flat != IGNORE).sum()
-
-
-def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Summed KL(teacher || student) over the scored positions; the teacher is detached."""
-    if causal:
-        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
-    keep = labels.reshape(-1) != IGNORE
-    s = F.log_softmax(student.reshape(-1, student.shape[-1]).float()[keep], dim=-1)
-    t = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]).float()[keep].detach(), dim=-1)
-    return (t.exp() * (t - s)).sum()
-
-
-class MatQuantStep(nn.Module):
-    """One training step's loss as a module, so DDP/FSDP see a single forward per backward.
-
-    ``forward`` returns ``(total, per_width)``: the weighted sum normalised by ``denom`` (the
-    global number of scored tokens divided by the world size, so DDP's gradient averaging gives the
-    global mean), and each width's unweighted loss per token on this rank, detached.
-    """
-
-    def __init__(self, model: nn.Module, objective: Objective, causal: bool = True):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.causal = causal
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        denom: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        obj = self.objective
-        logits: dict[int, torch.Tensor] = {}
-        total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-        per = []
-        teachers = set(obj.distill.values())
-        # No widths: plain full-precision training (the speed reference, and pretraining).
-        for r, lam in zip(obj.bits or (None,), obj.lambdas or (1.0,), strict=True):
-            with width(self.model, r, obj.extra_precision):
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            if r in teachers:
-                logits[r] = out.detach()
-            nll, n = token_nll(out, labels, self.causal)
-            n_f = n.clamp_min(1).to(torch.float32)
-            if r in obj.distill:
-                term = _kl_sum(out, logits[obj.distill[r]], labels, self.causal)
-                if obj.distill_labels:
-                    term = term + nll
-            else:
-                term = nll
-            total = total + lam * term / (n_f if denom is None else denom)
-            per.append((nll / n_f).detach())
-        return total, torch.stack(per)
+    def terms(self) -> tuple[Term, ...]:
+        """The runs of one step, widest first (teachers run before their students); every backend follows it."""
+        if not self.bits:
+            return (Term(None, 1.0, None, True, False),)
+        teachers = set(self.distill.values())
+        return tuple(
+            Term(
+                r,
+                lam,
+                self.distill.get(r),
+                r not in self.distill or self.distill_labels,
+                r in teachers,
+            )
+            for r, lam in zip(self.bits, self.lambdas, strict=True)
+        )
