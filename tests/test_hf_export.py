@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from gguf_helpers import hf_model_on_matq, hf_tensors, tiny_hf_model, to_matq
 from matq_converters import registry
 from matq_converters.hf_export import InexactError, container_bits, pack_int32
+from matq_converters.quantize import quantize_hf
 from matq_converters.registry import ConvertOptions, UnsupportedModelError
 
 import matq_format as mf
@@ -38,7 +39,10 @@ def models(tmp_path_factory):
         "llama": to_matq(hf["llama"], base / "ck-llama", group_size=128),
         "qwen2": to_matq(hf["qwen2"], base / "ck-qwen2", zero_multiple=64, quantize_embeddings=True),
         "gemma2": to_matq(hf["gemma2"], base / "ck-gemma2", symmetric=True),
+        # quantize --layout gguf: symmetric, groups of 32, signed scales (spec 10.4)
+        "llama-gguf": mf.open(quantize_hf(hf["llama"], base / "ck-llama-gguf", layers="linear", layout="gguf")),
     }
+    hf["llama-gguf"] = hf["llama"]
     return hf, ck
 
 
@@ -57,7 +61,7 @@ def loaded(out: Path):
 
 
 @pytest.mark.parametrize("layout", ["compressed-tensors", "dense"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "llama-gguf"])
 def test_logits_equal_matq_dequantized_weights_at_every_width(models, tmp_path, arch, layout):
     hf, ck = models
     for bits, ep in [(8, False), (6, False), (4, False), (3, False), (2, False), (2, True), (4, True)]:
