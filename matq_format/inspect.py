@@ -55,8 +55,10 @@ def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], 
         tensors.append(row)
         if progress:
             progress(1)
+    served = _common_widths(ckpt, widths)
     return {
         "path": str(ckpt.path),
+        "summary": _summary(ckpt, tensors, served, totals),
         "format_version": ckpt.version,
         "code_bits": c,
         "digest": ckpt.digest,
@@ -66,7 +68,43 @@ def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], 
         },
         "carried": sorted(ckpt.manifest.get("carried", {})),
         "source": ckpt.source,
-        "bytes_per_width": totals,
+        "widths_served": served,
+        "bytes_per_width": {str(r): totals[str(r)] for r in served},
         "checksums": {"entries": len(ckpt.manifest["entries"]), "checked": ckpt.checked_entries()},
         "tensors": tensors,
     }
+
+
+def _common_widths(ckpt: Checkpoint, widths: list[int]) -> list[int]:
+    """Widths every quantized tensor serves: what ``matq slice --bits`` and the exports accept."""
+    c = ckpt.code_bits
+    top = min((ckpt.info(n).max_width(c) for n in ckpt.quantized_names()), default=0)
+    return [r for r in widths if r <= top]
+
+
+def _summary(ckpt: Checkpoint, tensors: list[dict], served: list[int], totals: dict[str, int]) -> dict:
+    """The first things a user asks: what model, how much of it is quantized, which widths it serves
+    and what each costs over the whole model (bits per weight over every tensor's elements)."""
+    numel = {t["name"]: _numel(t["shape"]) for t in tensors}
+    quantized = [t["name"] for t in tensors if t["kind"] == C.KIND_QUANTIZED]
+    weights = sum(numel.values())
+    tops = {ckpt.info(n).max_width(ckpt.code_bits) for n in quantized}
+    src = ckpt.source
+    return {
+        "model": src.get("model"),
+        "architecture": src.get("architecture") or src.get("model_type"),
+        "layout": src.get("layout", "free") if quantized else None,
+        "tensors": len(tensors),
+        "quantized_tensors": len(quantized),
+        "weights": weights,
+        "quantized_weights": sum(numel[n] for n in quantized),
+        "mixed_widths": len(tops) > 1,
+        "bits_per_weight": {str(r): 8 * totals[str(r)] / weights for r in served} if weights else {},
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -41,6 +41,9 @@ def run(*args):
 def test_inspect_text_and_json(ck):
     r = run("inspect", ck)
     assert r.exit_code == 0, r.output
+    assert "widths served: int8 int6 int4 int3 int2" in r.output and "bits/weight" in r.output
+    assert "model.layers.0.mlp.up_proj.weight" not in r.output  # the summary only
+    r = run("inspect", ck, "--tensors")
     assert (
         "model.layers.0.mlp.up_proj.weight" in r.output and "int2:" in r.output and "extra bucket" in r.output
     )
@@ -73,7 +76,9 @@ def test_slice_cli(ck, tmp_path):
     out = tmp_path / "int4"
     r = run("slice", ck, "--bits", "4", "-o", out)
     assert r.exit_code == 0, r.output
-    assert "bits per weight" in r.output
+    assert "bits per quantized weight" in r.output
+    n_quantized = len(mf.open(ck).quantized_names())
+    assert f"widths: int4 x{n_quantized} tensors" in r.output  # the widths it chose, shown
     src, s = mf.open(ck), mf.open(out)
     for n in src.quantized_names():
         assert np.array_equal(s.dequantize(n, 4), src.dequantize(n, 4))
@@ -127,10 +132,10 @@ def test_control_characters_in_names_are_escaped(tmp_path):
     shown = "model.layers.0.mlp.up\\x1b]0;owned\\x07\\x1b[2J\\r\\nfake line\\u202e.weight"
     assert printable(EVIL) == shown and printable("plain ü €") == "plain ü €"
 
-    r = run("inspect", tmp_path / "ck")
+    r = run("inspect", tmp_path / "ck", "--tensors")
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.output and "\r" not in r.output and "\u202e" not in r.output
-    assert f"  {shown}  F32 [4x64]" in r.output and f"  {shown}.bias  dense F32 [4]" in r.output
+    assert f"  {shown}  from F32 [4x64]" in r.output and f"  {shown}.bias  dense F32 [4]" in r.output
     r = run("inspect", tmp_path / "ck", "--json")  # JSON stays exact
     assert [t["name"] for t in json.loads(r.output)["tensors"]] == [EVIL, EVIL + ".bias"]
 
@@ -143,3 +148,18 @@ def test_control_characters_in_names_are_escaped(tmp_path):
     r = CliRunner().invoke(cli, ["slice", str(tmp_path / "ck"), "--plan", str(plan), "-o", str(tmp_path / "s")])
     assert r.exit_code == 1
     assert r.output == f"matq: {tmp_path / 'ck' / 'matq.safetensors'}: {shown}: width 9 outside 1..8\n"
+
+
+def test_inspect_lists_only_the_widths_a_slice_serves(ck, tmp_path):
+    """An int4 slice serves int4, int3 and int2, not int8 or int6 (which `slice --bits 8` would refuse)."""
+    mf.slice_checkpoint(mf.open(ck), tmp_path / "s4", bits=4)
+    r = run("inspect", tmp_path / "s4")
+    assert r.exit_code == 0, r.output
+    assert "widths served: int4 int3 int2\n" in r.output and "int8" not in r.output.split("digest")[1]
+    d = json.loads(run("inspect", tmp_path / "s4", "--json").output)
+    assert d["widths_served"] == [4, 3, 2] and list(d["bytes_per_width"]) == ["4", "3", "2"]
+    b = d["bytes_per_width"]
+    assert b["4"] > b["3"] > b["2"]
+    s = d["summary"]
+    assert s["quantized_tensors"] == len(mf.open(ck).quantized_names()) and not s["mixed_widths"]
+    assert s["bits_per_weight"]["4"] == 8 * b["4"] / s["weights"]

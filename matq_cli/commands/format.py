@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -19,46 +20,73 @@ from ..progress import bar
     epilog="""\b
 Examples:
   matq inspect ./my-model-matq
-  matq inspect ./my-model-matq --json | jq '.bytes_per_width'
+  matq inspect ./my-model-matq --tensors
+  matq inspect ./my-model-matq --json | jq '.summary'
 """
 )
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (summary and every tensor).")
+@click.option("--tensors", "per_tensor", is_flag=True, help="Also list every tensor, with extra-bucket shares.")
 @click.option("--no-stats", is_flag=True, help="Skip the extra-bucket share (reads every plane).")
-def inspect(path: Path, as_json: bool, no_stats: bool) -> None:
-    """Show tensors, widths, bytes each width reads, and extra-bucket shares."""
+def inspect(path: Path, as_json: bool, per_tensor: bool, no_stats: bool) -> None:
+    """Summarize a checkpoint: model, what is quantized, widths it serves, size of each; --tensors for detail."""
     from matq_format.inspect import describe
 
     ckpt = mf.open(path)
+    stats = (as_json or per_tensor) and not no_stats
     with bar(len(ckpt.tensor_names()), "inspect", "tensor") as pb:
-        d = describe(ckpt, stats=not no_stats, progress=pb.update)
+        d = describe(ckpt, stats=stats, progress=pb.update)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
     click.echo(f"{printable(d['path'])}  matq {d['format_version']}  c={d['code_bits']}  digest {d['digest'][:16]}")
-    click.echo(
-        "bytes read per width: "
-        + ", ".join(f"int{r}: {human_bytes(b)}" for r, b in d["bytes_per_width"].items())
-    )
+    for line in _summary_lines(d):
+        click.echo(line)
+    if not per_tensor:
+        click.echo("per tensor: matq inspect --tensors")
+        return
+    for t in d["tensors"]:
+        click.echo("  " + _tensor_line(t))
+
+
+def _summary_lines(d: dict) -> list[str]:
+    s = d["summary"]
+    model = printable(str(s["model"])) + (f" ({s['architecture']})" if s["architecture"] else "")
+    lines = [
+        f"model: {model}",
+        f"quantized: {s['quantized_tensors']} of {s['tensors']} tensors, {s['quantized_weights'] / 1e6:.1f}M of "
+        f"{s['weights'] / 1e6:.1f}M weights" + (f", layout {s['layout']}" if s["layout"] else ""),
+    ]
+    served = " ".join(f"int{r}" for r in d["widths_served"]) or "none (no quantized tensor)"
+    mixed = "; tensors sliced to different widths (a Mix'n'Match slice)" if s["mixed_widths"] else ""
+    lines.append(f"widths served: {served}{mixed}")
+    if d["bytes_per_width"]:
+        lines.append(
+            "bytes read at each width (whole checkpoint, dense tensors as stored): "
+            + ", ".join(
+                f"int{r} {human_bytes(b)} ({s['bits_per_weight'][r]:.2f} bits/weight)"
+                for r, b in d["bytes_per_width"].items()
+            )
+        )
     cs = d["checksums"]
-    click.echo(
+    lines.append(
         f"checksums: {cs['checked']} of {cs['entries']} entries read and checked"
         + ("" if cs["checked"] == cs["entries"] else "; the rest were not read (`matq verify` checks all)")
     )
-    for t in d["tensors"]:
-        shape = "x".join(map(str, t["shape"]))
-        if t["kind"] == "dense":
-            click.echo(f"  {printable(t['name'])}  dense {t['dtype']} [{shape}]  {human_bytes(t['bytes'])}")
-            continue
-        g = "channel" if t["granularity"] == "channel" else f"group {t['group_size']}"
-        ep = f"  ep {t['extra_precision']}" if t["extra_precision"] else ""
-        share = ""
-        if "extra_bucket_share" in t:
-            share = "  extra bucket " + " ".join(
-                f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items()
-            )
-        widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
-        click.echo(f"  {printable(t['name'])}  {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}")
+    return lines
+
+
+def _tensor_line(t: dict) -> str:
+    shape = "x".join(map(str, t["shape"]))
+    if t["kind"] == "dense":
+        return f"{printable(t['name'])}  dense {t['dtype']} [{shape}]  {human_bytes(t['bytes'])}"
+    g = "channel" if t["granularity"] == "channel" else f"group {t['group_size']}"
+    ep = f"  ep {t['extra_precision']}" if t["extra_precision"] else ""
+    share = ""
+    if "extra_bucket_share" in t:
+        share = "  extra bucket " + " ".join(f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items())
+    widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
+    return f"{printable(t['name'])}  from {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}"
 
 
 @click.command(
@@ -136,7 +164,12 @@ def slice_(
     widths = mf.resolve_plan(bits if plan is None else plan, sliced, extra_precision=extra_precision)
     s = summarize(sliced, widths, extra_precision)
     size = sum(p.stat().st_size for p in sliced.files())
-    click.echo(f"{out}: {s.bits_per_weight:.3f} bits per weight served, {human_bytes(size)} on disk")
+    counts = Counter(widths.values())
+    chosen = ", ".join(f"int{r} x{counts[r]}" for r in sorted(counts, reverse=True))
+    click.echo(
+        f"{out}: {s.bits_per_weight:.3f} bits per quantized weight served, {human_bytes(size)} on disk "
+        f"(dense tensors as stored)\nwidths: {chosen} tensors" + (" (extra precision)" if extra_precision else "")
+    )
 
 
 COMMANDS = [inspect, verify, slice_]
