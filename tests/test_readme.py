@@ -44,3 +44,31 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     p = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.stdout.startswith("m/matq.safetensors")
     assert "Broken pipe" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_recipe_llm_to_gguf_that_generates(tmp_path):
+    """The common job, as written: a Hugging Face LLM (a tiny Llama), calibrated, to GGUF files at
+    int8, int4 and a bits-per-weight budget, the last one generating text in llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_helpers import tiny_hf_model
+
+    import matq_eval
+
+    m = re.search(r"<!-- recipe:[^>]*-->\s*```bash\n(.*?)```", README.read_text(), re.S)
+    assert m, "README has no recipe block"
+    llm = tiny_hf_model("llama", tmp_path / "tiny-llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"Sentence {i} says the fox is quick and the dog is lazy." for i in range(300)))
+    env = {**__import__("os").environ, "LLM": str(llm), "TEXT": str(text)}
+    p = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", m.group(1)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip(), "llama.cpp generated nothing"
+    sizes = {n: matq_eval.llama.gguf_size(tmp_path / n) for n in ("llm-int8.gguf", "llm-int4.gguf", "llm-6.2bpw.gguf")}
+    assert sizes["llm-int4.gguf"].bytes < sizes["llm-6.2bpw.gguf"].bytes < sizes["llm-int8.gguf"].bytes
+    assert sizes["llm-6.2bpw.gguf"].bits_per_weight <= 6.2
