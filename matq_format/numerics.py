@@ -20,6 +20,8 @@ try:
 except ImportError:  # pragma: no cover - no compiler at install time
     _qk = None
 
+HAVE_KERNEL = _qk is not None
+"""Whether the compiled quantize kernel (``_quantkernel.c``) loaded."""
 USE_KERNEL = True
 """Use the compiled kernels (group min/max, quantize) when present; tests turn this off to compare
 with the numpy code below, which is the reference (the kernels must give identical results)."""
