@@ -96,7 +96,7 @@ class HFOptions:
     groups: str = option(
         "one",
         "compressed-tensors: one: a single scheme, the widest container needed (transformers loads it); "
-        "per-width: one config group per container (smaller; vLLM reads it, transformers 5.24 cannot).",
+        "per-width: one config group per container (smaller; the form vLLM reads, not tested here; transformers 5.24 cannot load it).",
         choices=("one", "per-width"),
     )
     max_shard_size: str = option("50GB", "Largest safetensors shard, as transformers counts it (5GB, 500MB).")

@@ -72,7 +72,7 @@ def describe(exc: BaseException) -> str:
 @click.group(cls=MatqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="matq")
 def cli() -> None:
-    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported anywhere."""
+    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported to GGUF and Hugging Face folders."""
 
 
 def _register() -> None:

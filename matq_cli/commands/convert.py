@@ -78,7 +78,7 @@ def convert(
     **given,
 ) -> None:
     """Export a checkpoint at one width (or a Mix'n'Match plan) to another format: GGUF for llama.cpp,
-    a Hugging Face folder for transformers and vLLM."""
+    a Hugging Face folder for transformers (and, untested here, vLLM)."""
     from matq_converters import registry
 
     import matq_format as mf
