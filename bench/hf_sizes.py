@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 RECIPES = {
-    "asymmetric, group 128 (default)": {},
-    "asymmetric, group 128, zero points slice-exact for 8,4,2": {"zero_multiple": "slice-exact"},
-    "symmetric, group 128": {"scheme": "symmetric"},
+    "asymmetric, group 128 (--layout free)": {"layout": "free"},
+    "asymmetric, group 128, zero points slice-exact for 8,4,2": {"layout": "free", "zero_multiple": "slice-exact"},
+    "symmetric, group 128": {"layout": "free", "scheme": "symmetric"},
+    "gguf layout (default): symmetric, group 32, signed scales": {},
 }
 
 

@@ -20,8 +20,8 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
     nothing is sliced or rounded, the exporter only maps names and the tokenizer (its F32 output
     is pinned to transformers by tests/test_gguf_llama_cpp.py).
 (c) matq: one checkpoint per ``--recipes`` entry (``RECIPES``: ``minmax`` is ``matq quantize HF -o CK
-    --layers linear`` with its defaults, asymmetric MinMax in groups of 128; ``gguf`` adds ``--layout
-    gguf`` (symmetric, groups of 32, nested scales); ``gguf-calib`` also ``--calib`` on the
+    --layers linear --layout free`` (asymmetric MinMax in groups of 128); ``gguf`` is ``--layout
+    gguf``, the default (symmetric, groups of 32, signed nested scales); ``gguf-calib`` also ``--calib`` on the
     calibration text), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and
     ``--plan P`` for each ``--plans``; with ``--budgets``, the last recipe also at ``--plan budget:B``
     for B = each llama.cpp file's bits per weight), run by llama.cpp like the others.
@@ -163,7 +163,7 @@ def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
 
 
 RECIPES = {
-    "minmax": {},  # matq quantize's defaults: asymmetric MinMax, groups of 128
+    "minmax": {"layout": "free"},  # the earlier default: asymmetric MinMax, groups of 128
     "gguf": {"layout": "gguf", "group_size": 32, "scheme": "symmetric"},
     "gguf-calib": {"layout": "gguf", "group_size": 32, "scheme": "symmetric", "calib": True},
 }

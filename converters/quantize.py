@@ -112,7 +112,7 @@ class QuantizeSpec:
     lambdas: tuple[float, ...] = multiwidth.MULTIWIDTH_LAMBDAS
     extra_precision: tuple[int, ...] = ()
     scale_dtype: str = "F16"
-    layout: str = "free"
+    layout: str = "gguf"
     """``gguf``: symmetric, scales nested in 256-column super-blocks (``numerics.nest_scales``), so
     every width exports exactly to llama.cpp's compact types; ``free``: no constraint."""
 
@@ -129,7 +129,7 @@ class QuantizeSpec:
         lambdas: Sequence[float] | None = None,
         extra_precision: Sequence[int] = (),
         scale_dtype: str = "F16",
-        layout: str = "free",
+        layout: str = "gguf",
         calibrated: bool = False,
     ) -> QuantizeSpec:
         """Check every option and resolve ``zero_multiple="slice-exact"`` and the layout's defaults
@@ -502,7 +502,7 @@ def quantize_hf(
     lambdas: Sequence[float] | None = None,
     extra_precision: Sequence[int] = (),
     scale_dtype: str = "F16",
-    layout: str = "free",
+    layout: str = "gguf",
     threads: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -642,7 +642,7 @@ class HFImportOptions:
     lambdas: tuple[float, ...] | None = option(None, "One weight per width.")
     extra_precision: tuple[int, ...] = option((), "Widths served with the extra bucket.")
     scale_dtype: str = option("F16", "Scale dtype.", choices=("F16", "BF16", "F32"))
-    layout: str = option("free", "gguf: every width exact in llama.cpp's compact types.", choices=LAYOUTS)
+    layout: str = option("gguf", "gguf: every width exact in llama.cpp's compact types; free: any scheme.", choices=LAYOUTS)
     threads: int | None = option(None, "Worker threads.")
     calib: str | os.PathLike | None = option(None, "Calibration text: multi-width GPTQ.")
     calib_tokens: int | None = option(None, "Calibration tokens at most.")

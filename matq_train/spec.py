@@ -68,6 +68,7 @@ class QuantSpec:
             scheme=self.scheme,
             scale_dtype=self.scale_dtype,
             widths=(self.code_bits,),
+            layout="free",  # the trainer's own MinMax grid, not the GGUF layout
         )
 
     def entry_options(self, extra_precision: bool) -> dict:

@@ -47,7 +47,7 @@ def test_identity_hessian_is_numerics_multiwidth_rounding(options, propagate):
     """H = I: nothing to propagate, so the codes are numerics' per-weight multi-width codes, bit for bit,
     with numerics' own scales (MinMax, or the multi-width search: equal importance is no weighting)."""
     w = _weights()
-    spec = QuantizeSpec.build(**options)
+    spec = QuantizeSpec.build(**{"layout": "free", **options})
     codes, scale, zero = gptq_multiwidth(torch.from_numpy(w), torch.eye(w.shape[1], dtype=torch.float64), spec,
                                          propagate=propagate)  # fmt: skip
     sym = spec.scheme == "symmetric"
@@ -63,7 +63,7 @@ def test_identity_hessian_is_numerics_multiwidth_rounding(options, propagate):
 
 
 def test_table_is_numerics_envelope():
-    spec = QuantizeSpec.build(lambdas=(1, 2, 3), extra_precision=(2,))
+    spec = QuantizeSpec.build(layout="free", lambdas=(1, 2, 3), extra_precision=(2,))
     breaks, codes = multiwidth_table(spec)
     w = _weights(cols=256)
     a, z = N.minmax_params(w, 8, 128)
@@ -96,7 +96,7 @@ def test_correlated_inputs_lower_output_error_than_minmax():
     ratio = {}
     for prop in ("mean", "per-width"):
         for obj, lam in (("minmax", (1, 1, 1)), ("multiwidth", (1, 1, 1)), ("multiwidth", (64, 8, 1))):
-            spec = QuantizeSpec.build(objective=obj, lambdas=lam)
+            spec = QuantizeSpec.build(layout="free", objective=obj, lambdas=lam)
             got = _output_errors(w, x, *gptq_multiwidth(torch.from_numpy(w), h, spec, propagate=prop))
             ratio[prop, obj, lam] = {r: got[r] / rtn[r] for r in WIDTHS}
     for key, r in ratio.items():
@@ -116,7 +116,7 @@ def test_deterministic():
     w = _weights(rows=64, cols=256)
     x = _correlated(n=1024)
     h = torch.from_numpy(x.astype(np.float64).T @ x.astype(np.float64))
-    spec = QuantizeSpec.build(objective="multiwidth")
+    spec = QuantizeSpec.build(layout="free", objective="multiwidth")
     runs = [gptq_multiwidth(torch.from_numpy(w), h, spec, propagate=p) for p in ("mean", "mean", "per-width")]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert a.tobytes() == b.tobytes()
@@ -130,7 +130,7 @@ def test_dead_columns_keep_their_weights():
     x = _correlated(cols=128, n=512)
     x[:, 5] = 0
     h = torch.from_numpy(x.astype(np.float64).T @ x.astype(np.float64))
-    codes, a, z = gptq_multiwidth(torch.from_numpy(w), h, QuantizeSpec.build())
+    codes, a, z = gptq_multiwidth(torch.from_numpy(w), h, QuantizeSpec.build(layout="free"))
     back = N.dequantize(codes, a, z, 8, 8, 128)
     assert np.all(np.abs(back[:, 5] - w[:, 5]) <= a[:, 0] * 64)  # within the int2 step, not zero
     assert np.any(back[:, 5] != 0)

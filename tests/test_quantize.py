@@ -100,7 +100,7 @@ def _raw(a: np.ndarray) -> np.ndarray:
 def test_round_trip_half_step_and_bit_identical(tiny, tmp_path, kind):
     src_dir = tiny[kind]
     before = _digest(src_dir)
-    out = quantize_hf(src_dir, tmp_path / "q")
+    out = quantize_hf(src_dir, tmp_path / "q", layout="free")
     assert _digest(src_dir) == before  # the input is only read
     src, ck = HFSource(src_dir), mf.open(out)
     ck.verify()
@@ -135,7 +135,7 @@ def test_round_trip_half_step_and_bit_identical(tiny, tmp_path, kind):
 
 def test_options_channel_symmetric_slice_exact_layers(tiny, tmp_path):
     src = tiny["llama"]
-    ck = mf.open(quantize_hf(src, tmp_path / "sym", group_size=None, scheme="symmetric", layers="linear"))
+    ck = mf.open(quantize_hf(src, tmp_path / "sym", group_size=None, scheme="symmetric", layers="linear", layout="free"))
     names = ck.quantized_names()
     assert any("self_attn.q_proj" in n for n in names) and len(names) == 14
     assert not any(x in n for n in names for x in ("embed", "lm_head", "norm"))
@@ -143,7 +143,7 @@ def test_options_channel_symmetric_slice_exact_layers(tiny, tmp_path):
         assert ck.info(n).granularity == "channel" and ck.info(n).scheme == "symmetric"
         assert np.all(ck.zero(n) == 128)
 
-    ck = mf.open(quantize_hf(src, tmp_path / "exact", zero_multiple="slice-exact"))
+    ck = mf.open(quantize_hf(src, tmp_path / "exact", zero_multiple="slice-exact", layout="free"))
     for n in ck.quantized_names():
         z = ck.zero(n)
         assert np.all(z % 64 == 0)  # 2^(8-2): the int2 slice has an integer zero point
@@ -151,13 +151,13 @@ def test_options_channel_symmetric_slice_exact_layers(tiny, tmp_path):
         step = N.expand_groups(ck.scale(n), w.shape[1], 128)
         assert np.all(np.abs(ck.dequantize(n, 8) - w) <= step * (0.5 + 1e-6))
 
-    ck = mf.open(quantize_hf(src, tmp_path / "rx", layers=r"layers\.1\.mlp\.down_proj|embed_tokens"))
+    ck = mf.open(quantize_hf(src, tmp_path / "rx", layers=r"layers\.1\.mlp\.down_proj|embed_tokens", layout="free"))
     assert sorted(ck.quantized_names()) == [
         "model.embed_tokens.weight",
         "model.layers.1.mlp.down_proj.weight",
     ]
 
-    ck = mf.open(quantize_hf(src, tmp_path / "ep", code_bits=6, extra_precision=(2,), group_size=32))
+    ck = mf.open(quantize_hf(src, tmp_path / "ep", code_bits=6, extra_precision=(2,), group_size=32, layout="free"))
     n = ck.quantized_names()[0]
     assert ck.code_bits == 6 and ck.info(n).extra_precision == (2,) and ck.codes(n).max() < 64
 
@@ -249,7 +249,7 @@ def test_multiwidth_reduces_to_rounding_and_never_loses_to_minmax():
     assert np.all(c_mw <= c_minmax * (1 + 1e-6)) and c_mw.sum() < 0.95 * c_minmax.sum()
     assert np.all(np.isin(s2.astype(np.float16).astype(np.float32), s2))  # still float16 scales
     # the quantizer streams blocks and lays groups out as rows: same numbers as one call
-    spec = QuantizeSpec.build(objective="multiwidth")
+    spec = QuantizeSpec.build(objective="multiwidth", layout="free")
     codes, scale, zero = quantize_tensor(w, spec)
     np.testing.assert_array_equal(scale, s2)
     np.testing.assert_array_equal(codes, MW.multiwidth_codes(w, s2, z2, 8, 128))
@@ -276,7 +276,7 @@ def test_planes_packed_per_block_equal_the_reference(monkeypatch, dtype, cols, k
     w = (rng.standard_normal((300, cols)) * rng.uniform(0.01, 2, (300, 1))).astype(np.float32)
     w[5, :7] = 0.0  # a group touching zero, and an all-zero-ish row start
     w = w.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
-    spec = QuantizeSpec.build(**kw)
+    spec = QuantizeSpec.build(**{"layout": "free", **kw})
     stride = P.plane_stride(w.size)
     planes = np.full((8, stride), 0xA5, np.uint8)  # stale bytes from a previous tensor
     with ThreadPoolExecutor(3) as pool:
@@ -355,7 +355,7 @@ def test_dense_copied_from_file_equals_add_dense(tmp_path, monkeypatch, sendfile
 
 
 def test_multiwidth_checkpoint(tiny, tmp_path):
-    ck = mf.open(quantize_hf(tiny["gemma2"], tmp_path / "mw", objective="multiwidth", lambdas=(1, 1, 1)))
+    ck = mf.open(quantize_hf(tiny["gemma2"], tmp_path / "mw", objective="multiwidth", lambdas=(1, 1, 1), layout="free"))
     assert ck.source["objective"] == "multiwidth" and ck.source["widths"] == [8, 4, 2]
     src = HFSource(tiny["gemma2"])
     for n in ck.quantized_names():
@@ -429,7 +429,7 @@ def test_non_finite_weight_aborts(tmp_path, bad, kw):
     save_file({"model.layers.0.mlp.up_proj.weight": w}, str(src / "model.safetensors"))
     before = set(os.listdir(tmp_path))
     with pytest.raises(NonFiniteWeightError, match=r"up_proj\.weight: rows 0\.\.3 hold NaN or infinity"):
-        quantize_hf(src, tmp_path / "out", **kw)
+        quantize_hf(src, tmp_path / "out", **{"layout": "free", **kw})
     _no_leftovers(tmp_path, before)
 
 

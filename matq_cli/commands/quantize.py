@@ -101,8 +101,10 @@ Examples:
   matq quantize ./SmolLM2-135M -o out --layers linear --calib docs/ --calib-tokens 65536
 
 \b
-Defaults: FFN weights only, groups of 128 input columns, asymmetric MinMax, float16 scales,
-integer (uint8) zero points. Embeddings, norms and the output head stay as they are.
+Defaults: FFN weights only (--layers linear for llama.cpp files), the gguf layout: MinMax,
+symmetric, groups of 32, float16 scales signed and nested so every width exports exactly to
+llama.cpp's compact types (--layout free: any scheme, groups of 128 by default). Embeddings, norms
+and the output head stay as they are.
 --calib TEXT (a UTF-8 file or a folder of .txt/.md/.rst) runs the model on that text in
 transformers, layer by layer, and quantizes the selected linears with multi-width GPTQ.
 """
@@ -133,7 +135,7 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
 @click.option(
     "--layout",
     type=click.Choice(["free", "gguf"]),
-    default="free",
+    default="gguf",
     show_default=True,
     help="gguf: symmetric, groups of 32 unless --group-size says otherwise, scales nested in "
     "256-column super-blocks, so every width exports to llama.cpp's compact types exactly.",
