@@ -124,7 +124,7 @@ class QuantizeSpec:
         group_size: int | None | str = BY_LAYOUT,
         scheme: str | None = None,
         zero_multiple: int | str = 1,
-        objective: str = "minmax",
+        objective: str | None = None,
         widths: Sequence[int] | None = None,
         lambdas: Sequence[float] | None = None,
         extra_precision: Sequence[int] = (),
@@ -133,7 +133,10 @@ class QuantizeSpec:
         calibrated: bool = False,
     ) -> QuantizeSpec:
         """Check every option and resolve ``zero_multiple="slice-exact"`` and the layout's defaults
-        (``scheme`` None and ``group_size`` :data:`BY_LAYOUT`); raises :class:`OptionError`."""
+        (``scheme`` None and ``group_size`` :data:`BY_LAYOUT`) and of calibration (``objective``,
+        ``widths`` and ``lambdas`` None); raises :class:`OptionError`."""
+        if objective is None:  # calibrated: GPTQ's codes with scales searched for the same objective
+            objective = "multiwidth" if calibrated else "minmax"
         if group_size == BY_LAYOUT:
             group_size = GGUF_GROUP_SIZE if layout == "gguf" else DEFAULT_GROUP_SIZE
         if scheme is None:
@@ -497,7 +500,7 @@ def quantize_hf(
     scheme: str | None = None,
     zero_multiple: int | str = 1,
     layers: str = "ffn",
-    objective: str = "minmax",
+    objective: str | None = None,
     widths: Sequence[int] | None = None,
     lambdas: Sequence[float] | None = None,
     extra_precision: Sequence[int] = (),
@@ -637,7 +640,9 @@ class HFImportOptions:
     )
     zero_multiple: int | str = option(1, "Zero points on multiples of this power of two, or slice-exact.")
     layers: str = option("ffn", "ffn, attention, linear, or a regular expression over tensor names.")
-    objective: str = option("minmax", "Rounding and scale objective.", choices=OBJECTIVES)
+    objective: str | None = option(
+        None, "Rounding and scale objective (None: multiwidth with calib, else minmax).", choices=OBJECTIVES
+    )
     widths: tuple[int, ...] | None = option(None, "Target widths of multiwidth and slice-exact.")
     lambdas: tuple[float, ...] | None = option(None, "One weight per width.")
     extra_precision: tuple[int, ...] = option((), "Widths served with the extra bucket.")

@@ -162,9 +162,9 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
 @click.option(
     "--objective",
     type=click.Choice(["minmax", "multiwidth"]),
-    default="minmax",
-    show_default=True,
-    help="multiwidth: round (and pick scales) for the lambda-weighted error of the --widths slices.",
+    default=None,
+    help="multiwidth: round (and pick scales) for the lambda-weighted error of the --widths slices "
+    "(default: minmax; multiwidth scales with --calib).",
 )
 @click.option(
     "--widths",
