@@ -7,8 +7,12 @@ torch or jax, so settings errors reach the user before a framework loads.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -195,6 +199,27 @@ def check_resumable(saved: dict, cfg: TrainConfig, path) -> None:
 
 
 STATE_FILE = "trainer.json"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+
+
+@contextlib.contextmanager
+def checkpoint_folder(directory: Path, step: int, cfg: TrainConfig):
+    """``directory/step-N``, built in a temporary folder beside it (yielded to the backend, which
+    writes ``MODEL_FILE`` and ``OPTIM_FILE``), then the settings file, then renamed into place; a
+    failure leaves no partial step."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.partial-", dir=directory))
+    try:
+        yield tmp
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 """Written last into a ``step-N`` trainer checkpoint folder: its presence marks the folder complete."""
 
 

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -30,7 +27,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..config import STATE_FILE, TrainConfig, TrainConfigError, check_resumable, latest_checkpoint, lr_factor
+from ..config import (
+    MODEL_FILE,
+    OPTIM_FILE,
+    STATE_FILE,
+    TrainConfig,
+    TrainConfigError,
+    check_resumable,
+    checkpoint_folder,
+    latest_checkpoint,
+    lr_factor,
+)
 from ..data import TokenBlocks, load_blocks
 from ..export import Quantized, export_records
 from ..objective import Objective
@@ -41,8 +48,6 @@ from .llama import LlamaConfig, forward, load_params
 __all__ = ["JaxTrainResult", "make_mesh", "train"]
 
 log = logging.getLogger("matq_train")
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
 UNSUPPORTED = {
     "clip": ("learned", "--clip learned"),
     "fsdp": (True, "--fsdp (the jax backend shards over a mesh: --mesh)"),
@@ -168,20 +173,10 @@ def save_checkpoint(directory: Path, step: int, params, opt_state, cfg: TrainCon
     """``step-N`` written in a temporary folder and renamed into place: parameters, optimizer, settings."""
     from safetensors.numpy import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.partial-", dir=directory))
-    try:
+    with checkpoint_folder(directory, step, cfg) as tmp:
         save_file({n: np.asarray(v) for n, v in params.items()}, str(tmp / MODEL_FILE))
         save_file(_flat_state(opt_state), str(tmp / OPTIM_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return directory / f"step-{step}"
 
 
 def load_checkpoint(path: Path, params, opt_state, cfg: TrainConfig):

@@ -17,11 +17,9 @@ import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +29,14 @@ from torch import nn
 from matq_format.errors import MatqError
 
 from ..config import (
+    MODEL_FILE,
+    OPTIM_FILE,
     STATE_FILE,
     CheckpointMismatchError,
     TrainConfig,
     TrainConfigError,
     check_resumable,
+    checkpoint_folder,
     latest_checkpoint,
     lr_factor,
 )
@@ -58,8 +59,6 @@ __all__ = [
 
 log = logging.getLogger("matq_train")
 
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
 
 
 class DeviceError(MatqError):
@@ -164,11 +163,8 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, opt, cfg: Trai
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    final = directory / f"step-{step}"
     if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.partial-", dir=directory))
-        try:
+        with checkpoint_folder(directory, step, cfg) as tmp:
             seen, model_t = set(), {}
             for k, v in msd.items():
                 v = v.detach().cpu()
@@ -180,14 +176,7 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, opt, cfg: Trai
             save_file(model_t, str(tmp / MODEL_FILE))
             ot, ometa = _flatten_optim(osd)
             save_file(ot, str(tmp / OPTIM_FILE), metadata={"meta": json.dumps(ometa)})
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    return directory / f"step-{step}"
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt, cfg: TrainConfig) -> int:
