@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from matq_converters.corpus import read_text
 
 from matq_format.errors import MatqError
 
@@ -36,18 +37,17 @@ class DataError(MatqError):
     hint = "pass text files, a folder of .txt/.md/.rst/.jsonl files, or a folder saved by datasets"
 
 
-def _json_texts(path: Path, text_field: str) -> list[str]:
+def _json_texts(path: Path, text: str, text_field: str) -> list[str]:
     out: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                        raise DataError(path, f"line {i}: no string field {text_field!r}")
-                    out.append(rec[text_field])
-            return out
-        data = json.load(f)
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                    raise DataError(path, f"line {i}: no string field {text_field!r}")
+                out.append(rec[text_field])
+        return out
+    data = json.loads(text)
     if isinstance(data, dict) and isinstance(data.get(text_field), list):
         data = data[text_field]
     for rec in data if isinstance(data, list) else [data]:
@@ -87,11 +87,12 @@ def read_documents(paths: Sequence[str | os.PathLike], text_field: str = "text")
             if p.is_dir()
             else [p]
         )
-        for f in files:
+        for f in files:  # regular files only, UTF-8 (as calibration text): a FIFO is refused, not waited on
+            _, text = read_text(f, DataError)
             if f.suffix.lower() in (".jsonl", ".json"):
-                docs.extend(_json_texts(f, text_field))
+                docs.extend(_json_texts(f, text, text_field))
             else:
-                docs.append(f.read_text(encoding="utf-8", errors="replace"))
+                docs.append(text)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(", ".join(map(str, paths)) or None, "no text found")

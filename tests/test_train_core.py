@@ -233,3 +233,37 @@ def test_checkpoints_from_before_new_settings_still_resume(tmp_path):
     check_resumable(old, cfg, tmp_path)
     with pytest.raises(CheckpointMismatchError, match="backend"):
         check_resumable(old, TrainConfig(model_dir="m", data=["d"], backend="jax"), tmp_path)
+
+
+def test_training_text_is_read_as_regular_utf8_files(tmp_path):
+    """A FIFO among the data files is refused at once (not waited on), bytes that are not UTF-8 are a
+    one-line error naming the file, and JSON lines still give their text field."""
+    import os
+    import threading
+
+    from matq_format.errors import MatqError
+    from matq_train.data import DataError, read_documents
+
+    (tmp_path / "a.txt").write_text("The quick brown fox.", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    assert read_documents([tmp_path]) == ["The quick brown fox.", "one", "two"]
+    bad = tmp_path / "c.txt"
+    bad.write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match="c.txt.*not UTF-8"):
+        read_documents([tmp_path])
+    bad.unlink()
+    fifo = tmp_path / "d.txt"
+    os.mkfifo(fifo)
+    result: list = []
+
+    def read() -> None:
+        result.append(read_documents([tmp_path]))  # a folder's FIFO is not a text file: skipped
+        with pytest.raises(MatqError, match="d.txt: is not a regular file"):  # named directly: refused
+            read_documents([fifo])
+        result.append("refused")
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "a FIFO made training wait"
+    assert result == [["The quick brown fox.", "one", "two"], "refused"]
