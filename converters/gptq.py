@@ -127,11 +127,9 @@ def _group_params(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero per row of one group's weights ``w [rows, g]`` (numerics' formulas)."""
     wn = np.array(w.detach().to("cpu", torch.float32).numpy(), np.float32, order="C")
-    sign = numerics.extreme_signs(wn, None).reshape(-1) if spec.signed_scales else None
-    if sign is not None:  # as QuantizeSpec.params_and_codes: parameters of w * sign, then signed
-        wn *= sign[:, None]
+    sign = spec.flip_signs(wn, None)
     a, z = _unsigned_group_params(wn, spec, importance)
-    return (a, z) if sign is None else (a * sign, z)
+    return (a, z) if sign is None else (a * sign.reshape(-1), z)
 
 
 def _unsigned_group_params(

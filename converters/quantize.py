@@ -214,10 +214,7 @@ class QuantizeSpec:
         when ``w`` holds its groups as rows (``group_size=None`` then), for the gguf layout.
         """
         sym = self.scheme == "symmetric"
-        sign = None
-        if self.signed_scales:  # quantize w * sign with positive scales: the codes of w with signed ones
-            sign = numerics.extreme_signs(w, group_size)
-            w *= numerics.expand_groups(sign, w.shape[1], group_size)
+        sign = self.flip_signs(w, group_size)
         a, z = self._params_and_codes(w, group_size, out, cols, sym)
         return (a, z) if sign is None else (a * sign, z)
 
@@ -254,6 +251,18 @@ class QuantizeSpec:
     def signed_scales(self) -> bool:
         """The gguf layout signs each group's scale (``numerics.extreme_signs``)."""
         return self.layout == "gguf"
+
+    def flip_signs(self, w: np.ndarray, group_size: int | None) -> np.ndarray | None:
+        """With signed scales: ``w`` (a float32 scratch buffer) times each group's
+        ``numerics.extreme_signs`` in place, and those signs; else None and ``w`` untouched.
+
+        Quantizing the flipped ``w`` with positive scales gives the codes of ``w`` with the scales
+        times the signs, so every parameter search runs unchanged on the flipped weights."""
+        if not self.signed_scales:
+            return None
+        sign = numerics.extreme_signs(w, group_size)
+        w *= numerics.expand_groups(sign, w.shape[1], group_size)
+        return sign
 
     def writer_options(self) -> dict:
         """``CheckpointWriter`` keywords this spec needs (the extension signed scales require)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from . import constants as C
@@ -85,7 +86,7 @@ def _common_widths(ckpt: Checkpoint, widths: list[int]) -> list[int]:
 def _summary(ckpt: Checkpoint, tensors: list[dict], served: list[int], totals: dict[str, int]) -> dict:
     """The first things a user asks: what model, how much of it is quantized, which widths it serves
     and what each costs over the whole model (bits per weight over every tensor's elements)."""
-    numel = {t["name"]: _numel(t["shape"]) for t in tensors}
+    numel = {t["name"]: math.prod(t["shape"]) for t in tensors}
     quantized = [t["name"] for t in tensors if t["kind"] == C.KIND_QUANTIZED]
     weights = sum(numel.values())
     tops = {ckpt.info(n).max_width(ckpt.code_bits) for n in quantized}
@@ -102,9 +103,3 @@ def _summary(ckpt: Checkpoint, tensors: list[dict], served: list[int], totals: d
         "bits_per_weight": {str(r): 8 * totals[str(r)] / weights for r in served} if weights else {},
     }
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
