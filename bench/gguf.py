@@ -19,7 +19,6 @@ are wall-clock on whatever machine runs this; run it alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import logging
@@ -46,6 +45,7 @@ from matq_converters.gguf_arch import TensorNames, detect, row_permutation  # no
 from matq_converters.registry import ConvertOptions  # noqa: E402
 
 import matq_format as mf  # noqa: E402
+from matq_eval.llama import quiet_stderr  # noqa: E402
 
 LLAMA_FTYPE = {4: ("Q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1), 2: ("Q2_K", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K)}
 GGML_TYPE_F16 = 1
@@ -76,20 +76,6 @@ def build_model(folder: Path, hidden: int, layers: int, seed: int) -> Path:
     torch.manual_seed(seed)
     tf.LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """llama.cpp logs every tensor it quantizes to file descriptor 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def llama_cpp_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:

@@ -59,9 +59,9 @@ def reference(model: Path, texts: list[str]) -> np.ndarray:
 
 
 def embed(path: Path, texts: list[str], threads: int) -> np.ndarray:
-    from matq_eval.llama import load_llama
+    from matq_eval.llama import load_llama, quiet_stderr
 
-    with quality.quiet_stderr():
+    with quiet_stderr():
         llm = load_llama(path, embedding=True, n_ctx=512, n_threads=threads, verbose=False)
     try:
         return np.stack([np.asarray(llm.embed(t, truncate=True), np.float64) for t in texts])

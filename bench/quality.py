@@ -45,7 +45,6 @@ removed unless ``--keep``). Timings are wall-clock on whatever machine runs this
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import logging
@@ -62,6 +61,8 @@ ROOT = HERE.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # keep bench/gguf.py off the path
 sys.path.insert(0, str(ROOT))
 
+from matq_eval.llama import quiet_stderr  # noqa: E402
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -77,20 +78,6 @@ def split_text(docs: Path, n_eval: int) -> tuple[list[Path], list[Path]]:
         raise SystemExit(f"{docs}: no library/, tutorial/ or howto/ sources (apt install python3.11-doc)")
     assert not set(evaluation) & set(calibration)
     return evaluation, calibration
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """llama.cpp logs every tensor it loads or quantizes to file descriptor 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def source_gguf(model: Path, work: Path) -> Path:

@@ -3,14 +3,30 @@ window, and bits per weight the way llama.cpp counts them."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CandidateError
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 silenced: llama.cpp logs every tensor it loads or quantizes there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def load_llama(path: str | os.PathLike, **kw):
