@@ -48,6 +48,7 @@ from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 
 from . import hf_gptq
+from .containers import container_bits, container_codes, container_scale_zero, pack_bytes
 from .registry import (
     ConvertOptionError,
     ConvertOptions,
@@ -300,23 +301,6 @@ def _one_scheme(ckpt, plans: list[_Plan]) -> None:
         p.entries = _packed_entries(p.name.removesuffix(".weight"), info.shape, info.group_size, c, sym)
 
 
-def container_bits(zero: np.ndarray, code_bits: int, bits: int, ep: bool = False) -> int | None:
-    """The fewest bits ``c`` (at most 8) that hold a width-``bits`` slice with integer zero points
-    ``z / 2^step_exponent(...)``; None if none does."""
-    if not np.all(zero == np.round(zero)):
-        return None
-    zi = zero.astype(np.int64)
-    for c in range(bits + ep, 9):
-        if not np.any(zi % (1 << step_exponent(code_bits, bits, ep, c))):
-            return c
-    return None
-
-
-def step_exponent(code_bits: int, bits: int, ep: bool, c: int) -> int:
-    """``e``: a container step is ``2^e`` code steps, the codes shifted up by ``c - bits - ep``."""
-    return max(code_bits - c + ep, 0)
-
-
 def _config_groups(ckpt, plans: list[_Plan]) -> dict:
     """One compressed-tensors scheme per (container, symmetry, granularity), naming its modules."""
     by_key: dict[tuple, list[str]] = {}
@@ -491,16 +475,15 @@ def _write_packed(w: SafetensorsWriter, ckpt, p: _Plan, prep: _Prepared) -> None
     """compressed-tensors entries: codes in the container, float32 scales, packed zero points."""
     c, code_bits = p.container, ckpt.code_bits
     ep = prep.extra_precision and p.bits < code_bits
-    e = step_exponent(code_bits, p.bits, ep, c)
     module = p.name.removesuffix(".weight")
-    k = ckpt.sliced_codes(p.name, p.bits, ep).astype(np.uint16) << (code_bits - p.bits - e)
+    k = container_codes(ckpt.sliced_codes(p.name, p.bits, ep), code_bits, p.bits, ep, c)
     w.write(f"{module}.weight_packed", pack_int32(k, c), "I32")
     del k
-    s = ckpt.scale(p.name) * np.float32(1 << e)
-    w.write(f"{module}.weight_scale", s.astype(np.float32), "F32")
+    s, z = container_scale_zero(ckpt.scale(p.name), ckpt.zero(p.name), code_bits, p.bits, ep, c)
+    w.write(f"{module}.weight_scale", s, "F32")
     w.write(f"{module}.weight_shape", np.asarray(ckpt.info(p.name).shape, np.int64), "I64")
     if not p.symmetric:
-        zc = (ckpt.zero(p.name) / np.float32(1 << e)).astype(np.uint16)
+        zc = z.astype(np.uint16)
         w.write(f"{module}.weight_zero_point", np.ascontiguousarray(pack_int32(zc.T, c).T), "I32")
 
 
@@ -515,23 +498,8 @@ def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
     for r0 in range(0, rows, step):
         v = np.zeros((min(step, rows - r0), padded), np.uint8)
         v[:, :cols] = values[r0 : r0 + step]
-        out[r0 : r0 + step] = _pack_bytes(v, bits).view("<u4")
+        out[r0 : r0 + step] = pack_bytes(v, bits).view("<u4")
     return np.ascontiguousarray(out[:, :words]).view(np.int32)
-
-
-def _pack_bytes(v: np.ndarray, bits: int) -> np.ndarray:
-    """Rows of codes (uint8) as the bytes of their little-endian bit stream, ``bits`` per code."""
-    if bits == 8:
-        return v
-    if 8 % bits == 0:  # whole codes per byte: shift and or, a pass per code in the byte
-        per = 8 // bits
-        g = v.reshape(len(v), -1, per)
-        out = g[:, :, 0].copy()
-        for i in range(1, per):
-            out |= g[:, :, i] << np.uint8(bits * i)
-        return out
-    stream = ((v[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(len(v), -1)
-    return np.packbits(stream, axis=1, bitorder="little")
 
 
 def _write_side_files(ckpt, tmp: Path, prep: _Prepared) -> None:

@@ -278,6 +278,10 @@ exporters.builtin(
     "hf", "matq_converters.hf_export", "HFConverter", "Hugging Face folder: compressed-tensors, dense or GPTQ"
 )
 
+exporters.builtin(
+    "onnx", "matq_converters.onnx_export", "ONNXConverter", "ONNX for onnxruntime and onnxruntime-genai (MatMulNBits or QDQ)"
+)
+
 importers: Registry[Importer] = Registry("importer", "--from")
 importers.builtin("hf", "matq_converters.quantize", "HFImporter", "a float Hugging Face model (PTQ)", "hf")
 importers.builtin(

@@ -15,6 +15,8 @@ SERIES = {
     "matq-plan": ("matq plan (transformers)", "s", "tab:cyan"),
     "gguf-matq": ("matq GGUF (llama.cpp)", "^", "tab:green"),
     "gguf": ("llama.cpp GGUF", "D", "tab:orange"),
+    "onnx-matq": ("matq ONNX (onnxruntime)", "v", "tab:purple"),
+    "onnx": ("ONNX (onnxruntime's quantizer)", "P", "tab:red"),
     "hf": ("Hugging Face folder", "x", "tab:gray"),
 }
 X_TICKS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)

@@ -13,6 +13,7 @@ Candidates (strings, parsed by :func:`parse_candidate`):
   ``ckpt@2+ep``               ... served with the extra bucket
   ``ckpt@plan:pyramid``       ... at a Mix'n'Match plan (any ``matq slice --plan`` spec)
   ``hf-folder``               another Hugging Face folder, as it is
+  ``onnx-folder``             a folder with ``model.onnx`` (a decoder with a past cache), run by onnxruntime
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ from matq_format import constants as C
 
 from . import hf as H
 from . import llama as L
+from . import onnx as O
 from .errors import CacheSpaceError, CandidateError
 from .metrics import Sums, score
 from .text import DEFAULT_CTX, DEFAULT_MAX_TOKENS, Windows, load_windows
 
-KINDS = ("reference", "hf", "matq", "matq-plan", "gguf", "gguf-matq")
+KINDS = ("reference", "hf", "matq", "matq-plan", "gguf", "gguf-matq", "onnx", "onnx-matq")
 """What a result is: the reference itself, another HF folder, a matq width or plan in transformers,
-a GGUF file from llama.cpp's tools (or any other writer), a GGUF file written by matq."""
+a GGUF file from llama.cpp's tools (or any other writer), a GGUF file written by matq, and the same
+two for ONNX folders."""
 
 _AT = re.compile(r"^(?:(?P<widths>\d+(?:,\d+)*)|plan:(?P<plan>.+?))(?P<ep>\+ep)?$")
 
@@ -110,9 +113,13 @@ def parse_candidate(spec: str | os.PathLike) -> list[Candidate]:
                 p,
                 "is a matq checkpoint: give a width or plan, e.g. CKPT@4, CKPT@8,4,2, CKPT@2+ep, CKPT@plan:pyramid",
             )
+        if O.is_onnx_folder(p):
+            return [Candidate(p.name, "onnx", p)]
         if p.is_dir() and (p / "config.json").is_file():
             return [Candidate(p.name, "hf", p)]
-        raise CandidateError(p, "is neither a GGUF file, a matq checkpoint nor a Hugging Face model folder")
+        raise CandidateError(
+            p, "is neither a GGUF file, a matq checkpoint, an ONNX folder nor a Hugging Face model folder"
+        )
     if not _is_checkpoint(p):
         raise CandidateError(p, f"@{suffix} needs a matq checkpoint, and this is not one")
     ep = bool(m.group("ep"))
@@ -141,6 +148,9 @@ def _prepare(c: Candidate) -> _Prepared:
         if size.matq:
             c = Candidate(c.name, "gguf-matq", c.path)
         return _Prepared(c, size)
+    if c.kind == "onnx":
+        size = O.onnx_size(c.path)
+        return _Prepared(Candidate(c.name, "onnx-matq", c.path) if size.matq else c, size)
     if c.kind == "hf":
         return _Prepared(c, H.hf_size(c.path))
     ckpt = mf.open(c.path)
@@ -156,6 +166,8 @@ def _open(p: _Prepared, windows: Windows, vocab: int, threads: int | None):
     c = p.cand
     if c.kind in ("gguf", "gguf-matq"):
         return L.LlamaRunner(c.path, windows.ctx, vocab, threads)
+    if c.kind in ("onnx", "onnx-matq"):
+        return O.OrtRunner(c.path, vocab, threads)
     if c.kind == "hf":
         return H.TorchRunner(H.load_hf(c.path), vocab, c.path, threads)
     ckpt = mf.open(c.path)

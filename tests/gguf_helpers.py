@@ -144,7 +144,7 @@ def gemma_sentencepiece(folder: Path, vocab_size: int = 512) -> Path:
     return folder / "tokenizer.model"
 
 
-def tiny_hf_model(arch: str, folder: Path, seed: int = 0, init: float = 0.08) -> Path:
+def tiny_hf_model(arch: str, folder: Path, seed: int = 0, init: float = 0.08, intermediate: int = 512) -> Path:
     """A tiny transformers model of ``arch`` (llama, qwen2, gemma2) with its tokenizer, saved to ``folder``."""
     import torch
     import transformers as tf
@@ -153,7 +153,7 @@ def tiny_hf_model(arch: str, folder: Path, seed: int = 0, init: float = 0.08) ->
     folder.mkdir(parents=True, exist_ok=True)
     common = dict(
         hidden_size=256,
-        intermediate_size=512,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

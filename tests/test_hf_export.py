@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 from gguf_helpers import hf_model_on_matq, hf_tensors, tiny_hf_model, to_matq
 from matq_converters import registry
-from matq_converters.hf_export import InexactError, container_bits, pack_int32
+from matq_converters.containers import container_bits
+from matq_converters.hf_export import InexactError, pack_int32
 from matq_converters.quantize import quantize_hf
 from matq_converters.registry import ConvertOptions, UnsupportedModelError
 

@@ -1,0 +1,278 @@
+"""ONNX export (``matq convert --to onnx``): a folder onnxruntime runs on the CPU, and for decoders
+one onnxruntime-genai generates text with.
+
+How: the checkpoint's slice is written as a float32 Hugging Face folder (``--to hf --layout
+dense``), the float graph is made from it by the tool built for the job (``onnx_source``: the
+onnxruntime-genai builder for decoders, ``torch.onnx.export`` for encoders), then every MatMul whose
+weight is bit for bit a quantized slice is rebuilt from the slice's own codes (``onnx_graph``), never
+re-quantized from floats. Layouts (``--layout``):
+
+- ``matmulnbits`` (default): ``com.microsoft.MatMulNBits`` with 2-, 4- or 8-bit containers (3 bits
+  in 4, 5-7 in 8, extra precision one container up), ``accuracy_level`` 1 (float32 compute: the
+  output is the slice's, bit for bit in the weights); ``--accuracy int8`` sets 4 (int8 activations,
+  faster, not exact).
+- ``qdq``: standard ``DequantizeLinear`` (blocked, uint4/uint8 from opset 21, uint2 from 25) +
+  ``MatMul``. onnxruntime fuses these into MatMulNBits and, unless the session option
+  ``session.qdq_matmulnbits_accuracy_level`` is ``1``, quantizes activations to int8 on the way; the
+  decoder's ``genai_config.json`` sets it, other callers must (README "ONNX").
+
+Built in a temporary folder and published whole by ``AtomicOutput``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matq_format import __version__ as MATQ_VERSION
+from matq_format.plans import resolve_plan
+from matq_format.publish import AtomicOutput, OutputKind
+
+from . import onnx_graph, onnx_source
+from .onnx_weights import WeightPlan, matmulnbits_inputs, plan_weight, qdq_inputs
+from .registry import (
+    ConvertOptionError,
+    ConvertOptions,
+    ConvertResult,
+    UnsupportedModelError,
+    option,
+    typed_options,
+)
+
+LAYOUTS = ("matmulnbits", "qdq")
+ACCURACY = {"fp32": 1, "int8": 4}
+META_CONVERTER = "matq.converter"
+QDQ_SESSION_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+
+class OpsetError(UnsupportedModelError):
+    """The layout needs an ONNX opset the installed onnx package does not have."""
+
+
+@dataclass(frozen=True)
+class ONNXOptions:
+    """Settings of ``--to onnx``; the CLI's flags come from these fields."""
+
+    layout: str = option(
+        "matmulnbits",
+        "matmulnbits: com.microsoft.MatMulNBits (2/4/8-bit); qdq: DequantizeLinear + MatMul (opset 21, 25 for 2-bit).",
+        choices=LAYOUTS,
+    )
+    accuracy: str = option(
+        "fp32",
+        "Compute of the quantized MatMuls in onnxruntime: fp32 (exact to the slice) or int8 (activations "
+        "quantized, faster).",
+        choices=tuple(ACCURACY),
+    )
+    exact: bool = option(False, "Refuse to write any weight that would not decode to its slice bit for bit.")
+
+
+def is_onnx_export(path: Path) -> bool:
+    """Whether ``path`` is a folder this exporter wrote (its model.onnx names matq), for ``--force``."""
+    try:
+        import onnx
+
+        model = onnx.load(path / "model.onnx", load_external_data=False)
+        return any(p.key == META_CONVERTER for p in model.metadata_props)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+ONNX_FOLDER = OutputKind("ONNX folder", True, is_onnx_export)
+
+
+@dataclass
+class _Prepared:
+    opts: ONNXOptions
+    family: str
+    widths: dict[str, int]
+    ep: bool
+    plans: dict[str, WeightPlan] = field(default_factory=dict)
+
+
+class ONNXConverter:
+    name = "onnx"
+    description = "ONNX folder for onnxruntime (MatMulNBits or QDQ) and onnxruntime-genai"
+    suffix = ""
+    dependencies = ("onnx", "onnxruntime", "onnxruntime_genai", "torch", "transformers")
+    Options = ONNXOptions
+
+    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
+        _prepare(ckpt, options)
+        return []
+
+    def convert(
+        self,
+        ckpt,
+        out: str | os.PathLike,
+        options: ConvertOptions,
+        progress: Callable[[int], None] | None = None,
+    ) -> ConvertResult:
+        return export_onnx(ckpt, out, options, progress)
+
+
+def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
+    """Check the request and plan every quantized weight before anything is written."""
+    opts = typed_options(ONNXOptions, options.settings, "--to onnx")
+    if (options.bits is None) == (options.plan is None):
+        raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
+    if ckpt.config is None:
+        raise UnsupportedModelError(ckpt.path, "has no carried config.json; the ONNX graph is built from it")
+    fam = onnx_source.family(ckpt.config, ckpt.path)
+    spec = options.bits if options.plan is None else options.plan
+    widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
+    prep = _Prepared(opts, fam, widths, options.extra_precision)
+    for name, bits in widths.items():
+        info = ckpt.info(name)
+        if len(info.shape) != 2:
+            continue
+        ep = options.extra_precision and bits < ckpt.code_bits
+        z = ckpt.zero(name)
+        p = plan_weight(
+            name, info.shape, info.group_size, z, ckpt.code_bits, bits, ep, opts.layout, opts.exact
+        )
+        if opts.exact and not p.exact:
+            raise ConvertOptionError(
+                ckpt.path, f"{name}: int{bits} is not exact in --layout {opts.layout}: {p.reason}"
+            )
+        prep.plans[name] = p
+    _check_opset(ckpt, prep)
+    return prep
+
+
+def _check_opset(ckpt, prep: _Prepared) -> None:
+    import onnx
+
+    if prep.opts.layout != "qdq":
+        return
+    need = max((onnx_graph.QDQ_OPSET[p.container] for p in prep.plans.values() if p.container), default=0)
+    have = onnx.defs.onnx_opset_version()
+    if need > have:
+        raise OpsetError(
+            ckpt.path,
+            f"--layout qdq at 2 bits needs ONNX opset {need} (uint2); the installed onnx {onnx.__version__} "
+            f"has opset {have}: upgrade onnx or use --layout matmulnbits",
+        )
+
+
+def export_onnx(
+    ckpt, out: str | os.PathLike, options: ConvertOptions, progress: Callable[[int], None] | None = None
+) -> ConvertResult:
+    """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly."""
+    from .hf_export import HFOptions, export_hf
+
+    out = Path(out)
+    prep = _prepare(ckpt, options)
+    with AtomicOutput(out, ONNX_FOLDER, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o:
+        work = o.tmp / ".matq-work"
+        dense = ConvertOptions(
+            options.bits, options.plan, options.extra_precision, False, HFOptions("dense", "float32")
+        )
+        export_hf(ckpt, work / "hf", dense)
+        _build_float(prep, work)
+        index = _slice_index(ckpt, prep, progress)
+        import onnx
+
+        model = onnx.load(work / "float" / "model.onnx", load_external_data=False)
+        targets = onnx_graph.find_slices(model, work / "float", index)
+        del model
+        done = onnx_graph.rewrite(
+            work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep)
+        )
+        _side_files(ckpt, prep, work, o.tmp)
+        shutil.rmtree(work)
+        o.commit()
+    return _result(out, prep, done)
+
+
+def _build_float(prep: _Prepared, work: Path) -> None:
+    if prep.family == "decoder":
+        onnx_source.build_decoder(work / "hf", work / "float", work / "builder.log")
+    else:
+        onnx_source.build_encoder(work / "hf", work / "float")
+
+
+def _slice_index(ckpt, prep: _Prepared, progress) -> dict[str, str]:
+    """Digest of each planned weight's transposed slice -> its name (one tensor in memory at a time)."""
+    index = {}
+    for name in ckpt.tensor_names():
+        p = prep.plans.get(name)
+        if p is not None:
+            index.setdefault(onnx_graph.digest(ckpt.dequantize(name, p.bits, p.ep).T), name)
+        if progress:
+            progress(1)
+    return index
+
+
+def _encode(ckpt, prep: _Prepared, name: str) -> onnx_graph.Encoded | None:
+    """One weight's initializers, from its codes, scales and zero points."""
+    p = prep.plans[name]
+    if p.container is None:
+        return None
+    k = ckpt.sliced_codes(name, p.bits, p.ep)
+    s, z, g = ckpt.scale(name), ckpt.zero(name), ckpt.info(name).group_size
+    if prep.opts.layout == "matmulnbits":
+        arrays = matmulnbits_inputs(p, k, s, z, ckpt.code_bits, g)
+    else:
+        arrays = qdq_inputs(p, k, s, z, ckpt.code_bits)
+    return onnx_graph.Encoded(p, arrays, tuple(k.shape), prep.opts.layout, ACCURACY[prep.opts.accuracy])
+
+
+def _metadata(ckpt, prep: _Prepared) -> dict[str, str]:
+    return {
+        META_CONVERTER: f"matq {MATQ_VERSION}",
+        "matq.source.digest": ckpt.digest,
+        "matq.layout": prep.opts.layout,
+        "matq.widths": json.dumps(prep.widths, sort_keys=True),
+        "matq.extra_precision": str(bool(prep.ep)).lower(),
+    }
+
+
+def _side_files(ckpt, prep: _Prepared, work: Path, tmp: Path) -> None:
+    """genai_config.json and tokenizer files (decoders, from the builder), or the carried files."""
+    if prep.family == "decoder":
+        for f in (work / "float").iterdir():
+            if f.is_file() and f.name not in ("model.onnx", onnx_graph.DATA_NAME):
+                shutil.copy(f, tmp / f.name)
+        if prep.opts.layout == "qdq":
+            onnx_source.set_session_option(
+                tmp / "genai_config.json", QDQ_SESSION_KEY, str(ACCURACY[prep.opts.accuracy])
+            )
+        return
+    for rel, data in ckpt.carried_bytes().items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+
+
+def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResult:
+    quantized = set(done.replaced.values())
+    floats = sorted(n for n in prep.plans if n not in quantized)
+    inexact = sorted(n for n in quantized if not prep.plans[n].exact)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
+    containers = {n: prep.plans[n].container for n in sorted(quantized)}
+    details = {
+        "layout": prep.opts.layout,
+        "family": prep.family,
+        "bytes": size,
+        "widths": prep.widths,
+        "containers": containers,
+        "float_weights": floats,
+        "float_zero_points": inexact,
+        "opset": done.opset or None,
+    }
+    summary = (
+        f"{out}: {prep.opts.layout}, {len(quantized)} quantized MatMuls "
+        f"({len(quantized) - len(inexact)} bit-exact), {size} bytes"
+    )
+    warnings = []
+    if floats:
+        more = f" and {len(floats) - 3} more" if len(floats) > 3 else ""
+        warnings.append(
+            f"{len(floats)} quantized tensor(s) stay float (not a MatMul weight, or no container): "
+            f"{', '.join(floats[:3])}{more}"
+        )
+    return ConvertResult(out, summary, details, warnings)

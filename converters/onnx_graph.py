@@ -1,0 +1,268 @@
+"""Graph surgery on a float ONNX model: each MatMul whose weight is a matq slice becomes a
+``MatMulNBits`` node (or ``DequantizeLinear`` + ``MatMul``) built from the slice's own codes.
+
+Which initializer holds which checkpoint tensor is found by content, not by name: the float graph
+was made from the dequantized slice, so an initializer equal bit for bit to a slice's transposed
+weights is that slice (whatever the graph's producer named it, and only if it did not change it).
+Initializers stream from the float model's external data to the new one, one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from .onnx_weights import WeightPlan, packed_raw
+
+MS_DOMAIN = "com.microsoft"
+DATA_NAME = "model.onnx.data"
+ALIGN = 4096
+"""External data offsets are page-aligned, so onnxruntime can map them."""
+COPY_CHUNK = 1 << 24
+QDQ_TYPES = {2: getattr(TensorProto, "UINT2", None), 4: TensorProto.UINT4, 8: TensorProto.UINT8}
+"""uint2 exists from onnx 1.20 (opset 25); ``onnx_export`` refuses 2-bit QDQ without it."""
+QDQ_OPSET = {2: 25, 4: 21, 8: 21}
+"""The opset that first has blocked DequantizeLinear of each container type."""
+
+
+def digest(weight_t: np.ndarray) -> str:
+    """The key a transposed float32 weight ``[K, N]`` is found by."""
+    a = np.ascontiguousarray(weight_t, np.float32)
+    return hashlib.sha256(a.tobytes()).hexdigest() + str(a.shape)
+
+
+@dataclass
+class Encoded:
+    """One weight's new inputs, as ``onnx_weights`` made them, and how the node uses them."""
+
+    plan: WeightPlan
+    arrays: dict[str, np.ndarray]
+    shape: tuple[int, int]
+    """``[N, K]``: rows out, columns in."""
+    layout: str = "matmulnbits"
+    accuracy_level: int = 1
+    """MatMulNBits' compute type: 1 (float32, exact) or 4 (int8 activations)."""
+
+
+class ExternalData:
+    """Tensors appended to one external data file; each returned proto points into it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.f = open(folder / DATA_NAME, "wb")  # noqa: SIM115 - closed by close()
+
+    def _place(self, t: TensorProto, chunks: Iterator[bytes]) -> TensorProto:
+        pad = -self.f.tell() % ALIGN
+        self.f.write(b"\0" * pad)
+        offset = self.f.tell()
+        for chunk in chunks:
+            self.f.write(chunk)
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        for k, v in (("location", DATA_NAME), ("offset", offset), ("length", self.f.tell() - offset)):
+            t.external_data.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+        t.data_location = TensorProto.EXTERNAL
+        return t
+
+    def add(
+        self, name: str, a: np.ndarray, data_type: int | None = None, raw: bytes | None = None
+    ) -> TensorProto:
+        """A numpy array (or ``raw`` bytes of ``data_type``, for sub-byte types) as an initializer."""
+        t = TensorProto(name=name, dims=list(a.shape))
+        t.data_type = data_type or helper.np_dtype_to_tensor_dtype(a.dtype)
+        return self._place(t, iter([raw if raw is not None else np.ascontiguousarray(a).tobytes()]))
+
+    def copy(self, t: TensorProto, src: Path) -> TensorProto:
+        """An initializer of the float model, its bytes streamed from ``src``'s external data."""
+        if not external_data_helper.uses_external_data(t):
+            return t
+        info = external_data_helper.ExternalDataInfo(t)
+        out = TensorProto()
+        out.CopyFrom(t)
+        del out.external_data[:]
+        return self._place(out, _read_chunks(src / info.location, info.offset or 0, info.length))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _read_chunks(path: Path, offset: int, length: int | None) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length if length is not None else os.fstat(f.fileno()).st_size - offset
+        while left > 0:
+            chunk = f.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path}: external data ends early")
+            left -= len(chunk)
+            yield chunk
+
+
+def read_initializer(t: TensorProto, folder: Path) -> np.ndarray:
+    """One initializer's array, read from its external data if it has any."""
+    if not external_data_helper.uses_external_data(t):
+        return numpy_helper.to_array(t)
+    info = external_data_helper.ExternalDataInfo(t)
+    raw = b"".join(_read_chunks(folder / info.location, info.offset or 0, info.length))
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.frombuffer(raw, dtype).reshape(tuple(t.dims))
+
+
+def matmul_weights(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Float 2-D initializers used as a MatMul's right input -> those MatMul nodes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits:
+            t = inits[n.input[1]]
+            if t.data_type == TensorProto.FLOAT and len(t.dims) == 2:
+                out.setdefault(n.input[1], []).append(n)
+    return out
+
+
+def find_slices(model: onnx.ModelProto, folder: Path, index: dict[str, str]) -> dict[str, str]:
+    """Initializer name -> checkpoint tensor, for MatMul weights whose content ``index`` knows."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = {}
+    for name in matmul_weights(model):
+        key = digest(read_initializer(inits[name], folder))
+        if key in index:
+            found[name] = index[key]
+    return found
+
+
+@dataclass
+class Rewrite:
+    """What :func:`rewrite` did: initializer -> checkpoint tensor replaced, and the opsets it needed."""
+
+    replaced: dict[str, str] = field(default_factory=dict)
+    opset: int = 0
+
+
+def rewrite(
+    src: Path,
+    dst: Path,
+    targets: dict[str, str],
+    encode: Callable[[str], Encoded | None],
+    metadata: dict[str, str],
+    progress: Callable[[int], None] | None = None,
+) -> Rewrite:
+    """``src/model.onnx`` with each MatMul on a ``targets`` initializer replaced by its encoding
+    (``encode(tensor)``; None keeps the float MatMul), written to ``dst/model.onnx`` + external data."""
+    model = onnx.load(src / "model.onnx", load_external_data=False)
+    users = _consumers(model)
+    weights = matmul_weights(model)
+    data = ExternalData(dst)
+    done = Rewrite()
+    try:
+        new_inits, new_nodes = [], {}
+        for t in model.graph.initializer:
+            enc = encode(targets[t.name]) if t.name in targets else None
+            if enc is None or enc.plan.container is None:
+                new_inits.append(data.copy(t, src))
+                continue
+            for node in weights[t.name]:
+                nodes, inits = _quantized_matmul(node, t.name, enc, data)
+                new_nodes[id(node)] = nodes
+                new_inits += inits
+            if len(users[t.name]) > len(weights[t.name]):  # also read elsewhere: keep the floats too
+                new_inits.append(data.copy(t, src))
+            done.replaced[t.name] = targets[t.name]
+            if enc.layout == "qdq":
+                done.opset = max(done.opset, QDQ_OPSET[enc.plan.container])
+            if progress:
+                progress(1)
+    finally:
+        data.close()
+    _replace_nodes(model, new_nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(new_inits)
+    _finish(model, done, metadata)
+    onnx.save(model, dst / "model.onnx")
+    return done
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _quantized_matmul(
+    node: onnx.NodeProto, weight: str, enc: Encoded, data: ExternalData
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """The node(s) and initializers that replace one float MatMul."""
+    return (_nbits if enc.layout == "matmulnbits" else _qdq)(node, weight, enc, data)
+
+
+def _nbits(node, weight: str, enc: Encoded, data: ExternalData):
+    c, a = enc.plan.container, enc.arrays
+    names = [f"{weight}_Q{c}", f"{weight}_scales"]
+    inits = [data.add(names[0], a["B"]), data.add(names[1], a["scales"])]
+    if "zero_points" in a:
+        names.append(f"{weight}_zero_points")
+        inits.append(data.add(names[2], a["zero_points"]))
+    rows, cols = enc.shape
+    new = helper.make_node(
+        "MatMulNBits",
+        [node.input[0], *names],
+        list(node.output),
+        name=f"{node.name}_Q{c}",
+        domain=MS_DOMAIN,
+        K=cols,
+        N=rows,
+        bits=c,
+        block_size=enc.plan.block,
+        accuracy_level=enc.accuracy_level,
+    )
+    return [new], inits
+
+
+def _qdq(node, weight: str, enc: Encoded, data: ExternalData):
+    c, a = enc.plan.container, enc.arrays
+    kind = QDQ_TYPES[c]
+    raw = (lambda v: packed_raw(v, c)) if c < 8 else (lambda v: None)
+    q, s, z = f"{weight}_Q{c}", f"{weight}_scale", f"{weight}_zero_point"
+    inits = [
+        data.add(q, a["x"], kind, raw(a["x"])),
+        data.add(s, a["x_scale"]),
+        data.add(z, a["x_zero_point"], kind, raw(a["x_zero_point"])),
+    ]
+    attrs = {"axis": 1} if enc.plan.block is None else {"axis": 0, "block_size": enc.plan.block}
+    dq = helper.make_node(
+        "DequantizeLinear", [q, s, z], [f"{weight}_dequantized"], name=f"{node.name}_DQ", **attrs
+    )
+    mm = helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=node.name)
+    return [dq, mm], inits
+
+
+def _replace_nodes(model: onnx.ModelProto, new_nodes: dict[int, list[onnx.NodeProto]]) -> None:
+    nodes = []
+    for n in model.graph.node:
+        nodes.extend(new_nodes.get(id(n), [n]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _finish(model: onnx.ModelProto, done: Rewrite, metadata: dict[str, str]) -> None:
+    """Opsets the new nodes need, and matq's metadata."""
+    ops = {o.domain: o for o in model.opset_import}
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and MS_DOMAIN not in ops:
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    default = ops.get("") or ops.get("ai.onnx")
+    if done.opset and default is not None and default.version < done.opset:
+        default.version = done.opset
+        model.ir_version = max(model.ir_version, 11 if done.opset >= 25 else 10)
+    present = {p.key for p in model.metadata_props}
+    for k, v in metadata.items():
+        if k not in present:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))

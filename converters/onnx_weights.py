@@ -1,0 +1,140 @@
+"""A matq slice as ONNX weight initializers: ``com.microsoft.MatMulNBits`` inputs or a standard
+``DequantizeLinear`` (blocked, opset 21; uint2 from opset 25). Pure numpy; the graph surgery that
+uses these is ``onnx_graph``.
+
+Both store ``(q - zp) * scale`` with ``q`` in a container of ``c`` bits (2, 4 or 8): the slice's
+codes shifted into it as ``containers`` describes. Where the container's zero points are integers
+the weights decode bit for bit (``onnx_export`` tests it with the operator on an identity input).
+MatMulNBits also takes float zero points at 2 and 4 bits, which onnxruntime's CPU kernel applies as
+``q * scale - zp * scale``: at most one float32 rounding away from the slice (recorded per tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .containers import container_codes, container_scale_zero, integer_zero_points, pack_bytes, step_exponent
+
+CONTAINERS = (2, 4, 8)
+MIN_BLOCK = 16
+"""MatMulNBits' smallest block (a power of two)."""
+CHANNEL_BLOCK = 128
+"""The block per-channel scales are repeated over in MatMulNBits (its blocks are at most K)."""
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """How one quantized linear weight ``[N, K]`` (rows out, columns in) is stored."""
+
+    name: str
+    bits: int
+    ep: bool
+    container: int | None
+    """2, 4 or 8; None: the weight stays a float MatMul (``reason`` says why)."""
+    block: int | None
+    """MatMulNBits: the block along K; QDQ: the group (None: per channel)."""
+    zero_points: str = "uint8"
+    """``default`` (omitted, 2^(c-1)), ``uint8`` (packed integers) or ``float``."""
+    reason: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return self.container is not None and self.zero_points != "float"
+
+
+def nbits_block(group: int | None, cols: int) -> int | None:
+    """The MatMulNBits block for a group size: the largest power of two (at least 16) dividing it;
+    per-channel scales repeat over ``CHANNEL_BLOCK`` (or the next power of two above K)."""
+    if group is None:
+        return min(CHANNEL_BLOCK, max(MIN_BLOCK, 1 << (cols - 1).bit_length()))
+    b = group & -group
+    return b if b >= MIN_BLOCK else None
+
+
+def plan_weight(
+    name: str,
+    shape,
+    group: int | None,
+    zero: np.ndarray,
+    code_bits: int,
+    bits: int,
+    ep: bool,
+    layout: str,
+    exact: bool,
+) -> WeightPlan:
+    """The smallest container that holds the slice: integer zero points first, then (MatMulNBits at 2
+    and 4 bits, unless ``exact``) float ones; a float MatMul where neither does."""
+    block = nbits_block(group, shape[1]) if layout == "matmulnbits" else group
+    if layout == "matmulnbits" and block is None:
+        return WeightPlan(
+            name, bits, ep, None, None, reason=f"group size {group} has no power-of-two block >= 16"
+        )
+    for c in CONTAINERS:
+        if c < bits + ep:
+            continue
+        if integer_zero_points(zero, code_bits, bits, ep, c):
+            z = zero / np.float32(1 << step_exponent(code_bits, bits, ep, c))
+            default = layout == "matmulnbits" and bool(np.all(z == 2 ** (c - 1)))
+            return WeightPlan(name, bits, ep, c, block, "default" if default else "uint8")
+        if layout == "matmulnbits" and c in (2, 4) and not exact:
+            return WeightPlan(name, bits, ep, c, block, "float")
+    return WeightPlan(name, bits, ep, None, block, reason="no container holds its zero points exactly")
+
+
+def _blocks_of(a: np.ndarray, group: int | None, block: int, nblocks: int) -> np.ndarray:
+    """Per-group values ``[N, G]`` repeated per block: ``[N, nblocks]`` (block j lies in group j*b//g)."""
+    if group is None:
+        return np.repeat(a[:, :1], nblocks, axis=1)
+    return a[:, (np.arange(nblocks) * block) // group]
+
+
+def matmulnbits_inputs(
+    plan: WeightPlan, k: np.ndarray, scale: np.ndarray, zero: np.ndarray, code_bits: int, group: int | None
+) -> dict[str, np.ndarray]:
+    """``B`` ``[N, blocks, block*c/8]`` uint8, ``scales`` ``[N*blocks]`` float32 and, unless default,
+    ``zero_points`` (uint8 packed per row, or float32) from sliced codes ``k`` ``[N, K]``."""
+    c, b = plan.container, plan.block
+    rows, cols = k.shape
+    nb = math.ceil(cols / b)
+    q = np.zeros((rows, nb * b), np.uint8)
+    q[:, :cols] = container_codes(k, code_bits, plan.bits, plan.ep, c)
+    out = {"B": pack_bytes(q, c).reshape(rows, nb, b * c // 8)}
+    s, z = container_scale_zero(scale, zero, code_bits, plan.bits, plan.ep, c)
+    out["scales"] = _blocks_of(s, group, b, nb).reshape(-1)
+    zb = _blocks_of(z, group, b, nb)
+    if plan.zero_points == "float":
+        out["zero_points"] = zb.reshape(-1).astype(np.float32)
+    elif plan.zero_points == "uint8":
+        per = 8 // c
+        padded = np.zeros((rows, math.ceil(nb / per) * per), np.uint8)
+        padded[:, :nb] = zb.astype(np.uint8)
+        out["zero_points"] = pack_bytes(padded, c).reshape(-1)
+    return out
+
+
+def qdq_inputs(
+    plan: WeightPlan, k: np.ndarray, scale: np.ndarray, zero: np.ndarray, code_bits: int
+) -> dict[str, np.ndarray]:
+    """``DequantizeLinear`` inputs of the transposed weight ``[K, N]``: codes (uint8 values of the
+    container type), scales and zero points ``[groups, N]`` (blocked) or ``[N]`` (per channel)."""
+    c = plan.container
+    q = np.ascontiguousarray(container_codes(k, code_bits, plan.bits, plan.ep, c).T)
+    s, z = container_scale_zero(scale, zero, code_bits, plan.bits, plan.ep, c)
+    if plan.block is None:
+        s, z = s[:, 0], z[:, 0]
+    else:
+        s, z = np.ascontiguousarray(s.T), np.ascontiguousarray(z.T)
+    return {"x": q, "x_scale": s.astype(np.float32), "x_zero_point": z.astype(np.uint8)}
+
+
+def packed_raw(values: np.ndarray, bits: int) -> bytes:
+    """ONNX raw data of a sub-byte integer tensor: elements in row-major order, ``8 / bits`` to a
+    byte, the first in the low bits (padded to a whole byte)."""
+    flat = values.reshape(-1)
+    per = 8 // bits
+    padded = np.zeros(math.ceil(flat.size / per) * per, np.uint8)
+    padded[: flat.size] = flat
+    return pack_bytes(padded.reshape(1, -1), bits).tobytes()

