@@ -10,6 +10,9 @@ Steps, each timed:
     onnxruntime-genai's builder (``-p fp32 -e cpu``): the graph every file below shares.
 (b) onnxruntime's quantizer, as a user runs it: ``MatMulNBitsQuantizer`` (RTN, symmetric, blocks of
     32 like matq's default layout, ``accuracy_level`` 1) on the float ONNX, at each ``--ort-bits``.
+    The LM head is left out (``nodes_to_exclude``) unless ``--ort-head``: ``matq quantize --layers
+    linear`` leaves it float, and in a tied model (SmolLM2) quantizing it keeps a float copy for the
+    embedding lookup as well, so the file grows.
 (c) matq: ``matq quantize HF --layers linear`` (data-free, the default layout; or ``--matq-ckpt``,
     e.g. a ``--calib`` one), then ``matq convert CK --to onnx --bits R`` for each ``--widths`` R.
 (d) Weights: every MatMulNBits weight of each file decoded by the operator itself (an identity
@@ -63,7 +66,7 @@ def float_onnx(hf: Path, out: Path) -> Path:
     return out / "model"
 
 
-def ort_quantize(src: Path, out: Path, bits: int, block: int) -> Path:
+def ort_quantize(src: Path, out: Path, bits: int, block: int, head: bool) -> Path:
     """(b) onnxruntime's MatMulNBitsQuantizer on the float graph; genai_config and tokenizer copied."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -79,6 +82,7 @@ def ort_quantize(src: Path, out: Path, bits: int, block: int) -> Path:
         block_size=block,
         is_symmetric=True,
         accuracy_level=1,
+        nodes_to_exclude=[] if head else ["/lm_head/MatMul"],
         algo_config=cfg,
     )
     q.process()
@@ -180,7 +184,7 @@ def run(args) -> dict:
     folders = {"onnx-f32": f32}
     for bits in args.ort_bits:
         name = f"ort-int{bits}-g{args.block}"
-        folders[name], made[name] = Q.timed(ort_quantize, f32, work / name, bits, args.block)
+        folders[name], made[name] = Q.timed(ort_quantize, f32, work / name, bits, args.block, args.ort_head)
     ck = Path(args.matq_ckpt) if args.matq_ckpt else work / "smollm2-matq"
     if not (ck / mf.constants.BASE_FILENAME).exists():
         _, steps["(c) matq quantize --layers linear"] = Q.timed(quantize_hf, hf, ck, layers="linear")
@@ -232,15 +236,16 @@ def run(args) -> dict:
 
 def table(doc: dict) -> str:
     lines = [
-        "| file | MiB | bits/weight | make s | max err vs slice | rel RMS vs float | ppl | KLD | top-1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| file | MiB | bits/weight | linear b/w | make s | max err vs slice | rel RMS vs float | ppl | KLD | top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
         vs_slice = f"{r['max_abs_vs_slice']:.3g}" if "max_abs_vs_slice" in r else ""
         vs_float = f"{r['rel_rms_vs_float']:.4f}" if r.get("rel_rms_vs_float") is not None else ""
         make = f"{r['make_seconds']:.1f}" if r["make_seconds"] else ""
         lines.append(
-            f"| {r['name']} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.3f} | {make} | {vs_slice} "
+            f"| {r['name']} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.3f} "
+            f"| {r['linear_bits_per_weight']:.3f} | {make} | {vs_slice} "
             f"| {vs_float} | {r['ppl']:.3f} | {r['kld']:.4f} | {100 * r['top1']:.1f}% |"
         )
     lines.append(f"\n{doc['results'][0]['tokens']} scored tokens, ctx {doc['ctx']}")
@@ -257,6 +262,9 @@ def main() -> None:
     ap.add_argument("--widths", type=ints, default=[8, 4, 3, 2], help="matq widths, ONNX each (8,4,3,2)")
     ap.add_argument("--ort-bits", type=ints, default=[8, 4, 2], help="onnxruntime quantizer widths (8,4,2)")
     ap.add_argument("--block", type=int, default=32, help="onnxruntime quantizer block size (32)")
+    ap.add_argument(
+        "--ort-head", action="store_true", help="Let onnxruntime's quantizer quantize the LM head too."
+    )
     ap.add_argument("--docs", default=str(Q.DOCS), help="Python docs' reST sources")
     ap.add_argument("--eval-files", type=int, default=40)
     ap.add_argument("--ctx", type=int, default=512)

@@ -23,8 +23,9 @@ from .onnx_weights import WeightPlan, packed_raw
 
 MS_DOMAIN = "com.microsoft"
 DATA_NAME = "model.onnx.data"
-ALIGN = 4096
-"""External data offsets are page-aligned, so onnxruntime can map them."""
+ALIGN, ALIGN_LARGE, LARGE = 16, 1 << 16, 1 << 20
+"""External data laid out as ``onnx.save`` does: tensors of 1 MiB and more at 64 KiB boundaries (so
+onnxruntime can map them), the rest at 16 bytes."""
 COPY_CHUNK = 1 << 24
 QDQ_TYPES = {2: getattr(TensorProto, "UINT2", None), 4: TensorProto.UINT4, 8: TensorProto.UINT8}
 """uint2 exists from onnx 1.20 (opset 25); ``onnx_export`` refuses 2-bit QDQ without it."""
@@ -58,8 +59,8 @@ class ExternalData:
         self.folder = folder
         self.f = open(folder / DATA_NAME, "wb")  # noqa: SIM115 - closed by close()
 
-    def _place(self, t: TensorProto, chunks: Iterator[bytes]) -> TensorProto:
-        pad = -self.f.tell() % ALIGN
+    def _place(self, t: TensorProto, chunks: Iterator[bytes], nbytes: int) -> TensorProto:
+        pad = -self.f.tell() % (ALIGN_LARGE if nbytes >= LARGE else ALIGN)
         self.f.write(b"\0" * pad)
         offset = self.f.tell()
         for chunk in chunks:
@@ -77,7 +78,8 @@ class ExternalData:
         """A numpy array (or ``raw`` bytes of ``data_type``, for sub-byte types) as an initializer."""
         t = TensorProto(name=name, dims=list(a.shape))
         t.data_type = data_type or helper.np_dtype_to_tensor_dtype(a.dtype)
-        return self._place(t, iter([raw if raw is not None else np.ascontiguousarray(a).tobytes()]))
+        data = raw if raw is not None else np.ascontiguousarray(a).tobytes()
+        return self._place(t, iter([data]), len(data))
 
     def copy(self, t: TensorProto, src: Path) -> TensorProto:
         """An initializer of the float model, its bytes streamed from ``src``'s external data."""
@@ -87,7 +89,12 @@ class ExternalData:
         out = TensorProto()
         out.CopyFrom(t)
         del out.external_data[:]
-        return self._place(out, _read_chunks(src / info.location, info.offset or 0, info.length))
+        length = (
+            info.length
+            if info.length is not None
+            else (src / info.location).stat().st_size - (info.offset or 0)
+        )
+        return self._place(out, _read_chunks(src / info.location, info.offset or 0, length), length)
 
     def close(self) -> None:
         self.f.close()

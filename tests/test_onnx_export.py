@@ -192,12 +192,13 @@ def test_llama_generates_the_tokens_transformers_does(models, tmp_path, layout, 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 def test_qwen2_and_gemma2_logits(models, tmp_path, arch):
     hf, ck = models
-    plan = round_robin(ck[arch], (8, 4, 2))
-    res = export(ck[arch], tmp_path / "o", plan=plan)
-    assert sorted(set(res.details["containers"].values())) == [2, 4, 8]
-    got, _ = genai_logits(tmp_path / "o")
-    want, _ = reference(hf[arch], ck[arch], plan)
-    close(got, want)
+    plan = round_robin(ck[arch])
+    for kw, want_containers in [({"plan": plan}, [2, 4, 8]), ({"bits": 2, "extra_precision": True}, [4])]:
+        res = export(ck[arch], tmp_path / "o", **kw)
+        assert sorted(set(res.details["containers"].values())) == want_containers
+        got, _ = genai_logits(tmp_path / "o")
+        want, _ = reference(hf[arch], ck[arch], kw.get("plan", 2), kw.get("extra_precision", False))
+        close(got, want)
 
 
 def test_genai_folder_carries_what_the_runtime_needs(models, tmp_path):
@@ -292,3 +293,26 @@ def test_cli(models, tmp_path):
     r = run("--bits", "4", "--layout", "gptq", "-o", str(tmp_path / "b"))
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "gptq" in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_matq_eval_scores_onnx_folders_as_the_slice(models, tmp_path):
+    from gguf_helpers import corpus
+
+    hf, ck = models
+    export(ck["llama"], tmp_path / "int4-onnx", bits=4)
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(corpus()), encoding="utf-8")
+    args = [hf["llama"], "--text", text, "--ctx", 64, "--max-tokens", 512, "--json"]
+    r = CliRunner().invoke(
+        cli, ["eval", *map(str, args), f"{ck['llama'].root}@4", str(tmp_path / "int4-onnx")]
+    )
+    assert r.exit_code == 0, r.output
+    res = {x["name"]: x for x in json.loads(r.stdout)["results"]}
+    onnx_res, torch_res = res["int4-onnx"], res["ck-llama@4"]
+    assert onnx_res["kind"] == "onnx-matq"
+    assert onnx_res["bytes"] == sum(f.stat().st_size for f in (tmp_path / "int4-onnx").glob("model.onnx*"))
+    # the same slice in onnxruntime and in transformers: float32 all the way, so nearly identical
+    assert onnx_res["ppl"] == pytest.approx(torch_res["ppl"], rel=1e-4)
+    assert onnx_res["kld"] == pytest.approx(torch_res["kld"], rel=1e-3, abs=1e-6)
+    # linear layers: 4-bit codes and a float32 scale per block of 32
+    assert onnx_res["linear_bits_per_weight"] == pytest.approx(4 + 32 / 32, rel=1e-3)

@@ -78,7 +78,8 @@ def convert(
     **given,
 ) -> None:
     """Export a checkpoint at one width (or a Mix'n'Match plan) to another format: GGUF for llama.cpp,
-    a Hugging Face folder for transformers (and, untested here, vLLM)."""
+    a Hugging Face folder for transformers (and, untested here, vLLM), an ONNX folder for onnxruntime
+    and onnxruntime-genai."""
     from matq_converters import registry
 
     import matq_format as mf
@@ -113,6 +114,8 @@ Examples:
   matq convert ./model-matq --to gguf --plan budget:3.5 -o model-3.5b.gguf --json
   matq convert ./model-matq --to hf --bits 4 -o model-int4-hf              # compressed-tensors
   matq convert ./model-matq --to hf --bits 4 --layout dense --dtype bfloat16 -o model-int4-dense
+  matq convert ./model-matq --to onnx --bits 4 -o model-int4-onnx             # MatMulNBits
+  matq convert ./model-matq --to onnx --bits 2 --layout qdq -o model-int2-qdq  # DequantizeLinear
 """
 
 

@@ -66,7 +66,9 @@ Examples:
 
 \b
 Candidates: FILE.gguf (llama.cpp), CKPT@R[,R...][+ep] (matq widths in transformers),
-CKPT@plan:SPEC[+ep] (a Mix'n'Match plan, as `matq slice --plan`), or another HF folder.
+CKPT@plan:SPEC[+ep] (a Mix'n'Match plan, as `matq slice --plan`), an ONNX folder (a decoder with a
+past cache, as `matq convert --to onnx` or onnxruntime-genai's builder writes it; onnxruntime), or
+another HF folder.
 Text: a file, or a folder's .txt/.rst/.md files (sorted), read as UTF-8, tokenized with the
 reference's tokenizer, cut into windows of --ctx tokens. As llama.cpp's perplexity tool, the
 predictions of the second half of every window are scored, so each has at least ctx/2 tokens of
@@ -124,7 +126,7 @@ def eval_cmd(
     force: bool,
 ) -> None:
     """Perplexity, KL divergence and top-1 agreement to REFERENCE (a float HF folder) for matq widths,
-    plans and GGUF files, with bits per weight beside each."""
+    plans, GGUF files and ONNX folders, with bits per weight beside each."""
     import contextlib
 
     from matq_eval import evaluate
