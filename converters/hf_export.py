@@ -54,6 +54,7 @@ from .registry import (
     ConvertOptions,
     ConvertResult,
     MissingDependencyError,
+    PlannedExporter,
     UnsupportedModelError,
     option,
     typed_options,
@@ -148,27 +149,6 @@ class _Prepared:
     groups: dict = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
     gptq: dict = field(default_factory=dict)
-
-
-class HFConverter:
-    name = "hf"
-    description = "Hugging Face folder: compressed-tensors (pack-quantized) or dense"
-    suffix = ""
-    dependencies = ("numpy", "safetensors")
-    Options = HFOptions
-
-    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
-        _prepare(ckpt, options)
-        return []
-
-    def convert(
-        self,
-        ckpt,
-        out: str | os.PathLike,
-        options: ConvertOptions,
-        progress: Callable[[int], None] | None = None,
-    ) -> ConvertResult:
-        return export_hf(ckpt, out, options, progress)
 
 
 # --- planning: everything that can fail before a byte is written -----------------------------------
@@ -559,3 +539,14 @@ def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> Con
             f"container): {', '.join(names[:3])}{more}"
         )
     return ConvertResult(out, summary, details, warnings)
+
+
+class HFConverter(PlannedExporter):
+    name = "hf"
+    description = "Hugging Face folder: compressed-tensors (pack-quantized) or dense"
+    suffix = ""
+    dependencies = ("numpy", "safetensors")
+    Options = HFOptions
+
+    plan = staticmethod(_prepare)
+    export = staticmethod(export_hf)

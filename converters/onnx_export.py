@@ -38,6 +38,7 @@ from .registry import (
     ConvertOptionError,
     ConvertOptions,
     ConvertResult,
+    PlannedExporter,
     UnsupportedModelError,
     option,
     typed_options,
@@ -94,27 +95,6 @@ class _Prepared:
     plans: dict[str, WeightPlan] = field(default_factory=dict)
 
 
-class ONNXConverter:
-    name = "onnx"
-    description = "ONNX folder for onnxruntime (MatMulNBits or QDQ) and onnxruntime-genai"
-    suffix = ""
-    dependencies = ("onnx", "onnxruntime", "onnxruntime_genai", "torch", "transformers")
-    Options = ONNXOptions
-
-    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
-        _prepare(ckpt, options)
-        return []
-
-    def convert(
-        self,
-        ckpt,
-        out: str | os.PathLike,
-        options: ConvertOptions,
-        progress: Callable[[int], None] | None = None,
-    ) -> ConvertResult:
-        return export_onnx(ckpt, out, options, progress)
-
-
 def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     """Check the request and plan every quantized weight before anything is written."""
     opts = typed_options(ONNXOptions, options.settings, "--to onnx")
@@ -127,19 +107,13 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     prep = _Prepared(opts, fam, widths, options.extra_precision)
     for name, bits in widths.items():
-        info = ckpt.info(name)
-        if len(info.shape) != 2:
-            continue
-        ep = options.extra_precision and bits < ckpt.code_bits
-        z = ckpt.zero(name)
-        p = plan_weight(
-            name, info.shape, info.group_size, z, ckpt.code_bits, bits, ep, opts.layout, opts.exact
-        )
-        if opts.exact and not p.exact:
-            raise ConvertOptionError(
-                ckpt.path, f"{name}: int{bits} is not exact in --layout {opts.layout}: {p.reason}"
-            )
-        prep.plans[name] = p
+        if len(ckpt.info(name).shape) == 2:
+            ep = options.extra_precision and bits < ckpt.code_bits
+            prep.plans[name] = p = plan_weight(ckpt, name, bits, ep, opts.layout, opts.exact)
+            if opts.exact and not p.exact:
+                raise ConvertOptionError(
+                    ckpt.path, f"{name}: int{bits} is not exact in --layout {opts.layout}: {p.reason}"
+                )
     _check_opset(ckpt, prep)
     return prep
 
@@ -174,12 +148,7 @@ def export_onnx(
         )
         export_hf(ckpt, work / "hf", dense)
         _build_float(prep, work)
-        index = _slice_index(ckpt, prep, progress)
-        import onnx
-
-        model = onnx.load(work / "float" / "model.onnx", load_external_data=False)
-        targets = onnx_graph.find_slices(model, work / "float", index)
-        del model
+        targets = onnx_graph.find_slices(work / "float", _slice_index(ckpt, prep, progress))
         done = onnx_graph.rewrite(
             work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep)
         )
@@ -276,3 +245,14 @@ def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResu
             f"{', '.join(floats[:3])}{more}"
         )
     return ConvertResult(out, summary, details, warnings)
+
+
+class ONNXConverter(PlannedExporter):
+    name = "onnx"
+    description = "ONNX folder for onnxruntime (MatMulNBits or QDQ) and onnxruntime-genai"
+    suffix = ""
+    dependencies = ("onnx", "onnxruntime", "onnxruntime_genai", "torch", "transformers")
+    Options = ONNXOptions
+
+    plan = staticmethod(_prepare)
+    export = staticmethod(export_onnx)

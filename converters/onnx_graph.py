@@ -134,8 +134,10 @@ def matmul_weights(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def find_slices(model: onnx.ModelProto, folder: Path, index: dict[str, str]) -> dict[str, str]:
-    """Initializer name -> checkpoint tensor, for MatMul weights whose content ``index`` knows."""
+def find_slices(folder: Path, index: dict[str, str]) -> dict[str, str]:
+    """Initializer name -> checkpoint tensor, for the MatMul weights of ``folder/model.onnx`` whose
+    content ``index`` knows (read one at a time)."""
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     found = {}
     for name in matmul_weights(model):

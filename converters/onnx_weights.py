@@ -54,19 +54,11 @@ def nbits_block(group: int | None, cols: int) -> int | None:
     return b if b >= MIN_BLOCK else None
 
 
-def plan_weight(
-    name: str,
-    shape,
-    group: int | None,
-    zero: np.ndarray,
-    code_bits: int,
-    bits: int,
-    ep: bool,
-    layout: str,
-    exact: bool,
-) -> WeightPlan:
-    """The smallest container that holds the slice: integer zero points first, then (MatMulNBits at 2
-    and 4 bits, unless ``exact``) float ones; a float MatMul where neither does."""
+def plan_weight(ckpt, name: str, bits: int, ep: bool, layout: str, exact: bool) -> WeightPlan:
+    """The smallest container that holds one weight's slice: integer zero points first, then
+    (MatMulNBits at 2 and 4 bits, unless ``exact``) float ones; a float MatMul where neither does."""
+    info, zero, code_bits = ckpt.info(name), ckpt.zero(name), ckpt.code_bits
+    group, shape = info.group_size, info.shape
     block = nbits_block(group, shape[1]) if layout == "matmulnbits" else group
     if layout == "matmulnbits" and block is None:
         return WeightPlan(

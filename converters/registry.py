@@ -185,6 +185,27 @@ class Converter(Protocol):
         ...
 
 
+class PlannedExporter:
+    """A :class:`Converter` made of two functions: ``plan(ckpt, options)`` checks and plans the
+    request (raising what is wrong), ``export(ckpt, out, options, progress)`` writes it."""
+
+    plan: Callable[..., Any]
+    export: Callable[..., ConvertResult]
+
+    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
+        type(self).plan(ckpt, options)
+        return []
+
+    def convert(
+        self,
+        ckpt,
+        out: str | os.PathLike,
+        options: ConvertOptions,
+        progress: Callable[[int], None] | None = None,
+    ) -> ConvertResult:
+        return type(self).export(ckpt, out, options, progress)
+
+
 @runtime_checkable
 class Importer(Protocol):
     name: str
@@ -279,7 +300,10 @@ exporters.builtin(
 )
 
 exporters.builtin(
-    "onnx", "matq_converters.onnx_export", "ONNXConverter", "ONNX for onnxruntime and onnxruntime-genai (MatMulNBits or QDQ)"
+    "onnx",
+    "matq_converters.onnx_export",
+    "ONNXConverter",
+    "ONNX for onnxruntime and onnxruntime-genai (MatMulNBits or QDQ)",
 )
 
 importers: Registry[Importer] = Registry("importer", "--from")
