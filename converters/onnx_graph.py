@@ -161,7 +161,6 @@ def rewrite(
     targets: dict[str, str],
     encode: Callable[[str], Encoded | None],
     metadata: dict[str, str],
-    progress: Callable[[int], None] | None = None,
 ) -> Rewrite:
     """``src/model.onnx`` with each MatMul on a ``targets`` initializer replaced by its encoding
     (``encode(tensor)``; None keeps the float MatMul), written to ``dst/model.onnx`` + external data."""
@@ -177,17 +176,15 @@ def rewrite(
             if enc is None or enc.plan.container is None:
                 new_inits.append(data.copy(t, src))
                 continue
-            for node in weights[t.name]:
-                nodes, inits = _quantized_matmul(node, t.name, enc, data)
-                new_nodes[id(node)] = nodes
-                new_inits += inits
+            inputs, inits, dq = _store(t.name, enc, data)
+            new_inits += inits
+            for i, node in enumerate(weights[t.name]):  # in graph order: the DQ node before its first user
+                new_nodes[id(node)] = [dq] * (dq is not None and i == 0) + [_replacement(node, inputs, enc)]
             if len(users[t.name]) > len(weights[t.name]):  # also read elsewhere: keep the floats too
                 new_inits.append(data.copy(t, src))
             done.replaced[t.name] = targets[t.name]
             if enc.layout == "qdq":
                 done.opset = max(done.opset, QDQ_OPSET[enc.plan.container])
-            if progress:
-                progress(1)
     finally:
         data.close()
     _replace_nodes(model, new_nodes)
@@ -206,40 +203,16 @@ def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def _quantized_matmul(
-    node: onnx.NodeProto, weight: str, enc: Encoded, data: ExternalData
-) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """The node(s) and initializers that replace one float MatMul."""
-    return (_nbits if enc.layout == "matmulnbits" else _qdq)(node, weight, enc, data)
-
-
-def _nbits(node, weight: str, enc: Encoded, data: ExternalData):
+def _store(weight: str, enc: Encoded, data: ExternalData):
+    """One weight's initializers, the names a node reads them by, and (QDQ) the DequantizeLinear
+    node every MatMul on it shares."""
     c, a = enc.plan.container, enc.arrays
-    names = [f"{weight}_Q{c}", f"{weight}_scales"]
-    inits = [data.add(names[0], a["B"]), data.add(names[1], a["scales"])]
-    if "zero_points" in a:
-        names.append(f"{weight}_zero_points")
-        inits.append(data.add(names[2], a["zero_points"]))
-    rows, cols = enc.shape
-    new = helper.make_node(
-        "MatMulNBits",
-        [node.input[0], *names],
-        list(node.output),
-        name=f"{node.name}_Q{c}",
-        domain=MS_DOMAIN,
-        K=cols,
-        N=rows,
-        bits=c,
-        block_size=enc.plan.block,
-        accuracy_level=enc.accuracy_level,
-    )
-    return [new], inits
-
-
-def _qdq(node, weight: str, enc: Encoded, data: ExternalData):
-    c, a = enc.plan.container, enc.arrays
-    kind = QDQ_TYPES[c]
-    raw = (lambda v: packed_raw(v, c)) if c < 8 else (lambda v: None)
+    if enc.layout == "matmulnbits":
+        parts = {f"{weight}_Q{c}": a["B"], f"{weight}_scales": a["scales"]}
+        if "zero_points" in a:
+            parts[f"{weight}_zero_points"] = a["zero_points"]
+        return list(parts), [data.add(n, v) for n, v in parts.items()], None
+    kind, raw = QDQ_TYPES[c], (lambda v: packed_raw(v, c) if c < 8 else None)
     q, s, z = f"{weight}_Q{c}", f"{weight}_scale", f"{weight}_zero_point"
     inits = [
         data.add(q, a["x"], kind, raw(a["x"])),
@@ -248,10 +221,28 @@ def _qdq(node, weight: str, enc: Encoded, data: ExternalData):
     ]
     attrs = {"axis": 1} if enc.plan.block is None else {"axis": 0, "block_size": enc.plan.block}
     dq = helper.make_node(
-        "DequantizeLinear", [q, s, z], [f"{weight}_dequantized"], name=f"{node.name}_DQ", **attrs
+        "DequantizeLinear", [q, s, z], [f"{weight}_dequantized"], name=f"{weight}_DQ", **attrs
     )
-    mm = helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=node.name)
-    return [dq, mm], inits
+    return [dq.output[0]], inits, dq
+
+
+def _replacement(node: onnx.NodeProto, inputs: list[str], enc: Encoded) -> onnx.NodeProto:
+    """The node that takes one float MatMul's place."""
+    if enc.layout == "qdq":
+        return helper.make_node("MatMul", [node.input[0], *inputs], list(node.output), name=node.name)
+    rows, cols = enc.shape
+    return helper.make_node(
+        "MatMulNBits",
+        [node.input[0], *inputs],
+        list(node.output),
+        name=f"{node.name}_Q{enc.plan.container}",
+        domain=MS_DOMAIN,
+        K=cols,
+        N=rows,
+        bits=enc.plan.container,
+        block_size=enc.plan.block,
+        accuracy_level=enc.accuracy_level,
+    )
 
 
 def _replace_nodes(model: onnx.ModelProto, new_nodes: dict[int, list[onnx.NodeProto]]) -> None:
