@@ -21,11 +21,26 @@ from matq_format.numerics import planes_needed
 from . import gguf_blocks as B
 from .registry import ConvertOptionError
 
+_LAST: dict[tuple, dict[str, int]] = {}
+"""The last plan made, by its inputs: ``matq convert`` checks a request (``validate``) and then
+writes it, and the search encodes every width of every tensor, the export's slowest step."""
+
 
 def file_budget_plan(
     ckpt, tensors: list, budget: float, extra_precision: bool, dense_bits: Callable[[object], float]
 ) -> dict[str, int]:
     """{quantized tensor: width} for a file of at most ``budget`` bits per weight."""
+    dense = tuple((t.hf_name, dense_bits(t)) for t in tensors if not t.quantized)
+    key = (ckpt.digest, budget, extra_precision, tuple(t.hf_name for t in tensors), dense)
+    if key not in _LAST:
+        _LAST.clear()
+        _LAST[key] = _search(ckpt, tensors, budget, extra_precision, dense_bits)
+    return dict(_LAST[key])
+
+
+def _search(
+    ckpt, tensors: list, budget: float, extra_precision: bool, dense_bits: Callable[[object], float]
+) -> dict[str, int]:
     c = ckpt.code_bits
     err: dict[str, dict[int, float]] = {}
     cost: dict[str, dict[int, float]] = {}

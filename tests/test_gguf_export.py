@@ -562,6 +562,29 @@ def test_compact_file_sizes_fall_with_width_and_record_their_error(models, tmp_p
     assert exact.details["bytes"] > sizes[4]  # Q4_K slices, but embeddings as stored
 
 
+def test_a_budget_is_searched_once_per_request(models, tmp_path, monkeypatch):
+    """``matq convert`` validates, then converts: the width search (every width of every tensor
+    encoded) runs once; the file is the same as a fresh search's."""
+    from matq_converters import gguf_blocks
+
+    _, _, cks = models
+    calls = []
+    encode = gguf_blocks.encode_compact
+    monkeypatch.setattr(gguf_blocks, "encode_compact", lambda s: calls.append(1) or encode(s))
+    conv = registry.get("gguf")
+    opts = ConvertOptions(plan="budget:5.0", overwrite=True, settings={"exact": False})
+    conv.validate(cks["llama"], opts)
+    searched = len(calls)
+    conv.convert(cks["llama"], tmp_path / "a.gguf", opts)
+    quantized = len(cks["llama"].quantized_names())
+    assert searched >= 2 * quantized and len(calls) - searched == quantized  # convert: one encode each
+    from matq_converters import gguf_budget
+
+    gguf_budget._LAST.clear()
+    conv.convert(cks["llama"], tmp_path / "b.gguf", opts)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
 def file_bits_per_weight(path: Path) -> float:
     """Bits per weight as llama.cpp reports them: every tensor's bytes over every tensor's elements."""
     tensors = gguf.GGUFReader(path).tensors
