@@ -22,18 +22,22 @@ Built in a temporary folder and published whole by ``AtomicOutput``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from matq_format import __version__ as MATQ_VERSION
+from matq_format.budget import BudgetTooSmall, cheapest_within
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 
 from . import onnx_graph, onnx_source
-from .onnx_weights import WeightPlan, matmulnbits_inputs, plan_weight, qdq_inputs
+from .onnx_weights import WeightPlan, matmulnbits_inputs, plan_weight, qdq_inputs, stored_bits
 from .registry import (
     ConvertOptionError,
     ConvertOptions,
@@ -104,7 +108,10 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
         raise UnsupportedModelError(ckpt.path, "has no carried config.json; the ONNX graph is built from it")
     fam = onnx_source.family(ckpt.config, ckpt.path)
     spec = options.bits if options.plan is None else options.plan
-    widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
+    if isinstance(spec, str) and spec.startswith("budget:"):
+        widths = _budget_widths(ckpt, spec, options.extra_precision, opts)
+    else:
+        widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     prep = _Prepared(opts, fam, widths, options.extra_precision)
     for name, bits in widths.items():
         if len(ckpt.info(name).shape) == 2:
@@ -116,6 +123,41 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
                 )
     _check_opset(ckpt, prep)
     return prep
+
+
+def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, int]:
+    """``budget:BITS`` in the file's bits per quantized weight (codes, scales and zero points, as
+    stored in this layout): a width per weight, for the least squared error to its full width. Widths
+    in the same container cost the same, so the search leaves the narrower one out."""
+    try:
+        budget = float(spec.split(":", 1)[1])
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget <= 0:
+        raise ConvertOptionError(
+            ckpt.path, f"{spec}: the budget must be a positive number of bits per weight"
+        )
+    err: dict[str, dict[int, float]] = {}
+    cost: dict[str, dict[int, float]] = {}
+    c = ckpt.code_bits
+    for name in ckpt.quantized_names():
+        info = ckpt.info(name)
+        top = info.max_width(c)
+        ref = ckpt.dequantize(name, top)
+        err[name], cost[name] = {}, {}
+        for r in range(2, top + 1):
+            p = plan_weight(ckpt, name, r, ep and r < c, opts.layout, opts.exact)
+            d = ckpt.dequantize(name, r, ep and r < c) - ref
+            err[name][r] = float(np.dot(d.ravel(), d.ravel()))
+            cost[name][r] = stored_bits(p, info.shape)
+    total = sum(ckpt.info(n).numel for n in err)
+    try:
+        return cheapest_within(err, cost, budget * total)
+    except BudgetTooSmall as exc:
+        least = exc.minimum / total
+        raise ConvertOptionError(
+            ckpt.path, f"{spec} is below the smallest this checkpoint makes ({least:.3f} bits per weight)"
+        ) from None
 
 
 def _check_opset(ckpt, prep: _Prepared) -> None:
@@ -143,9 +185,8 @@ def export_onnx(
     prep = _prepare(ckpt, options)
     with AtomicOutput(out, ONNX_FOLDER, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o:
         work = o.tmp / ".matq-work"
-        dense = ConvertOptions(
-            options.bits, options.plan, options.extra_precision, False, HFOptions("dense", "float32")
-        )
+        # the widths as planned here (a budget counts this layout's bytes, not the HF folder's)
+        dense = ConvertOptions(None, prep.widths, prep.ep, False, HFOptions("dense", "float32"))
         export_hf(ckpt, work / "hf", dense)
         _build_float(prep, work)
         targets = onnx_graph.find_slices(work / "float", _slice_index(ckpt, prep, progress))

@@ -39,10 +39,25 @@ class WeightPlan:
     zero_points: str = "uint8"
     """``default`` (omitted, 2^(c-1)), ``uint8`` (packed integers) or ``float``."""
     reason: str = ""
+    layout: str = "matmulnbits"
 
     @property
     def exact(self) -> bool:
         return self.container is not None and self.zero_points != "float"
+
+
+def stored_bits(plan: WeightPlan, shape) -> int:
+    """Bits one weight ``[N, K]`` takes in the file under ``plan``: codes (MatMulNBits pads K to whole
+    blocks), float32 scales, zero points (packed, or float32); 32 per weight where it stays float."""
+    rows, cols = shape
+    if plan.container is None:
+        return 32 * rows * cols
+    c = plan.container
+    blocks = math.ceil(cols / plan.block) if plan.block else 1
+    if plan.layout == "qdq":
+        return rows * cols * c + rows * blocks * (32 + c)
+    zp = {"default": 0, "uint8": math.ceil(blocks * c / 8) * 8, "float": blocks * 32}[plan.zero_points]
+    return rows * (blocks * plan.block * c + blocks * 32 + zp)
 
 
 def nbits_block(group: int | None, cols: int) -> int | None:
@@ -61,19 +76,19 @@ def plan_weight(ckpt, name: str, bits: int, ep: bool, layout: str, exact: bool) 
     group, shape = info.group_size, info.shape
     block = nbits_block(group, shape[1]) if layout == "matmulnbits" else group
     if layout == "matmulnbits" and block is None:
-        return WeightPlan(
-            name, bits, ep, None, None, reason=f"group size {group} has no power-of-two block >= 16"
-        )
+        why = f"group size {group} has no power-of-two block >= 16"
+        return WeightPlan(name, bits, ep, None, None, reason=why, layout=layout)
     for c in CONTAINERS:
         if c < bits + ep:
             continue
         if integer_zero_points(zero, code_bits, bits, ep, c):
             z = zero / np.float32(1 << step_exponent(code_bits, bits, ep, c))
             default = layout == "matmulnbits" and bool(np.all(z == 2 ** (c - 1)))
-            return WeightPlan(name, bits, ep, c, block, "default" if default else "uint8")
+            return WeightPlan(name, bits, ep, c, block, "default" if default else "uint8", layout=layout)
         if layout == "matmulnbits" and c in (2, 4) and not exact:
-            return WeightPlan(name, bits, ep, c, block, "float")
-    return WeightPlan(name, bits, ep, None, block, reason="no container holds its zero points exactly")
+            return WeightPlan(name, bits, ep, c, block, "float", layout=layout)
+    why = "no container holds its zero points exactly"
+    return WeightPlan(name, bits, ep, None, block, reason=why, layout=layout)
 
 
 def _blocks_of(a: np.ndarray, group: int | None, block: int, nblocks: int) -> np.ndarray:

@@ -380,3 +380,25 @@ def test_a_weight_shared_by_several_nodes(tmp_path, layout):
     assert np.array_equal(y2, w.T[:3])  # identity rows: the decoded weights themselves
     np.testing.assert_allclose(y1, feeds["a"] @ w.T, rtol=1e-5, atol=1e-6)
     assert np.array_equal(rows, w.T[[0, 5]])
+
+
+def test_budget_counts_this_layouts_bits(models, tmp_path):
+    """``--plan budget:B``: B bits per quantized weight as this layout stores them; widths sharing a
+    container cost the same, so only 2, 4 and 8 are worth choosing; the file holds what was planned."""
+    from matq_converters.onnx_weights import stored_bits
+
+    _, ck = models
+    ckpt, conv = ck["llama"], registry.get("onnx")
+    numel = sum(ckpt.info(n).numel for n in ckpt.quantized_names())
+    spent = []
+    for budget in (3.0, 4.5, 5.0, 7.0, 9.0):
+        plans = conv.plan(ckpt, ConvertOptions(plan=f"budget:{budget}")).plans
+        bits = sum(stored_bits(p, ckpt.info(n).shape) for n, p in plans.items())
+        assert bits <= budget * numel and {p.bits for p in plans.values()} <= {2, 4, 8}
+        spent.append(bits / numel)
+    assert spent == sorted(spent) and spent[-1] == 8 + 32 / 32  # all int8: codes and a float32 scale per 32
+    with pytest.raises(ConvertOptionError, match="below the smallest"):
+        conv.plan(ckpt, ConvertOptions(plan="budget:2"))
+    res = export(ckpt, tmp_path / "o", plan="budget:6")
+    assert len(res.details["containers"]) == 14 and not res.details["float_weights"]
+    assert sorted(set(res.details["containers"].values())) == [4, 8]
