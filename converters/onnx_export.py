@@ -14,7 +14,7 @@ re-quantized from floats. Layouts (``--layout``):
 - ``qdq``: standard ``DequantizeLinear`` (blocked, uint4/uint8 from opset 21, uint2 from 25) +
   ``MatMul``. onnxruntime fuses these into MatMulNBits and, unless the session option
   ``session.qdq_matmulnbits_accuracy_level`` is ``1``, quantizes activations to int8 on the way; the
-  decoder's ``genai_config.json`` sets it, other callers must (README "ONNX").
+  decoder's ``genai_config.json`` sets it, other callers must (README "Convert to ONNX").
 
 Built in a temporary folder and published whole by ``AtomicOutput``.
 """
@@ -73,7 +73,11 @@ class ONNXOptions:
         "quantized, faster).",
         choices=tuple(ACCURACY),
     )
-    exact: bool = option(False, "Refuse to write any weight that would not decode to its slice bit for bit.")
+    exact: bool = option(
+        False,
+        "Refuse unless every quantized MatMul weight goes in a container that decodes to its slice bit for "
+        "bit (float zero points move to 8 bits; a weight no container holds is an error, not a float MatMul).",
+    )
 
 
 def is_onnx_export(path: Path) -> bool:
@@ -106,7 +110,7 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
         raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
     if ckpt.config is None:
         raise UnsupportedModelError(ckpt.path, "has no carried config.json; the ONNX graph is built from it")
-    fam = onnx_source.family(ckpt.config, ckpt.path)
+    fam = onnx_source.family(ckpt)
     spec = options.bits if options.plan is None else options.plan
     if isinstance(spec, str) and spec.startswith("budget:"):
         widths = _budget_widths(ckpt, spec, options.extra_precision, opts)
@@ -188,7 +192,7 @@ def export_onnx(
         # the widths as planned here (a budget counts this layout's bytes, not the HF folder's)
         dense = ConvertOptions(None, prep.widths, prep.ep, False, HFOptions("dense", "float32"))
         export_hf(ckpt, work / "hf", dense)
-        _build_float(prep, work)
+        _build_float(ckpt, prep, work)
         targets = onnx_graph.find_slices(work / "float", _slice_index(ckpt, prep, progress))
         done = onnx_graph.rewrite(
             work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep)
@@ -199,9 +203,9 @@ def export_onnx(
     return _result(out, prep, done)
 
 
-def _build_float(prep: _Prepared, work: Path) -> None:
+def _build_float(ckpt, prep: _Prepared, work: Path) -> None:
     if prep.family == "decoder":
-        onnx_source.build_decoder(work / "hf", work / "float", work / "builder.log")
+        onnx_source.build_decoder(work / "hf", work / "float", work / "builder.log", ckpt.path)
     else:
         onnx_source.build_encoder(work / "hf", work / "float")
 
@@ -260,7 +264,11 @@ def _side_files(ckpt, prep: _Prepared, work: Path, tmp: Path) -> None:
 
 def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResult:
     quantized = set(done.replaced.values())
-    floats = sorted(n for n in prep.plans if n not in quantized)
+    floats = {
+        n: p.reason or "not a MatMul weight in the graph"
+        for n, p in sorted(prep.plans.items())
+        if n not in quantized
+    }
     inexact = sorted(n for n in quantized if not prep.plans[n].exact)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
     containers = {n: prep.plans[n].container for n in sorted(quantized)}
@@ -276,14 +284,17 @@ def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResu
     }
     summary = (
         f"{out}: {prep.opts.layout}, {len(quantized)} quantized MatMuls "
-        f"({len(quantized) - len(inexact)} bit-exact), {size} bytes"
+        f"({len(quantized) - len(inexact)} with weights bit-exact), {prep.opts.accuracy} compute, {size} bytes"
     )
     warnings = []
     if floats:
         more = f" and {len(floats) - 3} more" if len(floats) > 3 else ""
+        named = "; ".join(f"{n} ({why})" for n, why in list(floats.items())[:3])
+        warnings.append(f"{len(floats)} quantized tensor(s) stay float: {named}{more}")
+    if prep.opts.layout == "qdq" and prep.family == "encoder":
         warnings.append(
-            f"{len(floats)} quantized tensor(s) stay float (not a MatMul weight, or no container): "
-            f"{', '.join(floats[:3])}{more}"
+            f"onnxruntime quantizes the activations of QDQ MatMuls to int8 unless the session sets "
+            f"{QDQ_SESSION_KEY}={ACCURACY[prep.opts.accuracy]} (there is no genai_config.json to carry it)"
         )
     return ConvertResult(out, summary, details, warnings)
 

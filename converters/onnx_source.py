@@ -24,6 +24,7 @@ from pathlib import Path
 from .registry import UnsupportedModelError
 
 DECODERS = ("llama", "mistral", "qwen2", "gemma2")
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model"}
 ENCODERS = ("bert",)
 BUILDER = "onnxruntime_genai.models.builder"
 OPSET = 21
@@ -34,34 +35,41 @@ class BuildError(UnsupportedModelError):
     """The float graph's producer failed; the message carries its last line."""
 
 
-def family(cfg: dict, path) -> str:
-    """``decoder`` or ``encoder`` for a config this export supports; a one-line refusal otherwise."""
-    model_type = cfg.get("model_type")
+def family(ckpt) -> str:
+    """``decoder`` or ``encoder`` for a checkpoint this export supports; a one-line refusal otherwise."""
+    model_type = ckpt.config.get("model_type")
     if model_type in DECODERS:
-        _check_builder_limits(cfg, path)
+        _check_builder_limits(ckpt)
         return "decoder"
     if model_type in ENCODERS:
         return "encoder"
     known = ", ".join(DECODERS + ENCODERS)
     raise UnsupportedModelError(
-        path, f"model_type {model_type!r} has no ONNX export here; supported: {known}"
+        ckpt.path, f"model_type {model_type!r} has no ONNX export here; supported: {known}"
     )
 
 
-def _check_builder_limits(cfg: dict, path) -> None:
-    """The builder takes any linear layer with ``vocab_size`` outputs for the LM head
-    (``has_lm_head``), so an MLP that wide would be wired to the logits."""
-    vocab = cfg.get("vocab_size")
-    if vocab in (cfg.get("intermediate_size"), cfg.get("hidden_size")):
+def _check_builder_limits(ckpt) -> None:
+    """What onnxruntime-genai's builder cannot take: it wires any linear layer with ``vocab_size``
+    outputs to the logits (``has_lm_head``), and it needs the tokenizer for its files."""
+    vocab = ckpt.config.get("vocab_size")
+    for name in ckpt.tensor_names():
+        shape = ckpt.info(name).shape
+        if len(shape) == 2 and shape[0] == vocab and "embed" not in name and "lm_head" not in name:
+            raise UnsupportedModelError(
+                ckpt.path,
+                f"{name} has vocab_size ({vocab}) outputs; onnxruntime-genai's builder would take it for the LM head",
+            )
+    if not TOKENIZER_FILES & set(ckpt.manifest.get("carried", {})):
         raise UnsupportedModelError(
-            path,
-            f"vocab_size {vocab} equals a layer width; onnxruntime-genai's builder would take that layer "
-            "for the LM head",
+            ckpt.path,
+            f"carries no tokenizer ({' or '.join(sorted(TOKENIZER_FILES))}); onnxruntime-genai needs one",
         )
 
 
-def build_decoder(hf_dir: Path, out: Path, log: Path) -> None:
-    """onnxruntime-genai's builder, float32 for the CPU, into ``out``; its output goes to ``log``."""
+def build_decoder(hf_dir: Path, out: Path, log: Path, source) -> None:
+    """onnxruntime-genai's builder, float32 for the CPU, into ``out``; its output goes to ``log``,
+    whose last line a failure names (against ``source``, the checkpoint)."""
     cmd = [
         sys.executable, "-m", BUILDER,
         "-i", str(hf_dir), "-o", str(out), "-p", "fp32", "-e", "cpu",
@@ -73,7 +81,7 @@ def build_decoder(hf_dir: Path, out: Path, log: Path) -> None:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
     if rc != 0 or not (out / "model.onnx").is_file():
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-        raise BuildError(hf_dir, f"onnxruntime-genai's builder failed: {lines[-1] if lines else rc}")
+        raise BuildError(source, f"onnxruntime-genai's builder failed: {lines[-1] if lines else rc}")
 
 
 def build_encoder(hf_dir: Path, out: Path) -> None:
@@ -82,7 +90,7 @@ def build_encoder(hf_dir: Path, out: Path) -> None:
     import transformers
 
     model = transformers.AutoModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    wrapped = _HiddenStates(model).eval()
+    wrapped = _hidden_states(model).eval()
     names = ["input_ids", "attention_mask", "token_type_ids"]
     example = tuple(torch.ones((1, 8), dtype=torch.long) for _ in names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in [*names, "last_hidden_state"]}
@@ -117,28 +125,24 @@ def _external(out: Path) -> None:
     )
 
 
-class _HiddenStates:
-    """``forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state`` (a torch module
-    made on first use, so this file imports without torch)."""
+def _hidden_states(model):
+    """``model`` as ``forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state``."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class HiddenStates(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-        class HiddenStates(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state
 
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.m(
-                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-                ).last_hidden_state
-
-        return HiddenStates(model)
+    return HiddenStates(model)
 
 
 def set_session_option(genai_config: Path, key: str, value: str) -> None:
     """One ORT session config entry in the decoder's ``session_options`` of ``genai_config.json``."""
     cfg = json.loads(genai_config.read_text())
-    cfg["model"]["decoder"]["session_options"][key] = value
+    cfg["model"]["decoder"].setdefault("session_options", {})[key] = value
     genai_config.write_text(json.dumps(cfg, indent=4) + "\n")

@@ -4,7 +4,8 @@ uses these is ``onnx_graph``.
 
 Both store ``(q - zp) * scale`` with ``q`` in a container of ``c`` bits (2, 4 or 8): the slice's
 codes shifted into it as ``containers`` describes. Where the container's zero points are integers
-the weights decode bit for bit (``onnx_export`` tests it with the operator on an identity input).
+the weights decode bit for bit (``tests/test_onnx_export.py`` runs each with the operator on an
+identity input).
 MatMulNBits also takes float zero points at 2 and 4 bits, which onnxruntime's CPU kernel applies as
 ``q * scale - zp * scale``: at most one float32 rounding away from the slice (recorded per tensor).
 """
@@ -62,7 +63,7 @@ def stored_bits(plan: WeightPlan, shape) -> int:
 
 def nbits_block(group: int | None, cols: int) -> int | None:
     """The MatMulNBits block for a group size: the largest power of two (at least 16) dividing it;
-    per-channel scales repeat over ``CHANNEL_BLOCK`` (or the next power of two above K)."""
+    per-channel scales repeat over ``CHANNEL_BLOCK`` (or the power of two at or above K, if smaller)."""
     if group is None:
         return min(CHANNEL_BLOCK, max(MIN_BLOCK, 1 << (cols - 1).bit_length()))
     b = group & -group

@@ -13,12 +13,26 @@ import numpy as np
 
 from .errors import CandidateError
 
-QDQ_SESSION_KEY = "session.qdq_matmulnbits_accuracy_level"
 SIDE_INPUTS = ("scales", "zero_points", "scale", "zero_point")
 
 
 def is_onnx_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model.onnx").is_file()
+
+
+def decoder_config(path: Path) -> dict:
+    """The decoder section of ``genai_config.json`` ({} without one)."""
+    cfg = path / "genai_config.json"
+    return json.loads(cfg.read_text())["model"]["decoder"] if cfg.is_file() else {}
+
+
+def check_runnable(path: Path) -> None:
+    """Refuse, before any work, what :class:`OrtRunner` cannot run."""
+    if "sliding_window" in decoder_config(path):  # GroupQueryAttention wants a cache of the window
+        raise CandidateError(
+            path,
+            "has sliding-window attention (Gemma 2): matq eval cannot run it yet (onnxruntime-genai can)",
+        )
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,9 @@ def onnx_size(path: Path) -> ONNXSize:
         if w in inits and "layers." in w:
             linear.add(w)
     lin_bytes = sum(_nbytes(inits[w]) + _side_bytes(inits, w) for w in linear)
-    matq = any(p.key == "matq.converter" for p in model.metadata_props)
+    from matq_converters.onnx_export import META_CONVERTER
+
+    matq = any(p.key == META_CONVERTER for p in model.metadata_props)
     return ONNXSize(nbytes, sum(params.values()), lin_bytes, sum(params[w] for w in linear), matq)
 
 
@@ -93,13 +109,17 @@ class OrtRunner:
         )
         self.pasts = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values")]
         self.head_size = self._decoder().get("head_size")
+        if "sliding_window" in self._decoder():  # GroupQueryAttention wants a cache of the window
+            raise CandidateError(
+                self.path,
+                "has sliding-window attention (Gemma 2); matq eval cannot run it yet, onnxruntime-genai can",
+            )
         out = {o.name: o for o in self.sess.get_outputs()}
         if "logits" not in out or out["logits"].shape[-1] != vocab:
             raise CandidateError(self.path, f"has no logits output over the reference's {vocab} tokens")
 
     def _decoder(self) -> dict:
-        cfg = self.path / "genai_config.json"
-        return json.loads(cfg.read_text())["model"]["decoder"] if cfg.is_file() else {}
+        return decoder_config(self.path)
 
     def _session_entries(self) -> dict[str, str]:
         """The string-valued session options of ``genai_config.json`` (e.g. the QDQ accuracy level)."""

@@ -149,6 +149,7 @@ def _prepare(c: Candidate) -> _Prepared:
             c = Candidate(c.name, "gguf-matq", c.path)
         return _Prepared(c, size)
     if c.kind == "onnx":
+        O.check_runnable(c.path)
         size = O.onnx_size(c.path)
         return _Prepared(Candidate(c.name, "onnx-matq", c.path) if size.matq else c, size)
     if c.kind == "hf":

@@ -15,6 +15,7 @@ within one float32 rounding of the largest term, as onnxruntime computes ``q*s -
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from matq_converters.registry import ConvertOptionError, ConvertOptions, Unsuppo
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_eval import CandidateError
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -246,8 +248,13 @@ def test_refusals_write_nothing(models, tmp_path, monkeypatch):
     wide = mf.open(
         quantize_hf(tiny_hf_model("llama", tmp_path / "wide"), tmp_path / "ck-wide", layers="linear")
     )
-    with pytest.raises(UnsupportedModelError, match="builder would take that layer for the LM head"):
+    with pytest.raises(UnsupportedModelError, match="mlp.gate_proj.weight has vocab_size .512. outputs"):
         export(wide, tmp_path / "o", bits=4)
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(hf["llama"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    bare_ck = mf.open(quantize_hf(bare, tmp_path / "ck-bare", layers="linear"))
+    with pytest.raises(UnsupportedModelError, match="carries no tokenizer"):
+        export(bare_ck, tmp_path / "o", bits=4)
     cfg = dict(ck["llama"].config, model_type="gpt2")
     monkeypatch.setattr(type(ck["llama"]), "config", property(lambda self: cfg))
     with pytest.raises(UnsupportedModelError, match="model_type 'gpt2' has no ONNX export here"):
@@ -268,6 +275,18 @@ def test_refusals_write_nothing(models, tmp_path, monkeypatch):
         )
     assert not (tmp_path / "o").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    gemma = tmp_path / "gemma-onnx"
+    export(ck["gemma2"], gemma, bits=8)
+    with pytest.raises(CandidateError, match="sliding-window"):
+        parse_and_prepare(gemma)
+
+
+def parse_and_prepare(folder: Path) -> None:
+    """``matq eval``'s cheap checks on one candidate (what runs before the reference)."""
+    from matq_eval import run
+
+    for cand in run.parse_candidate(folder):
+        run._prepare(cand)
 
 
 def test_a_failed_build_leaves_nothing(models, tmp_path, monkeypatch):
@@ -287,7 +306,7 @@ def test_cli(models, tmp_path):
     _, ck = models
     run = lambda *a: CliRunner().invoke(cli, ["convert", str(ck["llama"].root), "--to", "onnx", *a])  # noqa: E731
     r = run("--bits", "4", "-o", str(tmp_path / "a"))
-    assert r.exit_code == 0 and "14 quantized MatMuls (14 bit-exact)" in r.output, r.output
+    assert r.exit_code == 0 and "14 quantized MatMuls (14 with weights bit-exact)" in r.output, r.output
     r = run("--bits", "4", "-o", str(tmp_path / "a"))
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "already exists" in r.output
     r = run(
