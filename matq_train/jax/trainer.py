@@ -102,12 +102,15 @@ def make_mesh(n: int | None, shard: int = 1) -> Mesh:
     return Mesh(np.array(devices[: data * shard]).reshape(data, shard), ("data", "model"))
 
 
+def _is_rows(mesh: Mesh, shape: tuple[int, ...]) -> bool:
+    """Whether an array is sharded by rows along ``model``: 2-D, with rows that divide evenly."""
+    m = mesh.shape["model"]
+    return m > 1 and len(shape) == 2 and shape[0] % m == 0
+
+
 def _row_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Rows along ``model`` for a 2-D array whose rows divide evenly; replicated otherwise."""
-    m = mesh.shape["model"]
-    if m > 1 and len(shape) == 2 and shape[0] % m == 0:
-        return NamedSharding(mesh, P("model", None))
-    return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P("model", None) if _is_rows(mesh, shape) else P())
 
 
 def param_shardings(mesh: Mesh, tree) -> object:
@@ -150,7 +153,7 @@ def _width_nll(params, codes, ids, labels, model: ModelConfig, spec, bits, ep, n
 
 
 def _term_loss(params, codes, ids, labels, denom, rng, t, model, spec, ep, teachers, names):
-    """One width's weighted loss, its loss per scored token, and its logits."""
+    """One width's weighted loss; its summed cross-entropy, scored-token count and logits."""
     nll, logp, logits, keep = _width_nll(params, codes, ids, labels, model, spec, t.bits, ep, names, rng)
     value = jnp.zeros((), jnp.float32)
     if t.teacher is not None:
@@ -158,17 +161,66 @@ def _term_loss(params, codes, ids, labels, denom, rng, t, model, spec, ep, teach
         value = value + jnp.where(keep[..., None], jnp.exp(tp) * (tp - logp), 0.0).sum()
     if t.labels:
         value = value + nll
-    return t.weight * value / denom, (nll / jnp.maximum(keep.sum(), 1), logits)
+    return t.weight * value / denom, (nll, keep.sum(), logits)
 
 
-def make_step(objective: Objective, model: ModelConfig, spec: QuantSpec, names: frozenset, cfg: TrainConfig):
+def _sharded_grad(mesh: Mesh, rows, loss: Callable) -> Callable:
+    """``loss``'s value and gradient per device, FSDP-style, under ``shard_map``.
+
+    Each device gathers the row-sharded parameters and codes (``rows``: which leaves are), computes
+    its ``data`` shard's loss and gradient with every product whole (as on one device), keeps its
+    own rows of each gradient and sums gradients and losses over ``data``. Dropout keys differ per
+    ``data`` shard.
+    """
+    m = mesh.shape["model"]
+
+    def gather(x, r):
+        return jax.lax.all_gather(x, "model", axis=0, tiled=True) if r else x
+
+    def own_rows(g, r):
+        n = g.shape[0] // m
+        return jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index("model") * n, n, 0) if r else g
+
+    def local(params, codes, ids, labels, denom, rng, teacher):
+        whole = jax.tree_util.tree_map(gather, (params, codes), rows)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+        (value, (nll, count, logits)), g = jax.value_and_grad(loss, has_aux=True)(
+            *whole, ids, labels, denom, rng, teacher
+        )
+        g = jax.tree_util.tree_map(own_rows, g, rows[0])
+        g, value, nll, count = jax.lax.psum((g, value, nll, count), "data")
+        return g, value, nll / jnp.maximum(count, 1), logits
+
+    def spec(r):
+        return P("model", None) if r else P()
+
+    p_spec, c_spec = jax.tree_util.tree_map(spec, rows)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(p_spec, c_spec, P("data"), P("data"), P(), P(), P("data")),
+        out_specs=(p_spec, P(), P(), P("data")),
+        check_vma=False,
+    )
+
+
+def make_step(
+    objective: Objective,
+    model: ModelConfig,
+    spec: QuantSpec,
+    names: frozenset,
+    cfg: TrainConfig,
+    mesh: Mesh | None = None,
+):
     """The training step ``(params, opt_state, codes, ids, labels, denom, lr, rng)`` ->
     ``(params, opt_state, total, per)``; ``rng`` keys the step's dropout.
 
     Each width's gradient is its own jitted call (summed into the previous widths'), and the update
     another: one jitted program for all widths let XLA keep every width's activations at once
-    (SmolLM2-135M on the CPU: 1.65x plain fine-tuning's peak memory). The update keeps every
-    parameter and moment on the sharding it came with.
+    (SmolLM2-135M on the CPU: 1.65x plain fine-tuning's peak memory). On a mesh with a ``model``
+    axis the parameters and codes are gathered for the forward and backward pass (FSDP: every
+    product is computed whole, as on one device) and each gradient is kept as its row shard; the
+    update keeps every parameter and moment on the sharding it came with.
     """
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
@@ -177,11 +229,20 @@ def make_step(objective: Objective, model: ModelConfig, spec: QuantSpec, names: 
     terms, ep, wd = objective.terms(), objective.extra_precision, cfg.weight_decay
 
     def width_fn(t):
-        def grad(params, acc, codes, ids, labels, denom, rng, teacher):
+        def loss(params, codes, ids, labels, denom, rng, teacher):
             teachers = {} if teacher is None else {t.teacher: teacher}
-            fn = jax.value_and_grad(_term_loss, has_aux=True)
-            args = (params, codes, ids, labels, denom, rng, t, model, spec, ep, teachers, names)
-            (value, (nll, logits)), g = fn(*args)
+            return _term_loss(params, codes, ids, labels, denom, rng, t, model, spec, ep, teachers, names)
+
+        def grad(params, acc, codes, ids, labels, denom, rng, teacher):
+            if mesh is None:
+                (value, (nll, count, logits)), g = jax.value_and_grad(loss, has_aux=True)(
+                    params, codes, ids, labels, denom, rng, teacher
+                )
+                nll = nll / jnp.maximum(count, 1)
+            else:
+                rows = jax.tree_util.tree_map(lambda x: _is_rows(mesh, x.shape), (params, codes))
+                fn = _sharded_grad(mesh, rows, loss)
+                g, value, nll, logits = fn(params, codes, ids, labels, denom, rng, teacher)
             acc = g if acc is None else jax.tree_util.tree_map(jnp.add, acc, g)
             return acc, value, nll, (jax.lax.stop_gradient(logits) if t.keep else None)
 
@@ -325,7 +386,7 @@ def train(
     if train_blocks is None:
         train_blocks, _ = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.holdout, cfg.text_field)
     by_row = NamedSharding(mesh, P("data"))
-    tx, step_fn = make_step(objective, model, spec, frozenset(names), cfg)
+    tx, step_fn = make_step(objective, model, spec, frozenset(names), cfg, mesh)
     p_shard = param_shardings(mesh, params_np)
     params = _put(params_np, p_shard)
     opt_state = tx.init(params)
