@@ -165,6 +165,24 @@ def test_family_logits_match_transformers(family_dirs, family):
     assert gap < 2e-6 * max(1.0, scale)
 
 
+def test_bert_dropout_only_with_a_key(family_dirs):
+    """Dropout where modeling_bert applies it in training mode: only when the trainer passes a key, the
+    same masks for the same key, nothing at rate 0."""
+    from dataclasses import replace
+
+    from matq_train.jax.models import load_params, model_config
+
+    raw, params = load_params(family_dirs["bert"])
+    cfg, ids = replace(model_config(raw), hidden_dropout=0.5, attn_dropout=0.5), jnp.arange(24)[None] % 300
+    params, key = {k: jnp.asarray(v) for k, v in params.items()}, jax.random.key(0)
+    plain, dropped = cfg.forward(params, ids), cfg.forward(params, ids, rng=key)
+    assert np.array_equal(dropped, cfg.forward(params, ids, rng=key))
+    assert not np.allclose(dropped, plain)
+    assert np.array_equal(
+        replace(cfg, hidden_dropout=0.0, attn_dropout=0.0).forward(params, ids, rng=key), plain
+    )
+
+
 def _int2_loss(model_dir: Path, params, res) -> float:
     """The int2 loss on the first training blocks (``params`` None: the initial weights), by ``evaluate``."""
     from matq_train.data import load_blocks
