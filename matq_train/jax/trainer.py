@@ -234,7 +234,7 @@ def make_step(
             return _term_loss(params, codes, ids, labels, denom, rng, t, model, spec, ep, teachers, names)
 
         def grad(params, acc, codes, ids, labels, denom, rng, teacher):
-            if mesh is None:
+            if mesh is None or mesh.size == 1:
                 (value, (nll, count, logits)), g = jax.value_and_grad(loss, has_aux=True)(
                     params, codes, ids, labels, denom, rng, teacher
                 )
