@@ -8,8 +8,14 @@ MinMax int8 sliced to every width. Held-out log perplexity (nats per token) at i
 int3 and int2 for each, training speed against plain full-precision training, bits per weight of
 the extra-precision model, a JSON file and a PNG plot.
 
+``--backend jax`` trains and evaluates the QAT runs with the JAX backend (``matq_train.jax``); the
+pretraining, the train-free rows and the interleaved speed measurement stay in torch (the same
+fake-quantized numerics, bit for bit), so with ``--reuse-pretrained`` both backends start from the
+same pretrained model.
+
     nice -n 10 python bench/reproduce.py            # about 15 minutes on 2 lightly loaded cores
     python bench/reproduce.py --quick               # a 1-minute smoke run of the whole pipeline
+    python bench/reproduce.py --backend jax --reuse-pretrained   # the QAT runs in JAX
 """
 
 from __future__ import annotations
@@ -203,8 +209,9 @@ def plot(results: dict, fp: tuple[float, float], path: Path, title: str) -> None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "reproduce")
-    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "train_reproduce.json")
-    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "train_reproduce.png")
+    ap.add_argument("--backend", choices=["torch", "jax"], default="torch", help="trainer of the QAT runs")
+    ap.add_argument("--json", type=Path, default=None, help="default: docs/train_reproduce[_jax].json")
+    ap.add_argument("--plot", type=Path, default=None, help="default: docs/train_reproduce[_jax].png")
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
@@ -230,6 +237,9 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check the pipeline end to end")
     args = ap.parse_args()
+    stem = "train_reproduce" + ("_jax" if args.backend == "jax" else "")
+    args.json = args.json or ROOT / "docs" / f"{stem}.json"
+    args.plot = args.plot or ROOT / "docs" / f"{stem}.png"
     if args.quick:
         args.pretrain_steps, args.qat_steps, args.eval_blocks = 20, 4, 8
         args.hidden, args.intermediate, args.layers, args.vocab = 128, 256, 2, 512
@@ -259,6 +269,7 @@ def main() -> None:
 
     import matq_format as mf
     from matq_train.data import TokenBlocks, split_documents, tokenize
+    from matq_train.run import train as train_qat
     from matq_train.torch.fakequant import QuantSpec, fake_quant_layers, prepare
     from matq_train.torch.trainer import TrainConfig, evaluate, load_model, train
 
@@ -286,6 +297,34 @@ def main() -> None:
 
     def ev(model, bits, ep=False) -> float:
         return evaluate(model, held_blocks, bits, extra_precision=ep, limit=n_eval, batch_size=16)
+
+    def ev_run(res, bits, ep=False, code_bits=8) -> float:
+        """Held-out loss of a QAT run's model at ``bits``, in the backend that trained it."""
+        if args.backend == "torch":
+            return ev(res.model, bits, ep)
+        from matq_train.jax.trainer import evaluate as jax_evaluate
+
+        spec = QuantSpec(code_bits, args.group_size)
+        return jax_evaluate(
+            res.params,
+            res.model,
+            held_blocks,
+            bits,
+            spec=spec,
+            names=res.quantized,
+            extra_precision=ep,
+            limit=n_eval,
+            batch_size=16,
+        )
+
+    def trained_weight(res, name, bits, ep, code_bits):
+        """The fake-quantized weight the run trained, as the backend computes it."""
+        if args.backend == "torch":
+            layer = dict(fake_quant_layers(res.model))[name]
+            return layer.fake_weight(bits, ep).detach().numpy()
+        from matq_train.jax.fakequant import dequantize
+
+        return np.asarray(dequantize(res.codes[name], QuantSpec(code_bits, args.group_size), bits, ep))
 
     # 1. pretrain in full precision (or reuse the pretrained model of an earlier run)
     common = dict(
@@ -379,28 +418,29 @@ def main() -> None:
         out = args.work / "".join(c if c.isalnum() else "-" for c in name.lower())
         shutil.rmtree(out, ignore_errors=True)
         if extra.get("full_precision"):
-            res = train(TrainConfig(**qat, **extra), train_blocks=train_blocks)
-            results[name] = {"fp": ev(res.model, None)}
+            res = train_qat(TrainConfig(**qat, **extra, backend=args.backend), train_blocks=train_blocks)
+            results[name] = {"fp": ev_run(res, None)}
             runs[name] = {"tokens": res.steps_run * args.batch * args.seq_len}
             print(f"{name}: fp {results[name]['fp']:.3f}")
             continue
-        res = train(TrainConfig(out=str(out), **qat, **extra), train_blocks=train_blocks)
+        res = train_qat(
+            TrainConfig(out=str(out), **qat, **extra, backend=args.backend), train_blocks=train_blocks
+        )
         ckpt = mf.open(out)
         # the exported checkpoint holds exactly the weights that were evaluated (spot check)
-        lname, layer = next(iter(fake_quant_layers(res.model)))
-        r0 = extra.get("baseline", 2)
+        lname, c = res.quantized[0], extra.get("baseline", 8)
+        r0, ep0 = extra.get("baseline", 2), extra.get("extra_precision", False)
         assert np.array_equal(
-            ckpt.dequantize(lname, r0, extra.get("extra_precision", False) and r0 < 8),
-            layer.fake_weight(r0, extra.get("extra_precision", False)).detach().numpy(),
+            ckpt.dequantize(lname, r0, ep0 and r0 < 8), trained_weight(res, lname, r0, ep0 and r0 < 8, c)
         )
         if "baseline" in extra:
             r = extra["baseline"]
-            baseline_row[f"int{r}"] = results.setdefault(name, {})[f"int{r}"] = ev(res.model, r)
+            baseline_row[f"int{r}"] = results.setdefault(name, {})[f"int{r}"] = ev_run(res, r, code_bits=r)
             if r == 8:  # the paper's "sliced int8": the int8 QAT model served at every width
-                results["Sliced int8 QAT baseline"] = {f"int{w}": ev(res.model, w) for w in WIDTHS}
+                results["Sliced int8 QAT baseline"] = {f"int{w}": ev_run(res, w) for w in WIDTHS}
         else:
             ep = extra.get("extra_precision", False)
-            results[name] = {f"int{r}": ev(res.model, r, ep and r < 8) for r in WIDTHS}
+            results[name] = {f"int{r}": ev_run(res, r, ep and r < 8) for r in WIDTHS}
             if ep:
                 runs[name] = {"bits_per_weight": bits_per_weight(out)}
         runs.setdefault(name, {}).update(
@@ -459,6 +499,7 @@ def main() -> None:
             "qat_tokens_each": args.qat_steps * args.batch * args.seq_len,
             "eval_tokens": n_eval * args.seq_len,
             "threads": args.threads,
+            "backend": args.backend,
             "machine": platform.processor() or platform.machine(),
             "args": {k: str(v) for k, v in vars(args).items()},
         },

@@ -25,6 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+# Busy-waiting OpenMP threads collapse when the cores are shared with other work (torch MatQuant [8, 4, 2]
+# on 2 loaded cores: 9 tokens/s with the default wait policy, 41 with PASSIVE): sleep instead, as
+# bench/reproduce.py does. The children inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 KINDS = {
     "plain": dict(full_precision=True),
     "qat-int2": dict(baseline=2),

@@ -52,6 +52,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "grad_checkpointing",
         "mesh",
+        "shard",
     }
 )
 
@@ -111,7 +112,9 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     mesh: int | None = None
-    """jax: devices of the data-parallel mesh (default: every local device)."""
+    """jax: devices along the mesh's ``data`` axis (default: every local device, divided by ``shard``)."""
+    shard: int = 1
+    """jax: devices along the mesh's ``model`` axis, over which each large matrix is sharded by rows."""
 
     def quant_spec(self) -> QuantSpec:
         c = self.baseline if self.baseline is not None else self.code_bits
@@ -134,6 +137,13 @@ class TrainConfig:
             raise TrainConfigError(
                 None, f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}"
             )
+        if self.backend != "jax" and (self.mesh is not None or self.shard != 1):
+            raise TrainConfigError(
+                None,
+                "--mesh and --shard are jax options; torch runs data parallel under torchrun (--fsdp shards)",
+            )
+        if self.shard < 1:
+            raise TrainConfigError(None, f"--shard {self.shard}: give at least 1 device")
         if self.steps < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise TrainConfigError(
                 None, "steps, batch size and sequence length must be positive (sequence length >= 2)"
@@ -220,6 +230,8 @@ def checkpoint_folder(directory: Path, step: int, cfg: TrainConfig):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
 """Written last into a ``step-N`` trainer checkpoint folder: its presence marks the folder complete."""
 
 

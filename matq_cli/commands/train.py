@@ -34,6 +34,7 @@ Examples:
   matq train ./llama-tiny --data corpus/ -o out --save-every 100 --resume          # continue a run
   matq train ./SmolLM2-135M --data docs/ --device cuda --precision bf16 --grad-checkpointing -o out
   matq train ./llama-tiny --data corpus/ --backend jax -o out-jax                   # JAX, every local device
+  matq train ./llama-tiny --data corpus/ --backend jax --mesh 2 --shard 4 -o out    # 2 x 4 devices, sharded
 """
 )
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -104,7 +105,16 @@ Examples:
     help="bf16: matrix products under bfloat16 autocast (weights and optimizer stay float32).",
 )
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")
-@click.option("--mesh", type=click.IntRange(min=1), default=None, help="jax: data-parallel devices [default: all].")
+@click.option(
+    "--mesh", type=click.IntRange(min=1), default=None, help="jax: data-parallel devices [default: all / --shard]."
+)
+@click.option(
+    "--shard",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="jax: devices each weight matrix is sharded over by rows (FSDP-style; the mesh is --mesh x --shard).",
+)
 @click.option(
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."
 )

@@ -1,6 +1,7 @@
 """The JAX backend of ``matq train`` (``--backend jax``, ``pip install 'matq[jax]'``).
 
 :mod:`.fakequant` fake-quantizes weights with the numerics module's codes and a straight-through
-estimator, :mod:`.llama` is matq's own Llama-family causal LM (Hugging Face names and safetensors,
-no Flax), :mod:`.trainer` the objective, optax, the data-parallel mesh, checkpoints and export.
+estimator; :mod:`.decoder` (Llama, Mistral, Qwen2, Gemma 2) and :mod:`.bert` (BERT masked LM) are
+matq's own models on Hugging Face names and safetensors (no Flax), built from :mod:`.layers` and
+chosen by :mod:`.models`; :mod:`.trainer` holds the objective, optax, the mesh, checkpoints and export.
 """

@@ -1,14 +1,18 @@
-"""The MatQuant QAT loop in JAX: the core's objective, optax, data parallel over a ``jax.sharding.Mesh``.
+"""The MatQuant QAT loop in JAX: the core's objective, optax, a ``jax.sharding.Mesh`` of ``data`` x ``model``.
 
-Each step is one jitted function: for every :class:`~matq_train.objective.Term` (widest first) a
+Each step is one jitted function per :class:`~matq_train.objective.Term` (widest first), a
 ``value_and_grad`` of that width's loss, the gradients summed (teachers' logits passed on with
-``stop_gradient``), global-norm clipping and AdamW written as torch's (decoupled weight decay, the
-learning rate of :func:`~matq_train.config.lr_factor` passed in each step). The batch is sharded
-along the mesh's ``data`` axis and the parameters replicated, so XLA reduces the gradients across
-devices and a run on N devices trains the same model as one (the global batch and the loss
-denominators are the same; only summation order differs). Codes, scales and zero points come from
-the numerics module once per step (:mod:`.fakequant`). Checkpoints are safetensors plus JSON, no
-pickles; the export is the same matq checkpoint the torch backend writes.
+``stop_gradient``), then global-norm clipping and AdamW written as torch's (decoupled weight decay,
+the learning rate of :func:`~matq_train.config.lr_factor` passed in each step). Causal LMs are
+scored on the next token, masked LMs (BERT) on the tokens :func:`~matq_train.data.mask_tokens`
+masks, seeded as the torch backend seeds them. The batch is sharded along the mesh's ``data``
+axis; each 2-D parameter whose rows divide evenly (and its codes, scales, zero points and Adam
+moments) is sharded by rows along the ``model`` axis (``--shard``), the rest replicated, and XLA
+partitions the computation and reduces the gradients. A run on any mesh trains the same model as
+one device: the global batch and loss denominators are the same, only summation order differs.
+Codes, scales and zero points come from the numerics module once per step (:mod:`.fakequant`).
+Checkpoints are safetensors plus JSON, no pickles; the export is the same matq checkpoint the
+torch backend writes.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -38,19 +43,19 @@ from ..config import (
     latest_checkpoint,
     lr_factor,
 )
-from ..data import TokenBlocks, load_blocks
+from ..data import TokenBlocks, load_blocks, mask_tokens
 from ..export import Quantized, export_records
-from ..objective import Objective
+from ..objective import IGNORE, Objective
 from ..spec import QuantSpec, select_weights
 from .fakequant import codes_for, fake_weight, quantize_host
-from .llama import LlamaConfig, forward, load_params
+from .models import ModelConfig, load_params, model_config
 
-__all__ = ["JaxTrainResult", "make_mesh", "train"]
+__all__ = ["JaxTrainResult", "evaluate", "make_mesh", "param_shardings", "train"]
 
 log = logging.getLogger("matq_train")
 UNSUPPORTED = {
     "clip": ("learned", "--clip learned"),
-    "fsdp": (True, "--fsdp (the jax backend shards over a mesh: --mesh)"),
+    "fsdp": (True, "--fsdp (the jax backend shards over a mesh: --shard)"),
     "grad_checkpointing": (True, "--grad-checkpointing"),
     "precision": ("bf16", "--precision bf16"),
     "eval_every": (None, "--eval-every"),
@@ -70,6 +75,7 @@ class JaxTrainResult:
     out: Path | None = None
     quantized: list[str] = field(default_factory=list)
     codes: dict[str, Quantized] = field(default_factory=dict)
+    model: ModelConfig | None = None
 
 
 def _refuse_unsupported(cfg: TrainConfig) -> None:
@@ -84,12 +90,36 @@ def _refuse_unsupported(cfg: TrainConfig) -> None:
         )
 
 
-def make_mesh(n: int | None) -> Mesh:
-    """A one-axis ``data`` mesh over the first ``n`` devices (default: all)."""
+def make_mesh(n: int | None, shard: int = 1) -> Mesh:
+    """A ``data`` x ``model`` mesh: ``n`` devices along ``data`` (default: all there are, over ``shard``)."""
     devices = jax.devices()
-    if n is not None and n > len(devices):
-        raise TrainConfigError(None, f"--mesh {n}: only {len(devices)} jax devices")
-    return Mesh(np.array(devices[: n or len(devices)]), ("data",))
+    data = n if n is not None else max(len(devices) // shard, 1)
+    if data * shard > len(devices):
+        what = f"--mesh {n}" if n is not None else "the mesh"
+        raise TrainConfigError(
+            None, f"{what} x --shard {shard} needs {data * shard} devices: only {len(devices)} jax devices"
+        )
+    return Mesh(np.array(devices[: data * shard]).reshape(data, shard), ("data", "model"))
+
+
+def _is_rows(mesh: Mesh, shape: tuple[int, ...]) -> bool:
+    """Whether an array is sharded by rows along ``model``: 2-D, with rows that divide evenly."""
+    m = mesh.shape["model"]
+    return m > 1 and len(shape) == 2 and shape[0] % m == 0
+
+
+def _row_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Rows along ``model`` for a 2-D array whose rows divide evenly; replicated otherwise."""
+    return NamedSharding(mesh, P("model", None) if _is_rows(mesh, shape) else P())
+
+
+def param_shardings(mesh: Mesh, tree) -> object:
+    """The sharding of every array of ``tree`` (parameters, codes, optimizer state) by its shape."""
+    return jax.tree_util.tree_map(lambda x: _row_sharding(mesh, np.shape(x)), tree)
+
+
+def _put(tree, shardings):
+    return jax.tree_util.tree_map(jax.device_put, tree, shardings)
 
 
 # --- loss ---------------------------------------------------------------------------------------------
@@ -97,33 +127,100 @@ def _log_softmax(logits: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def _term_loss(params, codes, ids, denom, t, lcfg, spec, ep, teachers, names):
-    """One width's weighted loss, its loss per token, and its logits (causal next-token loss)."""
+def _scored(logits: jax.Array, labels: jax.Array, causal: bool):
+    """Logits and targets of the scored positions (next token, or masked tokens), and which count."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != IGNORE
+    return logits, jnp.where(keep, labels, 0), keep
+
+
+def _width_nll(params, codes, ids, labels, model: ModelConfig, spec, bits, ep, names, rng=None):
+    """Summed cross-entropy over the scored tokens at width ``bits``, log-probabilities, logits, mask.
+
+    ``rng``: dropout as the model's training mode applies it (None: evaluation, no dropout)."""
 
     def W(n):
-        if t.bits is None or n not in names:
+        if bits is None or n not in names:
             return params[n]
-        return fake_weight(params[n], codes[n], spec, t.bits, ep)
+        return fake_weight(params[n], codes[n], spec, bits, ep)
 
-    logits = forward(params, ids, lcfg, W)
-    logp = _log_softmax(logits[:, :-1])
-    target = ids[:, 1:]
-    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1).sum()
+    logits = model.forward(params, ids, W, rng)
+    scored, target, keep = _scored(logits, labels, model.causal)
+    logp = _log_softmax(scored)
+    nll = -jnp.where(keep, jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0], 0.0).sum()
+    return nll, logp, logits, keep
+
+
+def _term_loss(params, codes, ids, labels, denom, rng, t, model, spec, ep, teachers, names):
+    """One width's weighted loss; its summed cross-entropy, scored-token count and logits."""
+    nll, logp, logits, keep = _width_nll(params, codes, ids, labels, model, spec, t.bits, ep, names, rng)
     value = jnp.zeros((), jnp.float32)
     if t.teacher is not None:
-        tp = _log_softmax(teachers[t.teacher][:, :-1])
-        value = value + (jnp.exp(tp) * (tp - logp)).sum()
+        tp = _log_softmax(_scored(teachers[t.teacher], labels, model.causal)[0])
+        value = value + jnp.where(keep[..., None], jnp.exp(tp) * (tp - logp), 0.0).sum()
     if t.labels:
         value = value + nll
-    return t.weight * value / denom, (nll / target.size, logits)
+    return t.weight * value / denom, (nll, keep.sum(), logits)
 
 
-def make_step(objective: Objective, lcfg: LlamaConfig, spec: QuantSpec, names: frozenset, cfg: TrainConfig):
-    """The training step ``(params, opt_state, codes, ids, lr) -> (params, opt_state, total, per)``.
+def _sharded_grad(mesh: Mesh, rows, loss: Callable) -> Callable:
+    """``loss``'s value and gradient per device, FSDP-style, under ``shard_map``.
+
+    Each device gathers the row-sharded parameters and codes (``rows``: which leaves are), computes
+    its ``data`` shard's loss and gradient with every product whole (as on one device), keeps its
+    own rows of each gradient and sums gradients and losses over ``data``. Dropout keys differ per
+    ``data`` shard.
+    """
+    m = mesh.shape["model"]
+
+    def gather(x, r):
+        return jax.lax.all_gather(x, "model", axis=0, tiled=True) if r else x
+
+    def own_rows(g, r):
+        n = g.shape[0] // m
+        return jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index("model") * n, n, 0) if r else g
+
+    def local(params, codes, ids, labels, denom, rng, teacher):
+        whole = jax.tree_util.tree_map(gather, (params, codes), rows)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+        (value, (nll, count, logits)), g = jax.value_and_grad(loss, has_aux=True)(
+            *whole, ids, labels, denom, rng, teacher
+        )
+        g = jax.tree_util.tree_map(own_rows, g, rows[0])
+        g, value, nll, count = jax.lax.psum((g, value, nll, count), "data")
+        return g, value, nll / jnp.maximum(count, 1), logits
+
+    def spec(r):
+        return P("model", None) if r else P()
+
+    p_spec, c_spec = jax.tree_util.tree_map(spec, rows)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(p_spec, c_spec, P("data"), P("data"), P(), P(), P("data")),
+        out_specs=(p_spec, P(), P(), P("data")),
+        check_vma=False,
+    )
+
+
+def make_step(
+    objective: Objective,
+    model: ModelConfig,
+    spec: QuantSpec,
+    names: frozenset,
+    cfg: TrainConfig,
+    mesh: Mesh | None = None,
+):
+    """The training step ``(params, opt_state, codes, ids, labels, denom, lr, rng)`` ->
+    ``(params, opt_state, total, per)``; ``rng`` keys the step's dropout.
 
     Each width's gradient is its own jitted call (summed into the previous widths'), and the update
     another: one jitted program for all widths let XLA keep every width's activations at once
-    (SmolLM2-135M on the CPU: 1.65x plain fine-tuning's peak memory).
+    (SmolLM2-135M on the CPU: 1.65x plain fine-tuning's peak memory). On a mesh with a ``model``
+    axis the parameters and codes are gathered for the forward and backward pass (FSDP: every
+    product is computed whole, as on one device) and each gradient is kept as its row shard; the
+    update keeps every parameter and moment on the sharding it came with.
     """
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
@@ -132,11 +229,20 @@ def make_step(objective: Objective, lcfg: LlamaConfig, spec: QuantSpec, names: f
     terms, ep, wd = objective.terms(), objective.extra_precision, cfg.weight_decay
 
     def width_fn(t):
-        def grad(params, acc, codes, ids, teacher):
-            denom = jnp.float32(ids.shape[0] * (ids.shape[1] - 1))
+        def loss(params, codes, ids, labels, denom, rng, teacher):
             teachers = {} if teacher is None else {t.teacher: teacher}
-            fn = jax.value_and_grad(_term_loss, has_aux=True)
-            (value, (nll, logits)), g = fn(params, codes, ids, denom, t, lcfg, spec, ep, teachers, names)
+            return _term_loss(params, codes, ids, labels, denom, rng, t, model, spec, ep, teachers, names)
+
+        def grad(params, acc, codes, ids, labels, denom, rng, teacher):
+            if mesh is None or mesh.size == 1:
+                (value, (nll, count, logits)), g = jax.value_and_grad(loss, has_aux=True)(
+                    params, codes, ids, labels, denom, rng, teacher
+                )
+                nll = nll / jnp.maximum(count, 1)
+            else:
+                rows = jax.tree_util.tree_map(lambda x: _is_rows(mesh, x.shape), (params, codes))
+                fn = _sharded_grad(mesh, rows, loss)
+                g, value, nll, logits = fn(params, codes, ids, labels, denom, rng, teacher)
             acc = g if acc is None else jax.tree_util.tree_map(jnp.add, acc, g)
             return acc, value, nll, (jax.lax.stop_gradient(logits) if t.keep else None)
 
@@ -144,15 +250,23 @@ def make_step(objective: Objective, lcfg: LlamaConfig, spec: QuantSpec, names: f
 
     grads_of = [width_fn(t) for t in terms]
 
-    @jax.jit
-    def apply(params, opt_state, grads, lr):
+    def update(params, opt_state, grads, lr):
         updates, opt_state = tx.update(grads, opt_state, params)
         return {n: p - lr * (updates[n] + wd * p) for n, p in params.items()}, opt_state  # torch's AdamW
 
-    def step(params, opt_state, codes, ids, lr):
+    applies: dict = {}
+
+    def apply(params, opt_state, grads, lr):
+        if not applies:  # out shardings: those the parameters and moments were placed with
+            shardings = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt_state))
+            applies["fn"] = jax.jit(update, out_shardings=shardings)
+        return applies["fn"](params, opt_state, grads, lr)
+
+    def step(params, opt_state, codes, ids, labels, denom, lr, rng):
         acc, total, per, kept = None, jnp.zeros((), jnp.float32), [], {}
         for i, (t, grad) in enumerate(zip(terms, grads_of, strict=True)):
-            acc, value, nll, logits = grad(params, acc, codes, ids, kept.get(t.teacher))
+            key = jax.random.fold_in(rng, i)  # each width its own dropout masks, as torch draws anew
+            acc, value, nll, logits = grad(params, acc, codes, ids, labels, denom, key, kept.get(t.teacher))
             if t.keep:
                 kept[t.bits] = logits
             kept = {r: v for r, v in kept.items() if any(u.teacher == r for u in terms[i + 1 :])}
@@ -161,6 +275,55 @@ def make_step(objective: Objective, lcfg: LlamaConfig, spec: QuantSpec, names: f
         return params, opt_state, total, jnp.stack(per)
 
     return tx, step
+
+
+def batch_for(blocks: TokenBlocks, step: int, cfg: TrainConfig, causal: bool, tokenizer):
+    """Global batch ``step`` as the torch backend draws it: inputs, labels, scored-token count."""
+    rows = blocks.indices(step, cfg.batch_size, cfg.seed)
+    ids = blocks.blocks[rows]
+    labels = ids
+    if not causal:
+        ids, labels = mask_tokens(ids, tokenizer, cfg.seed, step, rows)
+    scored = int(((labels[:, 1:] if causal else labels) != IGNORE).sum())
+    return ids, labels, max(scored, 1)
+
+
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _eval_nll(params, codes, ids, labels, model, spec, bits, ep, names):
+    nll, _, _, keep = _width_nll(params, codes, ids, labels, model, spec, bits, ep, names)
+    return nll, keep.sum()
+
+
+def evaluate(
+    params: Mapping[str, np.ndarray],
+    model: ModelConfig,
+    blocks: TokenBlocks,
+    bits: int | None,
+    *,
+    spec: QuantSpec | None = None,
+    names=(),
+    extra_precision: bool = False,
+    tokenizer=None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    seed: int = 1234,
+) -> float:
+    """Mean held-out negative log-likelihood per token (nats) with ``names`` fake-quantized at ``bits``.
+
+    As the torch backend's ``evaluate``: blocks in order, masked LMs masked with the same seeds.
+    """
+    names = frozenset(names) if bits is not None else frozenset()
+    params = {n: jnp.asarray(v) for n, v in params.items()}
+    codes = jax.device_put(codes_for(params, names, spec)) if names else {}
+    total, count = 0.0, 0
+    for i, ids in enumerate(blocks.sequential(batch_size, limit)):
+        labels = ids
+        if not model.causal:
+            ids, labels = mask_tokens(ids, tokenizer, seed, i, np.arange(len(ids)))
+        args = (params, codes, jnp.asarray(ids), jnp.asarray(labels))
+        nll, n = _eval_nll(*args, model, spec, bits, bool(extra_precision), names)
+        total, count = total + float(nll), count + int(n)
+    return total / max(count, 1)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -196,15 +359,15 @@ def load_checkpoint(path: Path, params, opt_state, cfg: TrainConfig):
 
 
 # --- the loop ------------------------------------------------------------------------------------------
-def _setup(cfg: TrainConfig, spec: QuantSpec):
-    """Config, float32 parameters, tokenizer and the quantized weight names."""
+def _setup(cfg: TrainConfig):
+    """Model config, float32 parameters, tokenizer and the quantized weight names."""
     from transformers import AutoTokenizer
 
     raw, params = load_params(cfg.model_dir)
-    lcfg = LlamaConfig.from_dict(raw, cfg.model_dir)
+    model = model_config(raw, cfg.model_dir)
     shapes = {n: ("F32", tuple(v.shape)) for n, v in params.items()}
     names = [] if cfg.full_precision else select_weights(shapes, cfg.layers, raw)
-    return lcfg, params, AutoTokenizer.from_pretrained(cfg.model_dir), names
+    return model, params, AutoTokenizer.from_pretrained(cfg.model_dir), names
 
 
 def train(
@@ -217,28 +380,36 @@ def train(
 ) -> JaxTrainResult:
     """Train ``cfg.model_dir`` with the MatQuant objective in JAX; export to ``cfg.out`` when set."""
     _refuse_unsupported(cfg)
-    mesh = make_mesh(cfg.mesh)
-    spec, objective = cfg.check(mesh.size)
-    lcfg, params_np, tokenizer, names = _setup(cfg, spec)
+    mesh = make_mesh(cfg.mesh, cfg.shard)
+    spec, objective = cfg.check(mesh.shape["data"])
+    model, params_np, tokenizer, names = _setup(cfg)
     if train_blocks is None:
         train_blocks, _ = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.holdout, cfg.text_field)
-    replicated, by_row = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    tx, step_fn = make_step(objective, lcfg, spec, frozenset(names), cfg)
-    params = {n: jax.device_put(v, replicated) for n, v in params_np.items()}
-    opt_state = jax.device_put(tx.init(params), replicated)
+    by_row = NamedSharding(mesh, P("data"))
+    tx, step_fn = make_step(objective, model, spec, frozenset(names), cfg, mesh)
+    p_shard = param_shardings(mesh, params_np)
+    params = _put(params_np, p_shard)
+    opt_state = tx.init(params)
+    o_shard = param_shardings(mesh, opt_state)
+    opt_state = _put(opt_state, o_shard)
     ckpt_dir = Path(d) if (d := cfg.checkpoint_folder()) else None
     start = 0
     if cfg.resume and ckpt_dir is not None and (found := latest_checkpoint(ckpt_dir)) is not None:
         p, o, start = load_checkpoint(found, params, opt_state, cfg)
-        params, opt_state = jax.device_put(p, replicated), jax.device_put(o, replicated)
-    labels = [f"int{r}" for r in objective.bits] or ["fp"]
+        params, opt_state = _put(p, p_shard), _put(o, o_shard)
+    labels_of = [f"int{r}" for r in objective.bits] or ["fp"]
     history, t_train = [], 0.0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        codes = jax.device_put(codes_for(params, names, spec), replicated)
-        ids = jax.device_put(train_blocks.batch(step, cfg.batch_size, cfg.seed), by_row)
+        codes = codes_for(params, names, spec)
+        codes = _put(codes, param_shardings(mesh, codes))
+        ids, labels, denom = batch_for(train_blocks, step, cfg, model.causal, tokenizer)
+        ids, labels = jax.device_put(ids, by_row), jax.device_put(labels, by_row)
         lr = jnp.float32(cfg.lr * lr_factor(step, cfg))
-        params, opt_state, total, per = step_fn(params, opt_state, codes, ids, lr)
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        params, opt_state, total, per = step_fn(
+            params, opt_state, codes, ids, labels, jnp.float32(denom), lr, rng
+        )
         total.block_until_ready()
         t_train += time.perf_counter() - t0
         done = step + 1
@@ -246,7 +417,7 @@ def train(
             rec = {
                 "step": done,
                 "loss": float(total),
-                "widths": {n: round(float(v), 5) for n, v in zip(labels, per, strict=True)},
+                "widths": {n: round(float(v), 5) for n, v in zip(labels_of, per, strict=True)},
                 "lr": float(lr),
                 "tokens_per_s": cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t0, 1e-9),
             }
@@ -262,7 +433,7 @@ def train(
     res = JaxTrainResult(
         final, tokenizer, history, steps_run * cfg.batch_size * cfg.seq_len / max(t_train, 1e-9)
     )
-    res.train_seconds, res.steps_run, res.quantized = t_train, steps_run, list(names)
+    res.train_seconds, res.steps_run, res.quantized, res.model = t_train, steps_run, list(names), model
     res.codes = {n: quantize_host(final[n], spec) for n in names}
     if cfg.out and not cfg.full_precision:
         res.out = _export(cfg, final, res.codes, objective, history, spec)
