@@ -180,7 +180,8 @@ class AtomicOutput:
             raise OutputKindError(self.out, "is a symbolic link; refusing to replace it")
         if not self.kind.recognize(self.out):
             raise OutputKindError(
-                self.out, f"exists and is not a {self.kind.name}; refusing to replace it"
+                self.out,
+                f"exists and is not {'an' if self.kind.name[0] in 'AEIOU' else 'a'} {self.kind.name}; refusing to replace it",
             )
 
     def _swap(self) -> None:
