@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .containers import container_codes, container_scale_zero, integer_zero_points, pack_bytes, step_exponent
+from .containers import container_bits, container_codes, container_scale_zero, pack_bytes, step_exponent
 
 CONTAINERS = (2, 4, 8)
 MIN_BLOCK = 16
@@ -79,15 +79,15 @@ def plan_weight(ckpt, name: str, bits: int, ep: bool, layout: str, exact: bool) 
     if layout == "matmulnbits" and block is None:
         why = f"group size {group} has no power-of-two block >= 16"
         return WeightPlan(name, bits, ep, None, None, reason=why, layout=layout)
-    for c in CONTAINERS:
-        if c < bits + ep:
-            continue
-        if integer_zero_points(zero, code_bits, bits, ep, c):
-            z = zero / np.float32(1 << step_exponent(code_bits, bits, ep, c))
-            default = layout == "matmulnbits" and bool(np.all(z == 2 ** (c - 1)))
-            return WeightPlan(name, bits, ep, c, block, "default" if default else "uint8", layout=layout)
-        if layout == "matmulnbits" and c in (2, 4) and not exact:
-            return WeightPlan(name, bits, ep, c, block, "float", layout=layout)
+    exact_c = container_bits(zero, code_bits, bits, ep, CONTAINERS)
+    loose = layout == "matmulnbits" and not exact  # float zero points, at 2 and 4 bits only
+    loose_c = next((c for c in (2, 4) if c >= bits + ep), None) if loose else None
+    if exact_c is not None and (loose_c is None or exact_c <= loose_c):
+        z = zero / np.float32(1 << step_exponent(code_bits, bits, ep, exact_c))
+        default = layout == "matmulnbits" and bool(np.all(z == 2 ** (exact_c - 1)))
+        return WeightPlan(name, bits, ep, exact_c, block, "default" if default else "uint8", layout=layout)
+    if loose_c is not None:
+        return WeightPlan(name, bits, ep, loose_c, block, "float", layout=layout)
     why = "no container holds its zero points exactly"
     return WeightPlan(name, bits, ep, None, block, reason=why, layout=layout)
 
