@@ -93,38 +93,14 @@ def ort_quantize(src: Path, out: Path, bits: int, block: int, head: bool) -> Pat
     return out
 
 
-def decoded(folder: Path) -> dict[str, np.ndarray]:
-    """(d) Each MatMulNBits weight ``[K, N]`` as onnxruntime decodes it (the node on an identity)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
-
-    model = onnx.load(folder / "model.onnx")
-    inits = {t.name: t for t in model.graph.initializer}
-    out = {}
-    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k = attrs["K"]
-        single = helper.make_node(node.op_type, ["A", *node.input[1:]], ["Y"], domain=node.domain, **attrs)
-        graph = helper.make_graph(
-            [single],
-            "w",
-            [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [k, k])],
-            [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
-            [inits[i] for i in node.input[1:] if i in inits],
-        )
-        m = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        out[node.name] = sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0]
-    return out
-
-
 def weight_errors(folder: Path, slices: dict[str, np.ndarray], floats: dict[str, np.ndarray]) -> dict:
     """Max |decoded - slice| and the relative RMS error against the float weights, over every weight."""
-    dec = decoded(folder)
+    from matq_eval.onnx import decoded_weights
+
+    dec = decoded_weights(folder)
     worst, num, den = 0.0, 0.0, 0.0
-    for node, got in dec.items():
-        key = node.split("/MatMul")[0]
+    for weight, got in dec.items():
+        key = weight.rsplit("_Q", 1)[0]  # the float initializer's name, as both writers name it
         if key in slices:
             worst = max(worst, float(np.abs(got - slices[key]).max()))
         if key in floats:
@@ -138,24 +114,21 @@ def weight_errors(folder: Path, slices: dict[str, np.ndarray], floats: dict[str,
 
 
 def float_weights(onnx_dir: Path) -> dict[str, np.ndarray]:
-    """The float graph's MatMul weights ``[K, N]``, keyed by node name stem (``/model/layers.0/attn/q_proj``)."""
+    """The float graph's MatMul weights ``[K, N]`` by initializer name (``model.layers.0.attn.q_proj.MatMul.weight``)."""
     import onnx
     from matq_converters import onnx_graph
 
     model = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    out = {}
-    for name, nodes in onnx_graph.matmul_weights(model).items():
-        out[nodes[0].name.split("/MatMul")[0]] = onnx_graph.read_initializer(inits[name], onnx_dir)
-    return out
+    return {n: onnx_graph.read_initializer(inits[n], onnx_dir) for n in onnx_graph.matmul_weights(model)}
 
 
 def slice_weights(ckpt, bits: int, floats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """matq's slice at ``bits`` ``[K, N]`` of every float MatMul weight, by the builder's node names
-    (``/model/layers.0/attn/q_proj`` is ``model.layers.0.self_attn.q_proj.weight``)."""
+    """matq's slice at ``bits`` ``[K, N]`` of every float MatMul weight, by the builder's initializer
+    names (``model.layers.0.attn.q_proj.MatMul.weight`` is ``model.layers.0.self_attn.q_proj.weight``)."""
     out = {}
     for stem in floats:
-        name = stem.strip("/").replace("/", ".").replace(".attn.", ".self_attn.") + ".weight"
+        name = stem.removesuffix(".MatMul.weight").replace(".attn.", ".self_attn.") + ".weight"
         if name in ckpt and ckpt.info(name).quantized:
             out[stem] = ckpt.dequantize(name, bits).T
     return out

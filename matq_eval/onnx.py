@@ -93,6 +93,36 @@ def _side_bytes(inits: dict, weight: str) -> int:
     return sum(_nbytes(inits[n]) for n in inits if n.startswith(stem) and n.endswith(SIDE_INPUTS))
 
 
+def decoded_weights(path: Path) -> dict[str, np.ndarray]:
+    """Each quantized weight ``[K, N]`` as onnxruntime decodes it, by its stored initializer's name:
+    its MatMulNBits node alone on an identity input, or its DequantizeLinear node alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(path / "model.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMulNBits", "DequantizeLinear"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        inputs, feeds, names = [], {}, list(node.input)
+        if node.op_type == "MatMulNBits":
+            k = attrs["K"]
+            inputs = [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [k, k])]
+            feeds, names = {"A": np.eye(k, dtype=np.float32)}, ["A", *node.input[1:]]
+        single = helper.make_node(node.op_type, names, ["Y"], domain=node.domain, **attrs)
+        y = helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)
+        graph = helper.make_graph([single], "w", inputs, [y], [inits[i] for i in names if i in inits])
+        m = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        weight = node.input[1] if node.op_type == "MatMulNBits" else node.input[0]
+        out[weight] = ort.InferenceSession(m.SerializeToString(), so).run(None, feeds)[0]
+    return out
+
+
 class OrtRunner:
     """Logits of one window at a time from an ONNX decoder with a past key/value cache (left empty)."""
 

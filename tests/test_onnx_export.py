@@ -30,6 +30,7 @@ from matq_converters.registry import ConvertOptionError, ConvertOptions, Unsuppo
 import matq_format as mf
 from matq_cli.main import cli
 from matq_eval import CandidateError
+from matq_eval.onnx import decoded_weights
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -90,41 +91,6 @@ def close(got, want) -> float:
 
 
 # --- each quantized weight decodes to its slice -----------------------------------------------------
-def decoded_weights(folder: Path) -> dict[str, np.ndarray]:
-    """Each quantized weight as onnxruntime decodes it: its node alone, on an identity input."""
-    model = onnx.load(folder / "model.onnx")
-    inits = {t.name: t for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMulNBits", "DequantizeLinear"):
-            continue
-        if node.op_type == "MatMulNBits":
-            k = next(a.i for a in node.attribute if a.name == "K")
-            inputs = [onnx.helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [k, k])]
-            node = onnx.helper.make_node(
-                node.op_type, ["A", *node.input[1:]], ["Y"], domain=node.domain, **_attrs(node)
-            )
-            feeds = {"A": np.eye(k, dtype=np.float32)}
-        else:
-            inputs, feeds = [], {}
-            node = onnx.helper.make_node(node.op_type, list(node.input), ["Y"], **_attrs(node))
-        graph = onnx.helper.make_graph(
-            [node], "w", inputs, [onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
-            [inits[i] for i in node.input if i in inits],
-        )  # fmt: skip
-        m = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        out[node.input[1] if node.op_type == "MatMulNBits" else node.input[0]] = ort.InferenceSession(
-            m.SerializeToString(), so
-        ).run(None, feeds)[0]
-    return out
-
-
-def _attrs(node):
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def stem(name: str) -> str:
     """A checkpoint tensor's name as the builder's initializer names begin."""
     return name.removesuffix(".weight").replace("self_attn", "attn") + ".MatMul.weight"
