@@ -369,10 +369,12 @@ def export_hf(
     out: str | os.PathLike,
     options: ConvertOptions,
     progress: Callable[[int], None] | None = None,
+    planned=None,
 ) -> ConvertResult:
-    """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly."""
+    """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly.
+    ``planned``: ``_prepare``'s result for these arguments, if already made."""
     out = Path(out)
-    prep = _prepare(ckpt, options)
+    prep = planned or _prepare(ckpt, options)
     shards = _shards(prep.plans, _shard_bytes(prep.opts.max_shard_size))
     meta = {"format": "pt", META_CONVERTER: f"matq {MATQ_VERSION}", "matq.source.digest": ckpt.digest}
     inexact: list[str] = []

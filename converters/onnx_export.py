@@ -180,13 +180,18 @@ def _check_opset(ckpt, prep: _Prepared) -> None:
 
 
 def export_onnx(
-    ckpt, out: str | os.PathLike, options: ConvertOptions, progress: Callable[[int], None] | None = None
+    ckpt,
+    out: str | os.PathLike,
+    options: ConvertOptions,
+    progress: Callable[[int], None] | None = None,
+    planned=None,
 ) -> ConvertResult:
-    """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly."""
+    """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly.
+    ``planned``: ``_prepare``'s result for these arguments, if already made."""
     from .hf_export import HFOptions, export_hf
 
     out = Path(out)
-    prep = _prepare(ckpt, options)
+    prep = planned or _prepare(ckpt, options)
     with AtomicOutput(out, ONNX_FOLDER, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o:
         work = o.tmp / ".matq-work"
         # the widths as planned here (a budget counts this layout's bytes, not the HF folder's)

@@ -187,13 +187,24 @@ class Converter(Protocol):
 
 class PlannedExporter:
     """A :class:`Converter` made of two functions: ``plan(ckpt, options)`` checks and plans the
-    request (raising what is wrong), ``export(ckpt, out, options, progress)`` writes it."""
+    request (raising what is wrong), ``export(ckpt, out, options, progress, planned)`` writes it.
+
+    ``matq convert`` validates, then converts: the plan made by ``validate`` is handed to
+    ``export`` for the same checkpoint and options, so it is made once (a ``budget:`` plan
+    dequantizes every tensor at every width)."""
 
     plan: Callable[..., Any]
     export: Callable[..., ConvertResult]
 
+    def _planned(self, ckpt, options: ConvertOptions) -> Any:
+        key = (ckpt.digest, repr(options))
+        last = getattr(self, "_last_plan", None)
+        if last is None or last[0] != key:
+            self._last_plan = (key, type(self).plan(ckpt, options))
+        return self._last_plan[1]
+
     def validate(self, ckpt, options: ConvertOptions) -> list[str]:
-        type(self).plan(ckpt, options)
+        self._planned(ckpt, options)
         return []
 
     def convert(
@@ -203,7 +214,7 @@ class PlannedExporter:
         options: ConvertOptions,
         progress: Callable[[int], None] | None = None,
     ) -> ConvertResult:
-        return type(self).export(ckpt, out, options, progress)
+        return type(self).export(ckpt, out, options, progress, self._planned(ckpt, options))
 
 
 @runtime_checkable

@@ -41,7 +41,9 @@ def models(tmp_path_factory):
         "qwen2": to_matq(hf["qwen2"], base / "ck-qwen2", zero_multiple=64, quantize_embeddings=True),
         "gemma2": to_matq(hf["gemma2"], base / "ck-gemma2", symmetric=True),
         # quantize --layout gguf: symmetric, groups of 32, signed scales (spec 10.4)
-        "llama-gguf": mf.open(quantize_hf(hf["llama"], base / "ck-llama-gguf", layers="linear", layout="gguf")),
+        "llama-gguf": mf.open(
+            quantize_hf(hf["llama"], base / "ck-llama-gguf", layers="linear", layout="gguf")
+        ),
     }
     hf["llama-gguf"] = hf["llama"]
     return hf, ck
@@ -409,3 +411,23 @@ def test_gptq_refuses_what_it_cannot_hold_exactly(models, tmp_path):
         export(ckpt, tmp_path / "o", bits=4, settings={"layout": "gptq"})
     assert not (tmp_path / "o").exists()
     export(ckpt, tmp_path / "ct", bits=4)  # compressed-tensors holds both: float32 scales
+
+
+def test_validate_then_convert_plans_once(models, tmp_path, monkeypatch):
+    """``matq convert`` validates, then converts: the plan is made once and the folder is the same."""
+    from matq_converters.hf_export import HFConverter
+
+    _, ck = models
+    calls = []
+    plan = HFConverter.plan
+    monkeypatch.setattr(HFConverter, "plan", staticmethod(lambda c, o: calls.append(1) or plan(c, o)))
+    conv = registry.get("hf")
+    opts = ConvertOptions(plan="budget:4", overwrite=True)
+    conv.validate(ck["llama"], opts)
+    conv.convert(ck["llama"], tmp_path / "a", opts)
+    assert len(calls) == 1
+    registry.get("hf").convert(ck["llama"], tmp_path / "b", opts)  # a fresh converter plans anew
+    assert len(calls) == 2
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
