@@ -25,6 +25,7 @@ from .spec import QuantSpec
 __all__ = [
     "BACKENDS",
     "CheckpointMismatchError",
+    "OutOfMemoryError",
     "PRECISIONS",
     "RESUMABLE_CHANGES",
     "TrainConfig",
@@ -65,6 +66,12 @@ class CheckpointMismatchError(MatqError):
 
 class TrainConfigError(MatqError):
     """Run settings that cannot work together (batch size and world size, an existing output)."""
+
+
+class OutOfMemoryError(MatqError):
+    """A step that does not fit in the device's memory (raised before the first step where the backend can tell)."""
+
+    hint = "lower --batch-size or --seq-len"
 
 
 @dataclass

@@ -385,6 +385,36 @@ def test_existing_output_and_bad_batch_refused(llama_dir, tmp_path):
     assert not (llama_dir / "out").exists()
 
 
+OOM_SCRIPT = """
+import resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_train import cfg_for
+from matq_train.run import train
+limit = 4 << 30  # address space: malloc fails past it, as on a full host without overcommit
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+train(cfg_for(Path(sys.argv[1]), Path(sys.argv[2]), batch_size=1 << 16, steps=1))
+"""
+
+
+def test_step_that_does_not_fit_is_one_line_and_writes_nothing(llama_dir, tmp_path):
+    """65536 x 16 tokens under a 4 GiB address-space limit: torch's CPU allocator fails (a plain
+    RuntimeError) and the CLI's error says so in one line; no output folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    r = subprocess.run(
+        [sys.executable, "-c", OOM_SCRIPT, str(llama_dir), str(out), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("matq_train.config.OutOfMemoryError: a step of 65536 x 16 tokens")
+    assert "does not fit in cpu memory" in last
+    assert not out.exists()
+
+
 # --- CLI -------------------------------------------------------------------------------------------
 def test_cli_train_logs_each_width_and_writes_checkpoint(llama_dir, tmp_path):
     from matq_cli.main import cli

@@ -24,7 +24,7 @@ from test_train import cfg_for, make_model_dir  # noqa: E402
 
 import matq_format as mf  # noqa: E402
 from matq_format import numerics as N  # noqa: E402
-from matq_train.config import TrainConfigError  # noqa: E402
+from matq_train.config import OutOfMemoryError, TrainConfigError  # noqa: E402
 from matq_train.jax import fakequant as jfq  # noqa: E402
 from matq_train.jax.models import UnsupportedModelError  # noqa: E402
 from matq_train.run import train  # noqa: E402
@@ -245,6 +245,28 @@ def test_backends_agree(llama_dir, tmp_path):
             )
 
 
+def test_jax_eval_every_scores_held_out_text_as_torch_does(llama_dir):
+    """``--eval-every``: held-out nats per token at each width, on the documents ``--holdout`` keeps
+    out, at the steps torch evaluates; equal to torch's within 1e-3 relative (the models drift apart
+    by float rounding over the steps), and the last one is ``evaluate`` of the trained weights."""
+    from matq_train.jax.trainer import evaluate
+
+    kw = dict(bits=(8, 4, 2), layers="linear", group_size=16, holdout=0.3, eval_every=2, steps=4)
+    t = train(cfg_for(llama_dir, None, **kw))
+    j = train(cfg_for(llama_dir, None, backend="jax", **kw))
+    assert [h["step"] for h in j.history if "eval" in h] == [2, 4]
+    for ht, hj in zip(t.history, j.history, strict=True):
+        assert ("eval" in hj) == ("eval" in ht)
+        if "eval" in hj:
+            assert hj["eval"] == pytest.approx(ht["eval"], rel=1e-3)
+    from matq_train.data import load_blocks
+
+    held = load_blocks([str(llama_dir.parent / "data")], j.tokenizer, 16, 0.3)[1]
+    spec = QuantSpec(8, 16)
+    got = evaluate(j.params, j.model, held, 2, spec=spec, names=j.quantized, tokenizer=j.tokenizer)
+    assert got == j.history[-1]["eval"]["int2"]
+
+
 def test_jax_export_equals_fake_weights(llama_dir, tmp_path):
     res = train(cfg_for(llama_dir, tmp_path / "out", backend="jax", extra_precision=True, group_size=16))
     ckpt = mf.open(res.out)
@@ -301,7 +323,6 @@ def test_jax_refusals_write_nothing(llama_dir, family_dirs, tmp_path):
         (dict(clip="learned"), "--clip learned"),
         (dict(precision="bf16"), "bf16"),
         (dict(grad_checkpointing=True), "--grad-checkpointing"),
-        (dict(eval_every=5), "--eval-every"),
         (dict(fsdp=True), "--fsdp"),
         (dict(device="cuda"), "--device"),
         (dict(mesh=64), "--mesh 64"),
@@ -312,6 +333,9 @@ def test_jax_refusals_write_nothing(llama_dir, family_dirs, tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(TrainConfigError, match="jax options") as err:
         train(cfg_for(llama_dir, out, shard=2))  # torch
+    with pytest.raises(OutOfMemoryError, match=r"16777216 x 16 tokens needs [\d.]+ GiB .* GiB available") as err:
+        train(cfg_for(llama_dir, out, backend="jax", batch_size=1 << 24))  # terabytes, asked before any is allocated
+    assert "\n" not in str(err.value)
     for i, (src, changes, match) in enumerate(
         (
             (llama_dir, dict(model_type="gpt2"), "model type 'gpt2': the jax backend trains llama, mistral"),

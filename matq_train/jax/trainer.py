@@ -36,6 +36,7 @@ from ..config import (
     MODEL_FILE,
     OPTIM_FILE,
     STATE_FILE,
+    OutOfMemoryError,
     TrainConfig,
     TrainConfigError,
     check_resumable,
@@ -48,6 +49,7 @@ from ..export import Quantized, export_records
 from ..objective import IGNORE, Objective
 from ..spec import QuantSpec, select_weights
 from .fakequant import codes_for, fake_weight, quantize_host
+from .memory import available_bytes, program_bytes, tree_bytes
 from .models import ModelConfig, load_params, model_config
 
 __all__ = ["JaxTrainResult", "evaluate", "make_mesh", "param_shardings", "train"]
@@ -58,7 +60,6 @@ UNSUPPORTED = {
     "fsdp": (True, "--fsdp (the jax backend shards over a mesh: --shard)"),
     "grad_checkpointing": (True, "--grad-checkpointing"),
     "precision": ("bf16", "--precision bf16"),
-    "eval_every": (None, "--eval-every"),
 }
 
 
@@ -262,19 +263,46 @@ def make_step(
             applies["fn"] = jax.jit(update, out_shardings=shardings)
         return applies["fn"](params, opt_state, grads, lr)
 
-    def step(params, opt_state, codes, ids, labels, denom, lr, rng):
-        acc, total, per, kept = None, jnp.zeros((), jnp.float32), [], {}
+    def widths(params, codes, ids, labels, denom, rng, call):
+        """Each width in turn through ``call(grad, args)``: the gradient sum, each width's (loss, nll)."""
+        acc, outs, kept = None, [], {}
         for i, (t, grad) in enumerate(zip(terms, grads_of, strict=True)):
             key = jax.random.fold_in(rng, i)  # each width its own dropout masks, as torch draws anew
-            acc, value, nll, logits = grad(params, acc, codes, ids, labels, denom, key, kept.get(t.teacher))
+            acc, value, nll, logits = call(
+                grad, (params, acc, codes, ids, labels, denom, key, kept.get(t.teacher))
+            )
             if t.keep:
                 kept[t.bits] = logits
             kept = {r: v for r, v in kept.items() if any(u.teacher == r for u in terms[i + 1 :])}
-            total, per = total + value, [*per, nll]
-        params, opt_state = apply(params, opt_state, acc, lr)
-        return params, opt_state, total, jnp.stack(per)
+            outs.append((value, nll))
+        return acc, outs
 
-    return tx, step
+    def step(params, opt_state, codes, ids, labels, denom, lr, rng):
+        acc, outs = widths(params, codes, ids, labels, denom, rng, lambda grad, args: grad(*args))
+        params, opt_state = apply(params, opt_state, acc, lr)
+        total = sum((v for v, _ in outs), jnp.zeros((), jnp.float32))
+        return params, opt_state, total, jnp.stack([n for _, n in outs])
+
+    def step_bytes(params, codes, ids, labels, denom, rng) -> int | None:
+        """Per device, the most any width's program needs beyond the parameters, optimizer state and
+        codes (XLA's analysis of the compiled program, plus the gradient sum and teachers' logits
+        alive from earlier widths). ``ids``, ``labels`` may be abstract: nothing is run or allocated."""
+        need: list[int | None] = []
+
+        def call(grad, args):
+            compiled = grad.lower(*args).compile()  # cached: the step's own call does not compile again
+            own = program_bytes(compiled)
+            need.append(None if own is None else own + tree_bytes((args[1], args[7])))
+            return jax.tree_util.tree_map(  # placed as the real outputs, so the next width's lowering is the step's
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                jax.eval_shape(grad, *args),
+                compiled.output_shardings,
+            )
+
+        widths(params, codes, ids, labels, denom, rng, call)
+        return None if None in need else max(need, default=0)
+
+    return tx, step, step_bytes
 
 
 def batch_for(blocks: TokenBlocks, step: int, cfg: TrainConfig, causal: bool, tokenizer):
@@ -384,9 +412,10 @@ def train(
     spec, objective = cfg.check(mesh.shape["data"])
     model, params_np, tokenizer, names = _setup(cfg)
     if train_blocks is None:
-        train_blocks, _ = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.holdout, cfg.text_field)
+        train_blocks, held = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.holdout, cfg.text_field)
+        eval_blocks = eval_blocks or held
     by_row = NamedSharding(mesh, P("data"))
-    tx, step_fn = make_step(objective, model, spec, frozenset(names), cfg, mesh)
+    tx, step_fn, step_bytes = make_step(objective, model, spec, frozenset(names), cfg, mesh)
     p_shard = param_shardings(mesh, params_np)
     params = _put(params_np, p_shard)
     opt_state = tx.init(params)
@@ -399,18 +428,29 @@ def train(
         params, opt_state = _put(p, p_shard), _put(o, o_shard)
     labels_of = [f"int{r}" for r in objective.bits] or ["fp"]
     history, t_train = [], 0.0
+    codes = _put(c := codes_for(params, names, spec), param_shardings(mesh, c))
+    _check_fits(step_bytes, params, codes, cfg, mesh, start)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        codes = codes_for(params, names, spec)
-        codes = _put(codes, param_shardings(mesh, codes))
+        if step > start:
+            codes = _put(c := codes_for(params, names, spec), param_shardings(mesh, c))
         ids, labels, denom = batch_for(train_blocks, step, cfg, model.causal, tokenizer)
         ids, labels = jax.device_put(ids, by_row), jax.device_put(labels, by_row)
         lr = jnp.float32(cfg.lr * lr_factor(step, cfg))
         rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        params, opt_state, total, per = step_fn(
-            params, opt_state, codes, ids, labels, jnp.float32(denom), lr, rng
-        )
-        total.block_until_ready()
+        try:
+            params, opt_state, total, per = step_fn(
+                params, opt_state, codes, ids, labels, jnp.float32(denom), lr, rng
+            )
+            total.block_until_ready()
+        except (
+            jax.errors.JaxRuntimeError
+        ) as e:  # an accelerator's allocator says so; a host's OOM killer does not
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise OutOfMemoryError(
+                None, f"a step of {cfg.batch_size} x {cfg.seq_len} tokens ran out of device memory"
+            ) from None
         t_train += time.perf_counter() - t0
         done = step + 1
         if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -421,6 +461,8 @@ def train(
                 "lr": float(lr),
                 "tokens_per_s": cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t0, 1e-9),
             }
+            if cfg.eval_every and eval_blocks is not None and done % cfg.eval_every == 0:
+                rec["eval"] = _held_out(params, model, eval_blocks, objective, spec, names, tokenizer)
             history.append(rec)
             if on_log is not None:
                 on_log(rec)
@@ -438,6 +480,45 @@ def train(
     if cfg.out and not cfg.full_precision:
         res.out = _export(cfg, final, res.codes, objective, history, spec)
     return res
+
+
+def _check_fits(step_bytes, params, codes, cfg: TrainConfig, mesh: Mesh, start: int) -> None:
+    """Refuse, before the first step, a batch whose step cannot fit in the devices' memory (XLA's estimate)."""
+    free = available_bytes(mesh.devices.flat)
+    if free is None:
+        return
+    ids = jax.ShapeDtypeStruct(
+        (cfg.batch_size, cfg.seq_len), jnp.int32, sharding=NamedSharding(mesh, P("data"))
+    )
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), start)
+    need = step_bytes(params, codes, ids, ids, jnp.float32(1), rng)
+    if need is not None and need > free:
+        where = (
+            f"{mesh.devices.flat[0].platform} device" if mesh.size == 1 else f"each of {mesh.size} devices"
+        )
+        raise OutOfMemoryError(
+            None,
+            f"a step of {cfg.batch_size} x {cfg.seq_len} tokens needs {need / 2**30:.1f} GiB beyond the"
+            f" parameters (XLA's estimate) and {where} has {free / 2**30:.1f} GiB available",
+        )
+
+
+def _held_out(params, model: ModelConfig, blocks: TokenBlocks, objective: Objective, spec, names, tokenizer):
+    """Held-out nats per token at every width of the objective (``fp`` for full precision)."""
+    widths = objective.bits or (None,)
+    return {
+        f"int{r}" if r is not None else "fp": evaluate(
+            params,
+            model,
+            blocks,
+            r,
+            spec=spec,
+            names=names,
+            extra_precision=objective.extra_precision,
+            tokenizer=tokenizer,
+        )
+        for r in widths
+    }
 
 
 def _export(cfg: TrainConfig, params, codes, objective: Objective, history, spec: QuantSpec) -> Path:

@@ -33,6 +33,7 @@ from ..config import (
     OPTIM_FILE,
     STATE_FILE,
     CheckpointMismatchError,
+    OutOfMemoryError,
     TrainConfig,
     TrainConfigError,
     check_resumable,
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("matq_train")
+CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"
+"""What torch's CPU allocator says when malloc fails (a host's OOM killer, by contrast, ends the process)."""
 
 
 
@@ -65,12 +68,6 @@ class DeviceError(MatqError):
     """A ``--device`` torch cannot use here (no CUDA, an index past the last GPU, an unknown name)."""
 
     hint = "use --device cpu, or cuda / cuda:N on a machine with that GPU"
-
-
-class OutOfMemoryError(MatqError):
-    """A step that does not fit in the device's memory."""
-
-    hint = "lower --batch-size or --seq-len, or add --grad-checkpointing / --precision bf16"
 
 
 @dataclass
@@ -438,9 +435,13 @@ def train(
             log.info("resumed from %s at step %d", found, start)
     try:
         history, t_train = _loop(run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_log, on_step)
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; the CPU allocator raises a plain one
+        if not isinstance(e, torch.OutOfMemoryError) and CPU_ALLOC_FAILED not in str(e):
+            raise
         raise OutOfMemoryError(
-            None, f"a step of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in {device} memory"
+            None,
+            f"a step of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in {device} memory"
+            " (--grad-checkpointing and --precision bf16 need less)",
         ) from None
     steps_run = cfg.steps - start
     tokens = steps_run * cfg.batch_size * cfg.seq_len
