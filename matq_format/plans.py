@@ -92,6 +92,8 @@ def _pattern_widths(text: str) -> tuple[str, tuple[int, ...]]:
 
 def _pattern_plan(text: str, names: list[str], c: int) -> dict[str, int]:
     kind, widths = _pattern_widths(text)
+    if bad := [r for r in widths if not 1 <= r <= c]:
+        raise PlanError(text, f"width {bad[0]} outside 1..{c}")
     layers = sorted({i for n in names if (i := layer_index(n)) is not None})
     if not layers:
         raise PlanError(text, "pattern plans need tensors with layer indices (e.g. model.layers.N.)")
@@ -121,7 +123,9 @@ def _parse_layers(key: str) -> range:
 def _file_plan(path: Path, names: list[str], c: int) -> dict[str, int]:
     try:
         doc = json.loads(path.read_text())
-        if not isinstance(doc, dict) or not set(doc) <= {"default", "layers", "patterns", "extra_precision"}:
+        if isinstance(doc, dict) and "extra_precision" in doc:
+            raise PlanError(path, "extra precision is not part of a plan: ask for it with the plan (--extra-precision)")
+        if not isinstance(doc, dict) or not set(doc) <= {"default", "layers", "patterns"}:
             raise ValueError("expected an object with default, layers, patterns")
         default = int(doc.get("default", c))
         layers = [(_parse_layers(k), int(v)) for k, v in doc.get("layers", {}).items()]

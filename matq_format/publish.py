@@ -107,6 +107,7 @@ class AtomicOutput:
         self._lock_fd: int | None = None
         self._lock_path = self.out.with_name(f".{self.out.name}{LOCK_SUFFIX}")
         self._done = False
+        self._made: list[Path] = []  # folders above OUT this run created, deepest first
 
     # --- life cycle -------------------------------------------------------------------------------
     def open(self) -> AtomicOutput:
@@ -115,6 +116,7 @@ class AtomicOutput:
         check_disjoint(self.out, self.inputs)
         self._check_existing()
         try:
+            self._made = [a for a in [self.out.parent, *self.out.parent.parents] if not a.exists()]
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._lock()
             self._clean_stale()
@@ -158,6 +160,12 @@ class AtomicOutput:
         if self.tmp is not None and not self._done:
             _remove(self.tmp)
         self._unlock()
+        if not self._done:
+            for folder in self._made:  # a failed run leaves no trace, not even the folders it made
+                try:
+                    folder.rmdir()
+                except OSError:  # another run's files are there now, or it is gone already
+                    break
 
     def __enter__(self) -> AtomicOutput:
         return self.open()

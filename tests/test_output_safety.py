@@ -381,3 +381,24 @@ def test_disk_full_names_the_output(world, tmp_path, monkeypatch):
     assert r.exit_code == 1
     assert r.output.startswith(f"matq: {out}: cannot write: No space left on device; temporary files go")
     assert "TMPDIR" in r.output and not leftovers(tmp_path) and not out.exists()
+
+
+def test_failed_run_removes_the_folders_it_made_and_only_those(tmp_path):
+    """``-o a/b/out`` makes a/ and a/b/; a run that fails takes them away again, but never a folder
+    that was there before or that holds something else by then."""
+
+    class Boom(Exception):
+        pass
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(Boom), mf.CheckpointWriter(tmp_path / "kept" / "a" / "b" / "out") as w:
+        w.add_dense("x", np.zeros(4, np.float32))
+        raise Boom
+    assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(tmp_path / "kept") == []
+    with pytest.raises(Boom), AtomicOutput(tmp_path / "a" / "b" / "out", checkpoint_kind(False)) as o:
+        (tmp_path / "a" / "other").write_text("someone else's")
+        o.tmp.joinpath("f").write_text("partial")
+        raise Boom
+    assert sorted(os.listdir(tmp_path / "a")) == ["other"]  # b/ went, a/ stays: it is not empty
+    small_checkpoint(tmp_path / "c" / "d" / "out")
+    assert (tmp_path / "c" / "d" / "out").is_dir()

@@ -70,6 +70,9 @@ def test_pattern_plans(ckpt):
     assert set(mf.resolve_plan("pyramid:3,6", ckpt).values()) == {3, 6}
     with pytest.raises(PlanError):
         mf.resolve_plan("pyramid:a,b", ckpt)
+    for spec in ("pyramid:1,2,3,4,5,6,7,8,8,9", "increasing:0,4,8"):  # 9 is past every layer's share of 6
+        with pytest.raises(PlanError, match=r"width (9|0) outside 1..8"):
+            mf.resolve_plan(spec, ckpt)
 
 
 def test_file_plan(ckpt, tmp_path):
@@ -83,6 +86,9 @@ def test_file_plan(ckpt, tmp_path):
     assert all(plan[f"model.layers.{i}.mlp.down_proj.weight"] == 6 for i in range(6))
     p.write_text(json.dumps({"patterns": {"q_proj": 4}}))
     with pytest.raises(PlanError, match="matches no"):
+        mf.resolve_plan(str(p), ckpt)
+    p.write_text(json.dumps({"default": 2, "extra_precision": True}))  # would be silently ignored
+    with pytest.raises(PlanError, match="extra precision is not part of a plan"):
         mf.resolve_plan(str(p), ckpt)
     p.write_text("{not json")
     with pytest.raises(PlanError):
