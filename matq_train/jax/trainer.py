@@ -247,7 +247,7 @@ def make_step(
             acc = g if acc is None else jax.tree_util.tree_map(jnp.add, acc, g)
             return acc, value, nll, (jax.lax.stop_gradient(logits) if t.keep else None)
 
-        return jax.jit(grad)
+        return jax.jit(grad, donate_argnums=1)  # the running gradient sum is updated in place
 
     grads_of = [width_fn(t) for t in terms]
 
@@ -260,7 +260,7 @@ def make_step(
     def apply(params, opt_state, grads, lr):
         if not applies:  # out shardings: those the parameters and moments were placed with
             shardings = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt_state))
-            applies["fn"] = jax.jit(update, out_shardings=shardings)
+            applies["fn"] = jax.jit(update, out_shardings=shardings, donate_argnums=(0, 1))  # in place
         return applies["fn"](params, opt_state, grads, lr)
 
     def widths(params, codes, ids, labels, denom, rng, call):
