@@ -438,19 +438,9 @@ def train(
         ids, labels = jax.device_put(ids, by_row), jax.device_put(labels, by_row)
         lr = jnp.float32(cfg.lr * lr_factor(step, cfg))
         rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        try:
-            params, opt_state, total, per = step_fn(
-                params, opt_state, codes, ids, labels, jnp.float32(denom), lr, rng
-            )
-            total.block_until_ready()
-        except (
-            jax.errors.JaxRuntimeError
-        ) as e:  # an accelerator's allocator says so; a host's OOM killer does not
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            raise OutOfMemoryError(
-                None, f"a step of {cfg.batch_size} x {cfg.seq_len} tokens ran out of device memory"
-            ) from None
+        params, opt_state, total, per = _run_step(
+            step_fn, cfg, params, opt_state, codes, ids, labels, jnp.float32(denom), lr, rng
+        )
         t_train += time.perf_counter() - t0
         done = step + 1
         if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -480,6 +470,21 @@ def train(
     if cfg.out and not cfg.full_precision:
         res.out = _export(cfg, final, res.codes, objective, history, spec)
     return res
+
+
+def _run_step(step_fn, cfg: TrainConfig, *args):
+    """One step, waited for; an accelerator's allocator failing is ``OutOfMemoryError`` (a host's OOM
+    killer ends the process instead, which is why :func:`_check_fits` asks first)."""
+    try:
+        out = step_fn(*args)
+        out[2].block_until_ready()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise OutOfMemoryError(
+            None, f"a step of {cfg.batch_size} x {cfg.seq_len} tokens ran out of device memory"
+        ) from None
+    return out
 
 
 def _check_fits(step_bytes, params, codes, cfg: TrainConfig, mesh: Mesh, start: int) -> None:
