@@ -146,18 +146,21 @@ def run(args) -> dict:
 
 
 def table(doc: dict) -> str:
-    rows = ["| checkpoint | width | ppl | nats/token | KLD | top-1 |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| checkpoint | width | linear bits/weight | ppl | nats/token | KLD | top-1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in doc["results"]:
-        name = Path(r["path"].split("@")[0]).name
-        width = r["path"].split("@")[1] if "@" in r["path"] else "float"
+        name, _, width = r["name"].partition("@")
         rows.append(
-            f"| {name} | {width} | {r['ppl']:.3f} | {math.log(r['ppl']):.3f} | {r['kld']:.4f} | {100 * r['top1']:.1f}% |"
+            f"| {name} | {width or 'float'} | {r['linear_bits_per_weight']:.3f} | {r['ppl']:.2f}"
+            f" | {math.log(r['ppl']):.3f} | {r['kld']:.4f} | {100 * r['top1']:.1f}% |"
         )
     return "\n".join(rows)
 
 
 def verdict(doc: dict) -> str:
-    int2 = {Path(r["path"].split("@")[0]).name: r["ppl"] for r in doc["results"] if r["path"].endswith("@2")}
+    int2 = {r["name"][:-2]: r["ppl"] for r in doc["results"] if r["name"].endswith("@2")}
     trained = int2.pop("matquant-842")
     best = min(int2, key=int2.get)
     word = "below" if trained < int2[best] else "NOT below"
