@@ -55,6 +55,8 @@ def _train(args, hf: Path, text: Path, eval_docs: list[Path], out: Path) -> dict
     from matq_train.config import TrainConfig
     from matq_train.data import TokenBlocks, tokenize
     from matq_train.run import train
+    from matq_train.torch.fakequant import prepare
+    from matq_train.torch.trainer import evaluate, load_model
 
     tok = AutoTokenizer.from_pretrained(hf)
     held = tokenize([p.read_text(encoding="utf-8") for p in eval_docs], tok)
@@ -78,13 +80,8 @@ def _train(args, hf: Path, text: Path, eval_docs: list[Path], out: Path) -> dict
         threads=args.threads,
         backend="torch",
     )
-    from matq_train.torch.trainer import evaluate, load_model
-
-    model, _, _ = load_model(hf)
-    from matq_train.spec import QuantSpec
-    from matq_train.torch.fakequant import prepare
-
-    prepare(model, "linear", QuantSpec(8, 128, "minmax", "asymmetric", "F16"))
+    model, _, _ = load_model(hf)  # step 0: the float weights on the run's own grid
+    prepare(model, cfg.layers, cfg.quant_spec())
     start = {f"int{r}": evaluate(model, eval_blocks, r) for r in WIDTHS}
     del model
     curve = [{"step": 0, "eval": start}]
