@@ -126,6 +126,10 @@ class Objective:
             "distill_labels": self.distill_labels,
         }
 
+    def labels(self) -> dict[str, int | None]:
+        """The name every backend logs each width under (``int8`` -> 8), or ``fp`` -> None for full precision."""
+        return {f"int{r}": r for r in self.bits} if self.bits else {"fp": None}
+
     def terms(self) -> tuple[Term, ...]:
         """The runs of one step, widest first (teachers run before their students); every backend follows it."""
         if not self.bits:

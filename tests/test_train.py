@@ -399,7 +399,7 @@ train(cfg_for(Path(sys.argv[1]), Path(sys.argv[2]), batch_size=1 << 16, steps=1)
 
 def test_step_that_does_not_fit_is_one_line_and_writes_nothing(llama_dir, tmp_path):
     """65536 x 16 tokens under a 4 GiB address-space limit: torch's CPU allocator fails (a plain
-    RuntimeError) and the CLI's error says so in one line; no output folder."""
+    RuntimeError), which the trainer raises as a one-line ``OutOfMemoryError``; no output folder."""
     import subprocess
     import sys
 

@@ -426,7 +426,7 @@ def train(
     if cfg.resume and ckpt_dir is not None and (found := latest_checkpoint(ckpt_dir)) is not None:
         p, o, start = load_checkpoint(found, params, opt_state, cfg)
         params, opt_state = _put(p, p_shard), _put(o, o_shard)
-    labels_of = [f"int{r}" for r in objective.bits] or ["fp"]
+    labels_of = list(objective.labels())
     history, t_train = [], 0.0
     codes = _put(c := codes_for(params, names, spec), param_shardings(mesh, c))
     _check_fits(step_bytes, params, codes, cfg, mesh, start)
@@ -510,19 +510,10 @@ def _check_fits(step_bytes, params, codes, cfg: TrainConfig, mesh: Mesh, start: 
 
 def _held_out(params, model: ModelConfig, blocks: TokenBlocks, objective: Objective, spec, names, tokenizer):
     """Held-out nats per token at every width of the objective (``fp`` for full precision)."""
-    widths = objective.bits or (None,)
+    ep = objective.extra_precision
     return {
-        f"int{r}" if r is not None else "fp": evaluate(
-            params,
-            model,
-            blocks,
-            r,
-            spec=spec,
-            names=names,
-            extra_precision=objective.extra_precision,
-            tokenizer=tokenizer,
-        )
-        for r in widths
+        n: evaluate(params, model, blocks, r, spec=spec, names=names, extra_precision=ep, tokenizer=tokenizer)
+        for n, r in objective.labels().items()
     }
 
 

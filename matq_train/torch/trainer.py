@@ -460,7 +460,7 @@ def train(
 def _loop(run: _Run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_log, on_step):
     """Steps ``start`` .. ``cfg.steps``: the history of logged records and the seconds spent training."""
     cfg, model = run.cfg, run.model
-    names = [f"int{r}" for r in objective.bits] or ["fp"]
+    names = list(objective.labels())
     fq_layers = [m for _, m in fake_quant_layers(model)]
     history: list[dict] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -492,7 +492,7 @@ def _loop(run: _Run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_l
             }
             t_mark, steps_mark = now, done
             if cfg.eval_every and eval_blocks is not None and done % cfg.eval_every == 0 and run.world == 1:
-                rec["eval"] = _held_out(run, eval_blocks, objective, names)
+                rec["eval"] = _held_out(run, eval_blocks, objective)
             history.append(rec)
             _report(run, rec, on_log)
         if ckpt_dir is not None and cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
@@ -502,7 +502,7 @@ def _loop(run: _Run, start, train_blocks, eval_blocks, objective, ckpt_dir, on_l
     return history, t_train
 
 
-def _held_out(run: _Run, blocks: TokenBlocks, objective, names) -> dict[str, float]:
+def _held_out(run: _Run, blocks: TokenBlocks, objective) -> dict[str, float]:
     return {
         n: evaluate(
             run.model,
@@ -512,7 +512,7 @@ def _held_out(run: _Run, blocks: TokenBlocks, objective, names) -> dict[str, flo
             causal=run.causal,
             tokenizer=run.tokenizer,
         )
-        for n, r in zip(names, objective.bits or (None,), strict=True)
+        for n, r in objective.labels().items()
     }
 
 
