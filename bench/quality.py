@@ -119,11 +119,10 @@ def make_hf(gguf_file: Path, out: Path) -> Path:
 
 def f32_gguf(hf: Path, work: Path, out: Path) -> Path:
     """(b) An all-dense matq checkpoint of ``hf`` (no tensor quantized), exported as an F32 GGUF."""
-    from matq_converters import registry
-    from matq_converters.hf_source import HFSource
-    from matq_converters.registry import ConvertOptions
-
     import matq_format as mf
+    from matq_converters import registry
+    from matq_converters.importers.hf.source import HFSource
+    from matq_converters.registry import ConvertOptions
 
     dense = work / "dense-matq"
     src = HFSource(hf)
@@ -164,12 +163,11 @@ def timed(fn, *a, **kw):
 
 
 def run(args) -> dict:
-    from matq_converters import registry
-    from matq_converters.quantize import quantize_hf
-    from matq_converters.registry import ConvertOptions
-
     import matq_eval
     import matq_format as mf
+    from matq_converters import registry
+    from matq_converters.importers.hf.quantize import quantize_hf
+    from matq_converters.registry import ConvertOptions
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="matq-bench-quality-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,7 @@ def copy_folder(src: Path, dst: Path, sync: bool) -> tuple[float, float]:
 
 _CHILD = """
 import json, resource, sys, time, os
-from matq_converters.quantize import quantize_hf
+from matq_converters.importers.hf.quantize import quantize_hf
 
 def hwm():  # this process's peak resident set: VmHWM restarts at exec, unlike ru_maxrss
     try:
@@ -161,7 +161,7 @@ def cli_once(src: Path, dst: Path, args: list[str], sync: bool) -> float:
 
 
 def throughput(a: argparse.Namespace) -> None:
-    from matq_converters.hf_source import HFSource
+    from matq_converters.importers.hf.source import HFSource
 
     with tempfile.TemporaryDirectory(prefix="matq-bench-", dir=a.tmp) as tmp:
         tmp = Path(tmp)

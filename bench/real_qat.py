@@ -101,9 +101,8 @@ def _train(args, hf: Path, text: Path, eval_docs: list[Path], out: Path) -> dict
 
 
 def run(args) -> dict:
-    from matq_converters.quantize import quantize_hf
-
     import matq_eval
+    from matq_converters.importers.hf.quantize import quantize_hf
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="matq-bench-real-qat-"))
     work.mkdir(parents=True, exist_ok=True)

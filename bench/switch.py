@@ -24,7 +24,8 @@ def build(folder: Path, hidden: int, layers: int) -> Path:
     """A bf16 Llama-shaped HF folder and its matq checkpoint (all linear layers)."""
     import torch
     import transformers as tf
-    from matq_converters.quantize import quantize_hf
+
+    from matq_converters.importers.hf.quantize import quantize_hf
 
     cfg = tf.LlamaConfig(
         vocab_size=8192,

@@ -39,7 +39,7 @@ KINDS = {
 
 def _text(folder: Path, max_chars: int) -> list[str]:
     """The first documents of a text folder (sorted), up to ``max_chars`` characters."""
-    from matq_converters.corpus import read_text, text_files
+    from matq_converters.text import read_text, text_files
 
     docs, n = [], 0
     for f in text_files(folder):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -66,13 +67,34 @@ def describe(exc: BaseException) -> str:
         return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
     if isinstance(exc, MemoryError):
         return "out of memory"
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith("matq"):
+        package = exc.name.partition(".")[0]
+        return f"this needs {package}, which is not installed; pip install 'matq[{extra_for(package)}]'"
     return f"internal error: {type(exc).__name__}: {exc} (set MATQ_DEBUG=1 for the traceback)"
+
+
+def extra_for(module: str) -> str:
+    """The first of matq's extras (as the package metadata lists them) that installs ``module``."""
+    from importlib import metadata
+
+    want = module.lower().replace("-", "_")
+    try:
+        requirements = metadata.requires("matq") or []
+    except metadata.PackageNotFoundError:
+        return "all"
+    for req in requirements:
+        name, _, marker = req.partition(";")
+        dist = re.split(r"[<>=!~\[ ]", name.strip(), maxsplit=1)[0].lower().replace("-", "_")
+        found = re.search(r"extra\s*==\s*['\"]([\w-]+)['\"]", marker)
+        if found and (dist == want or dist == f"{want}_python"):
+            return found.group(1)
+    return "all"
 
 
 @click.group(cls=MatqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="matq")
 def cli() -> None:
-    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported to GGUF and Hugging Face folders."""
+    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported to GGUF, Hugging Face and ONNX."""
 
 
 def _register() -> None:

@@ -60,7 +60,7 @@ def _size(items) -> Size:
 
 def hf_size(path: str | os.PathLike) -> Size:
     """A Hugging Face folder's tensors at their stored dtypes."""
-    from matq_converters.hf_source import HFSource
+    from matq_converters.importers.hf.source import HFSource
 
     src = HFSource(path)
     return _size((n, t.shape, t.nbytes * 8) for n, t in src.tensors.items())

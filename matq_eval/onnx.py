@@ -81,7 +81,7 @@ def onnx_size(path: Path) -> ONNXSize:
         if w in inits and "layers." in w:
             linear.add(w)
     lin_bytes = sum(_nbytes(inits[w]) + _side_bytes(inits, w) for w in linear)
-    from matq_converters.onnx_export import META_CONVERTER
+    from matq_converters.exporters.onnx.export import META_CONVERTER
 
     matq = any(p.key == META_CONVERTER for p in model.metadata_props)
     return ONNXSize(nbytes, sum(params.values()), lin_bytes, sum(params[w] for w in linear), matq)

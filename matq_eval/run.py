@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from matq_converters.gguf_export import is_gguf
 
 import matq_format as mf
+from matq_converters.exporters.gguf.export import is_gguf
 from matq_format import constants as C
 
 from . import hf as H

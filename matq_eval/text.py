@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matq_converters import corpus
+
+from matq_converters import text as corpus
 
 from .errors import TextError
 

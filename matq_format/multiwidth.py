@@ -1,8 +1,8 @@
 """The multi-width objective without training: codes and scales chosen for the lambda-weighted error
 of every served slice at once (the train-free analogue of MatQuant's Eq. 7).
 
-Built on :mod:`matq_format.numerics` (the spec's formulas); the calibration-aware variants
-(importance weights, GPTQ) live in ``matq_converters.calibrated`` and ``matq_converters.gptq``.
+Built on :mod:`matq_format.numerics` (the spec's formulas). Calibration passes an importance per
+input column; multi-width GPTQ (``matq_converters.importers.hf.gptq``) builds on these functions.
 """
 
 from __future__ import annotations
@@ -260,6 +260,7 @@ def multiwidth_params(
     extra_precision=False,
     grid=MULTIWIDTH_GRID,
     refine=MULTIWIDTH_REFINE,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per row or group chosen for the multi-width objective.
 
@@ -268,30 +269,49 @@ def multiwidth_params(
     scored by the cost of its multi-width codes; every factor in ``grid`` is tried, then each row
     or group tries its best factor plus and minus every step of ``refine``. ``1.0`` is always a
     candidate, so the result is never worse on the objective than MinMax.
+
+    ``importance`` (one non-negative number per input column, calibration's ``diag(H)``) weights each
+    column's error, ``sum_j importance_j * sum_r lambda_r (w_j - w_hat_rj)^2``, as llama.cpp weights
+    its scale search with an importance matrix; None, or equal for every column, is the plain search.
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError("quantized tensors are 2-D [rows, cols]")
     rows, cols = w.shape
+    imp = _column_importance(importance, cols)
     g = cols if group_size is None else min(group_size, max(cols, 1))  # no padding past a row
     pad = (-cols) % g
     wg = (np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w).reshape(rows, -1, g)
     ends = np.stack([np.minimum(wg.min(axis=2), 0.0), np.maximum(wg.max(axis=2), 0.0)], axis=-1)
+    shape = ends.shape[:2]
+    mw = dict(symmetric=symmetric, zero_multiple=zero_multiple, scale_dtype=scale_dtype)
+    if imp is not None:
+        weight = np.pad(imp, (0, pad)).reshape(1, -1, g)  # padding columns weigh 0
+        col_group = np.arange(cols) // g
 
     def score(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, z = minmax_params(
-            (ends * f[..., None]).reshape(-1, 2),
-            code_bits,
-            None,
-            symmetric=symmetric,
-            zero_multiple=zero_multiple,
-            scale_dtype=scale_dtype,
-        )
-        a, z = a.reshape(ends.shape[:2]), z.reshape(ends.shape[:2])
-        _, e = multiwidth_cost(w, a, z, code_bits, group_size, widths, lambdas, extra_precision, exact=False)
-        return a, z, e
+        a, z = minmax_params((ends * f[..., None]).reshape(-1, 2), code_bits, None, **mw)
+        a, z = a.reshape(shape), z.reshape(shape)
+        if imp is None:
+            _, e = multiwidth_cost(w, a, z, code_bits, group_size, widths, lambdas, extra_precision, exact=False)
+            return a, z, e
+        _, e = multiwidth_cost(
+            w, a[:, col_group], z[:, col_group], code_bits, 1, widths, lambdas, extra_precision, exact=False
+        )  # per weight: its lambda-weighted squared error
+        e = np.pad(e, ((0, 0), (0, pad))).reshape(rows, -1, g)
+        return a, z, (e * weight).sum(axis=2)
 
-    return search_range_factors(score, ends.shape[:2], grid, refine)
+    return search_range_factors(score, shape, grid, refine)
+
+
+def _column_importance(importance: np.ndarray | None, cols: int) -> np.ndarray | None:
+    """``importance`` as float64 weights clipped at 0, or None where it weighs every column alike."""
+    imp = None if importance is None else np.asarray(importance, np.float64).reshape(-1)
+    if imp is None or imp.size == 0 or bool(np.all(imp == imp[0])):
+        return None
+    if imp.size != cols:
+        raise ValueError(f"importance has {imp.size} entries for {cols} columns")
+    return np.maximum(imp, 0.0)
 
 
 def search_range_factors(

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from matq_converters.corpus import read_text
 
+from matq_converters.text import read_text
 from matq_format.errors import MatqError
 
 __all__ = [

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from matq_converters.architectures import LayerPatternError, detect, select
-from matq_converters.quantize import OptionError, QuantizeSpec
-
+from matq_converters.roles import LayerPatternError, detect, select
 from matq_format import constants as C
+from matq_format.quantspec import OptionError, QuantizeSpec
 
 __all__ = [
     "CLIP_MODES",

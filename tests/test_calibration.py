@@ -13,16 +13,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from gguf_helpers import tiny_hf_model  # noqa: E402
-from matq_converters.calibration import (  # noqa: E402
+
+import matq_format as mf  # noqa: E402
+from matq_converters.importers.hf.calibration import (  # noqa: E402
     CalibrationModelError,
     CalibrationTextError,
     LayerwiseModel,
     _run,
 )
-from matq_converters.hf_source import HFSource  # noqa: E402
-from matq_converters.quantize import OptionError, quantize_hf  # noqa: E402
-
-import matq_format as mf  # noqa: E402
+from matq_converters.importers.hf.quantize import quantize_hf  # noqa: E402
+from matq_converters.importers.hf.source import HFSource  # noqa: E402
+from matq_format.quantspec import OptionError  # noqa: E402
 
 _SUBJECTS = ["The parser", "A small model", "Every checkpoint", "The writer", "Our reader", "This tokenizer"]
 _VERBS = ["reads", "slices", "stores", "checks", "quantizes", "copies", "maps", "packs"]

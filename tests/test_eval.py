@@ -142,10 +142,10 @@ def test_other_request_errors(tiny, tmp_path):
 def test_reference_widths_plans_and_gguf_in_one_run(tiny, tmp_path):
     pytest.importorskip("llama_cpp")
     import gguf
-    from matq_converters import registry
-    from matq_converters.registry import ConvertOptions
 
     import matq_format as mf
+    from matq_converters import registry
+    from matq_converters.registry import ConvertOptions
 
     hf, ck, text = tiny
     g4 = tmp_path / "int4.gguf"  # every slice bit-exact, embeddings and head as floats: the same model

@@ -16,10 +16,13 @@ from gguf import GGMLQuantizationType as T
 from gguf_helpers import hf_tensors, tiny_hf_model, to_matq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from matq_converters import ggml_params as G
-from matq_converters import gguf_blocks as B
+
+import matq_format as mf
+from matq_cli.main import cli
 from matq_converters import registry
-from matq_converters.gguf_arch import TensorNames, detect
+from matq_converters.exporters.gguf import blocks as B
+from matq_converters.exporters.gguf import params as G
+from matq_converters.exporters.gguf.arch import TensorNames, detect
 from matq_converters.registry import (
     ConvertOptionError,
     ConvertOptions,
@@ -27,9 +30,6 @@ from matq_converters.registry import (
     UnknownConverterError,
     UnsupportedModelError,
 )
-
-import matq_format as mf
-from matq_cli.main import cli
 from matq_format import numerics as N
 from matq_format.errors import WriterError
 
@@ -565,7 +565,7 @@ def test_compact_file_sizes_fall_with_width_and_record_their_error(models, tmp_p
 def test_a_budget_is_searched_once_per_request(models, tmp_path, monkeypatch):
     """``matq convert`` validates, then converts: the width search (every width of every tensor
     encoded) runs once; the file is the same as a fresh search's."""
-    from matq_converters import gguf_blocks
+    from matq_converters.exporters.gguf import blocks as gguf_blocks
 
     _, _, cks = models
     calls = []
@@ -578,7 +578,7 @@ def test_a_budget_is_searched_once_per_request(models, tmp_path, monkeypatch):
     conv.convert(cks["llama"], tmp_path / "a.gguf", opts)
     quantized = len(cks["llama"].quantized_names())
     assert searched >= 2 * quantized and len(calls) - searched == quantized  # convert: one encode each
-    from matq_converters import gguf_budget
+    from matq_converters.exporters.gguf import budget as gguf_budget
 
     gguf_budget._LAST.clear()
     conv.convert(cks["llama"], tmp_path / "b.gguf", opts)
@@ -644,7 +644,7 @@ def test_cli_exact_and_compact(models, tmp_path):
 def test_gguf_layout_checkpoint_is_exact_at_every_width(models, tmp_path):
     """quantize --layout gguf: every width in llama.cpp's compact type for it, bit for bit; without
     nesting, symmetric groups of 32 still give exact Q4_0 files (file type MOSTLY_Q4_0)."""
-    from matq_converters.quantize import quantize_hf
+    from matq_converters.importers.hf.quantize import quantize_hf
 
     base, hf, _ = models
     ck = mf.open(

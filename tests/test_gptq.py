@@ -1,4 +1,4 @@
-"""Multi-width GPTQ (converters/gptq.py) against numerics, on a correlated Hessian, and for determinism."""
+"""Multi-width GPTQ (matq_converters/importers/hf/gptq.py) against numerics, on a correlated Hessian, and for determinism."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from matq_converters.calibrated import weighted_multiwidth_params  # noqa: E402
-from matq_converters.gptq import gptq_multiwidth, multiwidth_table  # noqa: E402
-from matq_converters.quantize import QuantizeSpec  # noqa: E402
-
+from matq_converters.importers.hf.gptq import gptq_multiwidth, multiwidth_table  # noqa: E402
 from matq_format import multiwidth as MW  # noqa: E402
 from matq_format import numerics as N  # noqa: E402
+from matq_format.quantspec import QuantizeSpec  # noqa: E402
 
 WIDTHS = (8, 6, 4, 3, 2)
 
@@ -140,12 +138,12 @@ def test_weighted_scale_search():
     w = _weights(rows=32, cols=256)
     kw = dict(widths=(8, 4, 2), lambdas=(1, 1, 1))
     a0, z0 = MW.multiwidth_params(w, 8, 128, **kw)
-    a1, z1 = weighted_multiwidth_params(w, np.full(256, 3.0), 8, 128, **kw)
+    a1, z1 = MW.multiwidth_params(w, 8, 128, importance=np.full(256, 3.0), **kw)
     np.testing.assert_array_equal(a0, a1)  # equal importance is no weighting
     np.testing.assert_array_equal(z0, z1)
     imp = np.ones(256)
     imp[7] = 1e6  # the outlier column matters most: its range is not clipped
-    a2, z2 = weighted_multiwidth_params(w, imp, 8, 128, **kw)
+    a2, z2 = MW.multiwidth_params(w, 8, 128, importance=imp, **kw)
     codes = MW.multiwidth_codes(w, a2, z2, 8, 128, **kw)
     err_w = np.abs(N.dequantize(codes, a2, z2, 8, 2, 128) - w)[:, 7].mean()
     codes0 = MW.multiwidth_codes(w, a0, z0, 8, 128, **kw)

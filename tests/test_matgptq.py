@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from matq_converters.hf_source import HFSource
-from matq_converters.matgptq import MatGPTQLayoutError, NotMatGPTQError, import_matgptq
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_converters.importers.hf.source import HFSource
+from matq_converters.importers.matgptq import MatGPTQLayoutError, NotMatGPTQError, import_matgptq
 
 GROUP = 32
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

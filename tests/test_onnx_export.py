@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf_helpers import hf_model_on_matq, tiny_hf_model, to_matq
-from matq_converters import registry
-from matq_converters.onnx_export import OpsetError
-from matq_converters.quantize import quantize_hf
-from matq_converters.registry import ConvertOptionError, ConvertOptions, UnsupportedModelError
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_converters import registry
+from matq_converters.exporters.onnx.export import OpsetError
+from matq_converters.importers.hf.quantize import quantize_hf
+from matq_converters.registry import ConvertOptionError, ConvertOptions, UnsupportedModelError
 from matq_eval import CandidateError
 from matq_eval.onnx import decoded_weights
 
@@ -257,7 +257,7 @@ def parse_and_prepare(folder: Path) -> None:
 
 def test_a_failed_build_leaves_nothing(models, tmp_path, monkeypatch):
     _, ck = models
-    from matq_converters import onnx_source
+    from matq_converters.exporters.onnx import source as onnx_source
 
     def boom(*a):
         raise onnx_source.BuildError(None, "onnxruntime-genai's builder failed: boom")
@@ -313,8 +313,8 @@ def test_matq_eval_scores_onnx_folders_as_the_slice(models, tmp_path):
 def test_a_weight_shared_by_several_nodes(tmp_path, layout):
     """One initializer under two MatMuls and a Gather: one set of quantized inputs (one DQ node),
     both MatMuls rebuilt, the float copy kept for the Gather; onnx's checker accepts the result."""
-    from matq_converters import onnx_graph, onnx_weights
-
+    from matq_converters.exporters.onnx import graph as onnx_graph
+    from matq_converters.exporters.onnx import weights as onnx_weights
     from matq_format import numerics
 
     rng = np.random.default_rng(0)
@@ -370,7 +370,7 @@ def test_a_weight_shared_by_several_nodes(tmp_path, layout):
 def test_budget_counts_this_layouts_bits(models, tmp_path):
     """``--plan budget:B``: B bits per quantized weight as this layout stores them; widths sharing a
     container cost the same, so only 2, 4 and 8 are worth choosing; the file holds what was planned."""
-    from matq_converters.onnx_weights import stored_bits
+    from matq_converters.exporters.onnx.weights import stored_bits
 
     _, ck = models
     ckpt, conv = ck["llama"], registry.get("onnx")

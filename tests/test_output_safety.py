@@ -195,7 +195,7 @@ def test_link_out_of_the_model_folder_is_refused(world, tmp_path):
 
 
 def mf_quantize(src, out, **kw):
-    from matq_converters.quantize import quantize_hf
+    from matq_converters.importers.hf.quantize import quantize_hf
 
     return quantize_hf(src, out, **kw)
 

@@ -15,24 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from matq_converters import architectures as A
-from matq_converters.hf_source import HFSource, MissingShardError, NotAModelFolderError
-from matq_converters.quantize import (
-    NonFiniteWeightError,
-    OptionError,
-    QuantizeSpec,
-    quantize_hf,
-    quantize_tensor,
-    quantize_tensor_planes,
-)
 
 import matq_format as mf
 from matq_cli.main import cli
+from matq_converters import roles as A
+from matq_converters.importers.hf.ptq import NonFiniteWeightError, quantize_tensor, quantize_tensor_planes
+from matq_converters.importers.hf.quantize import quantize_hf
+from matq_converters.importers.hf.source import HFSource, MissingShardError, NotAModelFolderError
 from matq_format import multiwidth as MW
 from matq_format import numerics as N
 from matq_format import planes as P
 from matq_format.errors import WriterError
 from matq_format.publish import OutputOverlapError
+from matq_format.quantspec import OptionError, QuantizeSpec
 
 FFN_NAMES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
@@ -269,7 +264,8 @@ def test_planes_packed_per_block_equal_the_reference(monkeypatch, dtype, cols, k
     """quantize_hf's path: each thread packs its row block into shared planes; the planes equal
     packing the numpy reference's codes, and scale and zero equal the reference's."""
     import ml_dtypes
-    from matq_converters import quantize as Q
+
+    from matq_converters.importers.hf import ptq as Q
 
     monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 1 << 18 if cols == 1000 else 4000)  # many blocks
     rng = np.random.default_rng(cols)
@@ -654,7 +650,7 @@ def test_group_size_past_the_limit_is_an_option_error(tmp_path):
 
 def test_selected_tensors_stored_dense_are_reported(tmp_path):
     """Before: 1-D, 3-D and integer tensors named like the selected layers were stored dense silently."""
-    from matq_converters.quantize import UnquantizedWarning
+    from matq_converters.importers.hf.quantize import UnquantizedWarning
 
     src = _hf_folder(
         tmp_path / "hf",

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import build_checkpoint
+
+from matq_cli.main import cli
 from matq_converters import registry
-from matq_converters.gguf_export import GGUFOptions
+from matq_converters.exporters.gguf.export import GGUFOptions
 from matq_converters.registry import (
     ConvertOptionError,
     DuplicateConverterError,
@@ -16,8 +18,6 @@ from matq_converters.registry import (
     UnknownConverterError,
     option,
 )
-
-from matq_cli.main import cli
 
 
 def test_builtin_names_and_lazy_descriptions():

@@ -141,7 +141,8 @@ def test_real_minilm_switches(tmp_path):
     from pathlib import Path
 
     import transformers as tf
-    from matq_converters.quantize import quantize_hf
+
+    from matq_converters.importers.hf.quantize import quantize_hf
 
     src = Path(gt.__file__).parent / "model"
     ckpt = mf.open(quantize_hf(src, tmp_path / "ck"))

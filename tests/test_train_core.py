@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-from matq_converters.quantize import OptionError
 
 from matq_format import numerics as N
+from matq_format.quantspec import OptionError
 from matq_train.config import TrainConfig, TrainConfigError
 from matq_train.objective import Objective
 from matq_train.spec import QuantSpec, QuantSpecError

@@ -80,9 +80,8 @@ def convert(
     """Export a checkpoint at one width (or a Mix'n'Match plan) to another format: GGUF for llama.cpp,
     a Hugging Face folder for transformers (and, untested here, vLLM), an ONNX folder for onnxruntime
     and onnxruntime-genai."""
-    from matq_converters import registry
-
     import matq_format as mf
+    from matq_converters import registry
 
     if (bits is None) == (plan is None):
         raise click.UsageError("give exactly one of --bits or --plan")

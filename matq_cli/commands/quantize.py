@@ -51,7 +51,7 @@ def _group_size(text: str) -> int | None:
 def _warnings_to_stderr() -> Iterator[None]:
     """Library warnings meant for the user (tensors stored unquantized) as ``matq: warning: ...``
     lines once the progress bar is gone, even if the run then fails; other warnings as usual."""
-    from matq_converters.quantize import UnquantizedWarning
+    from matq_converters.importers.hf.quantize import UnquantizedWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnquantizedWarning)
@@ -238,8 +238,8 @@ def quantize(
         _import(source_kind, hf_dir, out, force, as_json)
         return
     from matq_converters import registry
-    from matq_converters.hf_source import HFSource
-    from matq_converters.quantize import BY_LAYOUT, SLICE_EXACT
+    from matq_converters.importers.hf.source import HFSource
+    from matq_format.quantspec import BY_LAYOUT, SLICE_EXACT
 
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
@@ -290,7 +290,7 @@ def quantize(
 def _import(kind: str, src: Path, out: Path, force: bool, as_json: bool) -> None:
     """An importer without settings of its own (``--from matgptq``): the checkpoint as it is."""
     from matq_converters import registry
-    from matq_converters.hf_source import HFSource
+    from matq_converters.importers.hf.source import HFSource
 
     importer = registry.importers.get(kind)
     total = HFSource(src).total_bytes

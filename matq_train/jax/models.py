@@ -1,7 +1,7 @@
 """Which JAX model code serves a Hugging Face folder, and its parameters.
 
 Parameters are a flat ``{HF name: array}`` dict read from the model's safetensors
-(``matq_converters.hf_source``), so state dicts, layer selections and exports keep the Hugging Face
+(``matq_converters.importers.hf.source``), so state dicts, layer selections and exports keep the Hugging Face
 names. A model config has ``causal`` (next-token or masked-token loss) and
 ``forward(params, ids, W)``; an architecture without code here is refused with one line.
 """
@@ -41,7 +41,7 @@ def model_config(cfg: Mapping, path=None) -> ModelConfig:
 
 def load_params(model_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """``config.json`` as a dict (checked first), and every tensor of the folder as float32 numpy arrays."""
-    from matq_converters.hf_source import HFSource
+    from matq_converters.importers.hf.source import HFSource
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     model_config(cfg, model_dir)

@@ -31,7 +31,7 @@ width-r slice of the one set of codes (``numerics.dequantize_codes``):
   reaches the group's first column, from the error-updated weights of the whole group (blocks are
   aligned to groups, so those include every update so far; per width, their lambda-weighted mean):
   ``numerics.minmax_params`` (``objective="minmax"``) or the importance-weighted multi-width scale
-  search (:func:`converters.calibrated.weighted_multiwidth_params`, ``objective="multiwidth"``).
+  search (:func:`matq_format.multiwidth.multiwidth_params` with ``importance``, ``objective="multiwidth"``).
   Per channel (``group_size=None``): once per row, from the weights as given.
 * GPTQ's machinery as published: damping ``1%`` of the mean diagonal, the upper Cholesky factor of
   ``H^-1`` (computed in float64, then used in float32), blocks of 128 columns with the intra-block
@@ -60,8 +60,7 @@ import numpy as np
 import torch
 
 from matq_format import multiwidth, numerics
-
-from .quantize import QuantizeSpec
+from matq_format.quantspec import QuantizeSpec
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_DAMP", "gptq_multiwidth", "multiwidth_table"]
 
@@ -146,11 +145,8 @@ def _unsigned_group_params(
             scale_dtype=spec.scale_dtype,
         )
     else:
-        from .calibrated import weighted_multiwidth_params
-
-        a, z = weighted_multiwidth_params(
+        a, z = multiwidth.multiwidth_params(
             wn,
-            importance,
             spec.code_bits,
             None,
             spec.widths,
@@ -159,6 +155,7 @@ def _unsigned_group_params(
             zero_multiple=spec.zero_multiple,
             scale_dtype=spec.scale_dtype,
             extra_precision=spec.extra_precision,
+            importance=importance,
         )
     return a.reshape(-1), z.reshape(-1)
 

@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from matq_converters.exporters.gguf import blocks as B
+from matq_converters.registry import ConvertOptionError
 from matq_format.budget import BudgetTooSmall, cheapest_within
 from matq_format.numerics import planes_needed
-
-from . import gguf_blocks as B
-from .registry import ConvertOptionError
 
 _LAST: dict[tuple, dict[str, int]] = {}
 """The last plan made, by its inputs: ``matq convert`` checks a request (``validate``) and then

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import UnsupportedModelError
+from matq_converters.registry import UnsupportedModelError
 
 log = logging.getLogger("matq.gguf")
 

@@ -40,6 +40,23 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters.exporters.containers import (
+    container_bits,
+    container_codes,
+    container_scale_zero,
+    pack_bytes,
+)
+from matq_converters.exporters.hf import gptq as hf_gptq
+from matq_converters.exporters.hf.options import DTYPES, HFOptions
+from matq_converters.registry import (
+    ConvertOptionError,
+    ConvertOptions,
+    ConvertResult,
+    MissingDependencyError,
+    PlannedExporter,
+    UnsupportedModelError,
+    typed_options,
+)
 from matq_format import __version__ as MATQ_VERSION
 from matq_format import dtypes
 from matq_format.container import SafetensorsWriter, read_header
@@ -47,21 +64,6 @@ from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 
-from . import hf_gptq
-from .containers import container_bits, container_codes, container_scale_zero, pack_bytes
-from .registry import (
-    ConvertOptionError,
-    ConvertOptions,
-    ConvertResult,
-    MissingDependencyError,
-    PlannedExporter,
-    UnsupportedModelError,
-    option,
-    typed_options,
-)
-
-LAYOUTS = ("compressed-tensors", "dense", "gptq")
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,32 +78,6 @@ class InexactError(ConvertOptionError):
 
 class GPTQLayoutError(UnsupportedModelError):
     """A slice GPTQ cannot hold exactly (zero points, scales or shapes); the message says which."""
-
-
-@dataclass(frozen=True)
-class HFOptions:
-    """Settings of ``--to hf``; the CLI's flags come from these fields."""
-
-    layout: str = option(
-        "compressed-tensors",
-        "compressed-tensors: pack-quantized integer codes (exact); dense: the dequantized slice as floats; "
-        "gptq: GPTQ v1 where every slice is exact (else refused).",
-        choices=LAYOUTS,
-    )
-    dtype: str | None = option(
-        None,
-        "Float type of dequantized tensors (dense layout, embeddings) and of the config; default: each "
-        "tensor's source dtype.",
-        choices=tuple(DTYPES),
-    )
-    exact: bool = option(False, "Refuse to write any tensor that would not hold its slice bit for bit.")
-    groups: str = option(
-        "one",
-        "compressed-tensors: one: a single scheme, the widest container needed (transformers loads it); "
-        "per-width: one config group per container (smaller; the form vLLM reads, not tested here; transformers 5.24 cannot load it).",
-        choices=("one", "per-width"),
-    )
-    max_shard_size: str = option("50GB", "Largest safetensors shard, as transformers counts it (5GB, 500MB).")
 
 
 def is_hf_export(path: Path) -> bool:
@@ -317,7 +293,7 @@ def _linear_modules(cfg: dict, path) -> set[str]:
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingDependencyError(
-            None, f"--layout compressed-tensors and gptq need {', '.join(missing)} (pip install 'matq[hf]')"
+            None, f"--layout compressed-tensors and gptq need {', '.join(missing)}; pip install 'matq[hf]'"
         )
     import torch
     import transformers
@@ -547,7 +523,6 @@ class HFConverter(PlannedExporter):
     name = "hf"
     description = "Hugging Face folder: compressed-tensors (pack-quantized) or dense"
     suffix = ""
-    dependencies = ("numpy", "safetensors")
     Options = HFOptions
 
     plan = staticmethod(_prepare)

@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .registry import UnsupportedModelError
+from matq_converters.registry import UnsupportedModelError
 
 DECODERS = ("llama", "mistral", "qwen2", "gemma2")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model"}

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 
 import matq_format as mf
+from matq_converters.importers.hf.source import HFSource, SourceError
+from matq_converters.registry import NoOptions
 from matq_format import constants as C
 from matq_format.writer import carried_sources
-
-from .hf_source import HFSource, SourceError
-from .registry import NoOptions
 
 __all__ = ["MatGPTQLayoutError", "NotMatGPTQError", "import_matgptq", "read_matgptq_config"]
 
@@ -165,7 +164,6 @@ class MatGPTQImporter:
 
     name = "matgptq"
     description = "a MatGPTQ checkpoint, imported as it is"
-    dependencies = ("numpy", "safetensors")
     Options = NoOptions
 
     def run(self, src, out, settings: NoOptions, **kw) -> Path:

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf_arch import Arch
-from .registry import TokenizerError
+from matq_converters.exporters.gguf.arch import Arch
+from matq_converters.registry import TokenizerError
 
 # Split regexes of HF tokenizer.json files -> the llama.cpp pre-tokenizer that implements them.
 LLAMA3_SPLIT = (

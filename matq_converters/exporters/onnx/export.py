@@ -31,53 +31,35 @@ from pathlib import Path
 
 import numpy as np
 
-from matq_format import __version__ as MATQ_VERSION
-from matq_format.budget import BudgetTooSmall, cheapest_within
-from matq_format.plans import resolve_plan
-from matq_format.publish import AtomicOutput, OutputKind
-
-from . import onnx_graph, onnx_source
-from .onnx_weights import WeightPlan, matmulnbits_inputs, plan_weight, qdq_inputs, stored_bits
-from .registry import (
+from matq_converters.exporters.onnx import graph as onnx_graph
+from matq_converters.exporters.onnx import source as onnx_source
+from matq_converters.exporters.onnx.options import ACCURACY, ONNXOptions
+from matq_converters.exporters.onnx.weights import (
+    WeightPlan,
+    matmulnbits_inputs,
+    plan_weight,
+    qdq_inputs,
+    stored_bits,
+)
+from matq_converters.registry import (
     ConvertOptionError,
     ConvertOptions,
     ConvertResult,
     PlannedExporter,
     UnsupportedModelError,
-    option,
     typed_options,
 )
+from matq_format import __version__ as MATQ_VERSION
+from matq_format.budget import BudgetTooSmall, cheapest_within
+from matq_format.plans import resolve_plan
+from matq_format.publish import AtomicOutput, OutputKind
 
-LAYOUTS = ("matmulnbits", "qdq")
-ACCURACY = {"fp32": 1, "int8": 4}
 META_CONVERTER = "matq.converter"
 QDQ_SESSION_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 class OpsetError(UnsupportedModelError):
     """The layout needs an ONNX opset the installed onnx package does not have."""
-
-
-@dataclass(frozen=True)
-class ONNXOptions:
-    """Settings of ``--to onnx``; the CLI's flags come from these fields."""
-
-    layout: str = option(
-        "matmulnbits",
-        "matmulnbits: com.microsoft.MatMulNBits (2/4/8-bit); qdq: DequantizeLinear + MatMul (opset 21, 25 for 2-bit).",
-        choices=LAYOUTS,
-    )
-    accuracy: str = option(
-        "fp32",
-        "Compute of the quantized MatMuls in onnxruntime: fp32 (exact to the slice) or int8 (activations "
-        "quantized, faster).",
-        choices=tuple(ACCURACY),
-    )
-    exact: bool = option(
-        False,
-        "Refuse unless every quantized MatMul weight goes in a container that decodes to its slice bit for "
-        "bit (float zero points move to 8 bits; a weight no container holds is an error, not a float MatMul).",
-    )
 
 
 def is_onnx_export(path: Path) -> bool:
@@ -188,7 +170,7 @@ def export_onnx(
 ) -> ConvertResult:
     """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly.
     ``planned``: ``_prepare``'s result for these arguments, if already made."""
-    from .hf_export import HFOptions, export_hf
+    from matq_converters.exporters.hf.export import HFOptions, export_hf
 
     out = Path(out)
     prep = planned or _prepare(ckpt, options)
@@ -308,7 +290,6 @@ class ONNXConverter(PlannedExporter):
     name = "onnx"
     description = "ONNX folder for onnxruntime (MatMulNBits or QDQ) and onnxruntime-genai"
     suffix = ""
-    dependencies = ("onnx", "onnxruntime", "onnxruntime_genai", "torch", "transformers")
     Options = ONNXOptions
 
     plan = staticmethod(_prepare)

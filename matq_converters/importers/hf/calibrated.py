@@ -3,8 +3,8 @@
     quantize_hf("SmolLM2-135M", "out", layers="linear", calib="docs/", calib_tokens=65536)
 
 The selected linears inside the model's layers are quantized by
-:func:`~matq_converters.gptq.gptq_multiwidth` from the Hessians a layer-by-layer pass over the
-calibration text collects (:mod:`~matq_converters.calibration`); selected tensors outside the
+:func:`~matq_converters.importers.hf.gptq.gptq_multiwidth` from the Hessians a layer-by-layer pass over the
+calibration text collects (:mod:`~matq_converters.importers.hf.calibration`); selected tensors outside the
 layers (a pattern naming the head, say) are quantized as without ``--calib``; the rest are copied
 as stored. The output is an ordinary matq checkpoint from the same writer; the manifest's
 ``source`` records the calibration (text name, files, bytes, sha256, tokens, sequence length,
@@ -20,71 +20,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 import matq_format as mf
-from matq_format import multiwidth, numerics
+from matq_converters.importers.hf.ptq import NonFiniteWeightError, copy_dense, quantize_tensor
+from matq_converters.importers.hf.source import HFSource
+from matq_format.quantspec import OptionError, QuantizeSpec
 
-from .hf_source import HFSource
-from .quantize import NonFiniteWeightError, OptionError, QuantizeSpec, _copy_dense, quantize_tensor
-
-__all__ = ["quantize_calibrated", "weighted_multiwidth_params"]
-
-
-def weighted_multiwidth_params(
-    w: np.ndarray,
-    importance: np.ndarray | None,
-    code_bits: int,
-    group_size: int | None,
-    widths=multiwidth.MULTIWIDTH_WIDTHS,
-    lambdas=multiwidth.MULTIWIDTH_LAMBDAS,
-    *,
-    symmetric: bool = False,
-    zero_multiple: int = 1,
-    scale_dtype: str = "F16",
-    extra_precision=False,
-    grid=multiwidth.MULTIWIDTH_GRID,
-    refine=multiwidth.MULTIWIDTH_REFINE,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`multiwidth.multiwidth_params` with each input column's error weighted by ``importance``.
-
-    The same candidates (``minmax_params`` of the range times each factor of ``grid``, then the
-    refinement steps) scored by ``sum_j importance_j * sum_r lambda_r (w_j - w_hat_rj)^2`` per row or
-    group (the per-weight costs come from ``multiwidth.multiwidth_cost``), as llama.cpp weights its
-    scale search with an importance matrix. ``importance`` None, or equal for every column, is
-    exactly ``multiwidth.multiwidth_params``.
-    """
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError("quantized tensors are 2-D [rows, cols]")
-    rows, cols = w.shape
-    imp = None if importance is None else np.asarray(importance, np.float64).reshape(-1)
-    mw = dict(symmetric=symmetric, zero_multiple=zero_multiple, scale_dtype=scale_dtype)
-    if imp is None or imp.size == 0 or bool(np.all(imp == imp[0])):
-        return multiwidth.multiwidth_params(
-            w, code_bits, group_size, widths, lambdas, extra_precision=extra_precision, grid=grid,
-            refine=refine, **mw,
-        )  # fmt: skip
-    if imp.size != cols:
-        raise ValueError(f"importance has {imp.size} entries for {cols} columns")
-    g = cols if group_size is None else min(group_size, max(cols, 1))
-    pad = (-cols) % g
-    wg = (np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w).reshape(rows, -1, g)
-    ends = np.stack([np.minimum(wg.min(axis=2), 0.0), np.maximum(wg.max(axis=2), 0.0)], axis=-1)
-    weight = np.pad(np.maximum(imp, 0.0), (0, pad)).reshape(1, -1, g)  # padding columns weigh 0
-    col_group = np.arange(cols) // g
-    shape = ends.shape[:2]
-
-    def score(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, z = numerics.minmax_params((ends * f[..., None]).reshape(-1, 2), code_bits, None, **mw)
-        a, z = a.reshape(shape), z.reshape(shape)
-        _, e = multiwidth.multiwidth_cost(
-            w, a[:, col_group], z[:, col_group], code_bits, 1, widths, lambdas, extra_precision, exact=False
-        )  # per weight: its lambda-weighted squared error
-        e = np.pad(e, ((0, 0), (0, pad))).reshape(rows, -1, g)
-        return a, z, (e * weight).sum(axis=2)
-
-    return multiwidth.search_range_factors(score, shape, grid, refine)
+__all__ = ["quantize_calibrated"]
 
 
 def quantize_calibrated(
@@ -103,14 +44,14 @@ def quantize_calibrated(
     progress: Callable[[int], None] | None = None,
     layer_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write the checkpoint of :func:`~matq_converters.quantize.quantize_hf` with ``calib`` given.
+    """Write the checkpoint of :func:`~matq_converters.importers.hf.quantize.quantize_hf` with ``calib`` given.
 
     ``src``, ``spec``, ``selected`` and ``source`` are what ``quantize_hf`` resolved; ``source`` gains
     a ``calibration`` record. Text and model are checked before anything is written.
     ``progress(source bytes)`` is called per tensor written, ``layer_progress(done, total)`` per layer.
     """
-    from . import calibration as cal
-    from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
+    from matq_converters.importers.hf import calibration as cal
+    from matq_converters.importers.hf.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
 
     if propagate not in PROPAGATE:
         raise OptionError(None, f"unknown propagation {propagate!r}; use {' or '.join(PROPAGATE)}")
@@ -172,7 +113,7 @@ def quantize_calibrated(
     ) as writer:
         for name in src:
             if name not in selected:
-                _copy_dense(writer, src, name)
+                copy_dense(writer, src, name)
                 if progress is not None:
                     progress(src.tensors[name].nbytes)
         for name in data_free:

@@ -19,23 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters.exporters.gguf import arch as gguf_arch
+from matq_converters.exporters.gguf.options import GGUFOptions
+from matq_converters.registry import (
+    ConvertOptionError,
+    ConvertOptions,
+    ConvertResult,
+    UnsupportedModelError,
+    typed_options,
+)
 from matq_format import __version__ as MATQ_VERSION
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 from matq_format.safefs import open_regular
 
-from . import gguf_arch
-from .registry import (
-    ConvertOptionError,
-    ConvertOptions,
-    ConvertResult,
-    UnsupportedModelError,
-    option,
-    typed_options,
-)
-
-OUTTYPES = ("auto", "source", "f32", "f16", "bf16", "q8_0")
 """Types of unquantized 2-D tensors: auto (what llama.cpp picks for the width: Q6_K, Q8_0 at int8),
 source (as stored), or one type for all."""
 NO_QUANT = ("position_embd.weight", "token_types.weight")
@@ -86,30 +84,6 @@ def is_gguf(path: Path) -> bool:
 GGUF_FILE = OutputKind("GGUF file", False, is_gguf)
 
 
-@dataclass(frozen=True)
-class GGUFOptions:
-    """Settings of ``--to gguf``; the CLI's flags come from these fields."""
-
-    outtype: str = option(
-        "auto",
-        "Type of unquantized 2-D tensors (embeddings, head): auto picks as llama.cpp does for the width "
-        "(Q6_K; Q8_0 at int8 or where rows are not multiples of 256), source keeps them as stored. "
-        "1-D tensors are always f32.",
-        choices=OUTTYPES,
-    )
-    exact: bool = option(
-        False,
-        "Only types that hold each slice exactly, even where that is bigger than the width's compact "
-        "type (and unquantized tensors as stored unless --outtype says otherwise).",
-    )
-    tokenizer_pre: str | None = option(None, "llama.cpp pre-tokenizer name, when matq cannot infer it.")
-    types: tuple[str, ...] | None = option(None, "Block types to try (tests, benchmarks).", cli=False)
-    float_slices: str | None = option(
-        None, "Write slices as plain floats (what llama.cpp's converter makes).", choices=("f32", "f16", "bf16"),
-        cli=False,
-    )
-
-
 @dataclass
 class _Tensor:
     hf_name: str
@@ -141,7 +115,6 @@ class GGUFConverter:
     name = "gguf"
     description = "GGUF for llama.cpp; sliced grids kept exactly"
     suffix = ".gguf"
-    dependencies = ("gguf", "numpy")
     Options = GGUFOptions
 
     def validate(self, ckpt, options: ConvertOptions) -> list[str]:
@@ -211,7 +184,7 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     if embd is None:
         raise UnsupportedModelError(ckpt.path, "has no token embedding")
     if budget is not None:
-        from .gguf_budget import file_budget_plan
+        from matq_converters.exporters.gguf.budget import file_budget_plan
 
         dense = lambda t: dense_bits(ckpt.info(t.hf_name), t, opts.outtype, 6)  # noqa: E731
         widths = file_budget_plan(ckpt, tensors, budget, options.extra_precision, dense)
@@ -220,7 +193,7 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
             t.bits = widths[t.hf_name]
             t.extra_precision = options.extra_precision and t.bits < c
     n_vocab = ckpt.info(embd).shape[0]
-    from . import gguf_vocab
+    from matq_converters.exporters.gguf import vocab as gguf_vocab
 
     warnings = []
     kind = gguf_vocab.detect(root, arch)
@@ -248,7 +221,7 @@ def dense_type(info, t: _Tensor, outtype: str, width: int):
     """The type of an unquantized tensor, or None to store it as it is (see ``_dense``)."""
     from gguf import GGMLQuantizationType as T
 
-    from . import gguf_blocks as B
+    from matq_converters.exporters.gguf import blocks as B
 
     if len(info.shape) != 2 or t.offset or outtype not in ("auto", "q8_0") or t.gguf_name in NO_QUANT:
         return None
@@ -260,7 +233,7 @@ def dense_type(info, t: _Tensor, outtype: str, width: int):
 
 def dense_bits(info, t: _Tensor, outtype: str, width: int) -> float:
     """Bits an unquantized tensor takes in the file."""
-    from . import gguf_blocks as B
+    from matq_converters.exporters.gguf import blocks as B
 
     qtype = dense_type(info, t, outtype, width)
     if qtype is not None:
@@ -276,7 +249,7 @@ def _allowed_types(names) -> tuple | None:
         return None
     from gguf import GGMLQuantizationType as T
 
-    from .gguf_blocks import ORDER
+    from matq_converters.exporters.gguf.blocks import ORDER
 
     try:
         types = tuple(T[str(n).upper()] for n in names)
@@ -299,7 +272,7 @@ def export_gguf(
     """Write ``out`` (a .gguf file) from ``ckpt``; returns what was written and how exactly."""
     import gguf
 
-    from . import gguf_vocab
+    from matq_converters.exporters.gguf import vocab as gguf_vocab
 
     out = Path(out)
     with (
@@ -336,7 +309,7 @@ def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    from . import gguf_blocks as B
+    from matq_converters.exporters.gguf import blocks as B
 
     c = ckpt.code_bits
     w.add_type(gguf.GGUFType.MODEL)
@@ -430,7 +403,7 @@ def _dense(ckpt, t: _Tensor, info, outtype: str, width: int):
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    from . import gguf_blocks as B
+    from matq_converters.exporters.gguf import blocks as B
 
     qtype = dense_type(info, t, outtype, width)
     if qtype is not None:
@@ -464,7 +437,7 @@ def _float_slice(sl, outtype: str):
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    from .gguf_blocks import Encoded
+    from matq_converters.exporters.gguf.blocks import Encoded
 
     w = sl.dequantize()
     qtype = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[outtype]

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from .onnx_weights import WeightPlan, packed_raw
+from matq_converters.exporters.onnx.weights import WeightPlan, packed_raw
 
 MS_DOMAIN = "com.microsoft"
 DATA_NAME = "model.onnx.data"

@@ -14,9 +14,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from matq_converters.exporters.gguf import params as G
 from matq_format import numerics as N
-
-from . import ggml_params as G
 
 QK_K = 256
 ORDER: tuple[T, ...] = (

@@ -11,7 +11,7 @@ given by name, or a folder with no text is a :class:`CalibrationTextError` namin
 Model. :class:`LayerwiseModel` builds the transformers base model (``AutoModel.from_config``) on
 the meta device, so it holds no weights; the modules outside the layer list (embeddings, final
 norm, rotary tables) are materialised on the device and loaded from the folder's safetensors
-through :class:`~matq_converters.hf_source.HFSource`, and each layer is loaded when its turn comes
+through :class:`~matq_converters.importers.hf.source.HFSource`, and each layer is loaded when its turn comes
 and dropped after. Layer inputs are captured by running the model's own forward up to the layers
 (so its masks, position ids and rotary embeddings are transformers' own) with stand-ins that
 record each layer's arguments; the layers are then called directly. Decoder models whose base
@@ -22,7 +22,7 @@ model keeps its layers in ``layers`` (Llama, Mistral, Qwen2, Gemma 2) and BERT-l
 :func:`calibrate_layers` is the layer-by-layer GPTQ pass: embeddings once; then per layer, hooks
 on the selected linears accumulate ``H = X^T X`` (float32 products per batch, summed in float64;
 linears fed the same tensor, as q/k/v and gate/up are, share one H and are quantized as one
-matrix, rows stacked, which is the same as one at a time), :func:`~matq_converters.gptq.gptq_multiwidth`
+matrix, rows stacked, which is the same as one at a time), :func:`~matq_converters.importers.hf.gptq.gptq_multiwidth`
 quantizes them, their weights are replaced by the int8 (full code width) dequantization, and the
 layer runs again to give the next layer's inputs. Quantized inputs, as GPTQ's sequential mode: each
 layer's H describes the inputs it will see with quantized layers before it, so it compensates their
@@ -48,11 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters import text as corpus
+from matq_converters.importers.hf.source import HFSource, SourceError
 from matq_format import numerics
 from matq_format.errors import MatqError
-
-from . import corpus
-from .hf_source import HFSource, SourceError
 
 __all__ = [
     "DEFAULT_CALIB_TOKENS",
@@ -181,7 +180,7 @@ def resolve_device(device: str | None):
     """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device; a CUDA device that is not there is refused."""
     import torch
 
-    from .quantize import OptionError
+    from matq_format.quantspec import OptionError
 
     name = (device or "cpu").strip().lower()
     try:
@@ -542,7 +541,7 @@ def calibrate_layers(
     """
     import torch
 
-    from .gptq import gptq_multiwidth
+    from matq_converters.importers.hf.gptq import gptq_multiwidth
 
     dev = model.device
     needed = [p.index for p in plans if p.linears]

@@ -1,12 +1,15 @@
 """Exporters (``matq convert --to NAME``) and importers (``matq quantize --from NAME``), registered by name.
 
-Two typed registries, ``exporters`` and ``importers``. A converter is a small object with a name,
-the Python modules it needs, and its settings declared as a dataclass (``Options``; each field made
-with :func:`option`, which carries the help text and the allowed values), so the CLI derives its
-flags from them and a library caller gets the same checks. An exporter has ``validate`` (everything
-that can fail, checked before writing) and ``convert``; an importer has ``run``. Built-in converters
-are listed by import path and loaded on first use, so ``matq --help`` never imports gguf or torch.
-A name registered twice is refused; an unknown name lists the known ones.
+Two typed registries, ``exporters`` and ``importers``. A converter is a small object with a name and
+its settings declared as a dataclass (``Options``; each field made with :func:`option`, which carries
+the help text and the allowed values), so the CLI derives its flags from them and a library caller
+gets the same checks. An exporter has ``validate`` (everything that can fail, checked before writing)
+and ``convert``; an importer has ``run``. Built-in converters are listed by import path with their
+``Options`` in a light module of their own and the packages they need; both are loaded on first use,
+so ``matq --help`` imports none of gguf, onnx, torch or transformers, and a missing package is named
+with the extra that brings it before the converter's module is imported. A converter registered at
+run time may list its packages in a ``dependencies`` attribute. A name registered twice is refused; an
+unknown name lists the known ones.
 """
 
 from __future__ import annotations
@@ -167,7 +170,6 @@ class Converter(Protocol):
     name: str
     description: str
     suffix: str
-    dependencies: tuple[str, ...]
     Options: type
 
     def validate(self, ckpt, options: ConvertOptions) -> list[str]:
@@ -221,7 +223,6 @@ class PlannedExporter:
 class Importer(Protocol):
     name: str
     description: str
-    dependencies: tuple[str, ...]
     Options: type
 
     def run(self, src: str | os.PathLike, out: str | os.PathLike, settings: Any, **kw: Any) -> Path:
@@ -236,14 +237,33 @@ T = TypeVar("T")
 class _Entry:
     description: str
     factory: Callable[[], Any] | None = None
-    module: str = ""
-    attr: str = ""
+    target: str = ""
+    """``module:attr`` of the converter's class, imported on first use."""
+    options: str = ""
+    """``module:attr`` of its ``Options``: a module that imports nothing heavy, so flags cost nothing."""
+    dependencies: tuple[str, ...] = ()
+    """Top-level packages its module needs, checked before the module is imported."""
     extra: str = ""
     """The pip extra that brings its dependencies."""
 
     def load(self) -> Any:
         """The converter's class (or factory), importing its module on first use."""
-        return self.factory or getattr(importlib.import_module(self.module), self.attr)
+        return self.factory or _attr(self.target)
+
+    def options_type(self) -> type:
+        if self.options:
+            return _attr(self.options)
+        return getattr(self.load(), "Options", NoOptions)
+
+
+def _attr(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def missing_modules(modules: tuple[str, ...] | list[str]) -> list[str]:
+    """Those of ``modules`` (top-level import names) that are not installed."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 class Registry(Generic[T]):
@@ -253,9 +273,19 @@ class Registry(Generic[T]):
         self.kind, self.flag = kind, flag
         self._entries: dict[str, _Entry] = {}
 
-    def builtin(self, name: str, module: str, attr: str, description: str, extra: str = "") -> None:
-        """A converter shipped with matq, imported on first use."""
-        self._add(name, _Entry(description, None, module, attr, extra or name))
+    def builtin(
+        self,
+        name: str,
+        target: str,
+        description: str,
+        *,
+        options: str = "",
+        dependencies: tuple[str, ...] = (),
+        extra: str = "",
+    ) -> None:
+        """A converter shipped with matq (``target`` and ``options`` as ``module:attr``), imported on
+        first use, once ``dependencies`` are known to be installed."""
+        self._add(name, _Entry(description, None, target, options, tuple(dependencies), extra or name))
 
     def register(self, name: str, factory: Callable[[], T], description: str = "") -> None:
         """Add a converter (``factory`` builds it on first use); a name already taken is refused."""
@@ -285,7 +315,7 @@ class Registry(Generic[T]):
 
     def options_type(self, name: str) -> type:
         """The dataclass of ``name``'s settings (``NoOptions`` if it declares none)."""
-        return getattr(self._entry(name).load(), "Options", NoOptions)
+        return self._entry(name).options_type()
 
     def options(self, name: str, values: Any = None) -> Any:
         """``values`` checked into ``name``'s ``Options`` (unknown names and bad values refused)."""
@@ -294,33 +324,54 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The converter registered as ``name``; an unknown name lists the known ones."""
         entry = self._entry(name)
+        self._require(name, entry, entry.dependencies)
         conv = entry.load()()
-        missing = [m for m in getattr(conv, "dependencies", ()) if importlib.util.find_spec(m) is None]
-        if missing:
-            extra = f" (pip install 'matq[{entry.extra}]')" if entry.extra else ""
-            raise MissingDependencyError(None, f"{self.flag} {name} needs {', '.join(missing)}{extra}")
+        self._require(name, entry, getattr(conv, "dependencies", ()))
         return conv
 
+    def _require(self, name: str, entry: _Entry, modules) -> None:
+        missing = missing_modules(tuple(modules))
+        if missing:
+            extra = f"; pip install 'matq[{entry.extra}]'" if entry.extra else ""
+            raise MissingDependencyError(None, f"{self.flag} {name} needs {', '.join(missing)}{extra}")
 
+
+_X = "matq_converters.exporters"
+_I = "matq_converters.importers"
 exporters: Registry[Converter] = Registry("converter", "--to")
 exporters.builtin(
-    "gguf", "matq_converters.gguf_export", "GGUFConverter", "GGUF for llama.cpp, sliced grids kept exactly"
+    "gguf",
+    f"{_X}.gguf.export:GGUFConverter",
+    "GGUF for llama.cpp, sliced grids kept exactly",
+    options=f"{_X}.gguf.options:GGUFOptions",
+    dependencies=("gguf",),
 )
 exporters.builtin(
-    "hf", "matq_converters.hf_export", "HFConverter", "Hugging Face folder: compressed-tensors, dense or GPTQ"
+    "hf",
+    f"{_X}.hf.export:HFConverter",
+    "Hugging Face folder: compressed-tensors, dense or GPTQ",
+    options=f"{_X}.hf.options:HFOptions",
 )
-
 exporters.builtin(
     "onnx",
-    "matq_converters.onnx_export",
-    "ONNXConverter",
+    f"{_X}.onnx.export:ONNXConverter",
     "ONNX for onnxruntime and onnxruntime-genai (MatMulNBits or QDQ)",
+    options=f"{_X}.onnx.options:ONNXOptions",
+    dependencies=("onnx", "onnxruntime", "onnxruntime_genai", "torch", "transformers"),
 )
 
 importers: Registry[Importer] = Registry("importer", "--from")
-importers.builtin("hf", "matq_converters.quantize", "HFImporter", "a float Hugging Face model (PTQ)", "hf")
 importers.builtin(
-    "matgptq", "matq_converters.matgptq", "MatGPTQImporter", "a MatGPTQ checkpoint, imported as it is", "hf"
+    "hf",
+    f"{_I}.hf.quantize:HFImporter",
+    "a float Hugging Face model (PTQ)",
+    options=f"{_I}.hf.options:HFImportOptions",
+    extra="hf",
+)
+importers.builtin(
+    "matgptq",
+    f"{_I}.matgptq:MatGPTQImporter",
+    "a MatGPTQ checkpoint, imported as it is",
 )
 
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .containers import container_bits, container_codes, container_scale_zero, pack_bytes, step_exponent
+from matq_converters.exporters.containers import (
+    container_bits,
+    container_codes,
+    container_scale_zero,
+    pack_bytes,
+    step_exponent,
+)
 
 CONTAINERS = (2, 4, 8)
 MIN_BLOCK = 16
