@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -35,6 +34,7 @@ from .errors import (
 )
 from .manifest import TensorInfo, entry_name, parse_manifest, plane_entry
 from .planes import plane_stride, unpack
+from .publish import scratch_dir
 from .safefs import allowed_roots, check_file, open_regular
 
 UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES})
@@ -403,11 +403,11 @@ class Checkpoint:
     def carried_folder(self) -> Iterator[Path]:
         """A private temporary folder of checked copies of the carried files, for libraries that
         read files by path (tokenizers, gguf-py); removed on exit."""
-        with tempfile.TemporaryDirectory(prefix="matq-carried-") as tmp:
+        with scratch_dir("carried") as tmp:
             for rel, data in self.carried_bytes().items():
-                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-                (Path(tmp) / rel).write_bytes(data)
-            yield Path(tmp)
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            yield tmp
 
     def carried_files(self) -> dict[str, Path]:
         """Carried files (relative name -> path), each checked as :meth:`read_carried` does."""

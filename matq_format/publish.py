@@ -9,24 +9,33 @@ Every matq command that writes goes through :class:`AtomicOutput`:
   that refuses to replace anything (``renameat2(RENAME_NOREPLACE)``): an ``OUT`` that appeared
   meanwhile is reported, not overwritten.
 - ``overwrite`` replaces only what this kind of output is (a matq checkpoint, a GGUF file, ...),
-  never an unrelated file or folder, and swaps old and new in one step
+  never an unrelated file or folder, and a folder only when its own record (a manifest, an index)
+  lists every entry in it: a file a user added is named, never deleted. Old and new swap in one step
   (``renameat2(RENAME_EXCHANGE)``). Where the kernel lacks that, the old output is first renamed to
   ``.OUT.old-PID-XXXX``; a run killed between the two renames is repaired by the next run.
 - Whoever takes the lock next removes the leftovers of runs that died (``kill -9``, power loss):
-  their partial outputs, and old outputs already replaced.
+  their partial outputs, and old outputs already replaced, recognised by their exact names and a
+  process id that no longer runs, never by prefix alone.
+- matq creates, truncates, renames or deletes only what it can prove it made: the lock file is
+  opened without following links and must be a regular file holding a process id; scratch folders in
+  TMPDIR (:func:`scratch_dir`) carry the owner's process id and are removed by the next run once
+  that process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +46,14 @@ log = logging.getLogger("matq")
 PARTIAL_TAG = ".partial-"
 OLD_TAG = ".old-"
 LOCK_SUFFIX = ".matq-lock"
+RANDOM_LEN = 8
+"""Random characters ending every temporary name (``mkdtemp``'s and ``token_hex(4)``'s)."""
+PID_DIGITS = 7
+"""Longest process id (Linux's ``pid_max`` is at most 2^22)."""
+LOCK_MAX_BYTES = 32
+_PID = rf"(\d{{1,{PID_DIGITS}}})"
+_RANDOM = rf"[a-z0-9_]{{{RANDOM_LEN}}}"
+SHOWN = 5
 
 
 class OutputError(WriterError):
@@ -70,6 +87,9 @@ class OutputKind:
     name: str
     is_dir: bool
     recognize: Callable[[Path], bool]
+    members: Callable[[Path], Iterable[str] | None] | None = None
+    """For a folder: the relative paths its own record lists (None: it records none). ``overwrite``
+    replaces the folder only when it holds nothing else."""
 
 
 def check_disjoint(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
@@ -113,6 +133,7 @@ class AtomicOutput:
     def open(self) -> AtomicOutput:
         if not self.out.name or self.out.name in (".", ".."):
             raise OutputError(self.out, "is not a file or folder name")
+        _check_name_length(self.out)
         check_disjoint(self.out, self.inputs)
         self._check_existing()
         try:
@@ -191,6 +212,24 @@ class AtomicOutput:
                 self.out,
                 f"exists and is not {'an' if self.kind.name[0] in 'AEIOU' else 'a'} {self.kind.name}; refusing to replace it",
             )
+        if self.kind.is_dir:
+            self._check_members()
+
+    def _check_members(self) -> None:
+        """A folder is replaced only when its own record lists everything in it."""
+        listed = self.kind.members(self.out) if self.kind.members else None
+        if listed is None:
+            raise OutputKindError(
+                self.out, "records no list of its files; refusing to replace it (remove it yourself)"
+            )
+        foreign = foreign_entries(self.out, listed)
+        if foreign:
+            more = f", and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
+            raise OutputKindError(
+                self.out,
+                f"holds entries the {self.kind.name} does not list ({', '.join(foreign[:SHOWN])}{more}); "
+                "refusing to replace it: move them out, or remove it yourself",
+            )
 
     def _swap(self) -> None:
         if _renameat2(self.tmp, self.out, _RENAME_EXCHANGE):
@@ -203,20 +242,16 @@ class AtomicOutput:
 
     def _lock(self) -> None:
         while True:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open_lock(self._lock_path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                holder = os.pread(fd, LOCK_MAX_BYTES, 0).decode("ascii", "replace").strip() or "?"
                 os.close(fd)
                 raise OutputBusyError(
                     self.out, f"another matq run (pid {holder}) is writing it; wait for it to finish"
                 ) from None
-            try:  # the last holder may have removed the lock file between our open and flock
-                same = os.path.samestat(os.fstat(fd), os.stat(self._lock_path))
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _same_file(fd, self._lock_path):  # the last holder may have removed it meanwhile
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self._lock_fd = fd
@@ -226,27 +261,134 @@ class AtomicOutput:
     def _unlock(self) -> None:
         if self._lock_fd is None:
             return
-        try:
-            os.unlink(self._lock_path)
-        except OSError:
-            pass
+        if _same_file(self._lock_fd, self._lock_path):
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path)
         os.close(self._lock_fd)
         self._lock_fd = None
 
     def _clean_stale(self) -> None:
-        """With the lock held, every partial or old output of this name belongs to a run that died."""
-        stem = f".{self.out.name}"
-        stale = [p for p in self.out.parent.iterdir() if p.name.startswith(stem + PARTIAL_TAG)]
-        olds = sorted(
-            (p for p in self.out.parent.iterdir() if p.name.startswith(stem + OLD_TAG)),
-            key=lambda p: p.stat(follow_symlinks=False).st_mtime_ns,
-        )
+        """With the lock held, the partial and old outputs of this name whose process is gone
+        belong to runs that died; an old output is put back only if it is of this kind."""
+        partials, olds = [], []
+        for p in self.out.parent.iterdir():
+            tag = _leftover_tag(self.out.name, p.name)
+            if tag == PARTIAL_TAG:
+                partials.append(p)
+            elif tag == OLD_TAG and self.kind.recognize(p):
+                olds.append(p)
+        olds.sort(key=lambda p: p.stat(follow_symlinks=False).st_mtime_ns)
         if olds and not os.path.lexists(self.out):
             os.rename(olds.pop(), self.out)
             log.warning("%s: restored the output a killed run had moved aside", self.out)
-        for p in stale + olds:
+        for p in partials + olds:
             _remove(p)
             log.warning("%s: removed %s, left by a run that did not finish", self.out, p.name)
+
+
+def _leftover_tag(out_name: str, name: str) -> str | None:
+    """PARTIAL_TAG or OLD_TAG if ``name`` is exactly what a run writing ``out_name`` makes beside it
+    (``.OUT.partial-PID-XXXXXXXX``, with the single-file writer's ``-XXXXXXXX`` after it) and that
+    process is gone; else None."""
+    m = re.fullmatch(
+        re.escape(f".{out_name}") + rf"(\.partial-|\.old-){_PID}-{_RANDOM}(-{_RANDOM})?", name
+    )
+    if m is None or pid_alive(int(m.group(2))):
+        return None
+    return m.group(1)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (this one included); one we may not signal counts as running."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def foreign_entries(folder: Path, listed: Iterable[str]) -> list[str]:
+    """Entries of ``folder`` (relative, folders with a trailing ``/``) that ``listed`` (relative
+    POSIX paths of files) does not account for; links are never followed."""
+    files = {Path(p).as_posix() for p in listed}
+    dirs = {parent.as_posix() for p in files for parent in Path(p).parents if parent != Path(".")}
+    out: list[str] = []
+
+    def walk(d: Path, rel: str) -> None:
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            r = f"{rel}{e.name}"
+            if e.is_dir(follow_symlinks=False) and r in dirs:
+                walk(Path(e.path), r + "/")
+            elif r not in files or not e.is_file(follow_symlinks=False):
+                out.append(r + ("/" if e.is_dir(follow_symlinks=False) else ""))
+
+    walk(folder, "")
+    return out
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, created or opened without following a link; anything but a regular file of
+    matq's (one name, a process id or nothing inside) is refused, never truncated."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(path, "is a symbolic link, not a lock file matq made; remove it") from None
+        raise
+    st = os.fstat(fd)
+    ok = stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= LOCK_MAX_BYTES
+    if ok:
+        ok = re.fullmatch(rb"\d*\n?", os.pread(fd, LOCK_MAX_BYTES, 0)) is not None
+    if not ok:
+        os.close(fd)
+        raise OutputError(path, "is not a lock file matq made (a process id); refusing to touch it")
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _check_name_length(out: Path) -> None:
+    """Refuse, before anything is made, a name whose temporary siblings would be too long."""
+    extra = 1 + len(PARTIAL_TAG) + PID_DIGITS + 1 + 2 * (RANDOM_LEN + 1)
+    parent = next((a for a in [out.parent, *out.parent.parents] if a.exists()), Path("."))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    n = len(os.fsencode(out.name))
+    if n + extra > limit:
+        raise OutputError(
+            out, f"name is {n} bytes; matq builds it under a name {extra} bytes longer, so at most "
+            f"{limit - extra} bytes fit here"
+        )
+
+
+@contextlib.contextmanager
+def scratch_dir(tag: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A private scratch folder ``matq-TAG-PID-XXXXXXXX`` in ``parent`` (TMPDIR), removed on exit;
+    those a killed run of this user left (its process gone) are removed first."""
+    where = Path(parent or tempfile.gettempdir())
+    pattern = re.compile(rf"matq-{re.escape(tag)}-{_PID}-{_RANDOM}")
+    with contextlib.suppress(OSError):
+        for e in os.scandir(where):
+            m = pattern.fullmatch(e.name)
+            if m and not pid_alive(int(m.group(1))) and e.stat(follow_symlinks=False).st_uid == os.getuid():
+                _remove(Path(e.path))
+    path = Path(tempfile.mkdtemp(prefix=f"matq-{tag}-{os.getpid()}-", dir=where))
+    try:
+        yield path
+    finally:
+        _remove(path)
 
 
 def output_error(out: Path, exc: OSError) -> OutputError:

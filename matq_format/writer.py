@@ -67,7 +67,20 @@ def carried_sources(src: str | os.PathLike) -> list[Path]:
 
 def checkpoint_kind(single_file: bool) -> OutputKind:
     """What the writer writes, for replacing only that (see :mod:`matq_format.publish`)."""
-    return OutputKind("matq checkpoint", not single_file, is_checkpoint)
+    return OutputKind("matq checkpoint", not single_file, is_checkpoint, checkpoint_members)
+
+
+def checkpoint_members(path: str | os.PathLike) -> set[str] | None:
+    """The files a checkpoint folder's manifest lists: its base file, planes and carried files."""
+    try:
+        meta = read_header(Path(path) / C.BASE_FILENAME).metadata
+        manifest = json.loads(meta[C.METADATA_KEY_MANIFEST])
+        listed = [*manifest.get("files", {}), *manifest.get("carried", {})]
+    except (MatqError, OSError, KeyError, ValueError, TypeError, RecursionError):
+        return None
+    if not all(isinstance(n, str) for n in listed):
+        return None
+    return {C.BASE_FILENAME, *listed}
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -11,13 +11,12 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from matq_format.errors import MatqError
-from matq_format.publish import OutputExistsError, check_disjoint
+from matq_format.publish import AtomicOutput, OutputExistsError, OutputKind, check_disjoint
+from matq_format.safefs import read_bounded
 
 from .objective import Objective
 from .spec import QuantSpec
@@ -164,6 +163,8 @@ class TrainConfig:
             check_disjoint(self.out, [self.model_dir, *self.data])
             if os.path.lexists(self.out):
                 raise OutputExistsError(self.out, "already exists; choose a new output folder")
+        if self.checkpoint_folder():
+            check_disjoint(self.checkpoint_folder(), [self.model_dir, *self.data])
         return spec, objective
 
     def checkpoint_folder(self) -> str | None:
@@ -220,23 +221,30 @@ MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 
 
+def is_trainer_step(path: Path) -> bool:
+    """Whether ``path`` is a complete ``step-N`` folder a trainer wrote (its settings file last)."""
+    try:
+        return isinstance(json.loads(read_bounded(Path(path) / STATE_FILE, 1 << 24)).get("step"), int)
+    except (OSError, ValueError, AttributeError, RecursionError, MatqError):
+        return False
+
+
+TRAINER_STEP = OutputKind(
+    "trainer checkpoint", True, is_trainer_step, lambda _: {STATE_FILE, MODEL_FILE, OPTIM_FILE}
+)
+
+
 @contextlib.contextmanager
 def checkpoint_folder(directory: Path, step: int, cfg: TrainConfig):
-    """``directory/step-N``, built in a temporary folder beside it (yielded to the backend, which
-    writes ``MODEL_FILE`` and ``OPTIM_FILE``), then the settings file, then renamed into place; a
-    failure leaves no partial step."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.partial-", dir=directory))
-    try:
-        yield tmp
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """``directory/step-N``, built in a partial folder beside it (yielded to the backend, which
+    writes ``MODEL_FILE`` and ``OPTIM_FILE``), then the settings file, then published by
+    ``AtomicOutput``: a failure or a kill leaves no partial step (the next save removes a killed
+    one's), and an existing ``step-N`` is replaced only if it holds nothing but a step's files."""
+    inputs = [cfg.model_dir, *cfg.data]
+    with AtomicOutput(directory / f"step-{step}", TRAINER_STEP, inputs=inputs, overwrite=True) as o:
+        yield o.tmp
+        (o.tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
+        o.commit()
 
 
 """Written last into a ``step-N`` trainer checkpoint folder: its presence marks the folder complete."""

@@ -10,7 +10,6 @@ tests check every width with zero tolerance). The writer keywords come from the 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 import matq_format as mf
+from matq_format.publish import scratch_dir
 
 from .spec import QuantSpec
 
@@ -53,9 +53,9 @@ def export_records(
     """
     options = spec.entry_options(extra_precision)
     n_quantized = 0
-    with tempfile.TemporaryDirectory(prefix=".matq-train-side-") as side:
+    with scratch_dir("train-side") as side:
         if side_files is not None:
-            side_files(Path(side))
+            side_files(side)
         with mf.CheckpointWriter(
             out,
             code_bits=spec.code_bits,

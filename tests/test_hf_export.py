@@ -228,6 +228,11 @@ def test_force_replaces_only_a_folder_this_exporter_wrote(models, tmp_path):
     res = export(ck["llama"], out, bits=2)
     assert res.details["widths"][ck["llama"].quantized_names()[0]] == 2
     assert not (out / "model.safetensors.index.json").exists()
+    (out / "notes.txt").write_text("mine")  # a file the export did not write: never deleted
+    with pytest.raises(OutputKindError, match=r"notes\.txt"):
+        export(ck["llama"], out, bits=4)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text("{}")

@@ -281,6 +281,9 @@ def test_cli(models, tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["layout"] == "qdq"
     cfg = json.loads((tmp_path / "a" / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["session_options"]["session.qdq_matmulnbits_accuracy_level"] == "4"
+    (tmp_path / "a" / "notes.txt").write_text("mine")  # not the export's: --force refuses, naming it
+    r = run("--bits", "4", "--force", "-o", str(tmp_path / "a"))
+    assert r.exit_code == 1 and "notes.txt" in r.output and (tmp_path / "a" / "notes.txt").exists()
     r = run("--bits", "4", "--layout", "gptq", "-o", str(tmp_path / "b"))
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "gptq" in r.output
     assert not (tmp_path / "b").exists()

@@ -325,29 +325,39 @@ def test_partial_output_of_a_killed_run_is_removed_by_the_next(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+KILLED_BETWEEN_RENAMES = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    import matq_format as mf
+    import matq_format.publish as pub
+    pub._libc_renameat2 = None  # the fallback: old output aside, then the new one in
+    real_rename = os.rename
+    def rename(src, dst):
+        real_rename(src, dst)
+        if ".old-" in str(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+    pub.os.rename = rename
+    with mf.CheckpointWriter(sys.argv[1], overwrite=True) as w:
+        w.add_dense("new", np.arange(4, dtype=np.float32))
+    """
+)
+
+
 def test_replacement_killed_between_its_renames_is_recovered(tmp_path, monkeypatch):
     """Where renameat2 is missing the old output is moved aside first; a kill right then leaves it
     only under .OUT.old-*, and the next run puts it back before anything else."""
-    import matq_format.publish as pub
-
     out = small_checkpoint(tmp_path / "out", seed=1)
     before = digest(out)
-    monkeypatch.setattr(pub, "_libc_renameat2", None)
-    real_rename = os.rename
-
-    def killed_after_first(src, dst):
-        real_rename(src, dst)
-        if ".old-" in str(dst):
-            raise KeyboardInterrupt  # the process dies here; nothing below runs
-
-    monkeypatch.setattr(pub.os, "rename", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        small_checkpoint_force(out)
-    monkeypatch.setattr(pub.os, "rename", real_rename)
+    p = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)], capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists() and [n for n in os.listdir(tmp_path) if ".out.old-" in n]
     with pytest.raises(OutputExistsError):  # the next run restores it, then refuses to replace it
         mf.CheckpointWriter(out)
     assert digest(out) == before and sorted(os.listdir(tmp_path)) == ["out"]
+    import matq_format.publish as pub
+
+    monkeypatch.setattr(pub, "_libc_renameat2", None)
     small_checkpoint_force(out)  # and the fallback path replaces it when asked
     assert digest(out) != before and sorted(os.listdir(tmp_path)) == ["out"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import matq_format as mf
 from matq_converters.importers.hf.source import HFSource, SourceError
 from matq_converters.registry import NoOptions
 from matq_format import constants as C
+from matq_format.publish import scratch_dir
 from matq_format.writer import carried_sources
 
 __all__ = ["MatGPTQLayoutError", "NotMatGPTQError", "import_matgptq", "read_matgptq_config"]
@@ -116,9 +116,9 @@ def import_matgptq(
     weight_dtype = _TORCH_DTYPES.get(str(src.config.get("torch_dtype", "")))
     source = {"tool": "matq import-matgptq", "model": src.root.name, "quantization_config": qc}
     config = {k: v for k, v in src.config.items() if k != "quantization_config"}
-    with tempfile.TemporaryDirectory(prefix="matq-matgptq-") as tmp:
+    with scratch_dir("matgptq") as tmp:
         carry = {p.relative_to(src.root).as_posix(): p for p in carried_sources(src.root)}
-        carry["config.json"] = Path(tmp) / "config.json"
+        carry["config.json"] = tmp / "config.json"
         carry["config.json"].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         with mf.CheckpointWriter(
             out,

@@ -63,11 +63,15 @@ from matq_format.container import SafetensorsWriter, read_header
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
+from matq_format.safefs import allowed_roots, check_file, read_bounded
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 META_CONVERTER = "matq.converter"
+META_FILES = "matq.files"
+"""Every file the export wrote (JSON list), so ``--force`` replaces nothing a user added."""
+INDEX_MAX_BYTES = 1 << 26
 PACK_BLOCK = 1 << 20
 """Codes packed at a time: bounds the packing's scratch memory (a few bytes per code)."""
 
@@ -80,21 +84,37 @@ class GPTQLayoutError(UnsupportedModelError):
     """A slice GPTQ cannot hold exactly (zero points, scales or shapes); the message says which."""
 
 
-def is_hf_export(path: Path) -> bool:
-    """Whether ``path`` is a folder this exporter wrote (its first shard names matq), for ``--force``."""
+def _first_shard_metadata(path: Path) -> dict | None:
+    """The metadata of the folder's first safetensors shard (regular files only, never waited on)."""
     try:
         if not path.is_dir() or not (path / "config.json").is_file():
-            return False
+            return None
         first = path / WEIGHTS_NAME
-        if not first.exists():
-            index = json.loads((path / INDEX_NAME).read_text())
+        if not os.path.lexists(first):
+            index = json.loads(read_bounded(path / INDEX_NAME, INDEX_MAX_BYTES))
             first = path / sorted(set(index["weight_map"].values()))[0]
-        return META_CONVERTER in read_header(first).metadata
-    except (OSError, ValueError, KeyError, IndexError, MatqError):
-        return False
+        check_file(first, allowed_roots(path))
+        return read_header(first).metadata
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError, MatqError):
+        return None
 
 
-HF_FOLDER = OutputKind("Hugging Face folder", True, is_hf_export)
+def is_hf_export(path: Path) -> bool:
+    """Whether ``path`` is a folder this exporter wrote (its first shard names matq), for ``--force``."""
+    meta = _first_shard_metadata(path)
+    return meta is not None and META_CONVERTER in meta
+
+
+def hf_export_files(path: Path) -> list[str] | None:
+    """The files an export recorded writing (its first shard's ``matq.files``), for ``--force``."""
+    try:
+        files = json.loads((_first_shard_metadata(path) or {})[META_FILES])
+    except (KeyError, ValueError, TypeError, RecursionError):
+        return None
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+HF_FOLDER = OutputKind("Hugging Face folder", True, is_hf_export, hf_export_files)
 
 
 @dataclass
@@ -352,14 +372,18 @@ def export_hf(
     out = Path(out)
     prep = planned or _prepare(ckpt, options)
     shards = _shards(prep.plans, _shard_bytes(prep.opts.max_shard_size))
-    meta = {"format": "pt", META_CONVERTER: f"matq {MATQ_VERSION}", "matq.source.digest": ckpt.digest}
+    names = _shard_names(len(shards))
+    files = [*names, *([INDEX_NAME] if len(shards) > 1 else []), *_side_file_names(ckpt)]
+    meta = {
+        "format": "pt",
+        META_CONVERTER: f"matq {MATQ_VERSION}",
+        "matq.source.digest": ckpt.digest,
+        META_FILES: json.dumps(sorted(files)),
+    }
     inexact: list[str] = []
     with AtomicOutput(out, HF_FOLDER, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o:
         weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = (
-                WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            )
+        for fname, shard in zip(names, shards, strict=True):
             w = SafetensorsWriter(o.tmp / fname)
             try:
                 for p in shard:
@@ -458,6 +482,15 @@ def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
         v[:, :cols] = values[r0 : r0 + step]
         out[r0 : r0 + step] = pack_bytes(v, bits).view("<u4")
     return np.ascontiguousarray(out[:, :words]).view(np.int32)
+
+
+def _shard_names(n: int) -> list[str]:
+    return [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _side_file_names(ckpt) -> list[str]:
+    """What :func:`_write_side_files` writes: the carried files and config.json."""
+    return sorted({*ckpt.manifest.get("carried", {}), "config.json"})
 
 
 def _write_side_files(ckpt, tmp: Path, prep: _Prepared) -> None:

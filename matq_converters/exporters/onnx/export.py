@@ -53,8 +53,13 @@ from matq_format import __version__ as MATQ_VERSION
 from matq_format.budget import BudgetTooSmall, cheapest_within
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
+from matq_format.safefs import allowed_roots, check_file, read_bounded
 
 META_CONVERTER = "matq.converter"
+META_FILES = "matq.files"
+"""Every file the export wrote (JSON list), so ``--force`` replaces nothing a user added."""
+MODEL_MAX_BYTES = 1 << 31
+"""protobuf's limit: the graph, its weights kept in the external data file."""
 QDQ_SESSION_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
@@ -62,18 +67,33 @@ class OpsetError(UnsupportedModelError):
     """The layout needs an ONNX opset the installed onnx package does not have."""
 
 
-def is_onnx_export(path: Path) -> bool:
-    """Whether ``path`` is a folder this exporter wrote (its model.onnx names matq), for ``--force``."""
+def _model_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata of the folder's model.onnx (a regular file inside it, read without its weights)."""
     try:
         import onnx
 
-        model = onnx.load(path / "model.onnx", load_external_data=False)
-        return any(p.key == META_CONVERTER for p in model.metadata_props)
+        model_file = check_file(path / "model.onnx", allowed_roots(path))
+        model = onnx.load_model_from_string(read_bounded(model_file, MODEL_MAX_BYTES))
+        return {p.key: p.value for p in model.metadata_props}
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
+        return None
 
 
-ONNX_FOLDER = OutputKind("ONNX folder", True, is_onnx_export)
+def is_onnx_export(path: Path) -> bool:
+    """Whether ``path`` is a folder this exporter wrote (its model.onnx names matq), for ``--force``."""
+    return META_CONVERTER in (_model_metadata(path) or {})
+
+
+def onnx_export_files(path: Path) -> list[str] | None:
+    """The files an export recorded writing (model.onnx's ``matq.files``), for ``--force``."""
+    try:
+        files = json.loads((_model_metadata(path) or {})[META_FILES])
+    except (KeyError, ValueError, TypeError, RecursionError):
+        return None
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+ONNX_FOLDER = OutputKind("ONNX folder", True, is_onnx_export, onnx_export_files)
 
 
 @dataclass
@@ -181,8 +201,9 @@ def export_onnx(
         export_hf(ckpt, work / "hf", dense)
         _build_float(ckpt, prep, work)
         targets = onnx_graph.find_slices(work / "float", _slice_index(ckpt, prep, progress))
+        files = ["model.onnx", onnx_graph.DATA_NAME, *_side_file_names(ckpt, prep, work)]
         done = onnx_graph.rewrite(
-            work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep)
+            work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep, files)
         )
         _side_files(ckpt, prep, work, o.tmp)
         shutil.rmtree(work)
@@ -223,14 +244,23 @@ def _encode(ckpt, prep: _Prepared, name: str) -> onnx_graph.Encoded | None:
     return onnx_graph.Encoded(p, arrays, tuple(k.shape), prep.opts.layout, ACCURACY[prep.opts.accuracy])
 
 
-def _metadata(ckpt, prep: _Prepared) -> dict[str, str]:
+def _metadata(ckpt, prep: _Prepared, files: list[str]) -> dict[str, str]:
     return {
+        META_FILES: json.dumps(sorted(files)),
         META_CONVERTER: f"matq {MATQ_VERSION}",
         "matq.source.digest": ckpt.digest,
         "matq.layout": prep.opts.layout,
         "matq.widths": json.dumps(prep.widths, sort_keys=True),
         "matq.extra_precision": str(bool(prep.ep)).lower(),
     }
+
+
+def _side_file_names(ckpt, prep: _Prepared, work: Path) -> list[str]:
+    """What :func:`_side_files` writes."""
+    if prep.family == "decoder":
+        skip = ("model.onnx", onnx_graph.DATA_NAME)
+        return sorted(f.name for f in (work / "float").iterdir() if f.is_file() and f.name not in skip)
+    return sorted(ckpt.manifest.get("carried", {}))
 
 
 def _side_files(ckpt, prep: _Prepared, work: Path, tmp: Path) -> None:
