@@ -28,7 +28,9 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -206,7 +208,37 @@ def plot(results: dict, fp: tuple[float, float], path: Path, title: str) -> None
     fig.savefig(path)
 
 
-def main() -> None:
+METHODS = [
+    "Baseline QAT (one model per width)",
+    "Sliced int8 (no training)",
+    "Sliced int8 QAT baseline",
+    "MatQuant",
+    "MatQuant + co-distill 8->2",
+    "MatQuant + co-distill 8->2, with labels",
+    "MatQuant, lambdas 1,1,1",
+    "MatQuant + extra precision",
+    "Sliced int8, FFN + attention (no training)",
+]
+"""The rows of the printed table, in order."""
+
+QAT_CONFIGS = {
+    "Full precision, same extra tokens": dict(full_precision=True),
+    "Baseline QAT int8": dict(baseline=8),
+    "Baseline QAT int4": dict(baseline=4),
+    "Baseline QAT int2": dict(baseline=2),
+    "MatQuant": dict(bits=(8, 4, 2), lambdas=(0.1, 0.1, 1.0)),
+    "MatQuant + co-distill 8->2": dict(bits=(8, 4, 2), lambdas=(0.1, 0.1, 1.0), distill="8->2"),
+    "MatQuant + co-distill 8->2, with labels": dict(
+        bits=(8, 4, 2), lambdas=(0.1, 0.1, 1.0), distill="8->2", distill_labels=True
+    ),
+    "MatQuant + extra precision": dict(bits=(8, 4, 2), lambdas=(1.0, 1.0, 1.0), extra_precision=True),
+    "MatQuant, lambdas 1,1,1": dict(bits=(8, 4, 2), lambdas=(1.0, 1.0, 1.0)),
+}
+"""The training runs, each on the same token budget, in the order they run."""
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line, with the defaults that depend on ``--backend`` and ``--quick`` filled in."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "reproduce")
     ap.add_argument("--backend", choices=["torch", "jax"], default="torch", help="trainer of the QAT runs")
@@ -247,17 +279,22 @@ def main() -> None:
         args.work = args.work.with_name(args.work.name + "-quick")
         args.json = args.work / "results.json"
         args.plot = args.work / "plot.png"
+    return args
 
-    if args.replot:
-        rep = json.loads(args.json.read_text())
-        fp = (rep["full_precision_log_ppl"], rep["full_precision_same_extra_tokens_log_ppl"])
-        title = rep["setup"].get("title", f"MatQuant at small scale: {rep['setup']['model']}")
-        plot(rep["log_ppl"], fp, args.plot, title)
-        return
 
+def replot(args) -> None:
+    """Redraw ``args.plot`` from the JSON of a finished run, without training anything."""
+    rep = json.loads(args.json.read_text())
+    fp = (rep["full_precision_log_ppl"], rep["full_precision_same_extra_tokens_log_ppl"])
+    title = rep["setup"].get("title", f"MatQuant at small scale: {rep['setup']['model']}")
+    plot(rep["log_ppl"], fp, args.plot, title)
+
+
+def quiet_libraries(threads: int) -> None:
+    """Torch on ``threads`` threads; timestamped log lines, without transformers' notes and bars."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
@@ -267,18 +304,22 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
 
-    import matq_format as mf
-    from matq_train.data import TokenBlocks, split_documents, tokenize
-    from matq_train.run import train as train_qat
-    from matq_train.torch.fakequant import QuantSpec, fake_quant_layers, prepare
-    from matq_train.torch.trainer import TrainConfig, evaluate, load_model, train
 
-    t_start = time.perf_counter()
-    init_dir, pre_dir = args.work / "init", args.work / "pretrained"
-    reuse = args.reuse_pretrained and (pre_dir / "config.json").exists()
-    if not reuse:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Data:
+    """The corpus split into training and held-out token blocks, and its tokenizer."""
+
+    tokenizer: Any
+    train_blocks: Any
+    held_blocks: Any
+    n_eval: int
+    """Held-out blocks evaluated."""
+
+
+def load_data(args, reuse: bool, pre_dir: Path) -> Data:
+    """Read and split the corpus; train a tokenizer on the training part (or reuse the pretrained one's)."""
+    from matq_train.data import TokenBlocks, split_documents, tokenize
+
     docs = read_corpus(args.corpus)
     train_docs, held_docs = split_documents(docs, 0.05)
     if reuse:
@@ -294,88 +335,166 @@ def main() -> None:
         f"corpus: {len(docs)} files, {sum(map(len, docs)) / 1e6:.1f} MB; train {train_blocks.tokens:,} tokens, "
         f"held out {len(held_docs)} files, {held_blocks.tokens:,} tokens ({n_eval * args.seq_len:,} evaluated)"
     )
+    return Data(tokenizer, train_blocks, held_blocks, n_eval)
 
-    def ev(model, bits, ep=False) -> float:
-        return evaluate(model, held_blocks, bits, extra_precision=ep, limit=n_eval, batch_size=16)
 
-    def ev_run(res, bits, ep=False, code_bits=8) -> float:
+class Evaluator:
+    """Held-out loss of a model or a QAT run, and a run's trained weights, in the backend that trained it."""
+
+    def __init__(self, args, data: Data):
+        self.args, self.data = args, data
+
+    def model(self, model, bits, ep=False) -> float:
+        """Held-out loss of a torch model at ``bits`` (None: full precision)."""
+        from matq_train.torch.trainer import evaluate
+
+        d = self.data
+        return evaluate(model, d.held_blocks, bits, extra_precision=ep, limit=d.n_eval, batch_size=16)
+
+    def run(self, res, bits, ep=False, code_bits=8) -> float:
         """Held-out loss of a QAT run's model at ``bits``, in the backend that trained it."""
-        if args.backend == "torch":
-            return ev(res.model, bits, ep)
+        if self.args.backend == "torch":
+            return self.model(res.model, bits, ep)
         from matq_train.jax.trainer import evaluate as jax_evaluate
+        from matq_train.torch.fakequant import QuantSpec
 
-        spec = QuantSpec(code_bits, args.group_size)
+        spec = QuantSpec(code_bits, self.args.group_size)
         return jax_evaluate(
             res.params,
             res.model,
-            held_blocks,
+            self.data.held_blocks,
             bits,
             spec=spec,
             names=res.quantized,
             extra_precision=ep,
-            limit=n_eval,
+            limit=self.data.n_eval,
             batch_size=16,
         )
 
-    def trained_weight(res, name, bits, ep, code_bits):
+    def trained_weight(self, res, name, bits, ep, code_bits):
         """The fake-quantized weight the run trained, as the backend computes it."""
-        if args.backend == "torch":
+        from matq_train.torch.fakequant import QuantSpec, fake_quant_layers
+
+        if self.args.backend == "torch":
             layer = dict(fake_quant_layers(res.model))[name]
             return layer.fake_weight(bits, ep).detach().numpy()
         from matq_train.jax.fakequant import dequantize
 
-        return np.asarray(dequantize(res.codes[name], QuantSpec(code_bits, args.group_size), bits, ep))
+        return np.asarray(dequantize(res.codes[name], QuantSpec(code_bits, self.args.group_size), bits, ep))
 
-    # 1. pretrain in full precision (or reuse the pretrained model of an earlier run)
-    common = dict(
+
+@dataclass
+class Bench:
+    """What every stage reads: the arguments, the data, its evaluator, the pretrained model's folder."""
+
+    args: argparse.Namespace
+    data: Data
+    ev: Evaluator
+    pre_dir: Path
+
+
+@dataclass
+class Results:
+    """What the stages measure, filled in as they run (insertion order is the JSON's order)."""
+
+    log_ppl: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Method -> width (``int8`` ..., or ``fp``) -> held-out log perplexity."""
+    runs: dict[str, dict] = field(default_factory=dict)
+    """Training run -> tokens, time, speed, final loss (and bits per weight with extra precision)."""
+    baseline: dict[str, float] = field(default_factory=dict)
+    """The single-width QAT baselines, one model per width, as one row."""
+
+
+def common_config(args) -> dict:
+    """Training settings shared by pretraining and every QAT run."""
+    return dict(
         data=[],
         seq_len=args.seq_len,
         batch_size=args.batch,
         seed=args.seed,
         log_every=max(args.qat_steps // 3, 1),
     )
+
+
+@dataclass
+class Pretrained:
+    """The full-precision model every other row starts from, and what it measured."""
+
+    model: Any
+    tokens_per_s: float
+    n_params: int
+    loss: float
+    """Held-out log perplexity in full precision."""
+
+
+def pretrain(b: Bench, reuse: bool, init_dir: Path) -> Pretrained:
+    """Stage 1: pretrain in full precision (or reuse the pretrained model of an earlier run)."""
+    from matq_train.torch.trainer import TrainConfig, load_model, train
+
+    args, data, pre_dir = b.args, b.data, b.pre_dir
     pre_cfg = TrainConfig(
         model_dir=str(init_dir),
         full_precision=True,
         steps=args.pretrain_steps,
         lr=args.pretrain_lr,
         warmup=max(args.pretrain_steps // 20, 1),
-        **{**common, "log_every": max(args.pretrain_steps // 10, 1)},
+        **{**common_config(args), "log_every": max(args.pretrain_steps // 10, 1)},
     )
     if reuse:
         pre_model, _, _ = load_model(pre_dir)
         pre_speed = json.loads((pre_dir / "pretrain.json").read_text())["tokens_per_s"]
     else:
-        make_model(args, tokenizer, init_dir)
-        pre = train(pre_cfg, train_blocks=train_blocks)
+        make_model(args, data.tokenizer, init_dir)
+        pre = train(pre_cfg, train_blocks=data.train_blocks)
         pre_model, pre_speed = pre.model, pre.tokens_per_s
         pre_model.save_pretrained(pre_dir)
-        tokenizer.save_pretrained(pre_dir)
+        data.tokenizer.save_pretrained(pre_dir)
         (pre_dir / "pretrain.json").write_text(
             json.dumps({"tokens_per_s": pre_speed, "history": pre.history})
         )
     n_params = sum(p.numel() for p in pre_model.parameters())
-    fp_loss = ev(pre_model, None)
+    fp_loss = b.ev.model(pre_model, None)
     print(
         f"pretrained: {n_params / 1e6:.2f} M parameters, held-out log ppl {fp_loss:.3f}, {pre_speed:.0f} tok/s"
     )
+    return Pretrained(pre_model, pre_speed, n_params, fp_loss)
 
-    results: dict[str, dict[str, float]] = {}
-    runs: dict[str, dict] = {}
 
-    # 2. MinMax int8 of the pretrained model, sliced, no training
-    model, _, _ = load_model(pre_dir)
-    spec8 = QuantSpec(8, args.group_size)
+def train_free(b: Bench, pre: Pretrained, rec: Results) -> tuple[float, dict]:
+    """Stage 2: MinMax int8 of the pretrained model, sliced, no training (rows added to ``rec``);
+    returns the loss without the FFN and the FFN rows' outlier statistics."""
+    from matq_train.torch.fakequant import QuantSpec, prepare
+    from matq_train.torch.trainer import load_model
+
+    model, _, _ = load_model(b.pre_dir)
+    spec8 = QuantSpec(8, b.args.group_size)
     prepare(model, "ffn", spec8)
-    results["Sliced int8 (no training)"] = {f"int{r}": ev(model, r) for r in WIDTHS}
-    # how much of the loss the FFN carries at all: the pretrained model with every FFN output zeroed
+    rec.log_ppl["Sliced int8 (no training)"] = {f"int{r}": b.ev.model(model, r) for r in WIDTHS}
+    ffn_off = loss_without_ffn(b.ev, b.pre_dir)
+    ffn_rows = ffn_row_stats(pre.model)
+    model, _, _ = load_model(b.pre_dir)
+    prepare(model, "linear", spec8)
+    rec.log_ppl["Sliced int8, FFN + attention (no training)"] = {
+        f"int{r}": b.ev.model(model, r) for r in WIDTHS
+    }
+    return ffn_off, ffn_rows
+
+
+def loss_without_ffn(ev: Evaluator, pre_dir: Path) -> float:
+    """How much of the loss the FFN carries at all: the pretrained model with every FFN output zeroed."""
+    from matq_train.torch.trainer import load_model
+
     model, _, _ = load_model(pre_dir)
     for name, p in model.named_parameters():
         if ".mlp.down_proj." in name:
             p.data.zero_()
-    ffn_off = ev(model, None)
+    ffn_off = ev.model(model, None)
     print(f"pretrained model without its FFN (down_proj zeroed): {ffn_off:.3f}")
-    # how outlier-heavy the FFN rows are: int2 MinMax levels hurt most when max|w| is many sigmas out
+    return ffn_off
+
+
+def ffn_row_stats(pre_model) -> dict[str, float]:
+    """How outlier-heavy the FFN rows are: int2 MinMax levels hurt most when max|w| is many sigmas out."""
     rows = [p.detach().numpy() for n, p in pre_model.named_parameters() if ".mlp." in n]
     peak = np.concatenate([np.abs(w).max(1) / w.std(1) for w in rows])
     kurt = np.concatenate(
@@ -385,93 +504,83 @@ def main() -> None:
     print(
         f"FFN rows: median max|w|/std {ffn_rows['max_abs_over_std_median']:.2f}, kurtosis {ffn_rows['kurtosis_median']:.2f}"
     )
-    model, _, _ = load_model(pre_dir)
-    prepare(model, "linear", spec8)
-    results["Sliced int8, FFN + attention (no training)"] = {f"int{r}": ev(model, r) for r in WIDTHS}
-    del model
+    return ffn_rows
 
-    # 3. QAT runs, same token budget each
+
+def qat_runs(b: Bench, rec: Results) -> None:
+    """Stage 3: every run of ``QAT_CONFIGS`` on the same token budget, measured into ``rec``."""
+    args = b.args
     qat = dict(
-        model_dir=str(pre_dir),
+        model_dir=str(b.pre_dir),
         steps=args.qat_steps,
         lr=args.qat_lr,
         warmup=max(args.qat_steps // 10, 1),
         layers="ffn",
         group_size=args.group_size,
-        **common,
+        **common_config(args),
     )
-    configs = {
-        "Full precision, same extra tokens": dict(full_precision=True),
-        "Baseline QAT int8": dict(baseline=8),
-        "Baseline QAT int4": dict(baseline=4),
-        "Baseline QAT int2": dict(baseline=2),
-        "MatQuant": dict(bits=(8, 4, 2), lambdas=(0.1, 0.1, 1.0)),
-        "MatQuant + co-distill 8->2": dict(bits=(8, 4, 2), lambdas=(0.1, 0.1, 1.0), distill="8->2"),
-        "MatQuant + co-distill 8->2, with labels": dict(
-            bits=(8, 4, 2), lambdas=(0.1, 0.1, 1.0), distill="8->2", distill_labels=True
-        ),
-        "MatQuant + extra precision": dict(bits=(8, 4, 2), lambdas=(1.0, 1.0, 1.0), extra_precision=True),
-        "MatQuant, lambdas 1,1,1": dict(bits=(8, 4, 2), lambdas=(1.0, 1.0, 1.0)),
-    }
-    baseline_row: dict[str, float] = {}
-    for name, extra in configs.items():
+    for name, extra in QAT_CONFIGS.items():
         out = args.work / "".join(c if c.isalnum() else "-" for c in name.lower())
         shutil.rmtree(out, ignore_errors=True)
         if extra.get("full_precision"):
-            res = train_qat(TrainConfig(**qat, **extra, backend=args.backend), train_blocks=train_blocks)
-            results[name] = {"fp": ev_run(res, None)}
-            runs[name] = {"tokens": res.steps_run * args.batch * args.seq_len}
-            print(f"{name}: fp {results[name]['fp']:.3f}")
-            continue
-        res = train_qat(
-            TrainConfig(out=str(out), **qat, **extra, backend=args.backend), train_blocks=train_blocks
-        )
-        ckpt = mf.open(out)
-        # the exported checkpoint holds exactly the weights that were evaluated (spot check)
-        lname, c = res.quantized[0], extra.get("baseline", 8)
-        r0, ep0 = extra.get("baseline", 2), extra.get("extra_precision", False)
-        assert np.array_equal(
-            ckpt.dequantize(lname, r0, ep0 and r0 < 8), trained_weight(res, lname, r0, ep0 and r0 < 8, c)
-        )
-        if "baseline" in extra:
-            r = extra["baseline"]
-            baseline_row[f"int{r}"] = results.setdefault(name, {})[f"int{r}"] = ev_run(res, r, code_bits=r)
-            if r == 8:  # the paper's "sliced int8": the int8 QAT model served at every width
-                results["Sliced int8 QAT baseline"] = {f"int{w}": ev_run(res, w) for w in WIDTHS}
+            full_precision_run(b, name, {**qat, **extra}, rec)
         else:
-            ep = extra.get("extra_precision", False)
-            results[name] = {f"int{r}": ev_run(res, r, ep and r < 8) for r in WIDTHS}
-            if ep:
-                runs[name] = {"bits_per_weight": bits_per_weight(out)}
-        runs.setdefault(name, {}).update(
-            {
-                "tokens": res.steps_run * args.batch * args.seq_len,
-                "train_seconds": round(res.train_seconds, 1),
-                "tokens_per_s": round(res.tokens_per_s, 1),
-                "final_train_loss": res.history[-1]["widths"] if res.history else None,
-            }
-        )
-        print(f"{name}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
-        shutil.rmtree(f"{out}.ckpt", ignore_errors=True)
-    results["Baseline QAT (one model per width)"] = baseline_row
+            qat_run(b, name, out, {**qat, **extra}, extra, rec)
+    rec.log_ppl["Baseline QAT (one model per width)"] = rec.baseline
 
-    # 4. speed, interleaved
-    rates = speed(pre_dir, train_blocks, args)
 
-    methods = [
-        "Baseline QAT (one model per width)",
-        "Sliced int8 (no training)",
-        "Sliced int8 QAT baseline",
-        "MatQuant",
-        "MatQuant + co-distill 8->2",
-        "MatQuant + co-distill 8->2, with labels",
-        "MatQuant, lambdas 1,1,1",
-        "MatQuant + extra precision",
-        "Sliced int8, FFN + attention (no training)",
-    ]
-    fp_more = results["Full precision, same extra tokens"]["fp"]
-    ep_bpw = runs["MatQuant + extra precision"]["bits_per_weight"]
-    checks = {
+def full_precision_run(b: Bench, name: str, cfg: dict, rec: Results) -> None:
+    """Full precision trained on as many more tokens as each QAT run: the fair float reference."""
+    from matq_train.run import train as train_qat
+    from matq_train.torch.trainer import TrainConfig
+
+    res = train_qat(TrainConfig(**cfg, backend=b.args.backend), train_blocks=b.data.train_blocks)
+    rec.log_ppl[name] = {"fp": b.ev.run(res, None)}
+    rec.runs[name] = {"tokens": res.steps_run * b.args.batch * b.args.seq_len}
+    print(f"{name}: fp {rec.log_ppl[name]['fp']:.3f}")
+
+
+def qat_run(b: Bench, name: str, out: Path, cfg: dict, extra: dict, rec: Results) -> None:
+    """One QAT run (``cfg``, of which ``extra`` is its own part) exported to ``out``, checked against
+    its trained weights, and evaluated at its width (a baseline) or at every width."""
+    import matq_format as mf
+    from matq_train.run import train as train_qat
+    from matq_train.torch.trainer import TrainConfig
+
+    args, ev = b.args, b.ev
+    res = train_qat(TrainConfig(out=str(out), **cfg, backend=args.backend), train_blocks=b.data.train_blocks)
+    ckpt = mf.open(out)
+    # the exported checkpoint holds exactly the weights that were evaluated (spot check)
+    lname, c = res.quantized[0], extra.get("baseline", 8)
+    r0, ep0 = extra.get("baseline", 2), extra.get("extra_precision", False)
+    assert np.array_equal(
+        ckpt.dequantize(lname, r0, ep0 and r0 < 8), ev.trained_weight(res, lname, r0, ep0 and r0 < 8, c)
+    )
+    if "baseline" in extra:
+        r = extra["baseline"]
+        rec.baseline[f"int{r}"] = rec.log_ppl.setdefault(name, {})[f"int{r}"] = ev.run(res, r, code_bits=r)
+        if r == 8:  # the paper's "sliced int8": the int8 QAT model served at every width
+            rec.log_ppl["Sliced int8 QAT baseline"] = {f"int{w}": ev.run(res, w) for w in WIDTHS}
+    else:
+        ep = extra.get("extra_precision", False)
+        rec.log_ppl[name] = {f"int{r}": ev.run(res, r, ep and r < 8) for r in WIDTHS}
+        if ep:
+            rec.runs[name] = {"bits_per_weight": bits_per_weight(out)}
+    rec.runs.setdefault(name, {}).update(
+        {
+            "tokens": res.steps_run * args.batch * args.seq_len,
+            "train_seconds": round(res.train_seconds, 1),
+            "tokens_per_s": round(res.tokens_per_s, 1),
+            "final_train_loss": res.history[-1]["widths"] if res.history else None,
+        }
+    )
+    print(f"{name}: " + "  ".join(f"{k} {v:.3f}" for k, v in rec.log_ppl[name].items()))
+    shutil.rmtree(f"{out}.ckpt", ignore_errors=True)
+
+
+def paper_checks(results: dict, baseline_row: dict[str, float]) -> dict[str, bool]:
+    """The orderings of the paper's Table 2 that this run should show."""
+    return {
         "int2: MatQuant < baseline int2": results["MatQuant"]["int2"] < baseline_row["int2"],
         "int2: baseline int2 << sliced int8": baseline_row["int2"]
         < results["Sliced int8 (no training)"]["int2"],
@@ -486,42 +595,39 @@ def main() -> None:
         "int2: extra precision < MatQuant at the same lambdas": results["MatQuant + extra precision"]["int2"]
         < results["MatQuant, lambdas 1,1,1"]["int2"],
     }
-    report = {
-        "setup": {
-            "corpus": str(args.corpus),
-            "model": f"Llama {args.layers} layers x {args.hidden}, FFN {args.intermediate}, vocab {len(tokenizer)}",
-            "title": f"MatQuant at small scale: Llama {args.layers}x{args.hidden}, Python docs",
-            "parameters": n_params,
-            "quantized": "FFN (gate/up/down_proj), asymmetric MinMax, "
-            + ("per channel" if args.group_size is None else f"groups of {args.group_size}")
-            + ", F16 scales rounded up, U8 zero points",
-            "pretrain_tokens": args.pretrain_steps * args.batch * args.seq_len,
-            "qat_tokens_each": args.qat_steps * args.batch * args.seq_len,
-            "eval_tokens": n_eval * args.seq_len,
-            "threads": args.threads,
-            "backend": args.backend,
-            "machine": platform.processor() or platform.machine(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-        },
-        "full_precision_log_ppl": fp_loss,
-        "full_precision_same_extra_tokens_log_ppl": fp_more,
-        "pretrained_without_ffn_log_ppl": ffn_off,
-        "pretrained_ffn_rows": ffn_rows,
-        "log_ppl": results,
-        "runs": runs,
-        "speed_tokens_per_s": {"pretraining (full precision)": round(pre_speed, 1), "interleaved": rates},
-        "checks": checks,
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    plot(results, (fp_loss, fp_more), args.plot, report["setup"]["title"])
 
+
+def setup_record(args, data: Data, pre: Pretrained) -> dict:
+    """What was run: corpus, model, quantization, token budgets, machine and arguments."""
+    return {
+        "corpus": str(args.corpus),
+        "model": f"Llama {args.layers} layers x {args.hidden}, FFN {args.intermediate}, vocab {len(data.tokenizer)}",
+        "title": f"MatQuant at small scale: Llama {args.layers}x{args.hidden}, Python docs",
+        "parameters": pre.n_params,
+        "quantized": "FFN (gate/up/down_proj), asymmetric MinMax, "
+        + ("per channel" if args.group_size is None else f"groups of {args.group_size}")
+        + ", F16 scales rounded up, U8 zero points",
+        "pretrain_tokens": args.pretrain_steps * args.batch * args.seq_len,
+        "qat_tokens_each": args.qat_steps * args.batch * args.seq_len,
+        "eval_tokens": data.n_eval * args.seq_len,
+        "threads": args.threads,
+        "backend": args.backend,
+        "machine": platform.processor() or platform.machine(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+
+
+def print_summary(args, report: dict) -> None:
+    """The table, extra precision's bits per weight, training speed and the checks, as text."""
+    results = report["log_ppl"]
+    fp_loss, fp_more = report["full_precision_log_ppl"], report["full_precision_same_extra_tokens_log_ppl"]
+    ep_bpw = report["runs"]["MatQuant + extra precision"]["bits_per_weight"]
+    rates = report["speed_tokens_per_s"]["interleaved"]
     print(
         f"\nheld-out log perplexity (nats/token), FFN weights quantized; full precision {fp_loss:.3f} "
         f"(pretrained), {fp_more:.3f} (trained on as long as each QAT run)\n"
     )
-    print(table(results, methods))
+    print(table(results, METHODS))
     print(
         "\nextra precision, bits per weight: "
         + ", ".join(
@@ -534,8 +640,49 @@ def main() -> None:
         "\ntraining speed, tokens/s (interleaved, median): "
         + ", ".join(f"{k} {v:.0f} ({v / fpr:.2f}x)" for k, v in rates.items())
     )
-    print("\nchecks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+    print("\nchecks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in report["checks"].items()))
     print(f"\nwall time {report['wall_seconds'] / 60:.1f} min; results {args.json}; plot {args.plot}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.replot:
+        replot(args)
+        return
+    quiet_libraries(args.threads)
+    t_start = time.perf_counter()
+    init_dir, pre_dir = args.work / "init", args.work / "pretrained"
+    reuse = args.reuse_pretrained and (pre_dir / "config.json").exists()
+    if not reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = load_data(args, reuse, pre_dir)
+    b = Bench(args, data, Evaluator(args, data), pre_dir)
+    pre = pretrain(b, reuse, init_dir)
+    rec = Results()
+    ffn_off, ffn_rows = train_free(b, pre, rec)
+    qat_runs(b, rec)
+    rates = speed(pre_dir, data.train_blocks, args)  # stage 4: speed, interleaved
+    fp_more = rec.log_ppl["Full precision, same extra tokens"]["fp"]
+    report = {
+        "setup": setup_record(args, data, pre),
+        "full_precision_log_ppl": pre.loss,
+        "full_precision_same_extra_tokens_log_ppl": fp_more,
+        "pretrained_without_ffn_log_ppl": ffn_off,
+        "pretrained_ffn_rows": ffn_rows,
+        "log_ppl": rec.log_ppl,
+        "runs": rec.runs,
+        "speed_tokens_per_s": {
+            "pretraining (full precision)": round(pre.tokens_per_s, 1),
+            "interleaved": rates,
+        },
+        "checks": paper_checks(rec.log_ppl, rec.baseline),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    plot(rec.log_ppl, (pre.loss, fp_more), args.plot, report["setup"]["title"])
+    print_summary(args, report)
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ class PlannedExporter:
 
     ``matq convert`` validates, then converts: the plan made by ``validate`` is handed to
     ``export`` for the same checkpoint and options, so it is made once (a ``budget:`` plan
-    dequantizes every tensor at every width)."""
+    dequantizes every tensor at every width). A plan is kept after ``plan`` returns: it must hold
+    nothing that ``plan`` cleans up (a temporary folder), and ``export`` must not change it."""
 
     plan: Callable[..., Any]
     export: Callable[..., ConvertResult]

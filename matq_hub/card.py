@@ -99,62 +99,87 @@ def render_card(
     rows = width_table(ckpt, base_bytes)
     widths = [r.bits for r in rows if not r.extra_precision]
     meta = card_metadata(ckpt, widths)
-    data = ModelCardData(**meta)
     name = repo_id.split("/")[-1]
-    names = ckpt.quantized_names()
-    weights = sum(ckpt.info(n).numel for n in names)
-    full = max((r.download_bytes for r in rows), default=0)
     small = widths[-1] if widths else ckpt.code_bits
-    conv = [r for r in (4, 2) if r in widths] or [small]
     lines = [
         "---",
-        data.to_yaml(),
+        ModelCardData(**meta).to_yaml(),
         "---",
+        *_intro(ckpt, name, meta.get("base_model")),
+        *_width_section(rows),
+        *_pull_section(rows, repo_id, name),
+        *_convert_section(name, widths, small),
+        *(_exports_section(repo_id, exports) if exports else []),
+        *_checkpoint_section(ckpt),
+    ]
+    return str(ModelCard("\n".join(lines)))
+
+
+def _intro(ckpt: Checkpoint, name: str, base: str | None) -> list[str]:
+    """The title and what the checkpoint holds (and of which base model, where known)."""
+    names = ckpt.quantized_names()
+    weights = sum(ckpt.info(n).numel for n in names)
+    of = f" of [{base}](https://huggingface.co/{base})" if base else ""
+    return [
         "",
         f"# {name}",
         "",
-        "A [Matryoshka-quantized](https://arxiv.org/abs/2502.06786) checkpoint in the matq format (spec v1)"
-        + (
-            f" of [{meta['base_model']}](https://huggingface.co/{meta['base_model']})"
-            if "base_model" in meta
-            else ""
-        )
-        + f": {len(names)} tensors ({weights:,} weights) hold {ckpt.code_bits}-bit integer codes stored "
+        f"A [Matryoshka-quantized](https://arxiv.org/abs/2502.06786) checkpoint in the matq format (spec v1){of}"
+        f": {len(names)} tensors ({weights:,} weights) hold {ckpt.code_bits}-bit integer codes stored "
         "as bit-planes, one file per plane. A width-r model reads the top r planes plus one rounding "
         "plane, so each user downloads only the planes of the width they serve.",
+    ]
+
+
+def _width_section(rows: list[WidthOffer]) -> list[str]:
+    """The table of widths: files, download size, share of the full download, bits per weight."""
+    full = max((r.download_bytes for r in rows), default=0)
+    table = [
+        f"| {r.label} | {r.files} | {human_bytes(r.download_bytes)} "
+        f"| {(r.download_bytes / full if full else 1.0):.0%} | {r.bits_per_weight:.3f} |"
+        for r in rows
+    ]
+    return [
         "",
         "## Widths on offer",
         "",
         "| width | files | download | share of full | bits per weight |",
         "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        share = r.download_bytes / full if full else 1.0
-        lines.append(
-            f"| {r.label} | {r.files} | {human_bytes(r.download_bytes)} | {share:.0%} | {r.bits_per_weight:.3f} |"
-        )
-    lines += [
+        *table,
         "",
         "Bits per weight count the codes, scales, zero points and (with extra precision) the extra "
         "bucket; unquantized tensors are not counted. Any narrower width can also be served from a "
         "wider download.",
+    ]
+
+
+def _pull_section(rows: list[WidthOffer], repo_id: str, name: str) -> list[str]:
+    """One ``matq pull`` line per width on offer, and a Mix'n'Match plan."""
+    pulls = [
+        f"matq pull {repo_id} --bits {r.bits}{' --extra-precision' if r.extra_precision else ''} "
+        f"-o {name}-int{r.bits}{'ep' if r.extra_precision else ''}"
+        for r in rows
+    ]
+    return [
         "",
         "## Pull one width",
         "",
         "```bash",
         'pip install "matq[hub]"',
-    ]
-    for r in rows:
-        ep = " --extra-precision" if r.extra_precision else ""
-        suffix = "ep" if r.extra_precision else ""
-        lines.append(f"matq pull {repo_id} --bits {r.bits}{ep} -o {name}-int{r.bits}{suffix}")
-    lines += [
+        *pulls,
         f"matq pull {repo_id} --plan pyramid -o {name}-mnm      # Mix'n'Match: int2 at both ends, int8 in the middle",
         "```",
         "",
         "`matq pull` fetches the files through `huggingface_hub` and its cache, checks every CRC-32 and "
         "sha256 the manifest records, and writes a checkpoint holding only the planes that width needs. "
         "`--revision` pins a branch, tag or commit.",
+    ]
+
+
+def _convert_section(name: str, widths: list[int], small: int) -> list[str]:
+    """How to convert a pulled folder (int4 and int2 where offered) and read it from Python."""
+    conv = [r for r in (4, 2) if r in widths] or [small]
+    return [
         "",
         "## Convert",
         "",
@@ -171,32 +196,36 @@ def render_card(
         f"w = ckpt.dequantize(ckpt.quantized_names()[0], bits={small})   # float32",
         "```",
     ]
-    if exports:
-        lines += [
-            "",
-            "## Exports",
-            "",
-            "Files made from this checkpoint, uploaded alongside it:",
-            "",
-            "| file | size |",
-            "|---|---|",
-        ]
-        lines += [f"| `{p}` | {human_bytes(b)} |" for p, b in sorted(exports.items())]
-        first = sorted(exports)[0]
-        lines += [
-            "",
-            "```python",
-            "from huggingface_hub import hf_hub_download",
-            f'path = hf_hub_download("{repo_id}", "{first}")',
-            "```",
-        ]
-    lines += [
+
+
+def _exports_section(repo_id: str, exports: dict[str, int]) -> list[str]:
+    """The exported files uploaded beside the checkpoint, and how to download one."""
+    return [
+        "",
+        "## Exports",
+        "",
+        "Files made from this checkpoint, uploaded alongside it:",
+        "",
+        "| file | size |",
+        "|---|---|",
+        *(f"| `{p}` | {human_bytes(b)} |" for p, b in sorted(exports.items())),
+        "",
+        "```python",
+        "from huggingface_hub import hf_hub_download",
+        f'path = hf_hub_download("{repo_id}", "{sorted(exports)[0]}")',
+        "```",
+    ]
+
+
+def _checkpoint_section(ckpt: Checkpoint) -> list[str]:
+    """Format version, digest and carried files: what names this exact checkpoint."""
+    carried = ", ".join(f"`{f}`" for f in sorted(ckpt.manifest.get("carried", {}))) or "none"
+    return [
         "",
         "## Checkpoint",
         "",
         f"- format: matq {ckpt.version}, code bits {ckpt.code_bits}",
         f"- digest (sha256 of the manifest): `{ckpt.digest}`",
-        f"- carried files: {', '.join(f'`{f}`' for f in sorted(ckpt.manifest.get('carried', {}))) or 'none'}",
+        f"- carried files: {carried}",
         "",
     ]
-    return str(ModelCard("\n".join(lines)))

@@ -585,6 +585,27 @@ def test_a_budget_is_searched_once_per_request(models, tmp_path, monkeypatch):
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
 
+def test_convert_plans_a_budget_once_and_export_gguf_plans_for_itself(models, tmp_path, monkeypatch):
+    """``matq convert --plan budget:`` plans once: the plan ``validate`` makes is the one written, and
+    it outlives the carried folder it was checked in. ``export_gguf`` called as a library function,
+    without a plan, makes its own; both write the same file."""
+    from matq_converters.exporters.gguf import export as gguf_export
+
+    _, _, cks = models
+    calls = []
+    prepare = gguf_export._prepare
+    monkeypatch.setattr(gguf_export, "_prepare", lambda *a: calls.append(1) or prepare(*a))
+    ck, cli_out = cks["llama"], tmp_path / "cli.gguf"
+    args = ["convert", str(ck.root), "--to", "gguf", "--plan", "budget:5.0", "-o", str(cli_out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1
+    lib = gguf_export.export_gguf(ck, tmp_path / "lib.gguf", ConvertOptions(plan="budget:5.0"))
+    assert len(calls) == 2
+    assert lib.path == tmp_path / "lib.gguf" and 0 < lib.details["file_bits_per_weight"] <= 5.0
+    assert lib.path.read_bytes() == cli_out.read_bytes()
+
+
 def file_bits_per_weight(path: Path) -> float:
     """Bits per weight as llama.cpp reports them: every tensor's bytes over every tensor's elements."""
     tensors = gguf.GGUFReader(path).tensors

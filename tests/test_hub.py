@@ -155,6 +155,33 @@ def test_push_writes_checkpoint_and_card_in_one_commit(server, ckpt, pushed):
     assert f"matq pull {pushed} --bits 4" in card
 
 
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def bare_checkpoint(out: Path) -> Path:
+    """One quantized tensor, nothing carried: no base model, license, or carried files to name."""
+    rng = np.random.default_rng(1)
+    with mf.CheckpointWriter(out) as w:
+        x = rng.standard_normal((64, 256)).astype(np.float32)
+        a, z = N.minmax_params(x, 8, None, scale_dtype="F16")
+        w.add_quantized("w.weight", N.quantize(x, a, z, 8, None), a, z, dtype="F32")
+    return out
+
+
+def test_card_text_is_pinned(tmp_path):
+    """The whole card, byte for byte, for a fixed checkpoint (the digest aside): with base model,
+    license, extra precision and exports; and bare (no carried files, no exports)."""
+    from matq_hub.card import render_card
+
+    full = mf.open(build(tmp_path / "ck", layers=2))
+    exports = {"tiny-int4.gguf": 123_456, "onnx/model.onnx": 7_890_123}
+    text = render_card(full, "org/tiny-matq", base_bytes=4096, exports=exports)
+    assert text.replace(full.digest, "{digest}") == (GOLDEN / "hub_card.md").read_text()
+    bare = mf.open(bare_checkpoint(tmp_path / "bare"))
+    text = render_card(bare, "bare", base_bytes=100)
+    assert text.replace(bare.digest, "{digest}") == (GOLDEN / "hub_card_bare.md").read_text()
+
+
 def test_push_again_changes_nothing(server, ckpt, pushed):
     head = server.head(pushed)
     server.reset_counters()

@@ -14,7 +14,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from matq_converters.registry import (
     ConvertOptionError,
     ConvertOptions,
     ConvertResult,
+    PlannedExporter,
     UnsupportedModelError,
     typed_options,
 )
@@ -34,8 +35,6 @@ from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 from matq_format.safefs import open_regular
 
-"""Types of unquantized 2-D tensors: auto (what llama.cpp picks for the width: Q6_K, Q8_0 at int8),
-source (as stored), or one type for all."""
 NO_QUANT = ("position_embd.weight", "token_types.weight")
 """Tensors llama.cpp never quantizes (BERT's position and token-type embeddings)."""
 
@@ -97,38 +96,28 @@ class _Tensor:
 
 @dataclass
 class _Prepared:
+    """A checked request: what :func:`export_gguf` writes. It holds no path to the carried files (the
+    folder they were checked in is gone), so it stays valid until the export reads its own copy."""
+
     arch: gguf_arch.Arch
     cfg: dict
     tensors: list[_Tensor]
     widths: dict[str, int]
     n_vocab: int
     allowed: tuple | None
-    float_slices: str | None
-    """Write slices as plain floats (what llama.cpp's own converter makes; for comparisons)."""
-    warnings: list[str]
-    root: Path
-    """Checked copies of the carried files (config, tokenizer)."""
     opts: GGUFOptions
 
+    @property
+    def gguf_widths(self) -> dict[str, int]:
+        """GGUF tensor name -> width, of the quantized tensors."""
+        return {t.gguf_name: t.bits for t in self.tensors if t.quantized}
 
-class GGUFConverter:
-    name = "gguf"
-    description = "GGUF for llama.cpp; sliced grids kept exactly"
-    suffix = ".gguf"
-    Options = GGUFOptions
 
-    def validate(self, ckpt, options: ConvertOptions) -> list[str]:
-        with ckpt.carried_folder() as root:
-            return _prepare(ckpt, options, root).warnings
-
-    def convert(
-        self,
-        ckpt,
-        out: str | os.PathLike,
-        options: ConvertOptions,
-        progress: Callable[[int], None] | None = None,
-    ) -> ConvertResult:
-        return export_gguf(ckpt, out, options, progress)
+def plan_gguf(ckpt, options: ConvertOptions) -> _Prepared:
+    """Check and plan the request (a ``budget:`` searches every width of every tensor), with the
+    carried files checked in a temporary folder that is removed before the plan is returned."""
+    with ckpt.carried_folder() as root:
+        return _prepare(ckpt, options, root)
 
 
 def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
@@ -137,7 +126,6 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
         raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
     opts = typed_options(GGUFOptions, options.settings, "--to gguf")
     allowed = _allowed_types(opts.types)
-    float_slices = opts.float_slices
     cfg = ckpt.config
     arch = gguf_arch.detect(cfg, ckpt.path)
     budget = _file_budget(options.plan, opts)
@@ -148,8 +136,24 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
         raise UnsupportedModelError(
             ckpt.path, "llama.cpp's gemma2 reuses the token embedding as lm_head; untied is unsupported"
         )
+    tensors = _map_tensors(ckpt, arch, cfg)
+    embd = next((t.hf_name for t in tensors if t.gguf_name == "token_embd.weight"), None)
+    if embd is None:
+        raise UnsupportedModelError(ckpt.path, "has no token embedding")
+    if budget is not None:
+        widths = _budget_widths(ckpt, tensors, budget, options.extra_precision, opts.outtype)
+    for t in tensors:
+        if t.quantized:
+            t.bits = widths[t.hf_name]
+            t.extra_precision = options.extra_precision and t.bits < ckpt.code_bits
+    _check_tokenizer(root, arch, opts)
+    return _Prepared(arch, cfg, tensors, widths, ckpt.info(embd).shape[0], allowed, opts)
+
+
+def _map_tensors(ckpt, arch: gguf_arch.Arch, cfg: dict) -> list[_Tensor]:
+    """Each tensor llama.cpp reads, under its GGUF name; a tensor without one, or two tensors under
+    one name, are refused (llama.cpp would not load the file)."""
     names = gguf_arch.TensorNames(arch, int(cfg["num_hidden_layers"]))
-    c = ckpt.code_bits
     tensors, unknown, seen = [], [], {}
     for hf in ckpt.tensor_names():
         if names.skipped(hf):
@@ -161,45 +165,50 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
         if g in seen:
             raise UnsupportedModelError(ckpt.path, f"{hf} and {seen[g]} both map to GGUF tensor {g}")
         seen[g] = hf
-        info = ckpt.info(hf)
-        t = _Tensor(hf, g, info.quantized, offset=gguf_arch.norm_offset(arch, hf))
-        if info.quantized:
-            if t.offset:
-                raise UnsupportedModelError(
-                    ckpt.path, f"{hf}: a quantized norm weight cannot take Gemma's +1 offset"
-                )
-        elif info.dtype not in ("F16", "BF16", "F32", "F64"):
-            raise UnsupportedModelError(
-                ckpt.path, f"{hf}: {info.dtype} tensors have no place in a {arch.name} GGUF"
-            )
-        if len(info.shape) >= 1:
-            t.perm = gguf_arch.row_permutation(arch, g, cfg, info.shape[0])
-        tensors.append(t)
+        tensors.append(_tensor(ckpt, arch, cfg, hf, g))
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise UnsupportedModelError(
             ckpt.path, f"no GGUF name for {', '.join(unknown[:3])}{more} in architecture {arch.name}"
         )
-    embd = seen.get("token_embd.weight")
-    if embd is None:
-        raise UnsupportedModelError(ckpt.path, "has no token embedding")
-    if budget is not None:
-        from matq_converters.exporters.gguf.budget import file_budget_plan
+    return tensors
 
-        dense = lambda t: dense_bits(ckpt.info(t.hf_name), t, opts.outtype, 6)  # noqa: E731
-        widths = file_budget_plan(ckpt, tensors, budget, options.extra_precision, dense)
-    for t in tensors:
-        if t.quantized:
-            t.bits = widths[t.hf_name]
-            t.extra_precision = options.extra_precision and t.bits < c
-    n_vocab = ckpt.info(embd).shape[0]
+
+def _tensor(ckpt, arch: gguf_arch.Arch, cfg: dict, hf: str, g: str) -> _Tensor:
+    """One tensor with its norm offset and row order (llama.cpp's layout for ``g``), checked to fit."""
+    info = ckpt.info(hf)
+    t = _Tensor(hf, g, info.quantized, offset=gguf_arch.norm_offset(arch, hf))
+    if info.quantized:
+        if t.offset:
+            raise UnsupportedModelError(
+                ckpt.path, f"{hf}: a quantized norm weight cannot take Gemma's +1 offset"
+            )
+    elif info.dtype not in ("F16", "BF16", "F32", "F64"):
+        raise UnsupportedModelError(
+            ckpt.path, f"{hf}: {info.dtype} tensors have no place in a {arch.name} GGUF"
+        )
+    if len(info.shape) >= 1:
+        t.perm = gguf_arch.row_permutation(arch, g, cfg, info.shape[0])
+    return t
+
+
+def _budget_widths(ckpt, tensors: list[_Tensor], budget: float, ep: bool, outtype: str) -> dict[str, int]:
+    """Widths for a file of at most ``budget`` bits per weight, unquantized tensors counted as written."""
+    from matq_converters.exporters.gguf.budget import file_budget_plan
+
+    def dense(t: _Tensor) -> float:
+        return dense_bits(ckpt.info(t.hf_name), t, outtype, 6)
+
+    return file_budget_plan(ckpt, tensors, budget, ep, dense)
+
+
+def _check_tokenizer(root: Path, arch: gguf_arch.Arch, opts: GGUFOptions) -> None:
+    """The tokenizer's kind is one llama.cpp implements, and a BPE one's pre-tokenizer is known."""
     from matq_converters.exporters.gguf import vocab as gguf_vocab
 
-    warnings = []
     kind = gguf_vocab.detect(root, arch)
     if kind == "bpe" and not opts.tokenizer_pre:
         gguf_vocab.bpe_pre(root / "tokenizer.json")
-    return _Prepared(arch, cfg, tensors, widths, n_vocab, allowed, float_slices, warnings, root, opts)
 
 
 def _file_budget(plan, opts: GGUFOptions) -> float | None:
@@ -268,8 +277,10 @@ def export_gguf(
     out: str | os.PathLike,
     options: ConvertOptions,
     progress: Callable[[int], None] | None = None,
+    planned: _Prepared | None = None,
 ) -> ConvertResult:
-    """Write ``out`` (a .gguf file) from ``ckpt``; returns what was written and how exactly."""
+    """Write ``out`` (a .gguf file) from ``ckpt``; returns what was written and how exactly.
+    ``planned``: :func:`plan_gguf`'s result for these arguments, if already made."""
     import gguf
 
     from matq_converters.exporters.gguf import vocab as gguf_vocab
@@ -279,14 +290,13 @@ def export_gguf(
         AtomicOutput(out, GGUF_FILE, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o,
         ckpt.carried_folder() as root,
     ):
-        prep = _prepare(ckpt, options, root)
+        prep = _prepare(ckpt, options, root) if planned is None else planned
         w = gguf.GGUFWriter(None, prep.arch.name, use_temp_file=True)
         try:
-            details = _write(w, ckpt, prep, options, progress)
+            details, warnings = _write(w, ckpt, prep, root, options, progress)
             vocab = gguf_vocab.add_vocab(
                 w, root, prep.arch, prep.n_vocab, prep.cfg, pre=prep.opts.tokenizer_pre
             )
-            prep.warnings.extend(vocab.warnings)
             w.write_header_to_file(o.tmp)
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
@@ -294,107 +304,152 @@ def export_gguf(
             w.close()
         o.commit()
     details.update(tokenizer=vocab.kind, tokenizer_pre=vocab.pre, bytes=out.stat().st_size)
+    return ConvertResult(out, _summary(out, details), details, [*warnings, *vocab.warnings])
+
+
+def _summary(out: Path, details: dict) -> str:
+    """One line: architecture, tensors by type, how many are bit-exact, bits per quantized weight."""
     counts = Counter(details["types"].values())
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    summary = (
-        f"{out}: {prep.arch.name}, {len(details['types'])} tensors ({kinds}); "
+    return (
+        f"{out}: {details['arch']}, {len(details['types'])} tensors ({kinds}); "
         f"{details['exact_tensors']}/{details['quantized_tensors']} quantized tensors bit-exact; "
         f"{details['bits_per_weight']:.3f} bits per quantized weight"
     )
-    return ConvertResult(out, summary, details, prep.warnings)
 
 
-def _write(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> dict:
-    """Metadata and tensors into the writer (nothing touches the disk until the caller writes)."""
+class GGUFConverter(PlannedExporter):
+    name = "gguf"
+    description = "GGUF for llama.cpp; sliced grids kept exactly"
+    suffix = ".gguf"
+    Options = GGUFOptions
+
+    plan = staticmethod(plan_gguf)
+    export = staticmethod(export_gguf)
+
+
+@dataclass
+class _Tally:
+    """What was written, counted tensor by tensor: types, sizes, and how many slices are exact."""
+
+    types: dict[str, str] = field(default_factory=dict)
+    weights_by_type: Counter = field(default_factory=Counter)
+    n_bytes: int = 0
+    n_weights: int = 0
+    q_bits: int = 0
+    q_weights: int = 0
+    exact: int = 0
+    quantized: int = 0
+    refit: dict[str, float] = field(default_factory=dict)
+    """GGUF name -> relative RMS error against its slice, of the slices not stored exactly."""
+
+    def add(self, name: str, qtype, data, info) -> None:
+        self.n_bytes += int(np.asarray(data).nbytes)
+        self.n_weights += info.numel
+        self.types[name] = qtype.name
+        if len(info.shape) == 2:
+            self.weights_by_type[qtype.name] += info.numel
+
+    def details(self, prep: _Prepared) -> dict:
+        return {
+            "arch": prep.arch.name,
+            "types": self.types,
+            "widths": prep.gguf_widths,
+            "exact_tensors": self.exact,
+            "quantized_tensors": self.quantized,
+            "bits_per_weight": self.q_bits / self.q_weights if self.q_weights else 0.0,
+            "file_bits_per_weight": 8 * self.n_bytes / self.n_weights if self.n_weights else 0.0,
+            "refit_rel_rms": self.refit,
+        }
+
+
+def _write(w, ckpt, prep: _Prepared, root: Path, options: ConvertOptions, progress) -> tuple[dict, list[str]]:
+    """Metadata and tensors into the writer (nothing touches the disk until the caller writes);
+    returns the details of what was written and the architecture's warnings."""
     import gguf
-    from gguf import GGMLQuantizationType as T
 
-    from matq_converters.exporters.gguf import blocks as B
-
-    c = ckpt.code_bits
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(ckpt.source.get("model") or prep.cfg.get("_name_or_path") or ckpt.root.name))
-    prep.warnings.extend(prep.arch.hparams(w, prep.cfg, prep.root) or [])
+    warnings = list(prep.arch.hparams(w, prep.cfg, root) or [])
     w.add_vocab_size(prep.n_vocab)
-    types: dict[str, str] = {}
-    weights_by_type: Counter = Counter()
-    n_bytes = n_weights = 0
-    q_bits = q_weights = exact = quantized = 0
-    refit: dict[str, float] = {}
-    exact_only = prep.opts.exact
-    width = options.bits or (8 if min(prep.widths.values(), default=c) >= 7 else 6)
+    tally = _write_tensors(w, ckpt, prep, options, progress)
+    if tally.weights_by_type:
+        dominant = tally.weights_by_type.most_common(1)[0][0]
+        w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dominant]])
+    if any(v not in ("F32", "F16", "BF16") for v in tally.types.values()):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_matq_keys(w, ckpt, prep, options, tally)
+    return tally.details(prep), warnings
+
+
+def _write_tensors(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> _Tally:
+    """Every tensor into the writer: quantized ones as their slices, the others at the output type."""
+    from gguf import GGMLQuantizationType as T
+
+    tally = _Tally()
+    width = options.bits or (8 if min(prep.widths.values(), default=ckpt.code_bits) >= 7 else 6)
+    outtype = "source" if prep.opts.outtype == "auto" and prep.opts.exact else prep.opts.outtype
     for t in prep.tensors:
         info = ckpt.info(t.hf_name)
         if t.quantized:
-            k = ckpt.sliced_codes(t.hf_name, t.bits, t.extra_precision)
-            a, z = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
-            if t.perm is not None:
-                k, a, z = k[t.perm], a[t.perm], z[t.perm]
-            sl = B.Slice(k, a, z, c, t.bits, info.group_size, t.extra_precision)
-            if prep.float_slices is not None:
-                enc = _float_slice(sl, prep.float_slices)
-            elif exact_only or prep.allowed is not None:
-                enc = B.encode(sl, prep.allowed)
-            else:
-                enc = B.encode_compact(sl)
-            if not enc.exact:
-                refit[t.gguf_name] = B.rel_rms_error(enc, sl.dequantize())
-            qtype, data = enc.qtype, enc.data
-            quantized += 1
-            exact += enc.exact
-            q_bits += data.nbytes * 8
-            q_weights += k.size
+            qtype, data = _quantized(ckpt, prep, t, info, tally)
         else:
-            outtype = prep.opts.outtype
-            if outtype == "auto" and exact_only:
-                outtype = "source"
             qtype, data = _dense(ckpt, t, info, outtype, width)
-        n_bytes += int(np.asarray(data).nbytes)
-        n_weights += info.numel
         if qtype in (T.F16, T.F32):
             w.add_tensor(t.gguf_name, data)
         else:
             w.add_tensor(t.gguf_name, data, raw_dtype=qtype)
-        types[t.gguf_name] = qtype.name
-        if len(info.shape) == 2:
-            weights_by_type[qtype.name] += info.numel
+        tally.add(t.gguf_name, qtype, data, info)
         if progress:
             progress(1)
-    if weights_by_type:
-        dominant = weights_by_type.most_common(1)[0][0]
-        w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dominant]])
-    if any(v not in ("F32", "F16", "BF16") for v in types.values()):
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    gguf_widths = {t.gguf_name: t.bits for t in prep.tensors if t.quantized}
+    return tally
+
+
+def _quantized(ckpt, prep: _Prepared, t: _Tensor, info, tally: _Tally):
+    """A quantized tensor's slice, encoded as asked (compact by default); counted in ``tally``."""
+    from matq_converters.exporters.gguf import blocks as B
+
+    k = ckpt.sliced_codes(t.hf_name, t.bits, t.extra_precision)
+    a, z = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
+    if t.perm is not None:
+        k, a, z = k[t.perm], a[t.perm], z[t.perm]
+    sl = B.Slice(k, a, z, ckpt.code_bits, t.bits, info.group_size, t.extra_precision)
+    if prep.opts.float_slices is not None:
+        enc = _float_slice(sl, prep.opts.float_slices)
+    elif prep.opts.exact or prep.allowed is not None:
+        enc = B.encode(sl, prep.allowed)
+    else:
+        enc = B.encode_compact(sl)
+    if not enc.exact:
+        tally.refit[t.gguf_name] = B.rel_rms_error(enc, sl.dequantize())
+    tally.quantized += 1
+    tally.exact += enc.exact
+    tally.q_bits += enc.data.nbytes * 8
+    tally.q_weights += k.size
+    return enc.qtype, enc.data
+
+
+def _add_matq_keys(w, ckpt, prep: _Prepared, options: ConvertOptions, tally: _Tally) -> None:
+    """The ``matq.*`` keys: where the file came from, the widths it holds, and how exactly."""
     w.add_string(KEY_CONVERTER, f"matq {MATQ_VERSION}")
     w.add_string(KEY_FORMAT_VERSION, str(ckpt.version))
     w.add_string(KEY_SOURCE_DIGEST, ckpt.digest)
     if ckpt.source:
         w.add_string(KEY_SOURCE, json.dumps(ckpt.source, sort_keys=True))
-    w.add_uint32(KEY_CODE_BITS, c)
+    w.add_uint32(KEY_CODE_BITS, ckpt.code_bits)
     if options.plan is None:
         w.add_uint32(KEY_BITS, int(options.bits))
         plan = str(options.bits)
     else:
         plan = options.plan if isinstance(options.plan, str) else "custom"
     w.add_string(KEY_PLAN, plan)
-    w.add_string(KEY_WIDTHS, json.dumps(gguf_widths, sort_keys=True))
+    w.add_string(KEY_WIDTHS, json.dumps(prep.gguf_widths, sort_keys=True))
     w.add_bool(KEY_EXTRA_PRECISION, bool(options.extra_precision))
-    w.add_bool(KEY_EXACT, exact == quantized)
-    w.add_uint32(KEY_EXACT_TENSORS, exact)
-    w.add_uint32(KEY_QUANTIZED_TENSORS, quantized)
-    if refit:
-        w.add_string(KEY_REFIT, json.dumps(refit, sort_keys=True))
-    return {
-        "arch": prep.arch.name,
-        "types": types,
-        "widths": gguf_widths,
-        "exact_tensors": exact,
-        "quantized_tensors": quantized,
-        "bits_per_weight": q_bits / q_weights if q_weights else 0.0,
-        "file_bits_per_weight": 8 * n_bytes / n_weights if n_weights else 0.0,
-        "refit_rel_rms": refit,
-    }
+    w.add_bool(KEY_EXACT, tally.exact == tally.quantized)
+    w.add_uint32(KEY_EXACT_TENSORS, tally.exact)
+    w.add_uint32(KEY_QUANTIZED_TENSORS, tally.quantized)
+    if tally.refit:
+        w.add_string(KEY_REFIT, json.dumps(tally.refit, sort_keys=True))
 
 
 def _dense(ckpt, t: _Tensor, info, outtype: str, width: int):
