@@ -348,12 +348,3 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._f.close()
         self.path.unlink(missing_ok=True)
-
-
-def memmap_entry(header: FileHeader, entry: Entry) -> np.ndarray:
-    """A read-only view of an entry's bytes (uint8); only the pages touched are read."""
-    if entry.nbytes == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return np.memmap(
-        header.path, dtype=np.uint8, mode="r", offset=header.data_start + entry.start, shape=(entry.nbytes,)
-    )

@@ -95,14 +95,6 @@ def _little_endian_c(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(a.shape)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _escaped_len(text: str) -> int:
     """UTF-8 bytes of JSON text once more JSON-escaped, as the manifest sits in the base header.
 
