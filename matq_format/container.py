@@ -236,6 +236,15 @@ class SafetensorsWriter:
         self._entries: dict[str, dict] = {}
         self.crcs: dict[str, str] = {}
 
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of entry data written so far: where the next entry's data starts."""
+        return self._pos
+
+    @property
+    def entry_count(self) -> int:
+        return len(self._entries)
+
     def write(self, name: str, array: np.ndarray, dtype: str, shape: tuple[int, ...] | None = None) -> str:
         """Append one entry from a C-contiguous array; returns its CRC-32 (8 hex digits)."""
         if name in self._entries:
