@@ -48,7 +48,7 @@ K_MULT = {T.Q2_K: 15, T.Q4_K: 63, T.Q5_K: 63}
 SIGNED_MULT = {T.Q3_K: 31, T.Q6_K: 127}
 
 
-# --- references, written from numerics (the one definition of the formulas) -----------------------
+# --- references, written from numerics and gguf/params (ggml's block parameters and decoders) -----
 def reference(sl: B.Slice, qtype: T) -> np.ndarray:
     """What ggml's decoder must return for ``sl`` stored as ``qtype``."""
     c, r, g = sl.code_bits, sl.bits, sl.group_size
