@@ -1,12 +1,18 @@
 """Choosing one option per tensor (a width, a type) for the least error within a size budget.
 
 Shared by ``budget:BITS`` plans in matq's own storage bits (:mod:`matq_format.plans`) and in the
-bits of an exported file (``matq convert --to gguf --plan budget:BITS``).
+bits of an exported file (``matq convert --to gguf|onnx --plan budget:BITS``), which all read the
+spec with :func:`parse_budget`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
+
+from .errors import PlanError
+
+BUDGET_PREFIX = "budget:"
 
 
 class BudgetTooSmall(ValueError):
@@ -15,6 +21,18 @@ class BudgetTooSmall(ValueError):
     def __init__(self, minimum: float):
         super().__init__(f"the cheapest choice costs {minimum}")
         self.minimum = minimum
+
+
+def parse_budget(spec: str) -> float:
+    """The bits per weight of a ``budget:BITS`` plan spec: one reading, one error type
+    (:class:`PlanError` naming the spec) for matq's plans and every exporter's."""
+    try:
+        budget = float(spec.split(":", 1)[1])
+    except (IndexError, ValueError):
+        raise PlanError(spec, "budget must be a number of bits per weight, e.g. budget:3.5") from None
+    if not math.isfinite(budget) or budget <= 0:
+        raise PlanError(spec, "budget must be a positive, finite number of bits per weight, e.g. budget:3.5")
+    return budget
 
 
 def cheapest_within(

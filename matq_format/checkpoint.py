@@ -170,9 +170,6 @@ class Checkpoint:
             )
             self._infos[name] = dataclasses.replace(t, planes=kept)
 
-    def _present(self, ename: str) -> bool:
-        return self.manifest["entries"][ename]["file"] not in self.missing_files
-
     def _raw(self, ename: str) -> np.ndarray:
         """The bytes of one entry (memory-mapped), checked against its CRC-32 on first read."""
         fname = self.manifest["entries"][ename]["file"]

@@ -236,6 +236,15 @@ class SafetensorsWriter:
         self._entries: dict[str, dict] = {}
         self.crcs: dict[str, str] = {}
 
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of entry data written so far: where the next entry's data starts."""
+        return self._pos
+
+    @property
+    def entry_count(self) -> int:
+        return len(self._entries)
+
     def write(self, name: str, array: np.ndarray, dtype: str, shape: tuple[int, ...] | None = None) -> str:
         """Append one entry from a C-contiguous array; returns its CRC-32 (8 hex digits)."""
         if name in self._entries:
@@ -348,12 +357,3 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._f.close()
         self.path.unlink(missing_ok=True)
-
-
-def memmap_entry(header: FileHeader, entry: Entry) -> np.ndarray:
-    """A read-only view of an entry's bytes (uint8); only the pages touched are read."""
-    if entry.nbytes == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return np.memmap(
-        header.path, dtype=np.uint8, mode="r", offset=header.data_start + entry.start, shape=(entry.nbytes,)
-    )

@@ -43,10 +43,6 @@ def from_bytes(buf: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarra
     return np.frombuffer(buf, dtype=np_dtype(dtype)).reshape(shape)
 
 
-def to_float32(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float32)
-
-
 def cast_exact(values: np.ndarray, dtype: str) -> np.ndarray:
     """Cast float32 parameters to the stored dtype, refusing any value that would change."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as a ValueError

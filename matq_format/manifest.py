@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import constants as C
@@ -76,6 +76,98 @@ def entry_name(tensor: str, part: str) -> str:
 
 def plane_entry(tensor: str, k: int) -> str:
     return entry_name(tensor, C.PLANE_SUFFIX.format(k=k))
+
+
+# --- the one check of a tensor record: the writer makes it before writing, the parser after reading ---
+class RecordError(ValueError):
+    """A tensor's name or record breaks a rule of spec/v1 ("Tensors"). The writer and the manifest
+    parser raise it again as their own typed error; ``limit`` marks a size limit, not a malformed value."""
+
+    def __init__(self, message: str, *, limit: bool = False):
+        super().__init__(message)
+        self.limit = limit
+
+
+def _shown(name) -> str:
+    """A tensor name as messages show it: quoted, cut after 64 characters."""
+    return f"{name[:64]!r}..." if isinstance(name, str) and len(name) > 64 else repr(name)
+
+
+def check_name(name) -> None:
+    """The rules of a tensor name; raises :class:`RecordError`."""
+    if not isinstance(name, str) or not name or C.ENTRY_SEP in name or name == "__metadata__":
+        raise RecordError(f"tensor name {_shown(name)} must be a non-empty string free of '@', not __metadata__")
+    try:
+        nbytes = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate
+        raise RecordError(f"tensor name {_shown(name)} is not valid Unicode") from None
+    if nbytes > C.MAX_NAME_BYTES:
+        raise RecordError(
+            f"tensor name {_shown(name)} is {nbytes} bytes of UTF-8, over the limit of {C.MAX_NAME_BYTES}",
+            limit=True,
+        )
+
+
+def check_tensor(info: TensorInfo, code_bits: int) -> None:
+    """The rules of one tensor's record but its name (kind, dtype, shape, quantization parameters,
+    planes); raises :class:`RecordError`. ``info`` holds the values as given: nothing is coerced."""
+    if not _one_of(info.kind, C.KINDS):
+        raise RecordError(f"unknown kind {info.kind!r}")
+    if not _one_of(info.dtype, C.DTYPES):
+        raise RecordError(f"unknown dtype {info.dtype!r} (known: {', '.join(C.DTYPES)})")
+    _check_shape(info.shape)
+    if info.quantized:
+        _check_quantized(info, code_bits)
+
+
+def _one_of(value, allowed) -> bool:
+    return isinstance(value, str) and value in allowed
+
+
+def _is_int(v) -> bool:
+    """An integer as JSON writes one: ``True`` and ``1.0`` are none."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _distinct_ints(values, lo: int, hi: int) -> bool:
+    """Distinct integers in ``lo..hi``."""
+    return all(_is_int(v) and lo <= v <= hi for v in values) and len(set(values)) == len(values)
+
+
+def _check_shape(shape: tuple) -> None:
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise RecordError(f"malformed shape {str(list(shape))[:80]}: dimensions are non-negative integers")
+    if len(shape) > C.MAX_DIMS:
+        raise RecordError(f"shape has {len(shape)} dimensions, over the limit of {C.MAX_DIMS}")
+    if any(d > C.MAX_DIM_SIZE for d in shape):
+        raise RecordError(
+            f"shape {list(shape)} passes the limits of {C.MAX_DIMS} dimensions of at most {C.MAX_DIM_SIZE}"
+        )
+
+
+def _check_quantized(t: TensorInfo, code_bits: int) -> None:
+    if len(t.shape) != 2:
+        raise RecordError(f"quantized tensors are 2-D, got shape {list(t.shape)}")
+    if t.dtype not in C.QUANTIZABLE_DTYPES:
+        raise RecordError(f"source dtype {t.dtype} cannot be quantized (only {', '.join(C.QUANTIZABLE_DTYPES)})")
+    if not _one_of(t.granularity, C.GRANULARITIES):
+        raise RecordError(f"unknown granularity {t.granularity!r}")
+    if t.granularity == C.GRANULARITY_CHANNEL and t.group_size is not None:
+        raise RecordError("channel granularity takes no group_size")
+    if t.granularity == C.GRANULARITY_GROUP and (not _is_int(t.group_size) or t.group_size < 1):
+        raise RecordError(f"group_size {t.group_size!r} must be a positive integer")
+    if t.granularity == C.GRANULARITY_GROUP and t.group_size > C.MAX_DIM_SIZE:
+        raise RecordError(f"group_size {t.group_size} exceeds the limit of {C.MAX_DIM_SIZE}")
+    if not _one_of(t.scheme, C.SCHEMES):
+        raise RecordError(f"unknown scheme {t.scheme!r} (known: {', '.join(C.SCHEMES)})")
+    if not _one_of(t.scale_dtype, C.SCALE_DTYPES):
+        raise RecordError(f"scale_dtype {t.scale_dtype!r} is not one of {', '.join(C.SCALE_DTYPES)}")
+    if not _one_of(t.zero_dtype, C.ZERO_DTYPES):
+        raise RecordError(f"zero_dtype {t.zero_dtype!r} is not one of {', '.join(C.ZERO_DTYPES)}")
+    if not _distinct_ints(t.extra_precision, 1, code_bits - 1):
+        raise RecordError(f"extra_precision must list distinct widths in 1..{code_bits - 1}")
+    if not _distinct_ints(t.planes, 0, code_bits - 1):
+        raise RecordError(f"planes must list distinct plane indices in 0..{code_bits - 1}")
 
 
 _VERSION_RE = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}")
@@ -155,7 +247,7 @@ def parse_manifest(
     if not isinstance(carried, dict):
         raise HeaderError(path, "carried must be an object")
     for rel, cinfo in carried.items():
-        if not _safe_relpath(rel) or rel == C.BASE_FILENAME or rel in files:
+        if not safe_relpath(rel) or rel == C.BASE_FILENAME or rel in files:
             raise HeaderError(path, f"carried file {rel!r} must be a relative path inside the checkpoint")
         if (
             not isinstance(cinfo, dict)
@@ -197,15 +289,11 @@ def parse_manifest(
 
 
 def _index_list(v, code_bits: int) -> bool:
-    """A list of distinct plane indices (or widths) in 0..code_bits-1."""
-    return (
-        isinstance(v, list)
-        and all(type(k) is int and 0 <= k < code_bits for k in v)
-        and len(set(v)) == len(v)
-    )
+    """A list of distinct plane indices in 0..code_bits-1."""
+    return isinstance(v, list) and _distinct_ints(v, 0, code_bits - 1)
 
 
-def _safe_relpath(rel: str) -> bool:
+def safe_relpath(rel: str) -> bool:
     """``tokenizer.json`` or ``sub/file``: no absolute paths, no ``..``, no hidden parts."""
     return bool(rel) and "\\" not in rel and all(_safe_relname(part) for part in rel.split("/"))
 
@@ -221,65 +309,51 @@ def _safe_relname(name: str) -> bool:
 
 
 def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
-    where = f"tensor {name!r}"
+    """One tensor of the manifest, checked by :func:`check_name` and :func:`check_tensor` as the
+    writer checks it before writing."""
+    try:
+        check_name(name)
+    except RecordError as exc:
+        raise (LimitError if exc.limit else HeaderError)(path, str(exc)) from None
+    where = f"tensor {_shown(name)}"
     if not isinstance(t, dict):
         raise HeaderError(path, f"{where}: not an object")
-    if not name or C.ENTRY_SEP in name:
-        raise HeaderError(path, f"{where}: names must be non-empty and free of '@'")
-    if len(name) > C.MAX_NAME_BYTES // 4 and len(name.encode("utf-8", "surrogatepass")) > C.MAX_NAME_BYTES:
-        raise LimitError(path, f"tensor {name[:64]!r}...: name longer than {C.MAX_NAME_BYTES} bytes of UTF-8")
+    info = _record(path, name, t, where)
+    try:
+        check_tensor(info, code_bits)
+    except RecordError as exc:
+        raise HeaderError(path, f"{where}: {exc}") from None
+    return info if not info.quantized else replace(info, planes=tuple(sorted(info.planes, reverse=True)))
+
+
+_DENSE_KEYS = frozenset(("kind", "dtype", "shape"))
+_QUANTIZED_KEYS = _DENSE_KEYS | {
+    "granularity", "group_size", "scheme", "scale_dtype", "zero_dtype", "extra_precision", "planes"
+}
+
+
+def _record(path: Path, name: str, t: dict, where: str) -> TensorInfo:
+    """A tensor record's values as JSON gave them, each key present and of its JSON type."""
     kind = _req(path, t, "kind", str, where)
-    if kind not in C.KINDS:
-        raise HeaderError(path, f"{where}: unknown kind {kind!r}")
     dtype = _req(path, t, "dtype", str, where)
-    if dtype not in C.DTYPES:
-        raise HeaderError(path, f"{where}: unknown dtype {dtype!r}")
-    shape = _req(path, t, "shape", list, where)
-    if not all(type(d) is int and 0 <= d <= C.MAX_DIM_SIZE for d in shape) or len(shape) > C.MAX_DIMS:
-        raise HeaderError(path, f"{where}: malformed shape")
-    known = {"kind", "dtype", "shape"}
-    if kind == C.KIND_DENSE:
-        return TensorInfo(
-            name, kind, tuple(shape), dtype, extras={k: v for k, v in t.items() if k not in known}
-        )
-    known |= {"granularity", "group_size", "scheme", "scale_dtype", "zero_dtype", "extra_precision", "planes"}
-    if len(shape) != 2:
-        raise HeaderError(path, f"{where}: quantized tensors are 2-D")
-    if dtype not in C.QUANTIZABLE_DTYPES:
-        raise HeaderError(path, f"{where}: source dtype {dtype} cannot be quantized")
-    gran = _req(path, t, "granularity", str, where)
-    if gran not in C.GRANULARITIES:
-        raise HeaderError(path, f"{where}: unknown granularity {gran!r}")
-    gs = t.get("group_size")
-    if gran == C.GRANULARITY_GROUP:
-        if type(gs) is not int or not 1 <= gs <= C.MAX_DIM_SIZE:
-            raise HeaderError(path, f"{where}: group granularity needs a positive integer group_size")
-    elif gs is not None:
-        raise HeaderError(path, f"{where}: channel granularity takes no group_size")
-    scheme = _req(path, t, "scheme", str, where)
-    if scheme not in C.SCHEMES:
-        raise HeaderError(path, f"{where}: unknown scheme {scheme!r}")
-    sd = _req(path, t, "scale_dtype", str, where)
-    zd = _req(path, t, "zero_dtype", str, where)
-    if sd not in C.SCALE_DTYPES or zd not in C.ZERO_DTYPES:
-        raise HeaderError(path, f"{where}: bad scale_dtype or zero_dtype")
-    ep = _req(path, t, "extra_precision", list, where)
-    if not all(type(r) is int and 1 <= r < code_bits for r in ep) or len(set(ep)) != len(ep):
-        raise HeaderError(path, f"{where}: extra_precision must list distinct widths below code_bits")
-    planes = _req(path, t, "planes", list, where)
-    if not _index_list(planes, code_bits):
-        raise HeaderError(path, f"{where}: planes must list distinct plane indices below code_bits")
+    shape = tuple(_req(path, t, "shape", list, where))
+    if kind != C.KIND_QUANTIZED:
+        return TensorInfo(name, kind, shape, dtype, extras=_extras(t, _DENSE_KEYS))
     return TensorInfo(
         name,
         kind,
-        tuple(shape),
+        shape,
         dtype,
-        gran,
-        gs,
-        scheme,
-        sd,
-        zd,
-        tuple(ep),
-        tuple(sorted(planes, reverse=True)),
-        extras={k: v for k, v in t.items() if k not in known},
+        _req(path, t, "granularity", str, where),
+        t.get("group_size"),
+        _req(path, t, "scheme", str, where),
+        _req(path, t, "scale_dtype", str, where),
+        _req(path, t, "zero_dtype", str, where),
+        tuple(_req(path, t, "extra_precision", list, where)),
+        tuple(_req(path, t, "planes", list, where)),
+        extras=_extras(t, _QUANTIZED_KEYS),
     )
+
+
+def _extras(t: dict, known: frozenset[str]) -> dict:
+    return {k: v for k, v in t.items() if k not in known}

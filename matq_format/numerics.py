@@ -4,6 +4,32 @@ Notation (spec/v1 section "Numerics"): ``c`` code bits, ``r`` served bits, ``s =
 ``q`` the c-bit code, ``k`` the sliced code in the r-bit domain, ``alpha`` the scale, ``z`` the
 zero point on the c-bit scale. All arithmetic is float32 in the order written here; exports that
 claim bit-exactness are checked against these functions.
+
+Mirrors: code that repeats a formula here for speed or for another framework, and the test that
+holds it to this module bit for bit (a change here changes them all).
+
+- ``group_minmax``, ``minmax_params`` (via ``minmax_params_from_range``), ``quantize``, and their
+  BF16 inputs: ``_quantkernel.c``. tests/test_planes.py
+  ``test_quantize_kernel_matches_numpy_reference``, ``test_params_kernel_matches_numpy_reference``,
+  ``test_params_kernel_rounds_every_float16_neighbourhood_like_numpy``,
+  ``test_bf16_kernels_match_widening_to_float32``.
+- ``slice_codes`` (with extra precision) on packed planes: ``_bitplanes.c`` (via ``planes.unpack``).
+  tests/test_planes.py ``test_unpack_kernel_matches_numpy_and_numerics``, ``test_every_width_exhaustive``.
+- ``round_scale``, ``group_minmax``, ``minmax_params``, ``expand_groups``, ``quantize``,
+  ``slice_codes_c_scale``, ``dequantize`` in torch: matq_train/torch/qops.py (used by
+  matq_train/torch/fakequant.py). tests/test_train_core.py ``test_torch_minmax_and_codes_equal_numerics``,
+  ``test_torch_round_scale_equals_numerics``; tests/test_train.py
+  ``test_slice_ste_matches_numerics_for_every_code``, ``test_minmax_fake_weight_equals_numerics_dequantize``.
+- ``slice_codes_c_scale`` and ``dequantize`` in JAX (parameters and codes come from here, on the
+  host): matq_train/jax/fakequant.py. tests/test_train_jax.py ``test_jax_fake_weights_equal_numerics``.
+- ``dequantize_codes`` row by row: matq_torch/loader.py ``dequantize_rows``. tests/test_torch_switch.py
+  ``test_fast_dequantize_is_the_reference_bit_for_bit``.
+- ``minmax_params``, ``slice_codes_c_scale``, ``dequantize_codes`` inside GPTQ's column loop, and
+  ``nest_scales``: matq_converters/importers/hf/gptq.py. tests/test_gptq.py
+  ``test_identity_hessian_is_numerics_multiwidth_rounding``, ``test_table_is_numerics_envelope``.
+- ``dequantize_codes`` as ggml's block parameters and decoders (``ggml_affine_params``,
+  ``ggml_k_params``, ``dequantize_*_reference``): matq_converters/exporters/gguf/params.py.
+  tests/test_gguf_export.py ``test_every_type_decodes_to_the_numerics_reference``.
 """
 
 from __future__ import annotations
@@ -350,11 +376,11 @@ def bits_per_weight(
     return bits + params / n + min(1.0, 32.0 * extra_share)
 
 
-# --- GGUF (ggml) block types ----------------------------------------------------------------------
+# --- scales that GGUF (ggml) blocks hold exactly ---------------------------------------------------
 # A width-r slice is w = alpha * (k * 2^s - z). ggml types hold it as integer levels per block with
-# fp16 block parameters. The functions below define those parameters, their fp16 rounding, and the
-# float32 arithmetic of ggml's reference decoder (gguf.quants) in its order. The GGUF export packs
-# what they return; its tests decode the file with gguf and compare against them bit for bit.
+# fp16 block parameters. The scales below are chosen so that they can: fp16 rounding, signed group
+# scales, nested K-quant scales. ggml's block parameters themselves and the float32 order of its
+# decoder live in matq_converters/exporters/gguf/params.py.
 
 
 def fp16_round(x: np.ndarray) -> np.ndarray:

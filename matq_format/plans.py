@@ -12,7 +12,6 @@ A plan spec is one of:
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from . import constants as C
 from . import numerics
-from .budget import BudgetTooSmall, cheapest_within
+from .budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from .errors import PlanError, WidthError
 
 PATTERNS = ("pyramid", "reverse_pyramid", "increasing", "decreasing")
@@ -57,7 +56,7 @@ def resolve_plan(spec: str | int | dict, ckpt, *, extra_precision: bool = False)
             plan = dict.fromkeys(names, int(text))
         elif text.split(":", 1)[0] in PATTERNS:
             plan = _pattern_plan(text, names, c)
-        elif text.startswith("budget:"):
+        elif text.startswith(BUDGET_PREFIX):
             plan = _budget_plan(text, ckpt, extra_precision)
         elif Path(text).is_file():
             plan = _file_plan(Path(text), names, c)
@@ -183,12 +182,7 @@ def summarize(ckpt, plan: dict[str, int], extra_precision: bool = False) -> Plan
 def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
     """Greedy: start every tensor at the narrowest width, then buy the upgrade with the best error
     reduction per bit until the budget is spent. Error = squared distance to the full-width weights."""
-    try:
-        budget = float(text.split(":", 1)[1])
-    except ValueError:
-        raise PlanError(text, "budget must be a number of bits per weight, e.g. budget:3.5") from None
-    if not math.isfinite(budget) or budget <= 0:
-        raise PlanError(text, "budget must be a positive, finite number of bits per weight, e.g. budget:3.5")
+    budget = parse_budget(text)
     c = ckpt.code_bits
     names = ckpt.quantized_names()
     widths = {n: [r for r in BUDGET_WIDTHS if r <= ckpt.info(n).max_width(c)] for n in names}

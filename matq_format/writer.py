@@ -13,7 +13,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,8 +23,16 @@ from . import constants as C
 from . import dtypes
 from .container import SafetensorsWriter, crc32_hex, read_header
 from .errors import MatqError, WriterError
-from .manifest import TensorInfo, _safe_relpath, entry_name, plane_entry
-from .numerics import code_max, n_groups, planes_needed
+from .manifest import (
+    RecordError,
+    TensorInfo,
+    check_name,
+    check_tensor,
+    entry_name,
+    plane_entry,
+    safe_relpath,
+)
+from .numerics import code_max, planes_needed
 from .planes import pack
 from .publish import AtomicOutput, OutputKind, output_error
 from .safefs import allowed_roots, check_file, read_bounded
@@ -53,11 +63,11 @@ def carried_sources(src: str | os.PathLike) -> list[Path]:
     roots = allowed_roots(src)
     out = []
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = [d for d in dirnames if _safe_relpath(d)]
+        dirnames[:] = [d for d in dirnames if safe_relpath(d)]
         for fname in filenames:
             p = Path(dirpath) / fname
             rel = p.relative_to(src).as_posix()
-            if not _safe_relpath(rel) or fname.endswith(WEIGHT_SUFFIXES) or fname == "README.md":
+            if not safe_relpath(rel) or fname.endswith(WEIGHT_SUFFIXES) or fname == "README.md":
                 continue  # hidden files, odd names, weights
             check_file(p, roots)
             if p.stat().st_size <= C.CARRY_MAX_BYTES:
@@ -94,9 +104,14 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return meta.get(C.METADATA_KEY_FORMAT) == C.FORMAT_NAME and C.METADATA_KEY_MANIFEST in meta
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""How headers and the manifest are serialized: compact, strict JSON, UTF-8 left unescaped."""
+_PLANE_METADATA = {C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES}
+
+
 def _manifest_json(obj) -> str:
     """Strict JSON (no NaN), encodable as UTF-8: what the reader accepts."""
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = _ENCODER.encode(obj)
     text.encode("utf-8")
     return text
 
@@ -108,80 +123,52 @@ def _little_endian_c(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(a.shape)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _plain_int(v):
+    """A numpy integer as a Python one, so the record it goes into is JSON; anything else as it is."""
+    return int(v) if isinstance(v, np.integer) else v
 
 
-def _escaped_len(text: str) -> int:
-    """UTF-8 bytes of JSON text once more JSON-escaped, as the manifest sits in the base header.
-
-    The text comes from ``json.dumps``, which leaves no control character raw, so only quotes and
-    backslashes grow (by one byte each)."""
-    return len(text.encode("utf-8")) + text.count('"') + text.count("\\")
+def _plain_ints(values) -> tuple:
+    return tuple(_plain_int(v) for v in values)
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-"""The manifest's encoding (as ``_manifest_json``), made once: tensors are counted one by one."""
-_ENTRY_RECORD = len('{"dtype":"","shape":[],"data_offsets":[,]}') + 2
-"""Bytes of a header entry record but for its name, dtype, dimensions and offsets (plus ':' and ',')."""
+def _json_bytes(obj) -> int:
+    """Bytes of ``obj`` as a header holds it: compact JSON in UTF-8."""
+    return len(_ENCODER.encode(obj).encode("utf-8"))
 
 
-class _HeaderBudget:
-    """The bytes and entries each header will hold, counted tensor by tensor as ``close`` writes them.
+def _members(obj: dict) -> str:
+    """The members of ``obj`` as they sit in a larger JSON object: ``"key":value,`` each."""
+    return _ENCODER.encode(obj)[1:-1] + ","
 
-    Exact for entries and manifest records; the fixed part (metadata, files, source, carried) is
-    counted with every plane file present and 20-digit file sizes, so the total is an upper bound.
-    """
 
-    def __init__(self, w: CheckpointWriter):
-        self.base = 0  # entry records of the base file
-        self.planes: dict[int, int] = {}  # entry records of each plane file
-        self.manifest = 0  # tensor and entry records of the manifest, as escaped in the base header
-        self._fixed: int | None = None
-        # An entry's manifest record but for its name: ':{"file":"<file>","crc32":"<8 hex>"},'
-        self._files = {
-            f: _escaped_len(":" + json.dumps({"file": f, "crc32": "0" * 8}, separators=(",", ":")) + ",")
-            for f in [C.BASE_FILENAME, *(C.PLANE_FILENAME.format(k=k) for k in range(w.code_bits))]
-        }
-        meta = {C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES}
-        self.plane_meta = len(json.dumps({"__metadata__": meta}, separators=(",", ":"))) + 1 + 8
+def _escaped_bytes(text: str) -> int:
+    """Bytes of ``text`` as a JSON string holds it, as the manifest sits in the base header."""
+    return _json_bytes(text) - 2
 
-    def fixed(self, w: CheckpointWriter) -> int:
-        """Base header bytes besides entries and records: metadata, manifest keys, files, source."""
-        if self._fixed is None:
-            meta = {
-                C.METADATA_KEY_FORMAT: C.FORMAT_NAME,
-                C.METADATA_KEY_ROLE: C.ROLE_BASE,
-                C.METADATA_KEY_MANIFEST: "",
-                C.METADATA_KEY_MANIFEST_CRC: "0" * 8,
-            }
-            files = {
-                C.PLANE_FILENAME.format(k=k): {"bytes": 10**20, "planes": [k]}
-                for k in range(0 if w.single_file else w.code_bits)
-            }
-            manifest = {
-                "format": C.FORMAT_NAME,
-                "version": f"{C.FORMAT_VERSION[0]}.{C.FORMAT_VERSION[1]}",
-                "code_bits": w.code_bits,
-                "must_understand": w.must_understand,
-                "extensions": w.extensions,
-                "files": files,
-                "carried": w._carried,
-                "tensors": {},
-                "entries": {},
-                "source": w.source,
-            }
-            self._fixed = (
-                len(json.dumps({"__metadata__": meta}, separators=(",", ":")))
-                + _escaped_len(_manifest_json(manifest))
-                + 1
-                + 8  # the comma after the metadata, and alignment padding
-            )
-        return self._fixed
+
+class _Planned(NamedTuple):
+    """An entry about to be written, and its plane file (None: the base file)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    plane: int | None = None
+
+
+@dataclass
+class _HeaderBytes:
+    """The bytes each header will take, counted tensor by tensor before anything is written.
+
+    Records are serialized as ``close`` will serialize them and measured: exact, but for one comma
+    per JSON object. ``fixed`` lists every plane file at a 21-digit size, so totals are upper bounds."""
+
+    fixed: int  # the base header without tensors: metadata and the manifest's other fields
+    plane_meta: int  # a plane file's header without entries
+    base: int = 0  # entry records of the base file
+    manifest: int = 0  # tensor and entry records of the manifest, as escaped in the base header
+    planes: dict[int, int] = field(default_factory=dict)  # entry records of each plane file
 
 
 class CheckpointWriter:
@@ -258,6 +245,8 @@ class CheckpointWriter:
             except BaseException:
                 self.abort()
                 raise
+        plane_meta = _json_bytes({"__metadata__": _PLANE_METADATA}) + C.HEADER_ALIGN_BYTES
+        self._budget = _HeaderBytes(self._fixed_bytes(), plane_meta)
 
     # --- public API ------------------------------------------------------------------------------
     def add_dense(
@@ -272,12 +261,11 @@ class CheckpointWriter:
             dtype = dtype or dtypes.st_dtype(array)
         except ValueError as exc:
             raise WriterError(self.out, f"{name}: {exc}") from None
-        if dtype not in C.DTYPES:
-            raise WriterError(self.out, f"{name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
+        info = TensorInfo(name, C.KIND_DENSE, tuple(array.shape), dtype, extras=dict(extras or {}))
+        self._check_record(info)
         if array.dtype.itemsize != C.DTYPES[dtype][1]:
             raise WriterError(self.out, f"{name}: array itemsize does not match dtype {dtype}")
-        info = TensorInfo(name, C.KIND_DENSE, tuple(array.shape), dtype, extras=dict(extras or {}))
-        self._charge(info, [(name, dtype, info.shape, array.nbytes)], [])
+        self._charge(info, [_Planned(name, dtype, info.shape, array.nbytes)])
         self._write_base(name, array, dtype)
         self._tensors[name] = info
 
@@ -296,15 +284,14 @@ class CheckpointWriter:
         safetensors file): the same entry, copied by the kernel, in constant memory. Returns the
         CRC-32 of the bytes copied (8 hex digits)."""
         self._check_name(name)
-        if dtype not in C.DTYPES:
-            raise WriterError(self.out, f"{name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
         shape = tuple(int(d) for d in shape)
+        info = TensorInfo(name, C.KIND_DENSE, shape, dtype, extras=dict(extras or {}))
+        self._check_record(info)
         if nbytes != math.prod(shape) * C.DTYPES[dtype][1]:
             raise WriterError(
                 self.out, f"{name}: {nbytes} bytes do not hold a {dtype} tensor of shape {shape}"
             )
-        info = TensorInfo(name, C.KIND_DENSE, shape, dtype, extras=dict(extras or {}))
-        self._charge(info, [(name, dtype, shape, nbytes)], [])
+        self._charge(info, [_Planned(name, dtype, shape, nbytes)])
         crc = self._base.copy_from(name, path, offset, nbytes, dtype, shape)
         self._entries[name] = {"file": C.BASE_FILENAME, "crc32": crc}
         self._tensors[name] = info
@@ -372,45 +359,27 @@ class CheckpointWriter:
     ) -> None:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint."""
         self._check_name(name)
-        if len(shape) != 2 or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-            raise WriterError(self.out, f"{name}: quantized tensors are 2-D, got shape {tuple(shape)}")
-        if group_size is not None and (
-            not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1
-        ):
-            raise WriterError(self.out, f"{name}: group_size must be None or a positive integer")
-        if scheme not in C.SCHEMES:
-            raise WriterError(self.out, f"{name}: unknown scheme {scheme!r}")
-        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in extra_precision):
-            raise WriterError(self.out, f"{name}: extra_precision must list integer widths")
-        if len(set(extra_precision)) != len(extra_precision):
-            raise WriterError(self.out, f"{name}: extra_precision lists a width twice")
-        rows, cols = (int(d) for d in shape)
-        group_size = None if group_size is None else int(group_size)
-        if group_size is not None and group_size > C.MAX_DIM_SIZE:
-            raise WriterError(self.out, f"{name}: group_size {group_size} exceeds the limit of {C.MAX_DIM_SIZE}")
-        groups = n_groups(cols, group_size)
         info = TensorInfo(
             name,
             C.KIND_QUANTIZED,
-            (rows, cols),
+            _plain_ints(shape),
             dtype,
             C.GRANULARITY_CHANNEL if group_size is None else C.GRANULARITY_GROUP,
-            group_size,
+            _plain_int(group_size),
             scheme,
             scale_dtype,
             zero_dtype,
-            tuple(sorted(int(r) for r in extra_precision)),
-            tuple(sorted(planes, reverse=True)),
+            _plain_ints(extra_precision),
+            _plain_ints(planes),
             extras=dict(extras or {}),
         )
-        if (
-            dtype not in C.QUANTIZABLE_DTYPES
-            or scale_dtype not in C.SCALE_DTYPES
-            or zero_dtype not in C.ZERO_DTYPES
-        ):
-            raise WriterError(self.out, f"{name}: unsupported dtype, scale_dtype or zero_dtype")
-        if any(not 1 <= r < self.code_bits for r in info.extra_precision):
-            raise WriterError(self.out, f"{name}: extra-precision widths must be below {self.code_bits}")
+        self._check_record(info)
+        info = replace(
+            info,
+            extra_precision=tuple(sorted(info.extra_precision)),
+            planes=tuple(sorted(info.planes, reverse=True)),
+        )
+        (rows, cols), groups = info.shape, info.groups
         scale, zero = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
         if scale.size != rows * groups or zero.size != rows * groups:
             raise WriterError(
@@ -435,18 +404,18 @@ class CheckpointWriter:
         except ValueError as exc:
             raise WriterError(self.out, f"{name}: {exc}") from None
         stride = -(-rows * cols // 64) * C.PLANE_ALIGN_BYTES
-        arrays = {k: np.asarray(planes[k], np.uint8).reshape(-1) for k in sorted(planes, reverse=True)}
+        arrays = {k: np.asarray(planes[k], np.uint8).reshape(-1) for k in info.planes}
         for k, p in arrays.items():
-            if not 0 <= k < self.code_bits or p.size != stride:
+            if p.size != stride:
                 raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
-        g = (rows, groups)
+        plane_file = {k: None if self.single_file else k for k in arrays}
         self._charge(
             info,
             [
-                (entry_name(name, C.SCALE_SUFFIX), scale_dtype, g, s_arr.nbytes),
-                (entry_name(name, C.ZERO_SUFFIX), zero_dtype, g, z_arr.nbytes),
+                *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
+                _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, (rows, groups), s_arr.nbytes),
+                _Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, (rows, groups), z_arr.nbytes),
             ],
-            [(k, plane_entry(name, k), stride) for k in arrays],
         )
         for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
             self._write_plane(k, plane_entry(name, k), p)
@@ -463,29 +432,11 @@ class CheckpointWriter:
             self.check_limits()  # every limit the reader enforces, before anything is published
             files = {}
             for k, w in sorted(self._planes.items(), reverse=True):
-                w.close({C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES})
+                w.close(_PLANE_METADATA)
                 files[w.path.name] = {"bytes": w.path.stat().st_size, "planes": [k]}
-            manifest = {
-                "format": C.FORMAT_NAME,
-                "version": f"{C.FORMAT_VERSION[0]}.{C.FORMAT_VERSION[1]}",
-                "code_bits": self.code_bits,
-                "must_understand": self.must_understand,
-                "extensions": self.extensions,
-                "files": files,
-                "carried": self._carried,
-                "tensors": {n: t.to_json() for n, t in self._tensors.items()},
-                "entries": self._entries,
-                "source": self.source,
-            }
-            text = _manifest_json(manifest)
-            self._base.close(
-                {
-                    C.METADATA_KEY_FORMAT: C.FORMAT_NAME,
-                    C.METADATA_KEY_ROLE: C.ROLE_BASE,
-                    C.METADATA_KEY_MANIFEST: text,
-                    C.METADATA_KEY_MANIFEST_CRC: crc32_hex(text.encode("utf-8")),
-                }
-            )
+            tensors = {n: t.to_json() for n, t in self._tensors.items()}
+            text = _manifest_json(self._manifest(files, tensors, self._entries))
+            self._base.close(self._base_metadata(text, crc32_hex(text.encode("utf-8"))))
             if self.single_file:
                 os.rename(self._base.path, self._output.tmp)
                 shutil.rmtree(self._tmp, ignore_errors=True)
@@ -503,8 +454,7 @@ class CheckpointWriter:
         """Drop everything written so far; the output path is left as it was."""
         self._closed = True
         for w in [self._base, *self._planes.values()]:
-            if not w._f.closed:
-                w._f.close()
+            w.abort()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._output.close()
 
@@ -521,19 +471,13 @@ class CheckpointWriter:
 
     # --- internals ------------------------------------------------------------------------------
     def _check_name(self, name: str) -> None:
+        """Refuse a name the reader would refuse, a duplicate, or one tensor past the reader's limit."""
         if self._closed:
             raise WriterError(self.out, "writer is closed")
-        if not isinstance(name, str) or not name or C.ENTRY_SEP in name or name == "__metadata__":
-            raise WriterError(self.out, f"tensor name {name!r} must be a non-empty string free of '@'")
         try:
-            nbytes = len(name.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise WriterError(self.out, f"tensor name {name[:64]!r} is not valid Unicode") from None
-        if nbytes > C.MAX_NAME_BYTES:
-            raise WriterError(
-                self.out,
-                f"tensor name {name[:64]!r}... is {nbytes} bytes of UTF-8, over the limit of {C.MAX_NAME_BYTES}",
-            )
+            check_name(name)
+        except RecordError as exc:
+            raise WriterError(self.out, str(exc)) from None
         if name in self._tensors:
             raise WriterError(self.out, f"duplicate tensor {name!r}")
         if len(self._tensors) >= C.MAX_TENSORS:
@@ -541,95 +485,121 @@ class CheckpointWriter:
                 self.out, f"{name}: a checkpoint holds at most {C.MAX_TENSORS} tensors (the reader's limit)"
             )
 
-    _budget: _HeaderBudget | None = None
-
-    def _charge(
-        self,
-        info: TensorInfo,
-        base: list[tuple[str, str, tuple[int, ...], int]],
-        planes: list[tuple[int, str, int]],
-    ) -> None:
-        """Count a tensor's entries and records into the headers, or refuse it (nothing written yet)
-        if any limit the reader enforces would be passed: dimensions, entries, header bytes.
-
-        ``base``: (entry, dtype, shape, bytes) of entries in the base file; ``planes``: (plane,
-        entry, bytes) of U8 plane entries (in the base file too, for a single file)."""
-        name = info.name
-        for what, shape in [("shape", info.shape), *((e, s) for e, _, s, _ in base)]:
-            if len(shape) > C.MAX_DIMS or any(d > C.MAX_DIM_SIZE for d in shape):
-                raise WriterError(
-                    self.out,
-                    f"{name}: {what} {list(shape)} passes the limits of {C.MAX_DIMS} dimensions "
-                    f"of at most {C.MAX_DIM_SIZE}",
-                )
-        if self._budget is None:
-            self._budget = _HeaderBudget(self)
-        b = self._budget
-        j = _ENCODER.encode(name)
-        jlen = len(j.encode("utf-8"))
-        jesc = jlen + j.count('"') + j.count("\\")
+    def _check_record(self, info: TensorInfo) -> None:
+        """The manifest parser's own check of a tensor record (:func:`check_tensor`), made before writing."""
         try:
-            record = _ENCODER.encode(info.to_json())
+            check_tensor(info, self.code_bits)
+        except RecordError as exc:
+            raise WriterError(self.out, f"{info.name}: {exc}") from None
+
+    def _manifest(self, files: dict, tensors: dict, entries: dict) -> dict:
+        """The manifest as ``close`` writes it."""
+        return {
+            "format": C.FORMAT_NAME,
+            "version": f"{C.FORMAT_VERSION[0]}.{C.FORMAT_VERSION[1]}",
+            "code_bits": self.code_bits,
+            "must_understand": self.must_understand,
+            "extensions": self.extensions,
+            "files": files,
+            "carried": self._carried,
+            "tensors": tensors,
+            "entries": entries,
+            "source": self.source,
+        }
+
+    def _base_metadata(self, manifest_text: str, crc: str) -> dict[str, str]:
+        return {
+            C.METADATA_KEY_FORMAT: C.FORMAT_NAME,
+            C.METADATA_KEY_ROLE: C.ROLE_BASE,
+            C.METADATA_KEY_MANIFEST: manifest_text,
+            C.METADATA_KEY_MANIFEST_CRC: crc,
+        }
+
+    def _fixed_bytes(self) -> int:
+        """The base header's bytes without tensors, with every plane file listed at a 21-digit size
+        (files appear as planes are written; source and carried files may change until close)."""
+        files = {
+            C.PLANE_FILENAME.format(k=k): {"bytes": 10**20, "planes": [k]}
+            for k in range(0 if self.single_file else self.code_bits)
+        }
+        text = _manifest_json(self._manifest(files, {}, {}))
+        return _json_bytes({"__metadata__": self._base_metadata(text, "0" * 8)}) + C.HEADER_ALIGN_BYTES
+
+    def _file_writer(self, plane: int | None) -> SafetensorsWriter | None:
+        """The writer of a plane's file (None: the base file), if it was started."""
+        return self._base if plane is None else self._planes.get(plane)
+
+    def _file_name(self, plane: int | None) -> str:
+        return C.BASE_FILENAME if plane is None else C.PLANE_FILENAME.format(k=plane)
+
+    def _charge(self, info: TensorInfo, entries: list[_Planned]) -> None:
+        """Count a tensor's records into the headers, or refuse the tensor (nothing is written yet) if
+        a header would pass a limit the reader enforces: entries in a file or the manifest, bytes.
+
+        ``entries`` come in the order they will be written. Each record is built as ``close`` will
+        write it (entries at the data offsets they will get) and measured as JSON."""
+        name = info.name
+        try:
+            tensor = _members({name: info.to_json()})
         except (TypeError, ValueError) as exc:
             raise WriterError(self.out, f"{name}: extras must be plain JSON: {exc}") from None
-        manifest = jesc + _escaped_len(record) + 2
-        base_bytes = 0
-        plane_bytes: dict[int, int] = {}
-        pos = {C.BASE_FILENAME: self._base._pos}
-        counts = {C.BASE_FILENAME: len(self._base._entries)}
-        entries = []  # in the order they are written: planes, then the base file's entries
-        for k, e, n in planes:
-            f = C.BASE_FILENAME if self.single_file else C.PLANE_FILENAME.format(k=k)
-            if f not in pos:
-                w = self._planes.get(k)
-                pos[f], counts[f] = (w._pos, len(w._entries)) if w is not None else (0, 0)
-            entries.append((e, f, None if self.single_file else k, "U8", (n,), n))
-        entries += [(e, C.BASE_FILENAME, None, dt, sh, n) for e, dt, sh, n in base]
-        for e, f, k, dt, sh, n in entries:
-            suffix = len(e) - len(name)  # "@plane7", "@scale", "@zero": nothing to escape
-            rec = (
-                jlen
-                + suffix
-                + _ENTRY_RECORD
-                + len(dt)
-                + len(",".join(map(str, sh)))
-                + len(str(pos[f]))
-                + len(str(pos[f] + n))
-            )
-            pos[f] += n
-            counts[f] += 1
-            if k is None:
-                base_bytes += rec
-            else:
-                plane_bytes[k] = plane_bytes.get(k, 0) + rec
-            manifest += jesc + suffix + b._files[f]
-        for f, n in counts.items():
-            if n > C.MAX_ENTRIES:
-                raise WriterError(
-                    self.out, f"{name}: {f} would hold {n} entries, over the limit of {C.MAX_ENTRIES}"
-                )
-        if len(self._entries) + len(entries) > C.MAX_ENTRIES:
-            raise WriterError(
-                self.out, f"{name}: the manifest would list over {C.MAX_ENTRIES} entries (the reader's limit)"
-            )
-        total = b.fixed(self) + b.manifest + manifest + b.base + base_bytes
+        records = self._header_records(entries)
+        self._check_entry_counts(name, records, len(entries))
+        files = {e.name: {"file": self._file_name(e.plane), "crc32": "0" * 8} for e in entries}
+        manifest = _escaped_bytes(tensor + _members(files))
+        added = {plane: len(_members(recs).encode("utf-8")) for plane, recs in records.items()}
+        b = self._budget
+        base = added.pop(None, 0)
+        total = b.fixed + b.manifest + manifest + b.base + base
         if total > C.MAX_HEADER_BYTES:
             raise WriterError(
                 self.out,
                 f"{name}: the header of {C.BASE_FILENAME} would take over {total} bytes, past the "
                 f"reader's limit of {C.MAX_HEADER_BYTES} (too many tensors, or too long names)",
             )
-        for k, n in plane_bytes.items():
+        for k, n in added.items():
             if b.plane_meta + b.planes.get(k, 0) + n > C.MAX_HEADER_BYTES:
                 raise WriterError(
                     self.out,
-                    f"{name}: the header of {C.PLANE_FILENAME.format(k=k)} would pass the reader's "
+                    f"{name}: the header of {self._file_name(k)} would pass the reader's "
                     f"limit of {C.MAX_HEADER_BYTES} bytes",
                 )
         b.manifest += manifest
-        b.base += base_bytes
-        for k, n in plane_bytes.items():
+        b.base += base
+        for k, n in added.items():
             b.planes[k] = b.planes.get(k, 0) + n
+
+    def _header_records(self, entries: list[_Planned]) -> dict[int | None, dict]:
+        """The records each file's header gains (by plane file; None: the base file), as the
+        container writes them, at the data offsets the entries will get."""
+        records: dict[int | None, dict] = {}
+        end: dict[int | None, int] = {}
+        for e in entries:
+            if e.plane not in end:
+                w = self._file_writer(e.plane)
+                end[e.plane] = 0 if w is None else w.data_bytes
+            start = end[e.plane]
+            end[e.plane] = start + e.nbytes
+            records.setdefault(e.plane, {})[e.name] = {
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "data_offsets": [start, start + e.nbytes],
+            }
+        return records
+
+    def _check_entry_counts(self, name: str, records: dict[int | None, dict], added: int) -> None:
+        for plane, recs in records.items():
+            w = self._file_writer(plane)
+            n = (0 if w is None else w.entry_count) + len(recs)
+            if n > C.MAX_ENTRIES:
+                raise WriterError(
+                    self.out,
+                    f"{name}: {self._file_name(plane)} would hold {n} entries, over the limit of {C.MAX_ENTRIES}",
+                )
+        if len(self._entries) + added > C.MAX_ENTRIES:
+            raise WriterError(
+                self.out, f"{name}: the manifest would list over {C.MAX_ENTRIES} entries (the reader's limit)"
+            )
 
     def check_limits(self) -> None:
         """Raise :class:`WriterError` if the checkpoint as written so far would break a limit the
@@ -637,16 +607,14 @@ class CheckpointWriter:
 
         Every ``add_*`` already refuses a tensor that would; this recounts the fixed part of the
         base header (source, extensions, carried files), which may have changed since."""
-        if self._budget is None:
-            self._budget = _HeaderBudget(self)
         b = self._budget
-        b._fixed = None
+        b.fixed = self._fixed_bytes()
         if len(self._tensors) > C.MAX_TENSORS:
             raise WriterError(self.out, f"{len(self._tensors)} tensors exceed the limit of {C.MAX_TENSORS}")
         files = [self._base, *self._planes.values()]
-        if len(self._entries) > C.MAX_ENTRIES or any(len(w._entries) > C.MAX_ENTRIES for w in files):
+        if len(self._entries) > C.MAX_ENTRIES or any(w.entry_count > C.MAX_ENTRIES for w in files):
             raise WriterError(self.out, f"more than {C.MAX_ENTRIES} entries in a header (the reader's limit)")
-        total = b.fixed(self) + b.manifest + b.base
+        total = b.fixed + b.manifest + b.base
         if total > C.MAX_HEADER_BYTES:
             raise WriterError(
                 self.out,
@@ -686,7 +654,7 @@ class CheckpointWriter:
             src = {p.relative_to(root).as_posix(): p for p in carried_sources(root)}
         reserved = {C.BASE_FILENAME, *(C.PLANE_FILENAME.format(k=k) for k in range(C.MAX_CODE_BITS_SPEC))}
         for rel, p in src.items():
-            if not isinstance(rel, str) or not _safe_relpath(rel) or rel.split("/")[0] in reserved:
+            if not isinstance(rel, str) or not safe_relpath(rel) or rel.split("/")[0] in reserved:
                 raise WriterError(
                     self.out, f"cannot carry {rel!r}: not a plain relative path, or a matq file name"
                 )

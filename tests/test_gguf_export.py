@@ -31,7 +31,7 @@ from matq_converters.registry import (
     UnsupportedModelError,
 )
 from matq_format import numerics as N
-from matq_format.errors import WriterError
+from matq_format.errors import PlanError, WriterError
 
 WIDTHS = [
     (8, False),
@@ -48,7 +48,7 @@ K_MULT = {T.Q2_K: 15, T.Q4_K: 63, T.Q5_K: 63}
 SIGNED_MULT = {T.Q3_K: 31, T.Q6_K: 127}
 
 
-# --- references, written from numerics (the one definition of the formulas) -----------------------
+# --- references, written from numerics and gguf/params (ggml's block parameters and decoders) -----
 def reference(sl: B.Slice, qtype: T) -> np.ndarray:
     """What ggml's decoder must return for ``sl`` stored as ``qtype``."""
     c, r, g = sl.code_bits, sl.bits, sl.group_size
@@ -640,8 +640,9 @@ def test_budget_counts_the_files_bits_and_buys_the_least_error(models, tmp_path)
     out = tmp_path / "tiny.gguf"
     with pytest.raises(ConvertOptionError, match="below the smallest file"):
         export(ckpt, out, plan="budget:2", extra={"exact": False})
-    with pytest.raises(ConvertOptionError, match="budget"):
+    with pytest.raises(PlanError, match="budget must be a positive, finite number") as ei:
         export(ckpt, out, plan="budget:nan", extra={"exact": False})
+    assert ei.value.path == "budget:nan"  # read by matq_format.budget.parse_budget, as every plan
     with pytest.raises(ConvertOptionError, match="exact"):
         export(ckpt, out, plan="budget:4")  # export() asks for exact types
     assert not out.exists()

@@ -31,6 +31,7 @@ from matq_converters.importers.hf.quantize import quantize_hf
 from matq_converters.registry import ConvertOptionError, ConvertOptions, UnsupportedModelError
 from matq_eval import CandidateError
 from matq_eval.onnx import decoded_weights
+from matq_format.errors import PlanError
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -387,6 +388,9 @@ def test_budget_counts_this_layouts_bits(models, tmp_path):
     assert spent == sorted(spent) and spent[-1] == 8 + 32 / 32  # all int8: codes and a float32 scale per 32
     with pytest.raises(ConvertOptionError, match="below the smallest"):
         conv.plan(ckpt, ConvertOptions(plan="budget:2"))
+    with pytest.raises(PlanError, match="budget must be a number of bits per weight") as ei:
+        conv.plan(ckpt, ConvertOptions(plan="budget:four"))  # read by parse_budget, as every plan
+    assert ei.value.path == "budget:four"
     res = export(ckpt, tmp_path / "o", plan="budget:6")
     assert len(res.details["containers"]) == 14 and not res.details["float_weights"]
     assert sorted(set(res.details["containers"].values())) == [4, 8]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import matq_format as mf
 from matq_format import numerics as N
+from matq_format.budget import parse_budget
 from matq_format.errors import MissingPlanesError, PlanError
 from matq_format.plans import layer_index, summarize
 
@@ -233,6 +234,24 @@ def test_budget_must_be_positive_and_finite(ckpt, budget):
     with pytest.raises(PlanError, match="budget must be a positive, finite number") as ei:
         mf.resolve_plan(f"budget:{budget}", ckpt)
     assert ei.value.path == f"budget:{budget}"
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("budget:", "budget must be a number"),
+        ("budget:four", "budget must be a number"),
+        ("budget", "budget must be a number"),
+        ("budget:nan", "budget must be a positive, finite number"),
+        ("budget:-2", "budget must be a positive, finite number"),
+    ],
+)
+def test_parse_budget_is_the_one_reading_of_a_budget(spec, message):
+    """matq's plans and the gguf and onnx exporters read ``budget:BITS`` with this one function."""
+    assert parse_budget("budget:3.5") == 3.5 and parse_budget("budget: 4 ") == 4.0
+    with pytest.raises(PlanError, match=message) as ei:
+        parse_budget(spec)
+    assert ei.value.path == spec and type(ei.value) is PlanError
 
 
 def test_extra_precision_needs_a_width_below_the_code_width(ckpt, tmp_path):

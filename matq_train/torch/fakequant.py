@@ -258,13 +258,6 @@ class FakeQuantLinear(nn.Linear):
         z = torch.clamp(RoundSTE.apply(-beta * lo / alpha), 0.0, qmax)
         return alpha, z
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point ``[rows, groups]`` float32 for the current weights."""
-        if self.spec.clip == "minmax":
-            a, z, _ = self._minmax()
-            return a, z
-        return self._learned()
-
     def _learned_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float codes ``q`` with gradients through the STEs, scale and zero point ``[rows, cols]``."""
         a, z = self._learned()

@@ -1,8 +1,8 @@
 """Encode a MatQuant slice as a ggml block type exactly: integer levels in, no float re-quantization.
 
 A width-r slice ``w = alpha * (k * 2^s - z)`` already sits on an integer grid. Each ggml type below
-takes those integers as its levels and its block parameters from ``matq_format.numerics`` (which
-also defines their fp16 rounding); this module only checks which types can hold a grid and packs
+takes those integers as its levels and its block parameters from :mod:`.params` (which also
+defines their fp16 rounding); this module only checks which types can hold a grid and packs
 the bytes in ggml's layout (``gguf.quants`` decodes them). Types are tried smallest first.
 """
 

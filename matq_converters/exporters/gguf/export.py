@@ -10,7 +10,6 @@ file next to the output, renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from matq_converters.registry import (
     typed_options,
 )
 from matq_format import __version__ as MATQ_VERSION
+from matq_format.budget import BUDGET_PREFIX, parse_budget
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
@@ -213,14 +213,9 @@ def _check_tokenizer(root: Path, arch: gguf_arch.Arch, opts: GGUFOptions) -> Non
 
 def _file_budget(plan, opts: GGUFOptions) -> float | None:
     """``budget:BITS`` counts the file's bits per weight here (every tensor, as llama.cpp reports them)."""
-    if not (isinstance(plan, str) and plan.startswith("budget:")):
+    if not (isinstance(plan, str) and plan.startswith(BUDGET_PREFIX)):
         return None
-    try:
-        budget = float(plan.split(":", 1)[1])
-    except ValueError:
-        budget = math.nan
-    if not math.isfinite(budget) or budget <= 0:
-        raise ConvertOptionError(None, f"{plan}: the budget must be a positive number of bits per weight")
+    budget = parse_budget(plan)
     if opts.exact or opts.float_slices or opts.types:
         raise ConvertOptionError(None, f"{plan} chooses compact types itself; it cannot be combined with exact")
     return budget

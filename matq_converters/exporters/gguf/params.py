@@ -1,5 +1,5 @@
 """ggml's block parameters for a MatQuant slice, and ggml's decode formulas (the references the GGUF
-encoders in :mod:`.gguf_blocks` are tested against).
+encoders in :mod:`.blocks` are tested against).
 
 A width-r slice ``w = alpha * (k * 2^s - z)`` becomes a ggml block by choosing the block's fp16
 scale (and minimum) so that ggml's one rounded product reproduces ``numerics.dequantize_codes``.

@@ -22,7 +22,6 @@ Built in a temporary folder and published whole by ``AtomicOutput``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from matq_converters.registry import (
     typed_options,
 )
 from matq_format import __version__ as MATQ_VERSION
-from matq_format.budget import BudgetTooSmall, cheapest_within
+from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 from matq_format.safefs import allowed_roots, check_file, read_bounded
@@ -114,7 +113,7 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
         raise UnsupportedModelError(ckpt.path, "has no carried config.json; the ONNX graph is built from it")
     fam = onnx_source.family(ckpt)
     spec = options.bits if options.plan is None else options.plan
-    if isinstance(spec, str) and spec.startswith("budget:"):
+    if isinstance(spec, str) and spec.startswith(BUDGET_PREFIX):
         widths = _budget_widths(ckpt, spec, options.extra_precision, opts)
     else:
         widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
@@ -135,14 +134,7 @@ def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, in
     """``budget:BITS`` in the file's bits per quantized weight (codes, scales and zero points, as
     stored in this layout): a width per weight, for the least squared error to its full width. Widths
     in the same container cost the same, so the search leaves the narrower one out."""
-    try:
-        budget = float(spec.split(":", 1)[1])
-    except ValueError:
-        budget = math.nan
-    if not math.isfinite(budget) or budget <= 0:
-        raise ConvertOptionError(
-            ckpt.path, f"{spec}: the budget must be a positive number of bits per weight"
-        )
+    budget = parse_budget(spec)
     err: dict[str, dict[int, float]] = {}
     cost: dict[str, dict[int, float]] = {}
     c = ckpt.code_bits
