@@ -9,12 +9,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from ..progress import bar
+
+if TYPE_CHECKING:
+    from matq_converters.importers.hf.options import FlagText
+    from matq_converters.registry import OptionSpec
 
 
 def _importer_names() -> list[str]:
@@ -83,7 +87,7 @@ class _Parsed(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _flag_type(spec: Any, how: Any) -> Any:
+def _flag_type(spec: OptionSpec, how: FlagText) -> Any:
     """The click type of one declared setting: its choices, parser, integer range, or path."""
     if spec.choices:
         return click.Choice(list(spec.choices))
@@ -102,20 +106,17 @@ def _declared_flags() -> list[click.Option]:
     from matq_converters.importers.hf.options import HFImportOptions, flag_texts
 
     texts = flag_texts()
-    flags = []
-    for spec in registry.declared(HFImportOptions):
-        how = texts[spec.name]
-        if spec.cli:
-            flags.append(
-                click.Option(
-                    [spec.flag, spec.name],
-                    type=_flag_type(spec, how),
-                    default=spec.default if how.show_default else None,
-                    show_default=how.show_default,
-                    help=spec.help,
-                )
-            )
-    return flags
+    return [
+        click.Option(
+            [spec.flag, spec.name],
+            type=_flag_type(spec, texts[spec.name]),
+            default=spec.default if texts[spec.name].show_default else None,
+            show_default=texts[spec.name].show_default,
+            help=spec.help,
+        )
+        for spec in registry.declared(HFImportOptions)
+        if spec.cli
+    ]
 
 
 def quantize(hf_dir: Path, out: Path, source_kind: str, force: bool, as_json: bool, **given: Any) -> None:
@@ -126,10 +127,9 @@ def quantize(hf_dir: Path, out: Path, source_kind: str, force: bool, as_json: bo
     from matq_converters import registry
     from matq_converters.importers.hf.source import HFSource
 
-    ctx = click.get_current_context()
-    settings = registry.importers.options(
-        "hf", {k: v for k, v in given.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
-    )
+    ctx = click.get_current_context()  # flags not given: the declared defaults, as for a library caller
+    typed = {k: v for k, v in given.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    settings = registry.importers.options("hf", typed)
     calib = settings.calib is not None
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
