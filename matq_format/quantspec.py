@@ -38,7 +38,6 @@ class OptionError(MatqError):
     """A quantization option that is out of range or inconsistent."""
 
 
-
 @dataclass(frozen=True)
 class QuantizeSpec:
     """How to quantize one tensor; validated once, used for every tensor."""
@@ -77,61 +76,15 @@ class QuantizeSpec:
         ``widths`` and ``lambdas`` None); raises :class:`OptionError`."""
         if objective is None:  # calibrated: GPTQ's codes with scales searched for the same objective
             objective = "multiwidth" if calibrated else "minmax"
-        if group_size == BY_LAYOUT:
-            group_size = GGUF_GROUP_SIZE if layout == "gguf" else DEFAULT_GROUP_SIZE
         if scheme is None:
             scheme = "symmetric" if layout == "gguf" else "asymmetric"
-        if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
-            raise OptionError(
-                None, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}"
-            )
-        if group_size is not None and (
-            not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1
-        ):
-            raise OptionError(None, f"group size {group_size!r} must be a positive number of columns")
-        if group_size is not None and group_size > C.MAX_DIM_SIZE:
-            raise OptionError(
-                None, f"group size {group_size} exceeds the format's limit of {C.MAX_DIM_SIZE} columns"
-            )
-        group_size = None if group_size is None else int(group_size)
-        if layout not in LAYOUTS:
-            raise OptionError(None, f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-        if layout == "gguf" and (scheme != "symmetric" or scale_dtype != "F16" or code_bits != 8):
-            raise OptionError(None, "the gguf layout is symmetric with F16 scales and 8-bit codes")
-        if scheme not in ("asymmetric", "symmetric"):
-            raise OptionError(None, f"unknown scheme {scheme!r}; use asymmetric or symmetric")
-        if objective not in OBJECTIVES:
-            raise OptionError(None, f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
-        if scale_dtype not in C.SCALE_DTYPES:
-            raise OptionError(None, f"scale dtype {scale_dtype!r} not one of {', '.join(C.SCALE_DTYPES)}")
-        if widths is None:  # 8, 4, 2 (8, 5, 4, 3 calibrated) with c in place of 8
-            base = multiwidth.CALIBRATED_WIDTHS if calibrated else multiwidth.MULTIWIDTH_WIDTHS
-            widths = sorted({min(r, code_bits) for r in base} | {code_bits}, reverse=True)
-        widths = tuple(int(r) for r in widths)
-        if not widths or any(not 1 <= r <= code_bits for r in widths):
-            raise OptionError(None, f"widths {list(widths)} must be non-empty and within 1..{code_bits}")
-        if lambdas is None:
-            lambdas = multiwidth.noise_equal_lambdas(widths) if calibrated else [1.0] * len(widths)
-        lambdas = tuple(float(v) for v in lambdas)
-        if (
-            len(lambdas) != len(widths)
-            or any(not np.isfinite(v) or v < 0 for v in lambdas)
-            or sum(lambdas) <= 0
-        ):
-            raise OptionError(None, "lambdas must be one non-negative number per width, not all zero")
-        extra_precision = tuple(sorted({int(r) for r in extra_precision}))
-        if any(not 1 <= r < code_bits for r in extra_precision):
-            raise OptionError(None, f"extra-precision widths must lie in 1..{code_bits - 1}")
-        if zero_multiple == SLICE_EXACT:
-            zero_multiple = 1 << (code_bits - min(widths))
-        try:
-            zero_multiple = int(zero_multiple)
-        except (TypeError, ValueError):
-            raise OptionError(None, f"zero multiple must be an integer or {SLICE_EXACT!r}") from None
-        if zero_multiple < 1 or zero_multiple & (zero_multiple - 1) or zero_multiple > 1 << (code_bits - 1):
-            raise OptionError(
-                None, f"zero multiple {zero_multiple} must be a power of two up to {1 << (code_bits - 1)}"
-            )
+        _check_code_bits(code_bits)
+        group_size = _group_size(group_size, layout)
+        _check_names(layout, scheme, objective, scale_dtype, code_bits)
+        widths = _widths(widths, code_bits, calibrated)
+        lambdas = _lambdas(lambdas, widths, calibrated)
+        extra_precision = _extra_precision(extra_precision, code_bits)
+        zero_multiple = _zero_multiple(zero_multiple, code_bits, widths)
         return cls(
             code_bits,
             group_size,
@@ -240,3 +193,82 @@ class QuantizeSpec:
             "scale_dtype": self.scale_dtype,
             **({"layout": self.layout} if self.layout != "free" else {}),
         }
+
+
+def _check_code_bits(code_bits: int) -> None:
+    """Code widths the format and the packers implement."""
+    if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
+        raise OptionError(None, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}")
+
+
+def _group_size(group_size: int | None | str, layout: str) -> int | None:
+    """The layout's default resolved; a positive int the format can record, or None (per channel)."""
+    if group_size == BY_LAYOUT:
+        group_size = GGUF_GROUP_SIZE if layout == "gguf" else DEFAULT_GROUP_SIZE
+    if group_size is None:
+        return None
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1:
+        raise OptionError(None, f"group size {group_size!r} must be a positive number of columns")
+    if group_size > C.MAX_DIM_SIZE:
+        raise OptionError(
+            None, f"group size {group_size} exceeds the format's limit of {C.MAX_DIM_SIZE} columns"
+        )
+    return int(group_size)
+
+
+def _check_names(layout: str, scheme: str, objective: str, scale_dtype: str, code_bits: int) -> None:
+    """Named choices are known, and the gguf layout's fixed ones hold."""
+    if layout not in LAYOUTS:
+        raise OptionError(None, f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if layout == "gguf" and (scheme != "symmetric" or scale_dtype != "F16" or code_bits != 8):
+        raise OptionError(None, "the gguf layout is symmetric with F16 scales and 8-bit codes")
+    if scheme not in ("asymmetric", "symmetric"):
+        raise OptionError(None, f"unknown scheme {scheme!r}; use asymmetric or symmetric")
+    if objective not in OBJECTIVES:
+        raise OptionError(None, f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if scale_dtype not in C.SCALE_DTYPES:
+        raise OptionError(None, f"scale dtype {scale_dtype!r} not one of {', '.join(C.SCALE_DTYPES)}")
+
+
+def _widths(widths: Sequence[int] | None, code_bits: int, calibrated: bool) -> tuple[int, ...]:
+    """Given widths, or 8, 4, 2 (8, 5, 4, 3 calibrated) with c in place of 8; each within 1..c."""
+    if widths is None:
+        base = multiwidth.CALIBRATED_WIDTHS if calibrated else multiwidth.MULTIWIDTH_WIDTHS
+        widths = sorted({min(r, code_bits) for r in base} | {code_bits}, reverse=True)
+    widths = tuple(int(r) for r in widths)
+    if not widths or any(not 1 <= r <= code_bits for r in widths):
+        raise OptionError(None, f"widths {list(widths)} must be non-empty and within 1..{code_bits}")
+    return widths
+
+
+def _lambdas(lambdas: Sequence[float] | None, widths: tuple[int, ...], calibrated: bool) -> tuple[float, ...]:
+    """One finite non-negative weight per width, not all zero (default: all 1; noise-equal calibrated)."""
+    if lambdas is None:
+        lambdas = multiwidth.noise_equal_lambdas(widths) if calibrated else [1.0] * len(widths)
+    lambdas = tuple(float(v) for v in lambdas)
+    if len(lambdas) != len(widths) or any(not np.isfinite(v) or v < 0 for v in lambdas) or sum(lambdas) <= 0:
+        raise OptionError(None, "lambdas must be one non-negative number per width, not all zero")
+    return lambdas
+
+
+def _extra_precision(extra_precision: Sequence[int], code_bits: int) -> tuple[int, ...]:
+    """Sorted distinct widths below c (the full width has no extra bucket)."""
+    extra = tuple(sorted({int(r) for r in extra_precision}))
+    if any(not 1 <= r < code_bits for r in extra):
+        raise OptionError(None, f"extra-precision widths must lie in 1..{code_bits - 1}")
+    return extra
+
+
+def _zero_multiple(zero_multiple: int | str, code_bits: int, widths: tuple[int, ...]) -> int:
+    """A power of two up to 2^(c-1); slice-exact: the one that keeps the narrowest width integral."""
+    if zero_multiple == SLICE_EXACT:
+        zero_multiple = 1 << (code_bits - min(widths))
+    try:
+        zero_multiple = int(zero_multiple)
+    except (TypeError, ValueError):
+        raise OptionError(None, f"zero multiple must be an integer or {SLICE_EXACT!r}") from None
+    if zero_multiple < 1 or zero_multiple & (zero_multiple - 1) or zero_multiple > 1 << (code_bits - 1):
+        raise OptionError(
+            None, f"zero multiple {zero_multiple} must be a power of two up to {1 << (code_bits - 1)}"
+        )
+    return zero_multiple

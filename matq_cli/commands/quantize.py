@@ -4,47 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from ..progress import bar
 
-
-def _ints(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
-
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+if TYPE_CHECKING:
+    from matq_converters.importers.hf.options import FlagText
+    from matq_converters.registry import OptionSpec
 
 
 def _importer_names() -> list[str]:
     from matq_converters import registry
 
     return registry.importers.names()
-
-
-def _group_size(text: str) -> int | None:
-    if text.lower() in ("channel", "none", "0"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: use a number of columns or 'channel'") from None
 
 
 @contextlib.contextmanager
@@ -90,182 +70,69 @@ def _report(out: Path, seconds: float, source_bytes: int, as_json: bool) -> None
     )
 
 
-@click.command(
-    epilog="""\b
-Examples:
-  matq quantize ./Llama-3.2-1B -o ./Llama-3.2-1B-matq
-  matq quantize ./Qwen2-0.5B -o out --layers linear --group-size channel
-  matq quantize ./gemma-2-2b -o out --objective multiwidth --widths 8,4,2 --lambdas 1,1,1
-  matq quantize ./model -o out --layers 'layers\\.(1[0-9])\\.mlp' --zero-multiple slice-exact
-  matq quantize ./model -o out --from matgptq       # same as: matq import-matgptq ./model -o out
-  matq quantize ./SmolLM2-135M -o out --layers linear --calib docs/ --calib-tokens 65536
+class _Parsed(click.ParamType):
+    """A flag whose text the option declares how to read (``FlagText.parse``)."""
 
-\b
-Defaults: FFN weights only (--layers linear for llama.cpp files), the gguf layout: MinMax,
-symmetric, groups of 32, float16 scales signed and nested so every width exports exactly to
-llama.cpp's compact types (--layout free: any scheme, groups of 128 by default). Embeddings, norms
-and the output head stay as they are.
---calib TEXT (a UTF-8 file or a folder of .txt/.md/.rst) runs the model on that text in
-transformers, layer by layer, and quantizes the selected linears with multi-width GPTQ.
-"""
-)
-@click.argument("hf_dir", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Checkpoint folder to write.",
-)
-@click.option(
-    "--from",
-    "source_kind",
-    type=click.Choice(_importer_names()),
-    default="hf",
-    show_default=True,
-    help="hf: a float model; matgptq: import a MatGPTQ checkpoint as it is (other options ignored).",
-)
-@click.option(
-    "--layers",
-    default="ffn",
-    show_default=True,
-    help="ffn, attention, linear (both), or a regular expression over tensor names.",
-)
-@click.option(
-    "--layout",
-    type=click.Choice(["free", "gguf"]),
-    default="gguf",
-    show_default=True,
-    help="gguf: symmetric, groups of 32 unless --group-size says otherwise, scales nested in "
-    "256-column super-blocks, so every width exports to llama.cpp's compact types exactly.",
-)
-@click.option(
-    "--group-size",
-    "group_size",
-    default=None,
-    help="Input columns per scale, or 'channel' for one scale per output row (default: 128; 32 with "
-    "--layout gguf).",
-)
-@click.option(
-    "--scheme",
-    type=click.Choice(["asymmetric", "symmetric"]),
-    default=None,
-    help="Zero points (default: asymmetric; symmetric with --layout gguf).",
-)
-@click.option(
-    "--zero-multiple",
-    default="1",
-    show_default=True,
-    help="Zero points on multiples of this power of two; 'slice-exact' keeps every --widths slice integral.",
-)
-@click.option(
-    "--objective",
-    type=click.Choice(["minmax", "multiwidth"]),
-    default=None,
-    help="multiwidth: round (and pick scales) for the lambda-weighted error of the --widths slices "
-    "(default: minmax; multiwidth scales with --calib).",
-)
-@click.option(
-    "--widths",
-    default=None,
-    help="Target widths of multiwidth, slice-exact and --calib (default: 8,4,2; 8,5,4,3 with --calib).",
-)
-@click.option(
-    "--lambdas",
-    default=None,
-    help="One weight per width (default: all 1; with --calib 4^(r - narrowest), e.g. 1024,16,4,1).",
-)
-@click.option(
-    "--extra-precision",
-    "extra_precision",
-    default=None,
-    help="Widths served with the extra bucket, e.g. 2 or 2,4 (recorded, and used by multiwidth).",
-)
-@click.option("--code-bits", type=click.IntRange(2, 8), default=8, show_default=True)
-@click.option("--scale-dtype", type=click.Choice(["F16", "BF16", "F32"]), default="F16", show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(1, 256), default=None, help="Worker threads (default: CPUs, at most 8)."
-)
-@click.option(
-    "--calib",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Calibration text (file or folder): multi-width GPTQ from the model's activations on it.",
-)
-@click.option(
-    "--calib-tokens",
-    type=click.IntRange(16, None),
-    default=131072,
-    show_default=True,
-    help="Calibration tokens at most (sequences of 512).",
-)
-@click.option(
-    "--calib-propagate",
-    type=click.Choice(["mean", "per-width"]),
-    default="per-width",
-    show_default=True,
-    help="GPTQ error feedback: the lambda-weighted mean error, or one target per width.",
-)
-@click.option("--device", default="cpu", show_default=True, help="Where --calib runs: cpu, cuda or cuda:N.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def quantize(
-    hf_dir: Path,
-    out: Path,
-    source_kind: str,
-    layers: str,
-    layout: str,
-    group_size: str | None,
-    scheme: str | None,
-    zero_multiple: str,
-    objective: str,
-    widths: str,
-    lambdas: str | None,
-    extra_precision: str | None,
-    code_bits: int,
-    scale_dtype: str,
-    threads: int | None,
-    calib: Path | None,
-    calib_tokens: int,
-    calib_propagate: str,
-    device: str,
-    force: bool,
-    as_json: bool,
-) -> None:
+    name = "text"
+
+    def __init__(self, parse: Callable[[str], Any]):
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # a default, already a value
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _flag_type(spec: OptionSpec, how: FlagText) -> Any:
+    """The click type of one declared setting: its choices, parser, integer range, or path."""
+    if spec.choices:
+        return click.Choice(list(spec.choices))
+    if how.parse is not None:
+        return _Parsed(how.parse)
+    if how.bounds is not None:
+        return click.IntRange(*how.bounds)
+    if os.PathLike in spec.kinds:
+        return click.Path(path_type=Path)
+    return spec.kind
+
+
+def _declared_flags() -> list[click.Option]:
+    """One flag per ``HFImportOptions`` setting, as its declaration says (help, type, default)."""
+    from matq_converters import registry
+    from matq_converters.importers.hf.options import HFImportOptions, flag_texts
+
+    texts = flag_texts()
+    return [
+        click.Option(
+            [spec.flag, spec.name],
+            type=_flag_type(spec, texts[spec.name]),
+            default=spec.default if texts[spec.name].show_default else None,
+            show_default=texts[spec.name].show_default,
+            help=spec.help,
+        )
+        for spec in registry.declared(HFImportOptions)
+        if spec.cli
+    ]
+
+
+def quantize(hf_dir: Path, out: Path, source_kind: str, force: bool, as_json: bool, **given: Any) -> None:
     """Quantize a Hugging Face model folder (bf16, fp16 or fp32 safetensors) into a matq checkpoint."""
     if source_kind != "hf":
         _import(source_kind, hf_dir, out, force, as_json)
         return
     from matq_converters import registry
     from matq_converters.importers.hf.source import HFSource
-    from matq_format.quantspec import BY_LAYOUT, SLICE_EXACT
 
+    ctx = click.get_current_context()  # flags not given: the declared defaults, as for a library caller
+    typed = {k: v for k, v in given.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    settings = registry.importers.options("hf", typed)
+    calib = settings.calib is not None
     total = HFSource(hf_dir).total_bytes
     t0 = time.perf_counter()
-    calibrated = {}
-    if calib is not None:
-        calibrated = dict(
-            calib=calib, calib_tokens=calib_tokens, calib_propagate=calib_propagate, device=device
-        )
-    settings = registry.importers.options(
-        "hf",
-        dict(
-            code_bits=code_bits,
-            group_size=BY_LAYOUT if group_size is None else _group_size(group_size),
-            scheme=scheme,
-            zero_multiple=zero_multiple if zero_multiple == SLICE_EXACT else _ints(zero_multiple)[0],
-            layers=layers,
-            objective=objective,
-            widths=_ints(widths) or None,
-            lambdas=_floats(lambdas),
-            extra_precision=_ints(extra_precision),
-            scale_dtype=scale_dtype,
-            layout=layout,
-            threads=threads,
-            **calibrated,
-        ),
-    )
     with (
         _warnings_to_stderr(),
         bar(None if calib else total, "calibrate" if calib else "quantize", "layer" if calib else "B",
@@ -328,4 +195,47 @@ def import_matgptq(src: Path, out: Path, force: bool, as_json: bool) -> None:
     _import("matgptq", src, out, force, as_json)
 
 
-COMMANDS = [quantize, import_matgptq]
+EPILOG = """\b
+Examples:
+  matq quantize ./Llama-3.2-1B -o ./Llama-3.2-1B-matq
+  matq quantize ./Qwen2-0.5B -o out --layers linear --group-size channel
+  matq quantize ./gemma-2-2b -o out --objective multiwidth --widths 8,4,2 --lambdas 1,1,1
+  matq quantize ./model -o out --layers 'layers\\.(1[0-9])\\.mlp' --zero-multiple slice-exact
+  matq quantize ./model -o out --from matgptq       # same as: matq import-matgptq ./model -o out
+  matq quantize ./SmolLM2-135M -o out --layers linear --calib docs/ --calib-tokens 65536
+
+\b
+Defaults: FFN weights only (--layers linear for llama.cpp files), the gguf layout: MinMax,
+symmetric, groups of 32, float16 scales signed and nested so every width exports exactly to
+llama.cpp's compact types (--layout free: any scheme, groups of 128 by default). Embeddings, norms
+and the output head stay as they are.
+--calib TEXT (a UTF-8 file or a folder of .txt/.md/.rst) runs the model on that text in
+transformers, layer by layer, and quantizes the selected linears with multi-width GPTQ.
+"""
+
+
+def _build() -> click.Command:
+    """The command: source and output, then one flag per declared ``--from hf`` setting."""
+    params = [
+        click.Argument(["hf_dir"], type=click.Path(path_type=Path)),
+        click.Option(
+            ["-o", "--output", "out"],
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Checkpoint folder to write.",
+        ),
+        click.Option(
+            ["--from", "source_kind"],
+            type=click.Choice(_importer_names()),
+            default="hf",
+            show_default=True,
+            help="hf: a float model; matgptq: import a MatGPTQ checkpoint as it is (other options ignored).",
+        ),
+        *_declared_flags(),
+        click.Option(["--force"], is_flag=True, help="Replace OUT if it exists."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable summary."),
+    ]
+    return click.Command("quantize", callback=quantize, params=params, help=quantize.__doc__, epilog=EPILOG)
+
+
+COMMANDS = [_build(), import_matgptq]

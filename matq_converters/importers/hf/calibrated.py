@@ -20,8 +20,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import matq_format as mf
-from matq_converters.importers.hf.ptq import NonFiniteWeightError, copy_dense, quantize_tensor
+from matq_converters.importers.hf.ptq import (
+    NonFiniteWeightError,
+    checkpoint_writer,
+    copy_dense,
+    quantize_tensor,
+)
 from matq_converters.importers.hf.source import HFSource
 from matq_format.quantspec import OptionError, QuantizeSpec
 
@@ -101,16 +105,7 @@ def quantize_calibrated(
     def nonfinite(name: str) -> Exception:
         return NonFiniteWeightError(src.tensors[name].file, f"{name}: holds NaN or infinity")
 
-    with mf.CheckpointWriter(
-        out,
-        spec.code_bits,
-        carry_from=src.root,
-        source=source,
-        overwrite=overwrite,
-        expected_tensors=len(src.tensors),
-        inputs=src.roots,
-        **spec.writer_options(),
-    ) as writer:
+    with checkpoint_writer(src, out, spec, source, overwrite) as writer:
         for name in src:
             if name not in selected:
                 copy_dense(writer, src, name)

@@ -163,6 +163,128 @@ def _unsigned_group_params(
 PROPAGATE = ("mean", "per-width")
 
 
+class _Codes:
+    """How one column's codes are chosen, and the error each width then passes on: numerics'
+    envelope, or (``per_width``) the exhaustive search with numerics' tie-break on the full width."""
+
+    def __init__(self, spec: QuantizeSpec, dev: torch.device, per_width: bool):
+        self.on_cpu = dev.type == "cpu"  # numpy's searchsorted there: torch's is slow with several threads
+        self.per_width = per_width
+        self.breaks_np, codes_np = multiwidth_table(spec)
+        self.breaks = torch.from_numpy(self.breaks_np).to(dev)
+        self.code_of = torch.from_numpy(codes_np.astype(np.int64)).to(dev)
+        levels_np, lam_np = _slice_tables(spec)
+        self.levels = torch.from_numpy(levels_np).to(dev)  # [widths, 2^c]: S(q, r) on the c-bit scale
+        self.lam = torch.from_numpy(lam_np).to(dev)[:, None]  # [widths, 1]
+        self.lam_total = torch.tensor(float(lam_np.sum()), dtype=torch.float32, device=dev)
+        if per_width:
+            self._search_terms(spec, levels_np, lam_np, dev)
+
+    def _search_terms(self, spec: QuantizeSpec, levels_np: np.ndarray, lam_np: np.ndarray, dev) -> None:
+        """The search's objective, expanded: a constant per code and the terms linear in the targets."""
+        tie = np.float32(multiwidth.MULTIWIDTH_TIE * lam_np.sum())
+        top = numerics.slice_codes_c_scale(np.arange(1 << spec.code_bits), spec.code_bits, spec.code_bits)
+        sq = (lam_np[:, None] * levels_np**2).sum(0) + tie * top.astype(np.float32) ** 2
+        self.search_b = torch.from_numpy(sq.astype(np.float32)).to(dev)  # [2^c]
+        self.search_l = torch.from_numpy((2 * lam_np[:, None] * levels_np).astype(np.float32)).to(dev)
+        self.search_top = torch.from_numpy((2 * tie * top).astype(np.float32)).to(dev)
+
+    def envelope(self, w: torch.Tensor, g: _Groups) -> torch.Tensor:
+        """numerics' multi-width codes of ``w`` with the current group's scale and zero."""
+        x = (w / g.a).to(torch.float64) + g.z64  # numerics' x: the float32 quotient, z in float64
+        if self.on_cpu:
+            return self.code_of[torch.from_numpy(np.searchsorted(self.breaks_np, x.numpy()))]
+        return self.code_of[torch.searchsorted(self.breaks, x)]
+
+    def choose(self, t: torch.Tensor, g: _Groups) -> torch.Tensor:
+        """Codes of one column of targets ``t [k, rows]``."""
+        if not self.per_width or bool((t == t[0]).all()):  # every width still has the same target
+            return self.envelope(t[0], g)
+        x = t / g.a + g.z  # [widths, rows] on the c-bit scale
+        cost = self.search_b - x.t() @ self.search_l - x[-1:].t() * self.search_top  # [rows, 2^c] + const
+        return cost.argmin(1)
+
+    def error(self, t: torch.Tensor, q: torch.Tensor, g: _Groups, d: torch.Tensor) -> torch.Tensor:
+        """What the column passes on, divided by the Cholesky diagonal ``d``: per width, or the mean."""
+        w_hat = (self.levels[:, q] - g.z) * g.a  # [widths, rows], as numerics.dequantize_codes
+        if self.per_width:
+            return (t - w_hat) / d
+        return (((t[0] - w_hat) * self.lam).sum(0) / self.lam_total / d)[None]
+
+
+class _Groups:
+    """Scale and zero of every group, set when the sweep reaches the group's first column; the
+    current group's on the device (``a``, ``z``, ``z64``) for the code choice."""
+
+    def __init__(self, spec: QuantizeSpec, imp: np.ndarray, rows: int, cols: int, codes: _Codes, dev):
+        self.spec, self.imp, self.cols, self.codes, self.dev = spec, imp, cols, codes, dev
+        self.gs = spec.group_size if spec.group_size is not None and spec.group_size < cols else None
+        groups = numerics.n_groups(cols, spec.group_size)
+        self.scale = np.empty((rows, groups), np.float32)
+        self.zero = np.empty((rows, groups), np.float32)
+        nest = spec.layout == "gguf" and self.gs is not None and cols % numerics.NEST_BLOCK == 0
+        self.nest = nest and numerics.NEST_BLOCK % self.gs == 0
+        self.nested: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.a = self.z = self.z64 = None
+
+    def block_size(self, block_size: int) -> int:
+        """Blocks of whole groups; nested, of whole super-blocks (their targets all current at its start)."""
+        bs = _block_size(self.gs, self.cols, block_size)
+        return -(-bs // numerics.NEST_BLOCK) * numerics.NEST_BLOCK if self.nest else bs
+
+    def _params_of(self, t: torch.Tensor, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """From the targets ``t [k, c1 - c0, rows]``: one, or their lambda-weighted mean."""
+        lam = self.codes.lam
+        wg = t[0] if t.shape[0] == 1 else (t * lam[:, :, None]).sum(0) / self.codes.lam_total
+        return _group_params(wg.t(), self.spec, self.imp[c0:c1])
+
+    def _nest_params(self, t: torch.Tensor, c0: int) -> None:
+        """gguf layout: at a super-block's first column, the parameters of its groups from the
+        targets as they are now (static groups), scales nested (numerics.nest_scales)."""
+        gs = self.gs
+        per = [
+            self._params_of(t[:, j : j + gs], c0 + j, c0 + j + gs) for j in range(0, numerics.NEST_BLOCK, gs)
+        ]
+        a = numerics.nest_scales(np.stack([p[0] for p in per], 1), numerics.NEST_BLOCK, gs)
+        for i, (_, z) in enumerate(per):
+            self.nested[c0 + i * gs] = (a[:, i], z)
+
+    def set(self, t: torch.Tensor, c0: int, c1: int) -> None:
+        """Parameters of the group of columns c0..c1-1 from targets ``t [k, c1 - c0, rows]``."""
+        a, z = self.nested.pop(c0) if c0 in self.nested else self._params_of(t, c0, c1)
+        g = c0 // self.gs if self.gs is not None else 0
+        self.scale[:, g], self.zero[:, g] = a, z
+        self.a = torch.from_numpy(a).to(self.dev)
+        self.z = torch.from_numpy(z).to(self.dev)
+        self.z64 = self.z.to(torch.float64)
+
+    def at_column(self, T1: torch.Tensor, i: int, col: int) -> None:
+        """At a (super-)group's first column ``col`` (``i`` in the block ``T1``), set its parameters."""
+        if self.nest and col % numerics.NEST_BLOCK == 0:
+            self._nest_params(T1[:, i : i + numerics.NEST_BLOCK], col)
+        if self.gs is not None and col % self.gs == 0:
+            g1 = min(col + self.gs, self.cols)
+            self.set(T1[:, i : i + (g1 - col)], col, g1)
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, spec: QuantizeSpec, propagate: str) -> None:
+    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"W must be [rows, cols] and H [cols, cols]; got {tuple(W.shape)}, {tuple(H.shape)}")
+    if spec.code_bits > 8:
+        raise ValueError("multi-width GPTQ stores uint8 codes: code bits up to 8")
+    if propagate not in PROPAGATE:
+        raise ValueError(f"propagate must be one of {', '.join(PROPAGATE)}")
+
+
+def _importance(H: torch.Tensor, importance: np.ndarray | torch.Tensor | None) -> np.ndarray:
+    """Per input column, float64 on the CPU; ``diag(H)`` unless given."""
+    if importance is None:
+        importance = torch.diagonal(H)
+    if torch.is_tensor(importance):
+        importance = importance.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(importance, np.float64)
+
+
 @torch.no_grad()
 def gptq_multiwidth(
     W: torch.Tensor,
@@ -188,124 +310,57 @@ def gptq_multiwidth(
     codes for ``sum_r lambda_r (t_r - w_hat_r(q))^2`` (numerics' envelope wherever the targets still
     agree); group parameters come from the lambda-weighted mean of the targets.
     """
-    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"W must be [rows, cols] and H [cols, cols]; got {tuple(W.shape)}, {tuple(H.shape)}")
-    if spec.code_bits > 8:
-        raise ValueError("multi-width GPTQ stores uint8 codes: code bits up to 8")
-    if propagate not in PROPAGATE:
-        raise ValueError(f"propagate must be one of {', '.join(PROPAGATE)}")
+    _check_inputs(W, H, spec, propagate)
     dev = W.device
     rows, cols = W.shape
-    gs = spec.group_size if spec.group_size is not None and spec.group_size < cols else None
-    groups = numerics.n_groups(cols, spec.group_size)
-    if importance is None:
-        importance = torch.diagonal(H)
-    imp = np.asarray(
-        importance.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(importance) else importance,
-        np.float64,
-    )
-    on_cpu = dev.type == "cpu"  # numpy's searchsorted there: torch's is slow on CPU with several threads
-    breaks_np, codes_np = multiwidth_table(spec)
-    breaks = torch.from_numpy(breaks_np).to(dev)
-    code_of = torch.from_numpy(codes_np.astype(np.int64)).to(dev)
-    levels_np, lam_np = _slice_tables(spec)
-    levels = torch.from_numpy(levels_np).to(dev)  # [widths, 2^c]: S(q, r) on the c-bit scale
-    lam = torch.from_numpy(lam_np).to(dev)[:, None]  # [widths, 1]
-    lam_total = torch.tensor(float(lam_np.sum()), dtype=torch.float32, device=dev)
     per_width = propagate == "per-width" and len(spec.widths) > 1
-    if per_width:  # the search's objective, with numerics' tie-break weight on the full width
-        tie = np.float32(multiwidth.MULTIWIDTH_TIE * lam_np.sum())
-        top = numerics.slice_codes_c_scale(np.arange(1 << spec.code_bits), spec.code_bits, spec.code_bits)
-        sq = (lam_np[:, None] * levels_np**2).sum(0) + tie * top.astype(np.float32) ** 2
-        search_b = torch.from_numpy(sq.astype(np.float32)).to(dev)  # [2^c]
-        search_l = torch.from_numpy((2 * lam_np[:, None] * levels_np).astype(np.float32)).to(dev)
-        search_top = torch.from_numpy((2 * tie * top).astype(np.float32)).to(dev)
-
+    codes = _Codes(spec, dev, per_width)
+    groups = _Groups(spec, _importance(H, importance), rows, cols, codes, dev)
     U = _hinv_cholesky(H.to(dev), damp).to(torch.float32)
     # Targets [k, cols, rows], transposed so that input column j is row j (contiguous steps): one
     # target for "mean", one per width for "per-width".
     k = len(spec.widths) if per_width else 1
     T = W.detach().to(dev, torch.float32).t().contiguous().unsqueeze(0).repeat(k, 1, 1)
-    Qt = torch.empty((cols, rows), dtype=torch.uint8, device=dev)
-    scale = np.empty((rows, groups), np.float32)
-    zero = np.empty((rows, groups), np.float32)
-    a_col = z_col = z64 = None
+    if groups.gs is None:  # one scale per row, from the weights as given
+        groups.set(T, 0, cols)
+    Qt = _sweep(T, U, codes, groups, groups.block_size(block_size))
+    return Qt.t().contiguous().cpu().numpy(), groups.scale, groups.zero
 
-    nest = spec.layout == "gguf" and gs is not None and cols % numerics.NEST_BLOCK == 0
-    nest = nest and numerics.NEST_BLOCK % gs == 0
-    nested: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def params_of(t: torch.Tensor, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
-        wg = t[0] if k == 1 else (t * lam[:, :, None]).sum(0) / lam_total
-        return _group_params(wg.t(), spec, imp[c0:c1])
-
-    def nest_params(t: torch.Tensor, c0: int) -> None:
-        """gguf layout: at a super-block's first column, the parameters of its groups from the
-        targets as they are now (static groups), scales nested (numerics.nest_scales)."""
-        per = [params_of(t[:, j : j + gs], c0 + j, c0 + j + gs) for j in range(0, numerics.NEST_BLOCK, gs)]
-        a = numerics.nest_scales(np.stack([p[0] for p in per], 1), numerics.NEST_BLOCK, gs)
-        for i, (_, z) in enumerate(per):
-            nested[c0 + i * gs] = (a[:, i], z)
-
-    def set_params(t: torch.Tensor, c0: int, c1: int) -> None:
-        """Parameters of the group of columns c0..c1-1 from targets ``t [k, c1 - c0, rows]``."""
-        nonlocal a_col, z_col, z64
-        a, z = nested.pop(c0) if c0 in nested else params_of(t, c0, c1)
-        g = c0 // gs if gs is not None else 0
-        scale[:, g], zero[:, g] = a, z
-        a_col = torch.from_numpy(a).to(dev)
-        z_col = torch.from_numpy(z).to(dev)
-        z64 = z_col.to(torch.float64)
-
-    def envelope(w: torch.Tensor) -> torch.Tensor:
-        x = (w / a_col).to(torch.float64) + z64  # numerics' x: the float32 quotient, z in float64
-        if on_cpu:
-            return code_of[torch.from_numpy(np.searchsorted(breaks_np, x.numpy()))]
-        return code_of[torch.searchsorted(breaks, x)]
-
-    def search(t: torch.Tensor) -> torch.Tensor:
-        if bool((t == t[0]).all()):  # every width still has the same target
-            return envelope(t[0])
-        x = t / a_col + z_col  # [widths, rows] on the c-bit scale
-        cost = search_b - x.t() @ search_l - x[-1:].t() * search_top  # [rows, 2^c], up to a constant
-        return cost.argmin(1)
-
-    if gs is None:  # one scale per row, from the weights as given
-        set_params(T, 0, cols)
-    bs = _block_size(gs, cols, block_size)
-    if nest:  # a block holds whole super-blocks, so their groups' targets are all current at its start
-        bs = -(-bs // numerics.NEST_BLOCK) * numerics.NEST_BLOCK
+def _sweep(T: torch.Tensor, U: torch.Tensor, codes: _Codes, groups: _Groups, bs: int) -> torch.Tensor:
+    """GPTQ's lazy-batch sweep over blocks of ``bs`` columns; the codes ``[cols, rows]``."""
+    k, cols, rows = T.shape
+    Qt = torch.empty((cols, rows), dtype=torch.uint8, device=T.device)
     threads = torch.get_num_threads()
     try:
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            if on_cpu:  # one thread for the column steps: their ops are too small to share
+            if codes.on_cpu:  # one thread for the column steps: their ops are too small to share
                 torch.set_num_threads(1)
-            T1 = T[:, i1:i2].clone()
-            Err1 = torch.empty_like(T1)
-            U1 = U[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if nest and col % numerics.NEST_BLOCK == 0:
-                    nest_params(T1[:, i : i + numerics.NEST_BLOCK], col)
-                if gs is not None and col % gs == 0:
-                    g1 = min(col + gs, cols)
-                    set_params(T1[:, i : i + (g1 - col)], col, g1)
-                t = T1[:, i]  # [k, rows]
-                q = search(t) if per_width else envelope(t[0])
-                Qt[col] = q.to(torch.uint8)
-                w_hat = (levels[:, q] - z_col) * a_col  # [widths, rows], as numerics.dequantize_codes
-                if per_width:
-                    err = (t - w_hat) / U1[i, i]
-                else:
-                    err = (((t[0] - w_hat) * lam).sum(0) / lam_total / U1[i, i])[None]
-                for j in range(k):
-                    T1[j, i:].addr_(U1[i, i:], err[j], alpha=-1)
-                Err1[:, i] = err
+            Err1 = _sweep_block(T[:, i1:i2].clone(), U[i1:i2, i1:i2], i1, Qt, codes, groups)
             torch.set_num_threads(threads)
             if i2 < cols:
                 for j in range(k):
                     T[j, i2:].addmm_(U[i1:i2, i2:].t(), Err1[j], alpha=-1)
     finally:
         torch.set_num_threads(threads)
-    return Qt.t().contiguous().cpu().numpy(), scale, zero
+    return Qt
+
+
+def _sweep_block(
+    T1: torch.Tensor, U1: torch.Tensor, i1: int, Qt: torch.Tensor, codes: _Codes, groups: _Groups
+) -> torch.Tensor:
+    """One block's column steps: codes into ``Qt``, each column's error onto the block's later
+    columns of ``T1``; returns the errors, for the columns after the block."""
+    Err1 = torch.empty_like(T1)
+    for i in range(T1.shape[1]):
+        col = i1 + i
+        groups.at_column(T1, i, col)
+        t = T1[:, i]  # [k, rows]
+        q = codes.choose(t, groups)
+        Qt[col] = q.to(torch.uint8)
+        err = codes.error(t, q, groups, U1[i, i])
+        for j in range(T1.shape[0]):
+            T1[j, i:].addr_(U1[i, i:], err[j], alpha=-1)
+        Err1[:, i] = err
+    return Err1

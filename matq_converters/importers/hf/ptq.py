@@ -24,7 +24,14 @@ from matq_format import numerics
 from matq_format import planes as mf_planes
 from matq_format.quantspec import QuantizeSpec
 
-__all__ = ["NonFiniteWeightError", "WriteBehind", "copy_dense", "quantize_tensor", "quantize_tensor_planes"]
+__all__ = [
+    "NonFiniteWeightError",
+    "WriteBehind",
+    "checkpoint_writer",
+    "copy_dense",
+    "quantize_tensor",
+    "quantize_tensor_planes",
+]
 
 CHUNK_ELEMENTS = 1 << 19
 """Weights per work item: a block's bfloat16 weights (1 MiB) and codes stay in cache, and there are
@@ -231,3 +238,20 @@ def copy_dense(writer: mf.CheckpointWriter, src: HFSource, name: str) -> None:
     """Store a tensor as it came, copied file to file by the kernel: a queued one holds no memory."""
     t = src.tensors[name]
     writer.add_dense_from_file(name, *src.location(name), t.dtype, t.shape)
+
+
+def checkpoint_writer(
+    src: HFSource, out: str | os.PathLike, spec: QuantizeSpec, source: dict, overwrite: bool
+) -> mf.CheckpointWriter:
+    """The writer of ``src``'s checkpoint, as both orchestrators open it: non-weight files carried
+    from the model folder, every tensor expected, reads confined to its roots."""
+    return mf.CheckpointWriter(
+        out,
+        spec.code_bits,
+        carry_from=src.root,
+        source=source,
+        overwrite=overwrite,
+        expected_tensors=len(src.tensors),
+        inputs=src.roots,
+        **spec.writer_options(),
+    )

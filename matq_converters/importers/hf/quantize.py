@@ -19,22 +19,31 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-import matq_format as mf
 from matq_converters import roles as architectures
 from matq_converters.importers.hf.options import HFImportOptions
-from matq_converters.importers.hf.ptq import WriteBehind, copy_dense, quantize_tensor_planes
+from matq_converters.importers.hf.ptq import (
+    WriteBehind,
+    checkpoint_writer,
+    copy_dense,
+    quantize_tensor_planes,
+)
 from matq_converters.importers.hf.source import HFSource
-from matq_converters.registry import MissingDependencyError, missing_modules
-from matq_format import constants as C
+from matq_converters.registry import (
+    ConvertOptionError,
+    MissingDependencyError,
+    missing_modules,
+    typed_options,
+)
 from matq_format import planes as mf_planes
 from matq_format.errors import printable
-from matq_format.quantspec import BY_LAYOUT, QuantizeSpec
+from matq_format.quantspec import OptionError, QuantizeSpec
 
 __all__ = [
     "HFImportOptions",
@@ -66,30 +75,17 @@ class UnquantizedWarning(UserWarning):
 def quantize_hf(
     hf_dir: str | os.PathLike,
     out: str | os.PathLike,
+    options: HFImportOptions | Mapping[str, Any] | None = None,
     *,
-    code_bits: int = C.DEFAULT_CODE_BITS,
-    group_size: int | None | str = BY_LAYOUT,
-    scheme: str | None = None,
-    zero_multiple: int | str = 1,
-    layers: str = "ffn",
-    objective: str | None = None,
-    widths: Sequence[int] | None = None,
-    lambdas: Sequence[float] | None = None,
-    extra_precision: Sequence[int] = (),
-    scale_dtype: str = "F16",
-    layout: str = "gguf",
-    threads: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
-    calib: str | os.PathLike | None = None,
-    calib_tokens: int | None = None,
-    calib_seq_len: int | None = None,
-    calib_propagate: str = "per-width",
-    device: str = "cpu",
     layer_progress: Callable[[int, int], None] | None = None,
+    **settings: Any,
 ) -> Path:
     """Quantize a Hugging Face safetensors folder into a matq checkpoint folder at ``out``.
 
+    ``options`` and ``settings`` (keywords, over ``options``) are :class:`HFImportOptions`' fields,
+    checked by ``registry.typed_options`` (an unknown name is refused) and ``QuantizeSpec.build``.
     ``layers``: ``ffn`` (the paper's default), ``attention``, ``linear`` (both), or a regular
     expression over tensor names. ``zero_multiple``: an integer power of two, or ``"slice-exact"``
     so every width in ``widths`` has an integer zero point. ``objective="multiwidth"`` rounds each
@@ -102,74 +98,124 @@ def quantize_hf(
     total)`` after each layer). Its default widths and lambdas are ``CALIBRATED_WIDTHS`` and
     ``noise_equal_lambdas`` (``matq_format.multiwidth``).
     """
+    opts = _checked(options, settings)
     hf_dir, out = Path(hf_dir), Path(out)
-    spec = QuantizeSpec.build(
-        code_bits=code_bits,
-        group_size=group_size,
-        scheme=scheme,
-        zero_multiple=zero_multiple,
-        objective=objective,
-        widths=widths,
-        lambdas=lambdas,
-        extra_precision=extra_precision,
-        scale_dtype=scale_dtype,
-        layout=layout,
-        calibrated=calib is not None,
-    )
+    spec = opts.spec()
     src = HFSource(hf_dir)
+    selected, source = _select(src, opts.layers, spec)
+    if opts.calib is not None:
+        return _calibrated(src, out, spec, selected, source, opts, overwrite, progress, layer_progress)
+    return _data_free(src, out, spec, selected, source, opts.threads, overwrite, progress)
+
+
+def _select(src: HFSource, layers: str, spec: QuantizeSpec) -> tuple[set[str], dict]:
+    """The tensors ``layers`` selects, and the manifest's ``source`` record of the run; warns of
+    tensors named like the selected layers but not quantizable (1-D, 3-D or integer)."""
     arch = architectures.detect(src.config)
-    selected = set(architectures.select(src.shapes(), layers, arch, path=str(hf_dir)))
+    selected = set(architectures.select(src.shapes(), layers, arch, path=str(src.root)))
     skipped = architectures.unquantized(src.shapes(), layers, arch)
-    if skipped:  # named like the selected layers, but 1-D, 3-D or integer: say so, not silently
-        warnings.warn(UnquantizedWarning(skipped), stacklevel=2)
+    if skipped:  # say so, not silently
+        warnings.warn(UnquantizedWarning(skipped), stacklevel=3)
     source = {
         "tool": "matq quantize",
-        "model": hf_dir.name,
+        "model": src.root.name,
         "model_type": src.config.get("model_type"),
         "architecture": arch.name,
         "layers": layers,
         "quantized_tensors": len(selected),
         **spec.source_record(),
     }
-    if calib is not None:
-        missing = missing_modules(("torch", "transformers"))
-        if missing:
-            raise MissingDependencyError(None, f"--calib needs {', '.join(missing)}; pip install 'matq[hf]'")
-        from matq_converters.importers.hf.calibrated import quantize_calibrated
+    return selected, source
 
-        return quantize_calibrated(
-            src,
-            out,
-            spec,
-            selected,
-            source,
-            calib=calib,
-            calib_tokens=calib_tokens,
-            calib_seq_len=calib_seq_len,
-            device=device,
-            propagate=calib_propagate,
-            overwrite=overwrite,
-            progress=progress,
-            layer_progress=layer_progress,
-        )
+
+def _checked(
+    options: HFImportOptions | Mapping[str, Any] | None, settings: dict[str, Any]
+) -> HFImportOptions:
+    """``options`` with ``settings`` over them, checked (names, types, choices) into HFImportOptions;
+    raises :class:`OptionError`, as ``QuantizeSpec.build`` does for the rest."""
+    base = dataclasses.asdict(options) if isinstance(options, HFImportOptions) else dict(options or {})
+    try:
+        return typed_options(HFImportOptions, {**base, **settings}, "quantize_hf")
+    except ConvertOptionError as exc:
+        raise OptionError(exc.path, exc.message) from None
+
+
+def _calibrated(
+    src: HFSource,
+    out: Path,
+    spec: QuantizeSpec,
+    selected: set[str],
+    source: dict,
+    opts: HFImportOptions,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+    layer_progress: Callable[[int, int], None] | None,
+) -> Path:
+    """``--calib``: multi-width GPTQ (``calibrated``), once torch and transformers are known present."""
+    missing = missing_modules(("torch", "transformers"))
+    if missing:
+        raise MissingDependencyError(None, f"--calib needs {', '.join(missing)}; pip install 'matq[hf]'")
+    from matq_converters.importers.hf.calibrated import quantize_calibrated
+
+    return quantize_calibrated(
+        src,
+        out,
+        spec,
+        selected,
+        source,
+        calib=opts.calib,
+        calib_tokens=opts.calib_tokens,
+        calib_seq_len=opts.calib_seq_len,
+        device=opts.device,
+        propagate=opts.calib_propagate,
+        overwrite=overwrite,
+        progress=progress,
+        layer_progress=layer_progress,
+    )
+
+
+class _PlaneBuffers:
+    """Two plane buffers, taken in turns: the writer thread stores one tensor's planes while the next
+    is packed into the other, once the job that last used it has run. Each is allocated once, at
+    the largest selected tensor's size."""
+
+    def __init__(self, code_bits: int, stride: int):
+        self.code_bits = code_bits
+        self._cap = code_bits * stride
+        self._free: list[tuple[np.ndarray, Future | None]] = [(np.empty(0, np.uint8), None)] * 2
+        self._taken = self._free[0][0]
+
+    def take(self, sink: WriteBehind, numel: int) -> np.ndarray:
+        """Planes ``[code_bits, plane_stride(numel)]`` in the buffer whose last write has run."""
+        buf, last = self._free.pop(0)
+        sink.wait(last)
+        if buf.size < self._cap:
+            buf = np.empty(self._cap, np.uint8)
+        self._taken = buf
+        return buf[: self.code_bits * mf_planes.plane_stride(numel)].reshape(self.code_bits, -1)
+
+    def written_by(self, job: Future) -> None:
+        """The buffer last taken is free again once ``job`` has run."""
+        self._free.append((self._taken, job))
+
+
+def _data_free(
+    src: HFSource,
+    out: Path,
+    spec: QuantizeSpec,
+    selected: set[str],
+    source: dict,
+    threads: int | None,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+) -> Path:
+    """Selected tensors quantized in row blocks on ``threads`` workers, written behind; the rest copied."""
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
-    # Two plane buffers, taken in turns: the writer thread stores one tensor's planes while the next
-    # is packed into the other, once the job that last used it has run.
-    sizes = [mf_planes.plane_stride(int(np.prod(src.tensors[n].shape))) for n in selected]
-    plane_bufs: list[tuple[np.ndarray, Future | None]] = [(np.empty(0, np.uint8), None)] * 2
-    plane_cap = code_bits * max(sizes, default=0)
+    strides = [mf_planes.plane_stride(int(np.prod(src.tensors[n].shape))) for n in selected]
+    bufs = _PlaneBuffers(spec.code_bits, max(strides, default=0))
     with (
         ThreadPoolExecutor(n_threads, thread_name_prefix="matq-quantize") as pool,
-        mf.CheckpointWriter(
-            out,
-            code_bits,
-            carry_from=hf_dir,
-            source=source,
-            overwrite=overwrite,
-            expected_tensors=len(src.tensors),
-            inputs=src.roots,
-            **spec.writer_options(),
-        ) as writer,
+        checkpoint_writer(src, out, spec, source, overwrite) as writer,
         WriteBehind(progress) as sink,
     ):
         for name in src:
@@ -177,12 +223,7 @@ def quantize_hf(
             if name not in selected:
                 sink.put(functools.partial(copy_dense, writer, src, name), t.nbytes)
                 continue
-            buf, last = plane_bufs.pop(0)
-            sink.wait(last)
-            if buf.size < plane_cap:  # allocated once, at the largest tensor's size
-                buf = np.empty(plane_cap, np.uint8)
-            n = int(np.prod(t.shape))
-            planes = buf[: code_bits * mf_planes.plane_stride(n)].reshape(code_bits, -1)
+            planes = bufs.take(sink, int(np.prod(t.shape)))
             scale, zero = quantize_tensor_planes(
                 src.read(name), spec, planes, name=name, path=t.file, pool=pool
             )
@@ -196,7 +237,7 @@ def quantize_hf(
                 dtype=t.dtype,
                 **spec.entry_options(),
             )
-            plane_bufs.append((buf, sink.put(write, t.nbytes)))
+            bufs.written_by(sink.put(write, t.nbytes))
     return out
 
 
@@ -209,4 +250,4 @@ class HFImporter:
 
     def run(self, src, out, settings: HFImportOptions, **kw) -> Path:
         """``kw``: overwrite, progress, layer_progress, as :func:`quantize_hf` takes them."""
-        return quantize_hf(src, out, **dataclasses.asdict(settings), **kw)
+        return quantize_hf(src, out, settings, **kw)
