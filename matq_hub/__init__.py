@@ -5,8 +5,10 @@
 
 from .errors import (
     BadRepoIdError,
+    CacheEscapeError,
     DownloadChecksumError,
     DownloadInterruptedError,
+    DownloadSizeError,
     HubAuthError,
     HubConnectionError,
     HubError,
@@ -15,6 +17,7 @@ from .errors import (
     PushConflictError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnsafeUploadError,
     UploadError,
 )
 from .pull import PullResult, pull
@@ -22,8 +25,10 @@ from .push import PushResult, push
 
 __all__ = [
     "BadRepoIdError",
+    "CacheEscapeError",
     "DownloadChecksumError",
     "DownloadInterruptedError",
+    "DownloadSizeError",
     "HubAuthError",
     "HubConnectionError",
     "HubError",
@@ -34,6 +39,7 @@ __all__ = [
     "PushResult",
     "RepoNotFoundError",
     "RevisionNotFoundError",
+    "UnsafeUploadError",
     "UploadError",
     "pull",
     "push",

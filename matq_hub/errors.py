@@ -62,9 +62,35 @@ class DownloadInterruptedError(HubError):
 
 
 class DownloadChecksumError(HubError):
-    """A downloaded file does not match the checksum its manifest records."""
+    """A downloaded file does not match the checksum its manifest records.
+
+    Raised only after the bad copy, a file inside the repository's cache folder, was removed."""
 
     hint = "the bad copy was removed from the cache; run the command again"
+
+
+class DownloadSizeError(HubError):
+    """The Hub announces or sends a file of another size than the manifest (or its listing) records.
+
+    Checked before a download starts and while it runs, so a hostile Hub cannot fill the disk."""
+
+    hint = (
+        "nothing of it was kept; the repository or the Hub serving it is inconsistent, report it to its owner"
+    )
+
+
+class CacheEscapeError(HubError):
+    """The Hub's answer would put a file outside the repository's cache folder (an ETag that is a
+    path), or the cache holds a snapshot entry that resolves there. Nothing is read or deleted."""
+
+    hint = "nothing was deleted; do not pull from this Hub"
+
+
+class UnsafeUploadError(HubError):
+    """A file push would upload is a link (out of the checkpoint folder, or in an export folder) or
+    not a regular file: following it could publish a file its owner never meant to share."""
+
+    hint = "push uploads regular files only: copy the file itself into the folder"
 
 
 class UploadError(HubError):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from matq_format.errors import MissingFileError
 
 from .card import render_card
 from .client import api, hub_errors, token_of
-from .errors import HubAuthError
+from .errors import HubAuthError, UnsafeUploadError
 
 EXPORTS_DIR = "exports"
 PLANE_FILE_RE = re.compile(r"^matq-plane-\d+\.safetensors$")
@@ -42,29 +43,85 @@ class PushResult:
     """False when the revision already held exactly these files (no commit was made)."""
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file"
+
+
+def _regular(path: Path, real: Path) -> Path:
+    """``real`` if it is a regular file; a FIFO, device or socket is refused, never opened."""
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise UnsafeUploadError(path, "is a link to nothing (dangling); refusing to upload it") from None
+    if not stat.S_ISREG(mode):
+        raise UnsafeUploadError(path, f"is not a regular file ({_kind(mode)}); refusing to upload it")
+    return real
+
+
+def _inside_checkpoint(path: Path, root: Path) -> Path:
+    """The real path of a checkpoint file, which must lie in the checkpoint folder ``root`` (real).
+
+    A link inside the folder is part of the checkpoint; one out of it would publish whatever it
+    points at (issue 24 #6). The real path is what gets uploaded, so the link is read only here."""
+    real = Path(os.path.realpath(path))
+    if root not in real.parents:
+        raise UnsafeUploadError(
+            path, "is a link to a file outside the checkpoint folder; refusing to upload it"
+        )
+    return _regular(path, real)
+
+
 def checkpoint_files(ckpt: Checkpoint) -> dict[str, Path]:
-    """``{path in the repository: local file}`` for every file of a checkpoint."""
+    """``{path in the repository: local file}`` for every file of a checkpoint, each a regular file
+    whose real path lies in the checkpoint folder."""
     files = {C.BASE_FILENAME: ckpt.path}
     files.update({f: ckpt.root / f for f in ckpt.manifest["files"]})
     files.update(ckpt.carried_files())
-    return files
+    root = Path(os.path.realpath(ckpt.root))
+    return {rel: _inside_checkpoint(p, root) for rel, p in files.items()}
+
+
+def _no_link(path: Path) -> None:
+    if path.is_symlink():
+        raise UnsafeUploadError(path, "is a symbolic link; push uploads no links from exports")
+
+
+def _export_tree(top: Path, rel: str = "") -> Iterator[tuple[str, Path]]:
+    """``(path under top, file)`` for every regular file below ``top``, hidden entries skipped.
+
+    Nothing is followed: a link anywhere (to a file or a folder) or a FIFO, device or socket refuses
+    the whole push, since an export folder is uploaded as a tree and a link in it would publish a file
+    from elsewhere, e.g. a private key (issue 24 #7)."""
+    with os.scandir(top / rel) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        path = Path(e.path)
+        _no_link(path)
+        if e.is_dir(follow_symlinks=False):
+            yield from _export_tree(top, f"{rel}{e.name}/")
+        else:
+            yield f"{rel}{e.name}", _regular(path, path)
 
 
 def export_files(exports: Iterable[str | os.PathLike]) -> dict[str, Path]:
-    """Exports go under ``exports/``: a file by its name, a folder with its tree (hidden files skipped)."""
+    """Exports go under ``exports/``: a file by its name, a folder with its tree (hidden files skipped).
+
+    Only regular files are uploaded, and no link is followed, the named export included."""
     out: dict[str, Path] = {}
     for e in exports:
         p = Path(e)
-        if p.is_file():
-            items = {p.name: p}
-        elif p.is_dir():
-            items = {
-                f"{p.name}/{f.relative_to(p).as_posix()}": f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            }
-        else:
+        if not os.path.lexists(p):
             raise MissingFileError(p, "export to include does not exist")
+        _no_link(p)
+        if p.is_dir():
+            items = {f"{p.name}/{rel}": f for rel, f in _export_tree(p)}
+        else:
+            items = {p.name: _regular(p, p)}
         for rel, f in items.items():
             key = f"{EXPORTS_DIR}/{rel}"
             if key in out:

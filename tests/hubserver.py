@@ -6,7 +6,8 @@ describe a repository, and resolve files (HEAD and GET with ``Range``). Git hist
 as whole-tree commits, so a commit lands completely or not at all; LFS objects live on disk, addressed
 by sha256, one store per repository as in git LFS. The server counts every byte of every response body it sends (``bytes_served``) so tests
 measure what a download really transferred, and can inject faults (an HTTP status, a dropped
-connection after N bytes, a flipped byte) into matching requests.
+connection after N bytes, a flipped byte) into matching requests, or answer as a hostile Hub
+would (an ETag that is a path, a file larger than the repository holds).
 
 The client must stay on plain HTTP LFS: run it with ``HF_HUB_DISABLE_XET=1`` (the Xet token
 endpoint answers 501 with a message saying so).
@@ -100,9 +101,10 @@ class Repo:
 class Fault:
     method: str
     pattern: re.Pattern
-    action: str  # "status", "drop_after", "corrupt", "advance"
+    action: str  # "status", "drop_after", "corrupt", "advance", "etag", "grow"
     value: int
     remaining: int  # -1: forever
+    text: str = ""  # the ETag answered by "etag"
 
 
 class HubError(Exception):
@@ -190,16 +192,25 @@ class HubServer:
 
     # --- test helpers ------------------------------------------------------------------------------
     def fail(
-        self, method: str, pattern: str, action: str = "status", value: int = 500, times: int = 1
+        self,
+        method: str,
+        pattern: str,
+        action: str = "status",
+        value: int = 500,
+        times: int = 1,
+        text: str = "",
     ) -> None:
         """Inject a fault into the next ``times`` requests (-1: all) whose path matches ``pattern``.
 
         ``status``: answer ``value`` instead; ``drop_after``: send the headers and ``value`` body bytes,
         then cut the connection; ``corrupt``: flip the body byte at offset ``value``; ``advance``: first
         commit a file to the repository's main branch, as a concurrent writer would, then answer.
+        Hostile answers to a file request (HEAD or GET ``/resolve/``): ``etag``: answer the ETag
+        ``text`` (e.g. a path such as ``../../victim``); ``grow``: the file is ``value`` bytes longer
+        than the repository holds, announced in Content-Length and sent (zeros after the real bytes).
         """
         with self.lock:
-            self.faults.append(Fault(method.upper(), re.compile(pattern), action, value, times))
+            self.faults.append(Fault(method.upper(), re.compile(pattern), action, value, times, text))
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -646,7 +657,8 @@ class _Handler(BaseHTTPRequestHandler):
             e = HubError(404, f"Entry Not Found: {path}", "EntryNotFound")
             self._send(404, b"", {**headers, "X-Error-Code": e.code, "X-Error-Message": e.message}, head=True)
             return
-        size = blob.size
+        grow = fault.value if fault is not None and fault.action == "grow" else 0
+        size = blob.size + grow
         start, end = 0, size - 1
         status = 200
         rng = self.headers.get("Range")
@@ -666,7 +678,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers.update(
             {
-                "ETag": f'"{blob.etag}"',
+                "ETag": f'"{fault.text if fault is not None and fault.action == "etag" else blob.etag}"',
                 "Accept-Ranges": "bytes",
                 "Content-Type": "application/octet-stream",
                 "Content-Length": str(end - start + 1),
@@ -698,6 +710,10 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     self._write(entry, self._maybe_corrupt(chunk, start + sent, fault))
                     sent += len(chunk)
+        while sent < limit and start + sent >= blob.size:  # "grow": zeros past the real end
+            n = min(1 << 20, limit - sent)
+            self._write(entry, bytes(n))
+            sent += n
         if sent < end - start + 1:  # injected drop: cut the connection mid-body
             self.wfile.flush()
             self.close_connection = True
