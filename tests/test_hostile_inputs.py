@@ -45,3 +45,22 @@ def test_slicing_an_empty_quantized_tensor(tmp_path):
     assert mf.open(tmp_path / "out").info("a.weight").shape == (0, 128)
     assert json.loads(run("inspect", tmp_path / "out", "--json").output)["tensors"]
 
+
+
+@pytest.mark.parametrize(
+    "command", [["inspect"], ["verify"], ["slice", "--bits", "4", "-o", "OUT"], ["convert", "--to", "hf", "--bits", "4", "-o", "OUT"]]
+)
+@pytest.mark.parametrize("named", ["folder", "base file"])
+def test_a_base_file_linked_outside_the_folder_is_refused(tmp_path, command, named):
+    real = small_checkpoint(tmp_path / "real")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for f in real.iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    (ck / "matq.safetensors").unlink()
+    (ck / "matq.safetensors").symlink_to(real / "matq.safetensors")
+    target = ck if named == "folder" else ck / "matq.safetensors"
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    r = run(command[0], target, *args[1:])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "outside the model folder" in r.output, r.output
+    assert not (tmp_path / "out").exists()
