@@ -63,6 +63,8 @@ class Checkpoint:
         self._roots = allowed_roots(self.root)
         self._opened_folder = Path(path).is_dir()
         self.verify_reads = verify_reads
+        if self._opened_folder:  # the base file is read under the folder's link rules, as planes are
+            check_file(self.path, self._roots)
         base = read_header(self.path)
         meta = base.metadata
         if meta.get(C.METADATA_KEY_FORMAT) != C.FORMAT_NAME or C.METADATA_KEY_MANIFEST not in meta:
@@ -73,6 +75,8 @@ class Checkpoint:
             raise ChecksumError(self.path, "manifest does not match its CRC-32")
         self.manifest, self._infos = parse_manifest(self.path, text, UNDERSTOOD_EXTENSIONS)
         self.manifest_text = text
+        if self.manifest["files"] or self.manifest.get("carried"):  # a folder's base, named directly
+            check_file(self.path, self._roots)
         self.code_bits: int = self.manifest["code_bits"]
         self.version: str = self.manifest["version"]
         self._headers: dict[str, FileHeader] = {C.BASE_FILENAME: base}

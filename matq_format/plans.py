@@ -22,6 +22,7 @@ from . import constants as C
 from . import numerics
 from .budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from .errors import PlanError, WidthError
+from .safefs import read_bounded
 
 PATTERNS = ("pyramid", "reverse_pyramid", "increasing", "decreasing")
 DEFAULT_PATTERN_WIDTHS = (2, 4, 8)
@@ -114,6 +115,23 @@ def _pattern_plan(text: str, names: list[str], c: int) -> dict[str, int]:
     return {n: width(layer_index(n)) for n in names}
 
 
+PLAN_MAX_BYTES = 1 << 20
+
+
+def _width(value, where: str) -> int:
+    """A plan's width: a whole JSON number (``true`` and ``4.9`` are not widths)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: width {json.dumps(value)[:20]} is not a whole number")
+    return value
+
+
+def _object(doc: dict, key: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object")
+    return value
+
+
 def _parse_layers(key: str) -> range:
     a, _, b = key.partition("-")
     return range(int(a), int(b or a) + 1)
@@ -121,15 +139,15 @@ def _parse_layers(key: str) -> range:
 
 def _file_plan(path: Path, names: list[str], c: int) -> dict[str, int]:
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_bounded(path, PLAN_MAX_BYTES))
         if isinstance(doc, dict) and "extra_precision" in doc:
             raise PlanError(path, "extra precision is not part of a plan: ask for it with the plan (--extra-precision)")
         if not isinstance(doc, dict) or not set(doc) <= {"default", "layers", "patterns"}:
             raise ValueError("expected an object with default, layers, patterns")
-        default = int(doc.get("default", c))
-        layers = [(_parse_layers(k), int(v)) for k, v in doc.get("layers", {}).items()]
-        patterns = [(re.compile(k), int(v)) for k, v in doc.get("patterns", {}).items()]
-    except (ValueError, TypeError, re.error, AttributeError) as exc:
+        default = _width(doc.get("default", c), "default")
+        layers = [(_parse_layers(k), _width(v, f"layers {k!r}")) for k, v in _object(doc, "layers").items()]
+        patterns = [(re.compile(k), _width(v, f"pattern {k!r}")) for k, v in _object(doc, "patterns").items()]
+    except (ValueError, TypeError, re.error, RecursionError, OverflowError) as exc:
         raise PlanError(path, f"not a valid plan file: {exc}") from None
     plan = {}
     for n in names:
@@ -151,6 +169,8 @@ def _file_plan(path: Path, names: list[str], c: int) -> dict[str, int]:
 def tensor_bits(ckpt, name: str, bits: int, extra_precision: bool, share: float | None = None) -> float:
     """Bits per weight of one tensor served at ``bits``: codes, parameters, extra bucket."""
     t = ckpt.info(name)
+    if 0 in t.shape:  # holds no weight: costs nothing per weight (and divides by nothing)
+        return 0.0
     ep = extra_precision and bits < ckpt.code_bits
     if ep and share is None:
         k = ckpt.sliced_codes(name, bits, extra_precision=True)  # reads only the planes this width needs

@@ -212,7 +212,7 @@ class AtomicOutput:
                 self.out,
                 f"exists and is not {'an' if self.kind.name[0] in 'AEIOU' else 'a'} {self.kind.name}; refusing to replace it",
             )
-        if self.kind.is_dir:
+        if self.out.is_dir():  # what a folder holds, whichever form replaces it
             self._check_members()
 
     def _check_members(self) -> None:
