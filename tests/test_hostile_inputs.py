@@ -64,3 +64,24 @@ def test_a_base_file_linked_outside_the_folder_is_refused(tmp_path, command, nam
     r = run(command[0], target, *args[1:])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "outside the model folder" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_waiting_on_the_write_queue_is_linear_in_its_length():
+    """Quantizing a model of many tensors queues a write per tensor; waiting for the last one must
+    not search the queue at every step (it did: 300k tensors ran for minutes)."""
+    import threading
+    import time
+
+    from matq_converters.importers.hf.ptq import WriteBehind
+
+    gate = threading.Event()
+    done = []
+    with WriteBehind(progress=done.append) as sink:
+        sink.put(gate.wait, 1)  # holds the writer thread, so every later job stays queued
+        tickets = [sink.put(lambda: None, 1) for _ in range(50_000)]
+        gate.set()
+        t0 = time.perf_counter()
+        sink.wait(tickets[-1])
+        took = time.perf_counter() - t0
+    assert len(done) == 50_001
+    assert took < 10, f"waiting on 50,000 queued writes took {took:.1f} s"

@@ -187,6 +187,8 @@ class WriteBehind:
     def __init__(self, progress: Callable[[int], None] | None):
         self._io = ThreadPoolExecutor(1, thread_name_prefix="matq-write")
         self._pending: deque[tuple[Future, int]] = deque()
+        self._queued = 0  # jobs put so far; the one at the front of _pending is number _done
+        self._done = 0
         self._failed = False
         self._progress = progress
 
@@ -194,6 +196,7 @@ class WriteBehind:
         fut, nbytes = self._pending[0]
         fut.result()
         self._pending.popleft()
+        self._done += 1
         if self._progress is not None:
             self._progress(nbytes)
 
@@ -206,17 +209,19 @@ class WriteBehind:
             self._failed = True
             raise
 
-    def put(self, job: Callable[[], None], nbytes: int) -> Future:
-        """Queue ``job`` after the ones before it (and report the jobs that have run)."""
+    def put(self, job: Callable[[], None], nbytes: int) -> int:
+        """Queue ``job`` after the ones before it (and report the jobs that have run); returns its
+        ticket for :meth:`wait`."""
         while self._pending and self._pending[0][0].done():
             self._pop()
-        fut = self._io.submit(self._run, job)
-        self._pending.append((fut, nbytes))
-        return fut
+        self._pending.append((self._io.submit(self._run, job), nbytes))
+        self._queued += 1
+        return self._queued - 1
 
-    def wait(self, fut: Future | None) -> None:
-        """Wait until ``fut`` (and so every job before it) has run."""
-        while fut is not None and any(f is fut for f, _ in self._pending):
+    def wait(self, ticket: int | None) -> None:
+        """Wait until job ``ticket`` (and so every job before it) has run: a counter, not a search
+        of the queue, so a model of many tensors costs linear time."""
+        while ticket is not None and self._done <= ticket:
             self._pop()
 
     def __enter__(self) -> WriteBehind:

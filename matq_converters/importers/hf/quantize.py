@@ -20,7 +20,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ class _PlaneBuffers:
     def __init__(self, code_bits: int, stride: int):
         self.code_bits = code_bits
         self._cap = code_bits * stride
-        self._free: list[tuple[np.ndarray, Future | None]] = [(np.empty(0, np.uint8), None)] * 2
+        self._free: list[tuple[np.ndarray, int | None]] = [(np.empty(0, np.uint8), None)] * 2
         self._taken = self._free[0][0]
 
     def take(self, sink: WriteBehind, numel: int) -> np.ndarray:
@@ -194,9 +194,9 @@ class _PlaneBuffers:
         self._taken = buf
         return buf[: self.code_bits * mf_planes.plane_stride(numel)].reshape(self.code_bits, -1)
 
-    def written_by(self, job: Future) -> None:
-        """The buffer last taken is free again once ``job`` has run."""
-        self._free.append((self._taken, job))
+    def written_by(self, ticket: int) -> None:
+        """The buffer last taken is free again once job ``ticket`` has run."""
+        self._free.append((self._taken, ticket))
 
 
 def _data_free(
