@@ -40,7 +40,6 @@ bytes (CPU and GPU results differ in rounding, hence in some codes).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,14 +63,12 @@ __all__ = [
     "calibrate_layers",
     "load_calibration_text",
     "resolve_device",
-    "text_files",
 ]
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_CALIB_TOKENS = 131072
 MIN_TOKENS = 16
 """Fewer calibration tokens than this is refused: the Hessian would say nothing."""
-SUFFIXES = corpus.SUFFIXES
 BATCH_TOKENS = 4096
 """Tokens per forward call (whole sequences; at least one)."""
 
@@ -118,19 +115,6 @@ class CalibrationText:
         }
 
 
-def text_files(path: str | os.PathLike) -> list[Path]:
-    """The files a calibration argument stands for: the file itself, or a folder's text files."""
-    return corpus.text_files(path, CalibrationTextError)
-
-
-def _adds_bos(tokenizer) -> int | None:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
 def load_calibration_text(
     tokenizer,
     path: str | os.PathLike,
@@ -142,37 +126,18 @@ def load_calibration_text(
         raise CalibrationTextError(None, f"sequence length {seq_len} must be at least 2 tokens")
     if max_tokens < MIN_TOKENS:
         raise CalibrationTextError(None, f"calibration tokens {max_tokens} must be at least {MIN_TOKENS}")
-    files = text_files(path)
+    files = corpus.text_files(path, CalibrationTextError)
     single = len(files) == 1 and not Path(path).is_dir()
-    ids: list[int] = []
-    used: list[Path] = []
-    digest = hashlib.sha256()
-    n_bytes = 0
-    for f in files:
-        if len(ids) >= max_tokens:
-            break
-        data, text = corpus.read_text(f, CalibrationTextError)
-        if not text.strip():
-            if single:
-                raise CalibrationTextError(f, "is empty")
-            continue  # an empty file inside a folder adds nothing
-        digest.update(data)
-        n_bytes += len(data)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        used.append(f)
+    stream = corpus.tokenize_files(tokenizer, files, CalibrationTextError, max_tokens, skip_empty=not single)
     where = files[0] if single else Path(path)
-    if not used:
+    if not stream.files:
         raise CalibrationTextError(where, "holds no text (every file is empty)")
-    if len(ids) < MIN_TOKENS:
-        raise CalibrationTextError(where, f"holds {len(ids)} tokens; calibration needs at least {MIN_TOKENS}")
-    avail = min(len(ids), max_tokens)
-    seq = min(seq_len, avail)
-    n = avail // seq
-    tokens = np.asarray(ids[: n * seq], dtype=np.int64).reshape(n, seq)
-    bos = _adds_bos(tokenizer)
-    if bos is not None:
-        tokens[:, 0] = bos
-    return CalibrationText(tokens, used, digest.hexdigest(), n_bytes)
+    n_ids = len(stream.ids)
+    if n_ids < MIN_TOKENS:
+        raise CalibrationTextError(where, f"holds {n_ids} tokens; calibration needs at least {MIN_TOKENS}")
+    seq = min(seq_len, n_ids, max_tokens)
+    tokens = corpus.cut_windows(stream.ids, seq, min(n_ids, max_tokens) // seq, corpus.adds_bos(tokenizer))
+    return CalibrationText(tokens, stream.files, stream.sha256, stream.text_bytes)
 
 
 # --- device -------------------------------------------------------------------------------------------
