@@ -16,7 +16,7 @@ and dropped after. Layer inputs are captured by running the model's own forward 
 (so its masks, position ids and rotary embeddings are transformers' own) with stand-ins that
 record each layer's arguments; the layers are then called directly. Decoder models whose base
 model keeps its layers in ``layers`` (Llama, Mistral, Qwen2, Gemma 2) and BERT-like encoders
-(``encoder.layer``) are supported; a model transformers cannot build or run is a
+(``encoder.layer``) are supported (the layer lists of :mod:`matq_converters.roles`); a model transformers cannot build or run is a
 :class:`CalibrationModelError`.
 
 :func:`calibrate_layers` is the layer-by-layer GPTQ pass: embeddings once; then per layer, hooks
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters import roles
 from matq_converters import text as corpus
 from matq_converters.importers.hf.source import HFSource, SourceError
 from matq_format import numerics
@@ -224,8 +225,6 @@ def _stand_in(index: int, record: dict, stop_at: int):
 class LayerwiseModel:
     """A transformers base model whose layers are loaded from the folder one at a time."""
 
-    LAYER_LISTS = ("layers", "encoder.layer", "decoder.layers", "h")
-
     def __init__(self, src: HFSource, device):
         import torch
 
@@ -259,7 +258,8 @@ class LayerwiseModel:
     def _find_layers(self, path: Path):
         import torch.nn as nn
 
-        for p in self.LAYER_LISTS:
+        candidates = roles.detect(self.src.config).layers
+        for p in candidates:
             try:
                 m = self.base.get_submodule(p)
             except AttributeError:
@@ -269,7 +269,7 @@ class LayerwiseModel:
         raise CalibrationModelError(
             path,
             f"{type(self.base).__name__} keeps no list of layers where calibration looks "
-            f"({', '.join(self.LAYER_LISTS)}); calibrated quantization does not support it",
+            f"({', '.join(candidates)}); calibrated quantization does not support it",
         )
 
     def _file_prefix(self, path: Path) -> str:
