@@ -53,7 +53,7 @@ def test_recipe_llm_to_gguf_that_generates(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_helpers import tiny_hf_model
+    from tiny_models import tiny_hf_model
 
     import matq_eval
 
