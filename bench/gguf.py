@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builders the GGUF test
 
 import gguf  # noqa: E402
 import llama_cpp  # noqa: E402
-from gguf_helpers import byte_level_bpe, to_matq  # noqa: E402
+from gguf_helpers import to_matq  # noqa: E402
+from tiny_models import build, byte_level_bpe, config  # noqa: E402
 
 import matq_format as mf  # noqa: E402
 from matq_converters import registry  # noqa: E402
@@ -53,15 +54,14 @@ GGML_TYPE_F16 = 1
 
 def build_model(folder: Path, hidden: int, layers: int, seed: int) -> Path:
     """A Llama-shaped transformers model with random weights and a trained byte-level BPE tokenizer."""
-    import torch
     import transformers as tf
 
     raw = byte_level_bpe("llama3", 2048)
     tok = tf.PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
     )
-    tok.save_pretrained(folder)
-    cfg = tf.LlamaConfig(
+    cfg = config(
+        "llama",
         vocab_size=raw.get_vocab_size(),
         hidden_size=hidden,
         intermediate_size=hidden * 11 // 4 // 256 * 256,
@@ -73,9 +73,7 @@ def build_model(folder: Path, hidden: int, layers: int, seed: int) -> Path:
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    return build(cfg, folder, seed=seed, tokenizer=tok)
 
 
 def llama_cpp_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:

@@ -99,7 +99,7 @@ def layer_forward(dev, tokens: int, hidden=4096, inter=14336) -> None:
 
 
 def end_to_end(dev) -> None:
-    from gguf_helpers import tiny_hf_model
+    from tiny_models import tiny_hf_model
 
     from matq_converters import roles as architectures
     from matq_converters.importers.hf.calibrated import quantize_calibrated

@@ -68,10 +68,12 @@ def train_tokenizer(docs: list[str], vocab: int, out: Path):
 
 
 def make_model(args, tokenizer, out: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The random Llama to pretrain, built by the tests' tiny-model builder, saved with its tokenizer."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import build, config
 
-    cfg = LlamaConfig(
+    cfg = config(
+        "llama",
         vocab_size=len(tokenizer),
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -83,9 +85,7 @@ def make_model(args, tokenizer, out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(args.seed)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    build(cfg, out, seed=args.seed, tokenizer=tokenizer)
 
 
 def bits_per_weight(ckpt_dir: Path) -> dict[str, dict[str, float]]:

@@ -22,12 +22,13 @@ import numpy as np
 
 def build(folder: Path, hidden: int, layers: int) -> Path:
     """A bf16 Llama-shaped HF folder and its matq checkpoint (all linear layers)."""
-    import torch
-    import transformers as tf
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_models
 
     from matq_converters.importers.hf.quantize import quantize_hf
 
-    cfg = tf.LlamaConfig(
+    cfg = tiny_models.config(
+        "llama",
         vocab_size=8192,
         hidden_size=hidden,
         intermediate_size=hidden * 11 // 4,
@@ -36,8 +37,7 @@ def build(folder: Path, hidden: int, layers: int) -> Path:
         num_key_value_heads=hidden // 128,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder / "hf")
+    tiny_models.build(cfg, folder / "hf", dtype="bfloat16")
     return quantize_hf(folder / "hf", folder / "ck", layers="linear")
 
 

@@ -40,10 +40,11 @@ KINDS = {
 def _text(folder: Path, max_chars: int) -> list[str]:
     """The first documents of a text folder (sorted), up to ``max_chars`` characters."""
     from matq_converters.text import read_text, text_files
+    from matq_train.data import DataError
 
     docs, n = [], 0
-    for f in text_files(folder):
-        doc = read_text(f)[1]
+    for f in text_files(folder, DataError):
+        doc = read_text(f, DataError)[1]
         docs.append(doc)
         n += len(doc)
         if n >= max_chars:

@@ -4,6 +4,7 @@ One small API for every converter:
 
     arch = detect(config)                       # from config.json (model_type / architectures)
     arch.role("model.layers.0.mlp.up_proj.weight")   # "ffn"
+    arch.layers                                 # ("layers",): the base model's list of layers
     select(shapes, "ffn", arch)                  # names of the 2-D float weights to quantize
     layer_index("encoder.layer.3.output.dense.weight")   # 3
 
@@ -25,6 +26,8 @@ from matq_format.plans import layer_index
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
+    "DECODERS",
+    "GENERIC",
     "LayerPatternError",
     "PRESETS",
     "ROLES",
@@ -54,6 +57,10 @@ class Architecture:
     embedding: str
     norm: str
     head: str
+    layers: tuple[str, ...]
+    """Where the transformers base model keeps its ``nn.ModuleList`` of layers (candidates, in order)."""
+    decoder: bool = False
+    """A causal decoder-only language model (next-token loss), not an encoder."""
 
     def role(self, name: str) -> str:
         """The role of a tensor: the first of norm, embedding, head, attention, ffn whose rule matches."""
@@ -70,6 +77,8 @@ _DECODER = dict(
     embedding=r"(?:^|\.)embed_tokens\.",
     norm=_DECODER_NORM,
     head=r"(?:^|\.)lm_head\.",
+    layers=("layers",),
+    decoder=True,
 )
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -86,8 +95,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         embedding=r"(?:^|\.)embeddings\.",
         norm=r"(?:^|\.)LayerNorm\.(?:weight|bias|gamma|beta)$",
         head=r"(?:^|\.)(?:pooler|cls|classifier|qa_outputs)\.",
+        layers=("encoder.layer",),
     ),
 )
+
+DECODERS = tuple(a.name for a in ARCHITECTURES if a.decoder)
+"""Names of the decoder-only families: llama, mistral, qwen2, gemma2."""
 
 GENERIC = Architecture(
     "generic",
@@ -97,6 +110,7 @@ GENERIC = Architecture(
     embedding=r"(?:^|\.)(?:embed_tokens|embeddings?|wte|wpe|word_embeddings)\.",
     norm=r"(?:^|\.)(?:\w*norm\w*|ln_\w+)\.(?:weight|bias)$",
     head=r"(?:^|\.)(?:lm_head|output|classifier)\.",
+    layers=("layers", "encoder.layer", "decoder.layers", "h"),
 )
 
 

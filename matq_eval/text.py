@@ -22,7 +22,6 @@ from matq_converters import text as corpus
 
 from .errors import TextError
 
-SUFFIXES = corpus.SUFFIXES
 DEFAULT_CTX = 512
 DEFAULT_MAX_TOKENS = 32768
 
@@ -54,28 +53,6 @@ class Windows:
         return self.tokens[i, self.first + 1 :]
 
 
-def text_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """The files a text argument stands for: a file, a folder's text files, or a list of either."""
-    return corpus.text_files(path, TextError)
-
-
-def read_text(path: Path) -> str:
-    """A file's text: UTF-8 (a BOM is dropped), no NUL bytes, not only white space."""
-    text = corpus.read_text(path, TextError)[1]
-    if not text.strip():
-        raise TextError(path, "is empty")
-    return text
-
-
-def adds_bos(tokenizer) -> int | None:
-    """The BOS id when the tokenizer puts one in front of a text (Llama 3, Gemma), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
 def load_windows(
     tokenizer,
     text: str | os.PathLike | Iterable[str | os.PathLike],
@@ -97,24 +74,14 @@ def load_windows(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    files = text_files(text)
+    files = corpus.text_files(text, TextError)
     n_windows = max_tokens // ctx
     if n_windows < 1:
         raise TextError(None, f"--max-tokens {max_tokens} is less than one window of {ctx} tokens")
-    need = n_windows * ctx
-    ids: list[int] = []
-    used: list[Path] = []
-    for f in files:
-        if len(ids) >= need:
-            break
-        ids.extend(tokenizer(read_text(f), add_special_tokens=False)["input_ids"])
-        used.append(f)
-    n_windows = min(n_windows, len(ids) // ctx)
+    stream = corpus.tokenize_files(tokenizer, files, TextError, n_windows * ctx)
+    n_windows = min(n_windows, len(stream.ids) // ctx)
     if n_windows < 1:
         where = files[0] if len(files) == 1 else files[0].parent
-        raise TextError(where, f"holds {len(ids)} tokens, fewer than one window of {ctx}")
-    tokens = np.asarray(ids[: n_windows * ctx], dtype=np.int64).reshape(n_windows, ctx)
-    bos = adds_bos(tokenizer)
-    if bos is not None:
-        tokens[:, 0] = bos
-    return Windows(tokens, first, bos, used)
+        raise TextError(where, f"holds {len(stream.ids)} tokens, fewer than one window of {ctx}")
+    bos = corpus.adds_bos(tokenizer)
+    return Windows(corpus.cut_windows(stream.ids, ctx, n_windows, bos), first, bos, stream.files)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from matq_converters.text import read_text
+from matq_converters.text import cut_windows, folder_files, read_text
+from matq_converters.text import tokenize_documents as tokenize
 from matq_format.errors import MatqError
 
 __all__ = [
@@ -82,11 +83,7 @@ def read_documents(paths: Sequence[str | os.PathLike], text_field: str = "text")
                 raise DataError(p, f"no column {text_field!r} (columns: {', '.join(ds.column_names)})")
             docs.extend(t for t in ds[text_field] if t)
             continue
-        files = (
-            sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
-            if p.is_dir()
-            else [p]
-        )
+        files = folder_files(p, TEXT_SUFFIXES) if p.is_dir() else [p]
         for f in files:  # regular files only, UTF-8 (as calibration text): a FIFO is refused, not waited on
             _, text = read_text(f, DataError)
             if f.suffix.lower() in (".jsonl", ".json"):
@@ -107,14 +104,6 @@ def split_documents(docs: Iterable[str], holdout: float) -> tuple[list[str], lis
     return train, held
 
 
-def tokenize(docs: Sequence[str], tokenizer) -> np.ndarray:
-    """One int32 token stream: each document's tokens followed by the end-of-sequence (or SEP) token."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
-    parts = [np.asarray(x + ([eos] if eos is not None else []), dtype=np.int32) for x in ids]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
-
 class TokenBlocks:
     """A token stream cut into ``[n, seq_len]`` blocks, served in a seeded order, epoch after epoch."""
 
@@ -123,7 +112,7 @@ class TokenBlocks:
         if n < 1:
             raise DataError(source, f"{len(stream)} tokens is less than one block of {seq_len}")
         self.seq_len = seq_len
-        self.blocks = np.ascontiguousarray(stream[: n * seq_len].reshape(n, seq_len))
+        self.blocks = cut_windows(stream, seq_len, n)
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from gguf_helpers import tiny_hf_model  # noqa: E402
+from tiny_models import tiny_hf_model  # noqa: E402
 
 import matq_format as mf  # noqa: E402
 from matq_converters.importers.hf.calibration import (  # noqa: E402

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_helpers import corpus, tiny_hf_model
+from tiny_models import corpus, tiny_hf_model
 
 from matq_cli.main import cli
 from matq_eval import CandidateError, TextError, load_windows, parse_candidate, score

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as T
-from gguf_helpers import hf_tensors, tiny_hf_model, to_matq
+from gguf_helpers import hf_tensors, to_matq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_hf_model
 
 import matq_format as mf
 from matq_cli.main import cli

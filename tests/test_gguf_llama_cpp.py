@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf_helpers import BERT_LINEAR, SAMPLE, hf_model_on_matq, llama_cpp_model, tiny_hf_model, to_matq
+from gguf_helpers import BERT_LINEAR, SAMPLE, hf_model_on_matq, llama_cpp_model, to_matq
+from tiny_models import tiny_hf_model
 
 from matq_converters import registry
 from matq_converters.registry import ConvertOptions

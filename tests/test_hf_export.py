@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_helpers import hf_model_on_matq, hf_tensors, tiny_hf_model, to_matq
+from gguf_helpers import hf_model_on_matq, hf_tensors, to_matq
+from tiny_models import tiny_hf_model
 
 import matq_format as mf
 from matq_cli.main import cli

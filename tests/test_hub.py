@@ -421,7 +421,8 @@ def test_pulled_checkpoint_converts_like_the_original(server, tmp_path):
     pytest.importorskip("transformers")
     gguf = pytest.importorskip("gguf")
     from click.testing import CliRunner
-    from gguf_helpers import tiny_hf_model, to_matq
+    from gguf_helpers import to_matq
+    from tiny_models import tiny_hf_model
 
     from matq_cli.main import cli
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import build, config
 
 import matq_format as mf
 from matq_cli.main import cli
@@ -21,10 +22,8 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 def _float_model(out: Path) -> Path:
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(
+    cfg = config(
+        "llama",
         vocab_size=96,
         hidden_size=64,
         intermediate_size=160,
@@ -33,9 +32,7 @@ def _float_model(out: Path) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    return out
+    return build(cfg, out, seed=1, dtype="bfloat16")
 
 
 def _pack_matgptq(float_dir: Path, out: Path, scales_dtype: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_helpers import hf_model_on_matq, tiny_hf_model, to_matq
+from gguf_helpers import hf_model_on_matq, to_matq
+from tiny_models import tiny_hf_model
 
 import matq_format as mf
 from matq_cli.main import cli
@@ -291,7 +292,7 @@ def test_cli(models, tmp_path):
 
 
 def test_matq_eval_scores_onnx_folders_as_the_slice(models, tmp_path):
-    from gguf_helpers import corpus
+    from tiny_models import corpus
 
     hf, ck = models
     export(ck["llama"], tmp_path / "int4-onnx", bits=4)

@@ -79,8 +79,8 @@ def world(tmp_path_factory):
     """A tiny Llama (with tokenizer), its matq checkpoint, and a MatGPTQ folder, each in a folder of
     its own beside an unrelated file."""
     pytest.importorskip("transformers")
-    from gguf_helpers import tiny_hf_model
     from test_matgptq import _float_model, _pack_matgptq
+    from tiny_models import tiny_hf_model
 
     root = tmp_path_factory.mktemp("world")
     hf = tiny_hf_model("llama", root / "hfp" / "hf")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import build, config
 
 import matq_format as mf
 from matq_cli.main import cli
@@ -34,9 +35,6 @@ FFN_NAMES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight
 
 # --- tiny models built from transformers configs ----------------------------------------------------
 def _build(kind: str, out: Path, dtype: str = "bfloat16") -> Path:
-    import torch
-    import transformers
-
     common = dict(
         vocab_size=96,
         hidden_size=64,
@@ -46,15 +44,8 @@ def _build(kind: str, out: Path, dtype: str = "bfloat16") -> Path:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    cfg, cls = {
-        "llama": (lambda: transformers.LlamaConfig(**common), transformers.LlamaForCausalLM),
-        "qwen2": (lambda: transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM),
-        "gemma2": (lambda: transformers.Gemma2Config(**common, head_dim=16), transformers.Gemma2ForCausalLM),
-    }[kind]
-    torch.manual_seed(0)
-    model = cls(cfg()).to(getattr(torch, dtype))
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="60KB")  # several shards + index
-    return out
+    cfg = config(kind, **common, **({"head_dim": 16} if kind == "gemma2" else {}))
+    return build(cfg, out, dtype=dtype, max_shard_size="60KB")  # several shards + index
 
 
 def _tokenizer(out: Path) -> None:

@@ -95,7 +95,7 @@ def test_recipe_llm_to_gguf_that_generates(tmp_path, page, script):
     int8, int4 and a bits-per-weight budget, the last one generating text in llama.cpp."""
     pytest.importorskip("llama_cpp")
     sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_helpers import tiny_hf_model
+    from tiny_models import tiny_hf_model
 
     import matq_eval
 

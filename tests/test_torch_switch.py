@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf_helpers import hf_model_on_matq, tiny_hf_model, to_matq
+from gguf_helpers import hf_model_on_matq, to_matq
+from tiny_models import tiny_hf_model
 
 import matq_format as mf
 

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
+from tiny_models import build, config, small_bpe  # noqa: E402
 
 import matq_format as mf  # noqa: E402
 from matq_format import numerics as N  # noqa: E402
@@ -66,41 +67,13 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-def _tokenizer(texts: list[str], masked: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if masked else ["<unk>", "<s>", "</s>"]
-    tok = Tokenizer(models.BPE(unk_token=specials[1] if masked else "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    if masked:
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            pad_token="[PAD]",
-            unk_token="[UNK]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-        )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 def make_model_dir(root: Path, masked: bool = False) -> Path:
     """A tiny Llama (or BERT masked LM) with its tokenizer, saved as a Hugging Face folder."""
-    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
-
     texts = corpus_texts()
-    tok = _tokenizer(texts, masked)
-    torch.manual_seed(0)
+    tok = small_bpe(texts, masked)
     if masked:
-        cfg = BertConfig(
+        cfg = config(
+            "bert",
             vocab_size=len(tok),
             hidden_size=32,
             num_hidden_layers=2,
@@ -109,9 +82,9 @@ def make_model_dir(root: Path, masked: bool = False) -> Path:
             max_position_embeddings=64,
             pad_token_id=tok.pad_token_id,
         )
-        model = BertForMaskedLM(cfg)
     else:
-        cfg = LlamaConfig(
+        cfg = config(
+            "llama",
             vocab_size=len(tok),
             hidden_size=32,
             intermediate_size=48,
@@ -122,10 +95,7 @@ def make_model_dir(root: Path, masked: bool = False) -> Path:
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        model = LlamaForCausalLM(cfg)
-    out = root / ("bert" if masked else "llama")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    out = build(cfg, root / ("bert" if masked else "llama"), tokenizer=tok)
     data = root / "data"
     data.mkdir(exist_ok=True)
     for i, t in enumerate(texts):

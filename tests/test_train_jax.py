@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from test_train import cfg_for, make_model_dir  # noqa: E402
+from tiny_models import build, config  # noqa: E402
 
 import matq_format as mf  # noqa: E402
 from matq_format import numerics as N  # noqa: E402
@@ -38,18 +39,17 @@ def llama_dir(tmp_path_factory) -> Path:
 
 def _tiny_config(family: str, vocab: int):
     """A tiny transformers config of ``family``, each with the features the JAX code must get right."""
-    import transformers as tf
-
     dec = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     dec.update(
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2
     )
     if family == "mistral":  # a window on every layer
-        return tf.MistralConfig(**dec, sliding_window=5)
+        return config("mistral", **dec, sliding_window=5)
     if family == "qwen2":  # q/k/v biases; a window from layer 1 on
-        return tf.Qwen2Config(**dec, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+        return config("qwen2", **dec, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     if family == "gemma2":  # small caps so that the tanh bites; query_pre_attn_scalar != head_dim
-        return tf.Gemma2Config(
+        return config(
+            "gemma2",
             **dec,
             head_dim=8,
             query_pre_attn_scalar=12,
@@ -57,7 +57,8 @@ def _tiny_config(family: str, vocab: int):
             attn_logit_softcapping=2.0,
             final_logit_softcapping=3.0,
         )
-    return tf.BertConfig(  # no dropout, so that the backends can be compared step by step
+    return config(  # no dropout, so that the backends can be compared step by step
+        "bert",
         vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
@@ -72,20 +73,15 @@ def _tiny_config(family: str, vocab: int):
 
 def make_family_dir(root: Path, family: str, tokenizer_dir: Path) -> Path:
     """A tiny ``family`` model with the test tokenizer; norms and biases drawn at random (not 1 and 0)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(1)
-    cfg = _tiny_config(family, len(tok))
-    model = (AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM).from_config(cfg)
-    with torch.no_grad():
+    def draw(model) -> None:
         for p in model.parameters():
             if p.ndim == 1:
                 p.normal_(0.0 if family == "gemma2" else 1.0, 0.3) if p.shape[0] == 32 else p.normal_(0, 0.3)
-    out = root / family
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return build(_tiny_config(family, len(tok)), root / family, seed=1, tokenizer=tok, adjust=draw)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from matq_converters.roles import DECODERS
+
 from .layers import (
     Dropout,
     UnsupportedModelError,
@@ -35,7 +37,8 @@ from .layers import (
 
 __all__ = ["FAMILIES", "DecoderConfig", "forward"]
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
+FAMILIES = DECODERS
+"""The decoder families of the role table (``matq_converters.roles``); each one's switches are below."""
 
 
 def _rope_theta(cfg: Mapping, path) -> float:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from matq_converters.importers.hf.calibration import resolve_device
 from matq_format.errors import MatqError
 
 from ..config import (
@@ -229,27 +230,6 @@ def evaluate(
 
 
 # --- devices and options ----------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
-    """``--device`` as a torch device (default: this rank's GPU when CUDA is present, else the CPU)."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name is None:
-        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DeviceError(None, f"unknown device {name!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(None, f"--device {name}: this torch has no CUDA device")
-        index = local if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise DeviceError(None, f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
-        return torch.device("cuda", index)
-    if dev.type != "cpu":
-        raise DeviceError(None, f"--device {name}: only cpu and cuda are supported")
-    return dev
-
-
 def _autocast(cfg: TrainConfig, device: torch.device):
     """bfloat16 autocast for ``--precision bf16``; nothing for float32."""
     if cfg.precision != "bf16":
@@ -377,7 +357,7 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, denom: float) -> tuple[to
 
 def _setup(cfg: TrainConfig, rank: int, world: int):
     """Model on its device with fake-quantized layers, tokenizer, whether causal, the device."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, DeviceError, auto=True)
     torch.manual_seed(cfg.seed)
     model, tokenizer, causal = load_model(cfg.model_dir)
     model.to(device)

@@ -16,7 +16,7 @@ and dropped after. Layer inputs are captured by running the model's own forward 
 (so its masks, position ids and rotary embeddings are transformers' own) with stand-ins that
 record each layer's arguments; the layers are then called directly. Decoder models whose base
 model keeps its layers in ``layers`` (Llama, Mistral, Qwen2, Gemma 2) and BERT-like encoders
-(``encoder.layer``) are supported; a model transformers cannot build or run is a
+(``encoder.layer``) are supported (the layer lists of :mod:`matq_converters.roles`); a model transformers cannot build or run is a
 :class:`CalibrationModelError`.
 
 :func:`calibrate_layers` is the layer-by-layer GPTQ pass: embeddings once; then per layer, hooks
@@ -40,7 +40,6 @@ bytes (CPU and GPU results differ in rounding, hence in some codes).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters import roles
 from matq_converters import text as corpus
 from matq_converters.importers.hf.source import HFSource, SourceError
 from matq_format import numerics
@@ -64,14 +64,12 @@ __all__ = [
     "calibrate_layers",
     "load_calibration_text",
     "resolve_device",
-    "text_files",
 ]
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_CALIB_TOKENS = 131072
 MIN_TOKENS = 16
 """Fewer calibration tokens than this is refused: the Hessian would say nothing."""
-SUFFIXES = corpus.SUFFIXES
 BATCH_TOKENS = 4096
 """Tokens per forward call (whole sequences; at least one)."""
 
@@ -118,19 +116,6 @@ class CalibrationText:
         }
 
 
-def text_files(path: str | os.PathLike) -> list[Path]:
-    """The files a calibration argument stands for: the file itself, or a folder's text files."""
-    return corpus.text_files(path, CalibrationTextError)
-
-
-def _adds_bos(tokenizer) -> int | None:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
 def load_calibration_text(
     tokenizer,
     path: str | os.PathLike,
@@ -142,59 +127,48 @@ def load_calibration_text(
         raise CalibrationTextError(None, f"sequence length {seq_len} must be at least 2 tokens")
     if max_tokens < MIN_TOKENS:
         raise CalibrationTextError(None, f"calibration tokens {max_tokens} must be at least {MIN_TOKENS}")
-    files = text_files(path)
+    files = corpus.text_files(path, CalibrationTextError)
     single = len(files) == 1 and not Path(path).is_dir()
-    ids: list[int] = []
-    used: list[Path] = []
-    digest = hashlib.sha256()
-    n_bytes = 0
-    for f in files:
-        if len(ids) >= max_tokens:
-            break
-        data, text = corpus.read_text(f, CalibrationTextError)
-        if not text.strip():
-            if single:
-                raise CalibrationTextError(f, "is empty")
-            continue  # an empty file inside a folder adds nothing
-        digest.update(data)
-        n_bytes += len(data)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        used.append(f)
+    stream = corpus.tokenize_files(tokenizer, files, CalibrationTextError, max_tokens, skip_empty=not single)
     where = files[0] if single else Path(path)
-    if not used:
+    if not stream.files:
         raise CalibrationTextError(where, "holds no text (every file is empty)")
-    if len(ids) < MIN_TOKENS:
-        raise CalibrationTextError(where, f"holds {len(ids)} tokens; calibration needs at least {MIN_TOKENS}")
-    avail = min(len(ids), max_tokens)
-    seq = min(seq_len, avail)
-    n = avail // seq
-    tokens = np.asarray(ids[: n * seq], dtype=np.int64).reshape(n, seq)
-    bos = _adds_bos(tokenizer)
-    if bos is not None:
-        tokens[:, 0] = bos
-    return CalibrationText(tokens, used, digest.hexdigest(), n_bytes)
+    n_ids = len(stream.ids)
+    if n_ids < MIN_TOKENS:
+        raise CalibrationTextError(where, f"holds {n_ids} tokens; calibration needs at least {MIN_TOKENS}")
+    seq = min(seq_len, n_ids, max_tokens)
+    tokens = corpus.cut_windows(stream.ids, seq, min(n_ids, max_tokens) // seq, corpus.adds_bos(tokenizer))
+    return CalibrationText(tokens, stream.files, stream.sha256, stream.text_bytes)
 
 
 # --- device -------------------------------------------------------------------------------------------
-def resolve_device(device: str | None):
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device; a CUDA device that is not there is refused."""
+def resolve_device(device: str | None, error: type[MatqError] | None = None, *, auto: bool = False):
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device; a CUDA device that is not there is an
+    ``error`` (default :class:`~matq_format.quantspec.OptionError`). Bare ``cuda`` is this rank's GPU
+    (``LOCAL_RANK``, 0 outside a distributed run); no device is the CPU, or with ``auto`` this rank's
+    GPU when CUDA is present (as the trainer wants)."""
     import torch
 
     from matq_format.quantspec import OptionError
 
-    name = (device or "cpu").strip().lower()
+    error = error or OptionError
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if auto and torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(name)
+        dev = torch.device(device.strip().lower())
     except (RuntimeError, ValueError):
-        raise OptionError(None, f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise error(None, f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise OptionError(None, f"device {device!r} is not supported; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(None, f"device {device!r}: this torch build sees no CUDA device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(None, f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
-    return dev
+        raise error(None, f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        raise error(None, f"device {device!r}: this torch build sees no CUDA device")
+    index = local if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise error(None, f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
 
 
 @contextlib.contextmanager
@@ -259,8 +233,6 @@ def _stand_in(index: int, record: dict, stop_at: int):
 class LayerwiseModel:
     """A transformers base model whose layers are loaded from the folder one at a time."""
 
-    LAYER_LISTS = ("layers", "encoder.layer", "decoder.layers", "h")
-
     def __init__(self, src: HFSource, device):
         import torch
 
@@ -294,7 +266,8 @@ class LayerwiseModel:
     def _find_layers(self, path: Path):
         import torch.nn as nn
 
-        for p in self.LAYER_LISTS:
+        candidates = roles.detect(self.src.config).layers
+        for p in candidates:
             try:
                 m = self.base.get_submodule(p)
             except AttributeError:
@@ -304,7 +277,7 @@ class LayerwiseModel:
         raise CalibrationModelError(
             path,
             f"{type(self.base).__name__} keeps no list of layers where calibration looks "
-            f"({', '.join(self.LAYER_LISTS)}); calibrated quantization does not support it",
+            f"({', '.join(candidates)}); calibrated quantization does not support it",
         )
 
     def _file_prefix(self, path: Path) -> str:

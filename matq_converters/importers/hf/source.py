@@ -37,7 +37,6 @@ __all__ = [
 
 INDEX_NAME = "model.safetensors.index.json"
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
-SINGLE_NAME = "model.safetensors"
 
 
 class SourceError(MatqError):
