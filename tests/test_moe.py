@@ -182,3 +182,25 @@ def test_generic_rules_tell_a_fused_layout_by_the_hidden_size_or_refuse():
         R.input_axes(square, ["m.experts.down_proj"], arch, 32)
     with pytest.raises(R.ExpertShapeError):
         R.input_axes(shapes, names, arch, None)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "mixtral"])
+def test_hf_export_carries_experts_exactly(models, family, tmp_path):
+    """``--to hf --layout dense``: transformers runs the export bit for bit like matq's int4 weights."""
+    import torch
+    import transformers as tf
+    from safetensors.numpy import save_file
+
+    ck = _quantize(models[family], tmp_path / "q", "--layers", "linear", "--group-size", "16")
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "q"), "--to", "hf", "--bits", "4", "--layout", "dense",
+                                 "-o", str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.output
+    ref = tmp_path / "ref"  # the source folder with matq's dequantized weights in place
+    shutil.copytree(models[family], ref)
+    save_file({n: np.ascontiguousarray(ck.dequantize(n, 4)) for n in ck.tensor_names()}, str(ref / "model.safetensors"),
+              metadata={"format": "pt"})
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = (tf.AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (tmp_path / "hf", ref))
+    assert torch.equal(got, want)
+    assert ck.info(next(n for n in ck.quantized_names() if "experts" in n)).quantized
