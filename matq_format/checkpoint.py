@@ -37,7 +37,7 @@ from .planes import plane_stride, unpack
 from .publish import scratch_dir
 from .safefs import allowed_roots, check_file, open_regular
 
-UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES})
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES, C.EXT_STACKED})
 
 
 def resolve_base(path: str | os.PathLike) -> Path:
@@ -147,7 +147,7 @@ class Checkpoint:
             stride = (plane_stride(t.numel),)
             for k in t.planes:
                 yield plane_entry(name, k), "U8", stride
-            g = (t.shape[0], t.groups)
+            g = t.param_shape
             yield entry_name(name, C.SCALE_SUFFIX), t.scale_dtype, g
             yield entry_name(name, C.ZERO_SUFFIX), t.zero_dtype, g
 
@@ -245,7 +245,7 @@ class Checkpoint:
     def scale(self, name: str) -> np.ndarray:
         t = self._qinfo(name)
         s = dtypes.from_bytes(
-            self._raw(entry_name(name, C.SCALE_SUFFIX)), t.scale_dtype, (t.shape[0], t.groups)
+            self._raw(entry_name(name, C.SCALE_SUFFIX)), t.scale_dtype, t.param_shape
         ).astype(np.float32)
         if not np.all(np.isfinite(s)) or not np.all(np.abs(s) > 0 if self.signed_scales else s > 0):
             what = "non-zero" if self.signed_scales else "positive"
@@ -262,7 +262,7 @@ class Checkpoint:
     def zero(self, name: str) -> np.ndarray:
         t = self._qinfo(name)
         z = dtypes.from_bytes(
-            self._raw(entry_name(name, C.ZERO_SUFFIX)), t.zero_dtype, (t.shape[0], t.groups)
+            self._raw(entry_name(name, C.ZERO_SUFFIX)), t.zero_dtype, t.param_shape
         ).astype(np.float32)
         if (
             not np.all(np.isfinite(z))
@@ -285,7 +285,7 @@ class Checkpoint:
         return self._raw(plane_entry(name, k))
 
     def sliced_codes(self, name: str, bits: int | None = None, extra_precision: bool = False) -> np.ndarray:
-        """Codes in the r-bit domain, ``[rows, cols]`` uint8; reads only the planes that width needs."""
+        """Codes in the r-bit domain, uint8 in the tensor's shape; reads only the planes that width needs."""
         t = self._qinfo(name)
         bits = self.code_bits if bits is None else bits
         if (
@@ -352,7 +352,7 @@ class Checkpoint:
         bits = self.code_bits if bits is None else bits
         k = self.sliced_codes(name, bits, extra_precision)
         return numerics.dequantize_codes(
-            k, self.scale(name), self.zero(name), self.code_bits, bits, t.group_size
+            k, self.scale(name), self.zero(name), self.code_bits, bits, t.group_size, t.in_axis
         )
 
     def bytes_for_width(self, name: str, bits: int | None) -> int:

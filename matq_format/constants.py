@@ -8,8 +8,10 @@ from __future__ import annotations
 import re
 
 FORMAT_NAME = "matq"
-FORMAT_VERSION = (1, 0)
-"""(major, minor). Minor versions only add optional fields; anything else bumps the major."""
+FORMAT_VERSION = (1, 1)
+"""(major, minor) of the newest spec this library implements. Minor versions only add optional fields;
+anything else bumps the major. Writers write the lowest version a checkpoint needs (1.0 unless it
+holds a stacked tensor), so files that use nothing new stay byte for byte what 1.0 wrote."""
 
 # --- container -------------------------------------------------------------------------------
 BASE_FILENAME = "matq.safetensors"
@@ -94,7 +96,11 @@ QUANTIZABLE_DTYPES = ("F16", "BF16", "F32")
 # --- serving widths --------------------------------------------------------------------------
 SLICE_WIDTHS = (8, 6, 4, 3, 2)
 EXTENSION_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+"""Extension names are dotted lower-case identifiers, e.g. ``org.example.hessian``."""
 EXT_SIGNED_SCALES = "matq.signed_scales"
 """Extension (spec 10.4): scales may be negative, so that a group's largest-magnitude weight lands
 on code 0 whatever its sign and every slice holds it exactly. Always in ``must_understand``."""
-"""Extension names are dotted lower-case identifiers, e.g. ``org.example.hessian``."""
+EXT_STACKED = "matq.stacked"
+"""Extension (spec 10.5, version 1.1): a quantized tensor of more than two dimensions (a stack of
+matrices, e.g. fused mixture-of-experts weights) or with its input features on the next-to-last
+axis. Always in ``must_understand`` when such a tensor is present."""

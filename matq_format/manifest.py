@@ -14,7 +14,7 @@ from pathlib import Path
 from . import constants as C
 from .container import gc_paused, strict_json
 from .errors import HeaderError, LimitError, UnsupportedVersionError
-from .numerics import n_groups, planes_needed
+from .numerics import n_groups, param_shape, planes_needed
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class TensorInfo:
     extra_precision: tuple[int, ...] = ()
     planes: tuple[int, ...] = ()
     extras: dict = field(default_factory=dict, compare=False, repr=False)
+    input_axis: int | None = None
+    """The axis of input features (spec 10.5); None: the last, as in a linear weight [out, in]."""
 
     @property
     def quantized(self) -> bool:
@@ -43,8 +45,33 @@ class TensorInfo:
         return math.prod(self.shape)
 
     @property
+    def in_axis(self) -> int:
+        """The axis groups run along: ``input_axis``, or the last one."""
+        return len(self.shape) - 1 if self.input_axis is None else self.input_axis
+
+    @property
+    def stacked(self) -> bool:
+        """A quantized tensor that needs ``matq.stacked`` (10.5): not a plain ``[out, in]`` matrix."""
+        return self.quantized and (len(self.shape) != 2 or self.in_axis != len(self.shape) - 1)
+
+    @property
+    def cols(self) -> int:
+        """Input features: the length of each row of the matrix view (``numerics.as_matrix``)."""
+        return self.shape[self.in_axis]
+
+    @property
+    def rows(self) -> int:
+        """Rows of the matrix view: every element but the input axis, folded together."""
+        return math.prod(d for i, d in enumerate(self.shape) if i != self.in_axis)
+
+    @property
     def groups(self) -> int:
-        return n_groups(self.shape[1], self.group_size)
+        return n_groups(self.cols, self.group_size)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of the scale and zero entries: ``[rows, groups]`` for a matrix (section 6, 10.5)."""
+        return param_shape(self.shape, self.group_size, self.in_axis)
 
     def max_width(self, code_bits: int) -> int:
         """Widest slice the present planes serve (0 if none)."""
@@ -65,6 +92,8 @@ class TensorInfo:
                 extra_precision=list(self.extra_precision),
                 planes=list(self.planes),
             )
+            if self.stacked:
+                d["input_axis"] = self.in_axis
         d.update(self.extras)
         return d
 
@@ -146,8 +175,11 @@ def _check_shape(shape: tuple) -> None:
 
 
 def _check_quantized(t: TensorInfo, code_bits: int) -> None:
-    if len(t.shape) != 2:
-        raise RecordError(f"quantized tensors are 2-D, got shape {list(t.shape)}")
+    if len(t.shape) < 2:
+        raise RecordError(f"quantized tensors have 2 or more dimensions, got shape {list(t.shape)}")
+    last = len(t.shape) - 1
+    if t.input_axis is not None and (not _is_int(t.input_axis) or t.input_axis not in (last - 1, last)):
+        raise RecordError(f"input_axis {t.input_axis!r} must be {last - 1} or {last} for shape {list(t.shape)}")
     if t.dtype not in C.QUANTIZABLE_DTYPES:
         raise RecordError(f"source dtype {t.dtype} cannot be quantized (only {', '.join(C.QUANTIZABLE_DTYPES)})")
     if not _one_of(t.granularity, C.GRANULARITIES):
@@ -285,6 +317,9 @@ def parse_manifest(
         e["file"] = fname
     with gc_paused():
         infos = {name: _parse_tensor(path, name, t, c) for name, t in tensors.items()}
+    stacked = next((n for n, t in infos.items() if t.stacked), None)
+    if stacked is not None and C.EXT_STACKED not in must:
+        raise HeaderError(path, f"tensor {_shown(stacked)}: a stacked tensor needs {C.EXT_STACKED} in must_understand")
     return m, infos
 
 
@@ -328,7 +363,8 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
 
 _DENSE_KEYS = frozenset(("kind", "dtype", "shape"))
 _QUANTIZED_KEYS = _DENSE_KEYS | {
-    "granularity", "group_size", "scheme", "scale_dtype", "zero_dtype", "extra_precision", "planes"
+    "granularity", "group_size", "scheme", "scale_dtype", "zero_dtype", "extra_precision", "planes",
+    "input_axis",
 }
 
 
@@ -352,6 +388,7 @@ def _record(path: Path, name: str, t: dict, where: str) -> TensorInfo:
         tuple(_req(path, t, "extra_precision", list, where)),
         tuple(_req(path, t, "planes", list, where)),
         extras=_extras(t, _QUANTIZED_KEYS),
+        input_axis=t.get("input_axis"),
     )
 
 

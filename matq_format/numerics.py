@@ -56,6 +56,9 @@ __all__ = [
     "check_width",
     "code_max",
     "expand_groups",
+    "as_matrix",
+    "from_matrix",
+    "param_shape",
     "minmax_params",
     "quantize",
     "slice_codes",
@@ -92,12 +95,34 @@ def n_groups(cols: int, group_size: int | None) -> int:
     return 1 if group_size is None else -(-cols // group_size)
 
 
-def expand_groups(p: np.ndarray, cols: int, group_size: int | None) -> np.ndarray:
-    """Broadcast per-group parameters ``[rows, groups]`` to ``[rows, cols]``."""
+def expand_groups(p: np.ndarray, cols: int, group_size: int | None, axis: int = -1) -> np.ndarray:
+    """Broadcast per-group parameters (``groups`` along ``axis``, e.g. ``[rows, groups]``) to ``cols``
+    along that axis (a size-1 axis that broadcasts, for one group per row)."""
     if group_size is None:
-        return p[:, :1]
+        return np.take(p, [0], axis=axis)
     # Indexing, not np.repeat: a group size far larger than cols must not allocate rows*group_size.
-    return p[:, np.arange(cols) // group_size]
+    return np.take(p, np.arange(cols) // group_size, axis=axis)
+
+
+def param_shape(shape: tuple[int, ...], group_size: int | None, input_axis: int = -1) -> tuple[int, ...]:
+    """Shape of a quantized tensor's scales and zero points: its own with the input axis counted in
+    groups (``[rows, groups]`` for a linear weight ``[rows, cols]``; spec 5.5 and 10.5)."""
+    axis = input_axis % len(shape)
+    return tuple(n_groups(d, group_size) if i == axis else d for i, d in enumerate(shape))
+
+
+def as_matrix(a: np.ndarray, input_axis: int = -1) -> np.ndarray:
+    """A stack of matrices as one ``[rows, cols]`` matrix, its input axis last and every other axis
+    folded into rows: a view when the input axis is already last (spec 10.5)."""
+    a = np.moveaxis(a, input_axis, -1)
+    return a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
+
+
+def from_matrix(m: np.ndarray, shape: tuple[int, ...], input_axis: int = -1) -> np.ndarray:
+    """The inverse of :func:`as_matrix`: ``[rows, cols]`` back to ``shape`` (C-contiguous)."""
+    axis = input_axis % len(shape)
+    moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
+    return np.ascontiguousarray(np.moveaxis(m.reshape(moved), -1, axis))
 
 
 def round_scale(alpha: np.ndarray, dtype: str) -> np.ndarray:
@@ -326,11 +351,14 @@ def dequantize_codes(
     code_bits: int,
     bits: int,
     group_size: int | None,
+    input_axis: int = -1,
 ) -> np.ndarray:
-    """``w = alpha * (k * 2^s - z)``, all float32: the reference every reader and export matches."""
-    cols = k.shape[1]
-    a = expand_groups(np.asarray(scale, np.float32), cols, group_size)
-    z = expand_groups(np.asarray(zero, np.float32), cols, group_size)
+    """``w = alpha * (k * 2^s - z)``, all float32: the reference every reader and export matches.
+
+    ``k`` is ``[rows, cols]``, or a stack of matrices whose groups run along ``input_axis`` (10.5)."""
+    cols = k.shape[input_axis]
+    a = expand_groups(np.asarray(scale, np.float32), cols, group_size, input_axis)
+    z = expand_groups(np.asarray(zero, np.float32), cols, group_size, input_axis)
     kf = k.astype(np.float32) * np.float32(1 << (code_bits - bits))
     return (a * (kf - z)).astype(np.float32)
 
@@ -343,10 +371,11 @@ def dequantize(
     bits: int,
     group_size: int | None,
     extra_precision: bool = False,
+    input_axis: int = -1,
 ) -> np.ndarray:
     """Slice full codes to ``bits`` and dequantize."""
     k = slice_codes(q, code_bits, bits, extra_precision)
-    return dequantize_codes(k, scale, zero, code_bits, bits, group_size)
+    return dequantize_codes(k, scale, zero, code_bits, bits, group_size, input_axis)
 
 
 def extra_bucket_share(q: np.ndarray, code_bits: int, bits: int) -> float:

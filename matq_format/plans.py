@@ -177,8 +177,8 @@ def tensor_bits(ckpt, name: str, bits: int, extra_precision: bool, share: float 
         share = float(np.count_nonzero(k == (1 << bits)) / max(k.size, 1))
     return numerics.bits_per_weight(
         bits,
-        t.shape[0],
-        t.shape[1],
+        t.rows,
+        t.cols,
         t.group_size,
         C.DTYPES[t.scale_dtype][1],
         C.DTYPES[t.zero_dtype][1],

@@ -77,6 +77,7 @@ def slice_checkpoint(
                 zero_dtype=t.zero_dtype,
                 extra_precision=t.extra_precision,
                 extras=t.extras,
+                input_axis=t.input_axis,
             )
             if progress:
                 progress(1)

@@ -311,15 +311,18 @@ class CheckpointWriter:
         zero_dtype: str = "U8",
         extra_precision: tuple[int, ...] | list[int] = (),
         keep_bits: int | None = None,
+        input_axis: int | None = None,
     ) -> None:
         """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point.
 
         ``keep_bits`` stores only the planes a width-``keep_bits`` slice needs (a sliced checkpoint).
+        Codes of more dimensions are a stack of matrices with groups along ``input_axis`` (the last
+        or the one before; spec 10.5), and scale and zero have ``numerics.param_shape``.
         """
         self._check_name(name)
         codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.dtype != np.uint8:
-            raise WriterError(self.out, f"{name}: codes must be a 2-D uint8 array")
+        if codes.ndim < 2 or codes.dtype != np.uint8:
+            raise WriterError(self.out, f"{name}: codes must be a uint8 array of 2 or more dimensions")
         try:
             packed = pack(codes, self.code_bits)
         except ValueError as exc:
@@ -339,6 +342,7 @@ class CheckpointWriter:
             scale_dtype=scale_dtype,
             zero_dtype=zero_dtype,
             extra_precision=extra_precision,
+            input_axis=input_axis,
         )
 
     def add_quantized_planes(
@@ -348,7 +352,7 @@ class CheckpointWriter:
         scale: np.ndarray,
         zero: np.ndarray,
         *,
-        shape: tuple[int, int],
+        shape: tuple[int, ...],
         dtype: str,
         group_size: int | None,
         scheme: str,
@@ -356,8 +360,12 @@ class CheckpointWriter:
         zero_dtype: str,
         extra_precision=(),
         extras: dict | None = None,
+        input_axis: int | None = None,
     ) -> None:
-        """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint."""
+        """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint.
+
+        A stacked tensor (10.5: more than two dimensions, or ``input_axis`` not the last) lists
+        ``matq.stacked`` in ``must_understand`` and makes the checkpoint version 1.1."""
         self._check_name(name)
         info = TensorInfo(
             name,
@@ -372,21 +380,23 @@ class CheckpointWriter:
             _plain_ints(extra_precision),
             _plain_ints(planes),
             extras=dict(extras or {}),
+            input_axis=_plain_int(input_axis),
         )
         self._check_record(info)
         info = replace(
             info,
             extra_precision=tuple(sorted(info.extra_precision)),
             planes=tuple(sorted(info.planes, reverse=True)),
+            input_axis=info.in_axis if info.stacked else None,
         )
-        (rows, cols), groups = info.shape, info.groups
+        pshape = info.param_shape
         scale, zero = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
-        if scale.size != rows * groups or zero.size != rows * groups:
+        if scale.size != math.prod(pshape) or zero.size != math.prod(pshape):
             raise WriterError(
                 self.out,
-                f"{name}: scale and zero need {rows}x{groups} values, got {scale.size} and {zero.size}",
+                f"{name}: scale and zero need shape {list(pshape)}, got {list(scale.shape)} and {list(zero.shape)}",
             )
-        scale, zero = scale.reshape(rows, groups), zero.reshape(rows, groups)
+        scale, zero = scale.reshape(pshape), zero.reshape(pshape)
         if not np.all(np.isfinite(scale)) or not np.all(scale != 0):
             raise WriterError(self.out, f"{name}: scales must be finite and non-zero")
         if np.any(scale < 0) and C.EXT_SIGNED_SCALES not in self.must_understand:
@@ -403,7 +413,7 @@ class CheckpointWriter:
             s_arr, z_arr = dtypes.cast_exact(scale, scale_dtype), dtypes.cast_exact(zero, zero_dtype)
         except ValueError as exc:
             raise WriterError(self.out, f"{name}: {exc}") from None
-        stride = -(-rows * cols // 64) * C.PLANE_ALIGN_BYTES
+        stride = -(-info.numel // 64) * C.PLANE_ALIGN_BYTES
         arrays = {k: np.asarray(planes[k], np.uint8).reshape(-1) for k in info.planes}
         for k, p in arrays.items():
             if p.size != stride:
@@ -413,10 +423,12 @@ class CheckpointWriter:
             info,
             [
                 *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
-                _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, (rows, groups), s_arr.nbytes),
-                _Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, (rows, groups), z_arr.nbytes),
+                _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, pshape, s_arr.nbytes),
+                _Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, pshape, z_arr.nbytes),
             ],
         )
+        if info.stacked and C.EXT_STACKED not in self.must_understand:
+            self.must_understand.append(C.EXT_STACKED)
         for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
             self._write_plane(k, plane_entry(name, k), p)
         self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
@@ -496,7 +508,7 @@ class CheckpointWriter:
         """The manifest as ``close`` writes it."""
         return {
             "format": C.FORMAT_NAME,
-            "version": f"{C.FORMAT_VERSION[0]}.{C.FORMAT_VERSION[1]}",
+            "version": self._version(),
             "code_bits": self.code_bits,
             "must_understand": self.must_understand,
             "extensions": self.extensions,
@@ -506,6 +518,11 @@ class CheckpointWriter:
             "entries": entries,
             "source": self.source,
         }
+
+    def _version(self) -> str:
+        """The lowest version this checkpoint needs: 1.1 once it holds a stacked tensor (10.5)."""
+        minor = 1 if C.EXT_STACKED in self.must_understand else 0
+        return f"{C.FORMAT_VERSION[0]}.{minor}"
 
     def _base_metadata(self, manifest_text: str, crc: str) -> dict[str, str]:
         return {

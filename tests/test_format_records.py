@@ -24,7 +24,8 @@ GOOD = dict(
 PLANES = {k: np.zeros(8, np.uint8) for k in range(4)}
 BAD = {  # a writer keyword, its bad value, and the manifest record that holds the same
     "dtype": ("dtype", "I8", {"dtype": "I8"}),
-    "shape_3d": ("shape", (1, 2, 2), {"shape": [1, 2, 2]}),
+    "shape_1d": ("shape", (4,), {"shape": [4]}),
+    "input_axis": ("input_axis", 5, {"input_axis": 5}),
     "scheme": ("scheme", "nf4", {"scheme": "nf4"}),
     "scale_dtype": ("scale_dtype", "F64", {"scale_dtype": "F64"}),
     "zero_dtype": ("zero_dtype", "I8", {"zero_dtype": "I8"}),

@@ -173,9 +173,11 @@ def test_architecture_rules():
     assert A.layer_index("model.layers.12.mlp.up_proj.weight") == 12
     assert A.layer_index("model.norm.weight") is None
     shapes = {"a.mlp.up_proj.weight": ("BF16", (4, 4)), "a.mlp.up_proj.bias": ("BF16", (4,))}
-    assert A.select(shapes, "mlp", A.detect({})) == ["a.mlp.up_proj.weight"]
-    with pytest.raises(A.LayerPatternError, match="none is a 2-D float weight"):
+    assert A.select(shapes, "mlp.*weight", A.detect({})) == ["a.mlp.up_proj.weight"]
+    with pytest.raises(A.LayerPatternError, match="selects 'a.mlp.up_proj.bias', of 1 dimensions"):
         A.select(shapes, r"\.bias$", A.detect({}))
+    with pytest.raises(A.LayerPatternError, match="none is a float weight"):
+        A.select({"x.weight": ("I32", (4, 4))}, "x", A.detect({}))
     with pytest.raises(A.LayerPatternError, match="not a valid regular expression"):
         A.select(shapes, "mlp[", A.detect({}))
     with pytest.raises(A.LayerPatternError, match="no attention weights"):
@@ -675,8 +677,8 @@ def test_selected_tensors_stored_dense_are_reported(tmp_path):
     # A pattern reports what it names, too; nothing to report, no warning.
     r = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "q3"), "--layers", r"layers\.0\.mlp\.up"])
     assert r.exit_code == 0 and r.stderr == "", r.stderr
-    with pytest.warns(UnquantizedWarning, match=r"stored 1 tensor unquantized: model\.norm\.weight \(1-D\)$"):
-        quantize_hf(src, tmp_path / "q4", layers=r"layers\.0\.mlp\.up|norm")
+    with pytest.warns(UnquantizedWarning, match=r"stored 1 tensor unquantized: model\.layers\.0\.mlp\.gate_proj\.weight \(dtype I32\)$"):
+        quantize_hf(src, tmp_path / "q4", layers=r"layers\.0\.mlp\.(up|gate)")
     many = UnquantizedWarning({f"t{i}": "1-D" for i in range(7)})
     assert str(many) == "stored 7 tensors unquantized: t0 (1-D), t1 (1-D), t2 (1-D), t3 (1-D), t4 (1-D), and 2 more"
     assert str(UnquantizedWarning({"a\x1b[31m": "3-D"})) == "stored 1 tensor unquantized: a\\x1b[31m (3-D)"

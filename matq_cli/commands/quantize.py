@@ -29,17 +29,17 @@ def _importer_names() -> list[str]:
 
 @contextlib.contextmanager
 def _warnings_to_stderr() -> Iterator[None]:
-    """Library warnings meant for the user (tensors stored unquantized) as ``matq: warning: ...``
+    """Library warnings meant for the user (tensors stored unquantized, generic rules) as ``matq: warning: ...``
     lines once the progress bar is gone, even if the run then fails; other warnings as usual."""
-    from matq_converters.importers.hf.quantize import UnquantizedWarning
+    from matq_converters.importers.hf.quantize import SelectionWarning
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnquantizedWarning)
+        warnings.simplefilter("always", SelectionWarning)
         try:
             yield
         finally:
             for w in caught:
-                if issubclass(w.category, UnquantizedWarning):
+                if issubclass(w.category, SelectionWarning):
                     click.echo(f"matq: warning: {w.message}", err=True)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -21,8 +21,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from matq_converters.roles import DECODERS
-
 from .layers import (
     Dropout,
     UnsupportedModelError,
@@ -37,8 +35,9 @@ from .layers import (
 
 __all__ = ["FAMILIES", "DecoderConfig", "forward"]
 
-FAMILIES = DECODERS
-"""The decoder families of the role table (``matq_converters.roles``); each one's switches are below."""
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
+"""The decoder families of the role table (``matq_converters.roles.DECODERS``) this backend implements;
+each one's switches are below."""
 
 
 def _rope_theta(cfg: Mapping, path) -> float:

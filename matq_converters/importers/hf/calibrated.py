@@ -17,14 +17,14 @@ the format has no entry for it; an extension would be a spec question.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from matq_converters.importers.hf.ptq import (
     NonFiniteWeightError,
     checkpoint_writer,
     copy_dense,
-    quantize_tensor,
+    quantize_stack,
 )
 from matq_converters.importers.hf.source import HFSource
 from matq_format.quantspec import OptionError, QuantizeSpec
@@ -47,12 +47,15 @@ def quantize_calibrated(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     layer_progress: Callable[[int, int], None] | None = None,
+    input_axes: Mapping[str, int] | None = None,
 ) -> Path:
     """Write the checkpoint of :func:`~matq_converters.importers.hf.quantize.quantize_hf` with ``calib`` given.
 
     ``src``, ``spec``, ``selected`` and ``source`` are what ``quantize_hf`` resolved; ``source`` gains
     a ``calibration`` record. Text and model are checked before anything is written.
     ``progress(source bytes)`` is called per tensor written, ``layer_progress(done, total)`` per layer.
+    ``input_axes`` (``roles.input_axes``) says where a selected fused expert stack keeps its inputs;
+    such stacks are no ``nn.Linear``, so they are quantized without data.
     """
     from matq_converters.importers.hf import calibration as cal
     from matq_converters.importers.hf.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
@@ -89,6 +92,8 @@ def quantize_calibrated(
         "gptq_tensors": sum(len(p.linears) for p in plans),
     }
 
+    axes = dict(input_axes or {})
+
     def add(writer, name, codes, scale, zero) -> None:
         t = src.tensors[name]
         writer.add_quantized(
@@ -97,6 +102,7 @@ def quantize_calibrated(
             scale,
             zero,
             dtype=t.dtype,
+            input_axis=axes.get(name, 1),
             **spec.entry_options(),
         )
         if progress is not None:
@@ -113,7 +119,7 @@ def quantize_calibrated(
                     progress(src.tensors[name].nbytes)
         for name in data_free:
             t = src.tensors[name]
-            codes, scale, zero = quantize_tensor(src.read(name), spec, name=name, path=t.file)
+            codes, scale, zero = quantize_stack(src.read(name), spec, axes.get(name, 1), name=name, path=t.file)
             add(writer, name, codes, scale, zero)
         for name, codes, scale, zero in cal.calibrate_layers(
             model, text, plans, spec, propagate=propagate, on_layer=layer_progress, nonfinite=nonfinite

@@ -29,6 +29,8 @@ __all__ = [
     "WriteBehind",
     "checkpoint_writer",
     "copy_dense",
+    "quantize_stack",
+    "quantize_stack_planes",
     "quantize_tensor",
     "quantize_tensor_planes",
 ]
@@ -103,6 +105,50 @@ def quantize_tensor_planes(
     codes are still in cache; the planes equal ``planes.pack(quantize_tensor(...)[0], code_bits)``.
     """
     return _quantize_blocks(w, spec, planes, name=name, path=path, pool=pool)[1:]
+
+
+def quantize_stack(
+    w: np.ndarray,
+    spec: QuantizeSpec,
+    input_axis: int,
+    *,
+    name: str = "",
+    path: str | os.PathLike | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`quantize_tensor` of a weight of any layout (spec 10.5): a stack of matrices with input
+    features on ``input_axis``, quantized as its matrix view. Codes come back in ``w``'s shape, scale
+    and zero in ``numerics.param_shape``."""
+    codes, scale, zero = quantize_tensor(numerics.as_matrix(w, input_axis), spec, name=name, path=path, pool=pool)
+    pshape = numerics.param_shape(w.shape, spec.group_size, input_axis)
+    return (
+        numerics.from_matrix(codes, w.shape, input_axis),
+        numerics.from_matrix(scale, pshape, input_axis),
+        numerics.from_matrix(zero, pshape, input_axis),
+    )
+
+
+def quantize_stack_planes(
+    w: np.ndarray,
+    spec: QuantizeSpec,
+    planes: np.ndarray,
+    input_axis: int,
+    *,
+    name: str = "",
+    path: str | os.PathLike | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_stack` packed into ``planes``; returns scale, zero. With the input axis last
+    the matrix view is a view, so blocks pack in place as :func:`quantize_tensor_planes` packs them."""
+    if input_axis % w.ndim != w.ndim - 1:
+        codes, scale, zero = quantize_stack(w, spec, input_axis, name=name, path=path, pool=pool)
+        mf_planes.pack_into(codes, spec.code_bits, planes, 0)
+        return scale, zero
+    scale, zero = quantize_tensor_planes(
+        numerics.as_matrix(w, input_axis), spec, planes, name=name, path=path, pool=pool
+    )
+    pshape = numerics.param_shape(w.shape, spec.group_size, input_axis)
+    return scale.reshape(pshape), zero.reshape(pshape)
 
 
 def _quantize_blocks(

@@ -32,7 +32,7 @@ from matq_converters.importers.hf.ptq import (
     WriteBehind,
     checkpoint_writer,
     copy_dense,
-    quantize_tensor_planes,
+    quantize_stack_planes,
 )
 from matq_converters.importers.hf.source import HFSource
 from matq_converters.registry import (
@@ -46,14 +46,32 @@ from matq_format.errors import printable
 from matq_format.quantspec import OptionError, QuantizeSpec
 
 __all__ = [
+    "GenericRulesWarning",
     "HFImportOptions",
     "HFImporter",
+    "SelectionWarning",
     "UnquantizedWarning",
     "quantize_hf",
 ]
 
 
-class UnquantizedWarning(UserWarning):
+class SelectionWarning(UserWarning):
+    """What the layer selection did that the user should hear of (the CLI prints each on one line)."""
+
+
+class GenericRulesWarning(SelectionWarning):
+    """A model family not in the table of roles: the generic naming rules chose the tensors."""
+
+    def __init__(self, model_type: str, selected: dict[str, list[str]]):
+        self.model_type, self.selected = model_type, {r: list(n) for r, n in selected.items()}
+        super().__init__(model_type, self.selected)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{len(n)} {role} (e.g. {printable(n[0])})" for role, n in self.selected.items())
+        return f"model type {printable(self.model_type)!s} is not in the table of roles; generic rules selected {parts}"
+
+
+class UnquantizedWarning(SelectionWarning):
     """Tensors the layer selection names that are stored dense: not 2-D float weights.
 
     ``tensors`` maps each name to why (``"1-D"``, ``"3-D"``, ``"dtype I32"``, ``"empty"``)."""
@@ -108,12 +126,22 @@ def quantize_hf(
     return _data_free(src, out, spec, selected, source, opts.threads, overwrite, progress)
 
 
-def _select(src: HFSource, layers: str, spec: QuantizeSpec) -> tuple[set[str], dict]:
-    """The tensors ``layers`` selects, and the manifest's ``source`` record of the run; warns of
-    tensors named like the selected layers but not quantizable (1-D, 3-D or integer)."""
+def _select(src: HFSource, layers: str, spec: QuantizeSpec) -> tuple[dict[str, int], dict]:
+    """The tensors ``layers`` selects with each one's input axis, and the manifest's ``source``
+    record of the run; warns of tensors named like the selected layers but not quantizable (1-D,
+    integer, biases), and of generic rules used for a family the table does not know."""
     arch = architectures.detect(src.config)
-    selected = set(architectures.select(src.shapes(), layers, arch, path=str(src.root)))
-    skipped = architectures.unquantized(src.shapes(), layers, arch)
+    shapes, root = src.shapes(), str(src.root)
+    names = architectures.select(shapes, layers, arch, path=root)
+    selected = architectures.input_axes(
+        shapes, names, arch, architectures.hidden_size(src.config), path=root
+    )
+    if arch is architectures.GENERIC and layers in architectures.PRESETS:
+        by_role: dict[str, list[str]] = {}
+        for n in names:
+            by_role.setdefault(arch.role(n), []).append(n)
+        warnings.warn(GenericRulesWarning(str(src.config.get("model_type")), by_role), stacklevel=3)
+    skipped = architectures.unquantized(shapes, layers, arch)
     if skipped:  # say so, not silently
         warnings.warn(UnquantizedWarning(skipped), stacklevel=3)
     source = {
@@ -144,7 +172,7 @@ def _calibrated(
     src: HFSource,
     out: Path,
     spec: QuantizeSpec,
-    selected: set[str],
+    selected: dict[str, int],
     source: dict,
     opts: HFImportOptions,
     overwrite: bool,
@@ -161,8 +189,9 @@ def _calibrated(
         src,
         out,
         spec,
-        selected,
+        set(selected),
         source,
+        input_axes=selected,
         calib=opts.calib,
         calib_tokens=opts.calib_tokens,
         calib_seq_len=opts.calib_seq_len,
@@ -203,7 +232,7 @@ def _data_free(
     src: HFSource,
     out: Path,
     spec: QuantizeSpec,
-    selected: set[str],
+    selected: dict[str, int],
     source: dict,
     threads: int | None,
     overwrite: bool,
@@ -224,8 +253,8 @@ def _data_free(
                 sink.put(functools.partial(copy_dense, writer, src, name), t.nbytes)
                 continue
             planes = bufs.take(sink, int(np.prod(t.shape)))
-            scale, zero = quantize_tensor_planes(
-                src.read(name), spec, planes, name=name, path=t.file, pool=pool
+            scale, zero = quantize_stack_planes(
+                src.read(name), spec, planes, selected[name], name=name, path=t.file, pool=pool
             )
             write = functools.partial(
                 writer.add_quantized_planes,
@@ -235,6 +264,7 @@ def _data_free(
                 zero,
                 shape=t.shape,
                 dtype=t.dtype,
+                input_axis=selected[name],
                 **spec.entry_options(),
             )
             bufs.written_by(sink.put(write, t.nbytes))

@@ -2,8 +2,9 @@
 
     python spec/v1/example/make_example.py [OUT_DIR]      # default: this folder
 
-Writes ``OUT_DIR/tiny.matq.safetensors`` (single-file form) and ``OUT_DIR/tiny-matq/`` (folder form,
-with a carried ``config.json``). Every value is fixed here, so the bytes are the same on every run;
+Writes ``OUT_DIR/tiny.matq.safetensors`` (single-file form), ``OUT_DIR/tiny-matq/`` (folder form,
+with a carried ``config.json``), both version 1.0, and ``OUT_DIR/tiny-stacked.matq.safetensors``
+(version 1.1: one stacked tensor, section 14.6). Every value is fixed here, so the bytes are the same on every run;
 tests/test_spec.py regenerates both and compares them byte for byte with the checked-in copies.
 """
 
@@ -37,6 +38,13 @@ ZERO = np.array([[128], [120]], dtype=np.float32)  # exact in U8
 NORM = np.array([1.0, 0.5], dtype=np.float32)  # an unquantized tensor, stored as it came
 SOURCE = {"tool": "spec/v1/example/make_example.py"}
 
+# Version 1.1 (14.6): two experts of a fused [experts, in, out] weight, stored as gpt-oss stores them,
+# 4 input features in groups of 2, 3 outputs. Each code is 10 times its index in storage order.
+STACKED = "tiny-stacked.matq.safetensors"
+STACKED_CODES = np.arange(24, dtype=np.uint8).reshape(2, 4, 3) * 10
+STACKED_SCALE = (2.0 ** -np.arange(4, 16, dtype=np.float32)).reshape(2, 2, 3)  # [experts, groups, out]
+STACKED_ZERO = np.full((2, 2, 3), 128, np.float32)
+
 
 def write(writer: mf.CheckpointWriter) -> None:
     writer.add_quantized(
@@ -54,8 +62,25 @@ def write(writer: mf.CheckpointWriter) -> None:
     writer.add_dense("norm.weight", NORM)
 
 
+def write_stacked(writer: mf.CheckpointWriter) -> None:
+    writer.add_quantized(
+        "experts.gate_up_proj",
+        STACKED_CODES,
+        STACKED_SCALE,
+        STACKED_ZERO,
+        dtype="BF16",
+        group_size=2,
+        scheme="symmetric",
+        scale_dtype="F16",
+        zero_dtype="U8",
+        input_axis=1,
+    )
+
+
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    with mf.CheckpointWriter(out_dir / STACKED, 8, single_file=True, source=SOURCE, overwrite=True) as w:
+        write_stacked(w)
     with mf.CheckpointWriter(out_dir / SINGLE_FILE, 8, single_file=True, source=SOURCE, overwrite=True) as w:
         write(w)
     with tempfile.TemporaryDirectory() as tmp:
