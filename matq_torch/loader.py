@@ -39,6 +39,8 @@ class _Tensor:
     shape: tuple[int, ...]
     group_size: int | None
     present: tuple[int, ...]
+    in_axis: int = -1
+    """The axis of input features: the last for a linear weight, either of the last two for a stack."""
     bits: int | None = None
     extra_precision: bool = False
 
@@ -86,6 +88,11 @@ class MatqWeights:
         k = k.reshape(t.shape)
         scale = getattr(t.module, f"{t.attr}_matq_scale").cpu().numpy()
         zero = getattr(t.module, f"{t.attr}_matq_zero").cpu().numpy()
+        if len(t.shape) != 2:  # a stack of expert matrices (spec 10.5): the reference, one stack at a time
+            w = numerics.dequantize_codes(k, scale, zero, self.code_bits, bits, t.group_size, t.in_axis)
+            _assign(t.param, w)
+            t.bits, t.extra_precision = bits, ep
+            return
         step = max(1, ROW_BLOCK // max(t.shape[1], 1))
         out = _numpy_view(t.param)
         direct = out is not None and out.dtype == np.float32  # dequantized straight into the weights
@@ -238,4 +245,5 @@ def _hold(model, ckpt: mf.Checkpoint, name: str, param) -> _Tensor:
     module.register_buffer(f"{attr}_matq_planes", planes, persistent=False)
     module.register_buffer(f"{attr}_matq_scale", torch.from_numpy(ckpt.scale(name)), persistent=False)
     module.register_buffer(f"{attr}_matq_zero", torch.from_numpy(ckpt.zero(name)), persistent=False)
-    return _Tensor(name, param, module, attr, tuple(info.shape), info.group_size, tuple(info.planes))
+    shape, planes_held = tuple(info.shape), tuple(info.planes)
+    return _Tensor(name, param, module, attr, shape, info.group_size, planes_held, info.in_axis)

@@ -204,3 +204,18 @@ def test_hf_export_carries_experts_exactly(models, family, tmp_path):
         got, want = (tf.AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (tmp_path / "hf", ref))
     assert torch.equal(got, want)
     assert ck.info(next(n for n in ck.quantized_names() if "experts" in n)).quantized
+
+
+def test_matq_torch_serves_fused_experts_at_every_width(models, tmp_path):
+    """``matq_torch`` holds a stack of expert matrices like a linear weight and switches its width."""
+    import matq_torch
+
+    ck = _quantize(models["gpt_oss"], tmp_path / "ck", "--layers", "linear")
+    stacks = [n for n in ck.quantized_names() if len(ck.info(n).shape) == 3]
+    assert stacks
+    model = matq_torch.load(ck.root, bits=4)
+    for bits in (4, 2, 8):
+        model.matq.switch(bits=bits)
+        params = dict(model.named_parameters())
+        for n in stacks:
+            np.testing.assert_array_equal(params[n].detach().numpy(), ck.dequantize(n, bits))
