@@ -85,3 +85,22 @@ def test_waiting_on_the_write_queue_is_linear_in_its_length():
         took = time.perf_counter() - t0
     assert len(done) == 50_001
     assert took < 10, f"waiting on 50,000 queued writes took {took:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["slice", "CK", "--bits", "4", "-o", ""],
+        ["convert", "CK", "--to", "hf", "--bits", "4", "-o", ""],
+        ["convert", "CK", "--to", "gguf", "--bits", "4", "-o", ""],
+        ["quantize", "CK", "-o", ""],
+        ["pull", "a/b", "-o", ""],
+        ["inspect", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, command):
+    ck = small_checkpoint(tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    r = run(*[str(ck) if a == "CK" else a for a in command])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "is empty" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..params import PathArg
 from ..progress import bar
 
 
@@ -76,14 +77,14 @@ context. The reference runs once; its logits wait in a temporary file (float32,
 windows x ctx/2 x vocab x 4 bytes: 3.2 GB for 32k tokens of a 49k vocabulary) in --cache-dir.
 """,
 )
-@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("reference", type=PathArg())
 @click.argument("candidates", nargs=-1)
 @click.option(
     "--text",
     "texts",
     required=True,
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     help="Evaluation text: a file or a folder (repeat to add more).",
 )
 @click.option("--ctx", type=click.IntRange(2), default=512, show_default=True, help="Tokens per window.")
@@ -109,7 +110,7 @@ windows x ctx/2 x vocab x 4 bytes: 3.2 GB for 32k tokens of a 49k vocabulary) in
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable results on stdout.")
 @click.option(
-    "--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG of quality against bits."
+    "--plot", "plot_out", type=PathArg(), help="Write a PNG of quality against bits."
 )
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 def eval_cmd(

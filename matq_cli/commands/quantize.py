@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
+from ..params import PathArg
 from ..progress import bar
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def _flag_type(spec: OptionSpec, how: FlagText) -> Any:
     if how.bounds is not None:
         return click.IntRange(*how.bounds)
     if os.PathLike in spec.kinds:
-        return click.Path(path_type=Path)
+        return PathArg()
     return spec.kind
 
 
@@ -179,13 +180,13 @@ Every qweight [out, in] (uint8 codes, zero 128) with its scales [out, in/group] 
 tensor <prefix>.weight; its dequantized weights equal MatGPTQ's at every width.
 """,
 )
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=PathArg())
 @click.option(
     "-o",
     "--output",
     "out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     help="Checkpoint folder to write.",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -217,11 +218,11 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
 def _build() -> click.Command:
     """The command: source and output, then one flag per declared ``--from hf`` setting."""
     params = [
-        click.Argument(["hf_dir"], type=click.Path(path_type=Path)),
+        click.Argument(["hf_dir"], type=PathArg()),
         click.Option(
             ["-o", "--output", "out"],
             required=True,
-            type=click.Path(path_type=Path),
+            type=PathArg(),
             help="Checkpoint folder to write.",
         ),
         click.Option(
