@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import click
@@ -70,7 +71,7 @@ Candidates: FILE.gguf (llama.cpp), CKPT@R[,R...][+ep] (matq widths in transforme
 CKPT@plan:SPEC[+ep] (a Mix'n'Match plan, as `matq slice --plan`), an ONNX folder (a decoder with a
 past cache, as `matq convert --to onnx` or onnxruntime-genai's builder writes it; onnxruntime), or
 another HF folder.
-Text: a file, or a folder's .txt/.rst/.md files (sorted), read as UTF-8, tokenized with the
+Text: a file, or a folder's files (sorted; binary ones skipped), read as UTF-8, tokenized with the
 reference's tokenizer, cut into windows of --ctx tokens. As llama.cpp's perplexity tool, the
 predictions of the second half of every window are scored, so each has at least ctx/2 tokens of
 context. The reference runs once; its logits wait in a temporary file (float32,
@@ -130,6 +131,7 @@ def eval_cmd(
     plans, GGUF files and ONNX folders, with bits per weight beside each."""
     import contextlib
 
+    from matq_converters.text import SkippedFilesWarning
     from matq_eval import evaluate
     from matq_eval.plot import PNG_FILE, plot
     from matq_format.publish import AtomicOutput
@@ -146,18 +148,27 @@ def eval_cmd(
             out = stack.enter_context(AtomicOutput(plot_out, PNG_FILE, inputs=inputs, overwrite=force))
         bars = _Bars()
         stack.callback(bars.close)
-        results = evaluate(
-            reference,
-            list(candidates),
-            list(texts),
-            ctx=ctx,
-            max_tokens=max_tokens,
-            first=first,
-            threads=threads,
-            cache_dir=cache_dir,
-            progress=bars,
-        )
-        bars.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedFilesWarning)
+            try:
+                results = evaluate(
+                    reference,
+                    list(candidates),
+                    list(texts),
+                    ctx=ctx,
+                    max_tokens=max_tokens,
+                    first=first,
+                    threads=threads,
+                    cache_dir=cache_dir,
+                    progress=bars,
+                )
+            finally:
+                bars.close()
+                for w in caught:  # said once, after the bars
+                    if issubclass(w.category, SkippedFilesWarning):
+                        click.echo(f"matq: warning: {w.message}", err=True)
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if out is not None:
             plot(results, out.tmp)
             out.commit()

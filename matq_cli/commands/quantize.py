@@ -33,14 +33,17 @@ def _warnings_to_stderr() -> Iterator[None]:
     """Library warnings meant for the user (tensors stored unquantized) as ``matq: warning: ...``
     lines once the progress bar is gone, even if the run then fails; other warnings as usual."""
     from matq_converters.importers.hf.quantize import UnquantizedWarning
+    from matq_converters.text import SkippedFilesWarning
 
+    shown = (UnquantizedWarning, SkippedFilesWarning)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnquantizedWarning)
+        for category in shown:
+            warnings.simplefilter("always", category)
         try:
             yield
         finally:
             for w in caught:
-                if issubclass(w.category, UnquantizedWarning):
+                if issubclass(w.category, shown):
                     click.echo(f"matq: warning: {w.message}", err=True)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -210,7 +213,7 @@ Defaults: FFN weights only (--layers linear for llama.cpp files), the gguf layou
 symmetric, groups of 32, float16 scales signed and nested so every width exports exactly to
 llama.cpp's compact types (--layout free: any scheme, groups of 128 by default). Embeddings, norms
 and the output head stay as they are.
---calib TEXT (a UTF-8 file or a folder of .txt/.md/.rst) runs the model on that text in
+--calib TEXT (a UTF-8 file or a folder of text files) runs the model on that text in
 transformers, layer by layer, and quantizes the selected linears with multi-width GPTQ.
 """
 
