@@ -9,6 +9,10 @@ class TextError(MatqError):
     """The evaluation text is missing, empty, not UTF-8 text, or shorter than one window."""
 
 
+class TokenizerError(MatqError):
+    """The reference folder holds no tokenizer transformers can load."""
+
+
 class CandidateError(RequestError):
     """A candidate spec names nothing evaluable, or a model whose vocabulary differs from the reference's."""
 

@@ -1,7 +1,8 @@
 """Evaluation text: files read as UTF-8, tokenized with the reference's tokenizer, cut into windows.
 
-A folder contributes its ``.txt``, ``.rst`` and ``.md`` files (recursively, sorted by relative path);
-a list of paths is read in the order given. Each file is tokenized on its own (no special tokens)
+A folder contributes its files whatever their names (recursively, sorted by relative path, hidden
+ones left out; files that are not text skipped and said once); a list of paths is read in the order
+given. Each file is tokenized on its own (no special tokens)
 and the token streams are concatenated; files are read only until ``max_tokens`` are reached, so
 a large folder costs what the run uses. The stream is cut into windows of ``ctx`` consecutive
 tokens (whole windows only, at most ``max_tokens // ctx`` of them). When the tokenizer adds a BOS
@@ -20,7 +21,7 @@ import numpy as np
 
 from matq_converters import text as corpus
 
-from .errors import TextError
+from .errors import TextError, TokenizerError
 
 DEFAULT_CTX = 512
 DEFAULT_MAX_TOKENS = 32768
@@ -73,12 +74,19 @@ def load_windows(
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        except Exception as exc:  # no tokenizer files, or files transformers cannot read
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise TokenizerError(
+                tokenizer, f"no tokenizer transformers can load ({type(exc).__name__}: {first})"
+            ) from None
     files = corpus.text_files(text, TextError)
     n_windows = max_tokens // ctx
     if n_windows < 1:
         raise TextError(None, f"--max-tokens {max_tokens} is less than one window of {ctx} tokens")
-    stream = corpus.tokenize_files(tokenizer, files, TextError, n_windows * ctx)
+    skip = corpus.names_a_folder(text)
+    stream = corpus.tokenize_files(tokenizer, files, TextError, n_windows * ctx, skip_empty=skip)
     n_windows = min(n_windows, len(stream.ids) // ctx)
     if n_windows < 1:
         where = files[0] if len(files) == 1 else files[0].parent

@@ -6,7 +6,6 @@ import builtins
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from .errors import (
     FileChangedError,
     FormatError,
     HeaderError,
+    LimitError,
     MissingFileError,
     MissingPlanesError,
     OffsetError,
@@ -35,7 +35,7 @@ from .errors import (
 from .manifest import TensorInfo, entry_name, parse_manifest, plane_entry
 from .planes import plane_stride, unpack
 from .publish import scratch_dir
-from .safefs import allowed_roots, check_file, open_regular
+from .safefs import allowed_roots, check_file, open_regular, parse_json
 
 UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES, C.EXT_STACKED})
 
@@ -397,8 +397,20 @@ class Checkpoint:
         return data
 
     def carried_bytes(self) -> dict[str, bytes]:
-        """Every carried file, checked as :meth:`read_carried` does (relative name -> bytes)."""
+        """Every carried file, checked as :meth:`read_carried` does (relative name -> bytes); all of
+        them together at most ``CARRY_TOTAL_MAX_BYTES``, else a LimitError before any is read."""
+        self._check_carried_total()
         return {rel: self.read_carried(rel) for rel in self.manifest.get("carried", {})}
+
+    def _check_carried_total(self) -> None:
+        carried = self.manifest.get("carried", {})
+        total = sum(c["bytes"] for c in carried.values())
+        if total > C.CARRY_TOTAL_MAX_BYTES:
+            raise LimitError(
+                self.path,
+                f"its {len(carried)} carried files come to {total} bytes, more than the "
+                f"{C.CARRY_TOTAL_MAX_BYTES} bytes matq reads",
+            )
 
     @contextlib.contextmanager
     def carried_folder(self) -> Iterator[Path]:
@@ -419,11 +431,11 @@ class Checkpoint:
     def config(self) -> dict | None:
         if "config.json" not in self.manifest.get("carried", {}):
             return None
-        data = self.read_carried("config.json")
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError):
-            raise HeaderError(self.root / "config.json", "carried config.json is not valid JSON") from None
+        path = self.root / "config.json"
+        doc = parse_json(self.read_carried("config.json"), path, HeaderError)
+        if not isinstance(doc, dict):
+            raise HeaderError(path, "carried config.json is not a JSON object")
+        return doc
 
     @property
     def digest(self) -> str:
@@ -453,7 +465,9 @@ class Checkpoint:
         for name in self.quantized_names():
             self.scale(name)
             self.zero(name)
-        self.carried_bytes()
+        self._check_carried_total()
+        for rel in self.manifest.get("carried", {}):  # one at a time: each checked, then dropped
+            self.read_carried(rel)
 
     def close(self) -> None:
         self._maps.clear()

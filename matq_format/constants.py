@@ -42,6 +42,9 @@ PLANE_ALIGN_BYTES = 8
 HEADER_ALIGN_BYTES = 8
 CARRY_MAX_BYTES = 64 << 20
 """Largest file carried from the source model (config, tokenizer); larger ones are not carried."""
+CARRY_TOTAL_MAX_BYTES = 256 << 20
+"""Most bytes all carried files of one checkpoint may come to (an implementation limit: many names
+linked to one sparse 64 MiB file would otherwise make a small checkpoint read, hold and copy GBs)."""
 
 # --- entries ---------------------------------------------------------------------------------
 ENTRY_SEP = "@"

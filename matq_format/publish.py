@@ -119,7 +119,11 @@ class AtomicOutput:
         inputs: Iterable[str | os.PathLike] = (),
         overwrite: bool = False,
     ):
+        if not os.fspath(out):
+            raise OutputError(None, "the output path is empty; name a file or folder to write")
         self.out = Path(out)
+        if not self.out.name or self.out.name in (".", ".."):
+            raise OutputError(self.out, "is not a file or folder name")
         self.kind = kind
         self.inputs = list(inputs)
         self.overwrite = overwrite
@@ -131,8 +135,6 @@ class AtomicOutput:
 
     # --- life cycle -------------------------------------------------------------------------------
     def open(self) -> AtomicOutput:
-        if not self.out.name or self.out.name in (".", ".."):
-            raise OutputError(self.out, "is not a file or folder name")
         _check_name_length(self.out)
         check_disjoint(self.out, self.inputs)
         self._check_existing()

@@ -666,9 +666,18 @@ class CheckpointWriter:
         """Copy a model folder's side files, or an explicit ``{relative name: path or bytes}`` map.
 
         Files are read as regular files of bounded size (a FIFO or ``/dev/zero`` is refused)."""
+        where = self.out
         if not isinstance(src, dict):
-            root = Path(src)
+            root = where = Path(src)
             src = {p.relative_to(root).as_posix(): p for p in carried_sources(root)}
+        total = sum(len(p) if isinstance(p, bytes) else os.stat(p).st_size for p in src.values())
+        if total > C.CARRY_TOTAL_MAX_BYTES:  # before a byte is read: links to one sparse file add up
+            raise WriterError(
+                where,
+                f"its side files (config, tokenizer, ...) come to {total} bytes in {len(src)} files, more "
+                f"than the {C.CARRY_TOTAL_MAX_BYTES} bytes a checkpoint carries; move what the model does "
+                "not need out of the folder",
+            )
         reserved = {C.BASE_FILENAME, *(C.PLANE_FILENAME.format(k=k) for k in range(C.MAX_CODE_BITS_SPEC))}
         for rel, p in src.items():
             if not isinstance(rel, str) or not safe_relpath(rel) or rel.split("/")[0] in reserved:

@@ -211,13 +211,17 @@ def _build(ckpt: mf.Checkpoint, model_class, dtype):
     """The model of the carried config (checked copies), at ``dtype``, without a quantization config."""
     import transformers
 
+    from matq_converters import hfconfig
+
+    cfg = ckpt.config  # read through the bounded JSON reader, then checked against the weights
+    if cfg is None:
+        raise LoadError(ckpt.path, "carries no config.json; transformers cannot build its model")
+    hfconfig.check(cfg, ((n, ckpt.info(n).shape) for n in ckpt.tensor_names()), ckpt.root / "config.json", LoadError)
     with ckpt.carried_folder() as root:
-        if not (root / "config.json").exists():
-            raise LoadError(ckpt.path, "carries no config.json; transformers cannot build its model")
         try:
             config = transformers.AutoConfig.from_pretrained(root)
-        except (ValueError, KeyError, OSError) as exc:
-            raise LoadError(ckpt.path, f"transformers cannot read its config.json: {exc}") from None
+        except Exception as exc:  # transformers' own errors: unknown type, values it refuses, ...
+            raise LoadError(ckpt.path, f"transformers cannot read its config.json: {_first_line(exc)}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if model_class is None:
@@ -225,9 +229,19 @@ def _build(ckpt: mf.Checkpoint, model_class, dtype):
         model_class = getattr(transformers, archs[0], None) if archs else None
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
-    if hasattr(model_class, "_from_config"):
-        return model_class._from_config(config).to(dtype)
-    return model_class.from_config(config).to(dtype)
+    try:
+        if hasattr(model_class, "_from_config"):
+            return model_class._from_config(config).to(dtype)
+        return model_class.from_config(config).to(dtype)
+    except Exception as exc:  # values transformers accepts in a config but cannot build a model of
+        raise LoadError(
+            ckpt.path, f"transformers cannot build its model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _hold(model, ckpt: mf.Checkpoint, name: str, param) -> _Tensor:

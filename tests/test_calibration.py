@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +175,7 @@ def test_bad_text_is_refused_and_nothing_written(model, tmp_path):
         latin: "not UTF-8",
         short: "at least 16",
         tmp_path / "missing.txt": "no such file",
-        tmp_path / "sub": "holds no .txt",
+        tmp_path / "sub": "folder holds no files",
     }
     for path, what in cases.items():
         out = tmp_path / f"out-{path.name}"
@@ -212,8 +213,12 @@ def test_cli(model, texts, tmp_path):
     r = CliRunner().invoke(cli, [*args, "--calib-tokens", "1024", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["source"]["calibration"]["tokens"] == 1024
-    r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(tmp_path / "x"), "--calib", str(tmp_path)])
-    assert r.exit_code == 1 and r.output.count("\n") == 1 and "holds no" in r.output
+    binary = tmp_path / "binary"  # files of any name are read; these are not text, so skipped
+    binary.mkdir()
+    shutil.copy(out / "matq.safetensors", binary / "weights")
+    (binary / "blob.txt").write_bytes(b"\0" * 100)
+    r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(tmp_path / "x"), "--calib", str(binary)])
+    assert r.exit_code == 1 and r.output.count("holds no text") == 1 and "internal error" not in r.output
     assert not (tmp_path / "x").exists()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from ..params import PathArg
 from ..progress import bar
 
 
@@ -121,7 +122,7 @@ Examples:
 def _build() -> click.Command:
     """The command: the common flags, then one per declared exporter setting."""
     params = [
-        click.Argument(["path"], type=click.Path(path_type=Path)),
+        click.Argument(["path"], type=PathArg()),
         click.Option(["--to", "target"], required=True, help=f"Target format: {_known()}."),
         click.Option(["--bits"], type=click.IntRange(1, 16), help="One width for every quantized tensor."),
         click.Option(
@@ -132,7 +133,7 @@ def _build() -> click.Command:
         click.Option(["--extra-precision"], is_flag=True, help="Serve with the extra bucket (2^r+1 levels)."),
         *(_click_option(n, uses) for n, uses in _declared_flags().items()),
         click.Option(
-            ["-o", "--output", "out"], required=True, type=click.Path(path_type=Path), help="Output."
+            ["-o", "--output", "out"], required=True, type=PathArg(), help="Output."
         ),
         click.Option(["--force"], is_flag=True, help="Replace OUT if it exists."),
         click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable report on stdout."),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import click
 
+from ..params import PathArg
 from ..progress import bar
 
 
@@ -69,21 +71,21 @@ Candidates: FILE.gguf (llama.cpp), CKPT@R[,R...][+ep] (matq widths in transforme
 CKPT@plan:SPEC[+ep] (a Mix'n'Match plan, as `matq slice --plan`), an ONNX folder (a decoder with a
 past cache, as `matq convert --to onnx` or onnxruntime-genai's builder writes it; onnxruntime), or
 another HF folder.
-Text: a file, or a folder's .txt/.rst/.md files (sorted), read as UTF-8, tokenized with the
+Text: a file, or a folder's files (sorted; binary ones skipped), read as UTF-8, tokenized with the
 reference's tokenizer, cut into windows of --ctx tokens. As llama.cpp's perplexity tool, the
 predictions of the second half of every window are scored, so each has at least ctx/2 tokens of
 context. The reference runs once; its logits wait in a temporary file (float32,
 windows x ctx/2 x vocab x 4 bytes: 3.2 GB for 32k tokens of a 49k vocabulary) in --cache-dir.
 """,
 )
-@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("reference", type=PathArg())
 @click.argument("candidates", nargs=-1)
 @click.option(
     "--text",
     "texts",
     required=True,
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     help="Evaluation text: a file or a folder (repeat to add more).",
 )
 @click.option("--ctx", type=click.IntRange(2), default=512, show_default=True, help="Tokens per window.")
@@ -109,7 +111,7 @@ windows x ctx/2 x vocab x 4 bytes: 3.2 GB for 32k tokens of a 49k vocabulary) in
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable results on stdout.")
 @click.option(
-    "--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG of quality against bits."
+    "--plot", "plot_out", type=PathArg(), help="Write a PNG of quality against bits."
 )
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 def eval_cmd(
@@ -129,6 +131,7 @@ def eval_cmd(
     plans, GGUF files and ONNX folders, with bits per weight beside each."""
     import contextlib
 
+    from matq_converters.text import SkippedFilesWarning
     from matq_eval import evaluate
     from matq_eval.plot import PNG_FILE, plot
     from matq_format.publish import AtomicOutput
@@ -145,18 +148,27 @@ def eval_cmd(
             out = stack.enter_context(AtomicOutput(plot_out, PNG_FILE, inputs=inputs, overwrite=force))
         bars = _Bars()
         stack.callback(bars.close)
-        results = evaluate(
-            reference,
-            list(candidates),
-            list(texts),
-            ctx=ctx,
-            max_tokens=max_tokens,
-            first=first,
-            threads=threads,
-            cache_dir=cache_dir,
-            progress=bars,
-        )
-        bars.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedFilesWarning)
+            try:
+                results = evaluate(
+                    reference,
+                    list(candidates),
+                    list(texts),
+                    ctx=ctx,
+                    max_tokens=max_tokens,
+                    first=first,
+                    threads=threads,
+                    cache_dir=cache_dir,
+                    progress=bars,
+                )
+            finally:
+                bars.close()
+                for w in caught:  # said once, after the bars
+                    if issubclass(w.category, SkippedFilesWarning):
+                        click.echo(f"matq: warning: {w.message}", err=True)
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if out is not None:
             plot(results, out.tmp)
             out.commit()

@@ -13,6 +13,7 @@ from matq_format.errors import printable
 from matq_format.inspect import human_bytes
 from matq_format.plans import summarize
 
+from ..params import PathArg
 from ..progress import bar
 
 
@@ -24,7 +25,7 @@ Examples:
   matq inspect ./my-model-matq --json | jq '.summary'
 """
 )
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PathArg())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (summary and every tensor).")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Also list every tensor, with extra-bucket shares.")
 @click.option("--no-stats", is_flag=True, help="Skip the extra-bucket share (reads every plane).")
@@ -95,7 +96,7 @@ Examples:
   matq verify ./my-model-matq && echo intact
 """
 )
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PathArg())
 def verify(path: Path) -> None:
     """Check structure and every checksum; exit 0 if intact, 1 otherwise."""
     ckpt = mf.open(path)
@@ -119,7 +120,7 @@ Examples:
   matq slice ./model-matq --plan plan.json -o ./model-custom
 """,
 )
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PathArg())
 @click.option("--bits", type=click.IntRange(1, 16), help="One width for every quantized tensor.")
 @click.option(
     "--plan",
@@ -131,7 +132,7 @@ Examples:
     "--output",
     "out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     help="Output folder (or .safetensors file with --single-file).",
 )
 @click.option("--single-file", is_flag=True, help="Write one .safetensors file instead of a folder.")

@@ -9,6 +9,7 @@ import click
 
 from matq_format.inspect import human_bytes
 
+from ..params import PathArg
 from ..progress import bar
 
 
@@ -31,7 +32,7 @@ The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks another Hub.
 Running the same push again after a failure finishes it: uploaded files are not sent twice.
 """
 )
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("ckpt", type=PathArg())
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository as private (if it does not exist).")
 @click.option("--revision", help="Branch to commit to (created from main if missing). Default: main.")
@@ -40,7 +41,7 @@ Running the same push again after a failure finishes it: uploaded files are not 
     "--include-export",
     "exports",
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     metavar="FILE",
     help="An export made from this checkpoint (file or folder), uploaded under exports/. Repeatable.",
 )
@@ -82,7 +83,7 @@ download every plane; the output still holds only the planes the plan picks.
     help="Mix'n'Match plan: a width, pyramid|reverse_pyramid|increasing|decreasing[:2,4,8], budget:BITS, or a JSON file.",
 )
 @click.option("--revision", help="Branch, tag or commit. Default: main.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("-o", "--output", "out", required=True, type=PathArg(), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def pull(
     repo_id: str,

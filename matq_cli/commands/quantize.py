@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
+from ..params import PathArg
 from ..progress import bar
 
 if TYPE_CHECKING:
@@ -32,14 +33,17 @@ def _warnings_to_stderr() -> Iterator[None]:
     """Library warnings meant for the user (tensors stored unquantized, generic rules) as ``matq: warning: ...``
     lines once the progress bar is gone, even if the run then fails; other warnings as usual."""
     from matq_converters.importers.hf.quantize import SelectionWarning
+    from matq_converters.text import SkippedFilesWarning
 
+    shown = (SelectionWarning, SkippedFilesWarning)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SelectionWarning)
+        for category in shown:
+            warnings.simplefilter("always", category)
         try:
             yield
         finally:
             for w in caught:
-                if issubclass(w.category, SelectionWarning):
+                if issubclass(w.category, shown):
                     click.echo(f"matq: warning: {w.message}", err=True)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -96,7 +100,7 @@ def _flag_type(spec: OptionSpec, how: FlagText) -> Any:
     if how.bounds is not None:
         return click.IntRange(*how.bounds)
     if os.PathLike in spec.kinds:
-        return click.Path(path_type=Path)
+        return PathArg()
     return spec.kind
 
 
@@ -179,13 +183,13 @@ Every qweight [out, in] (uint8 codes, zero 128) with its scales [out, in/group] 
 tensor <prefix>.weight; its dequantized weights equal MatGPTQ's at every width.
 """,
 )
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=PathArg())
 @click.option(
     "-o",
     "--output",
     "out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PathArg(),
     help="Checkpoint folder to write.",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -209,7 +213,7 @@ Defaults: FFN weights only (--layers linear for llama.cpp files), the gguf layou
 symmetric, groups of 32, float16 scales signed and nested so every width exports exactly to
 llama.cpp's compact types (--layout free: any scheme, groups of 128 by default). Embeddings, norms
 and the output head stay as they are.
---calib TEXT (a UTF-8 file or a folder of .txt/.md/.rst) runs the model on that text in
+--calib TEXT (a UTF-8 file or a folder of text files) runs the model on that text in
 transformers, layer by layer, and quantizes the selected linears with multi-width GPTQ.
 """
 
@@ -217,11 +221,11 @@ transformers, layer by layer, and quantizes the selected linears with multi-widt
 def _build() -> click.Command:
     """The command: source and output, then one flag per declared ``--from hf`` setting."""
     params = [
-        click.Argument(["hf_dir"], type=click.Path(path_type=Path)),
+        click.Argument(["hf_dir"], type=PathArg()),
         click.Option(
             ["-o", "--output", "out"],
             required=True,
-            type=click.Path(path_type=Path),
+            type=PathArg(),
             help="Checkpoint folder to write.",
         ),
         click.Option(

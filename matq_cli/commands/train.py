@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..params import PathArg
 from ..progress import bar
 
 
@@ -89,7 +90,7 @@ Examples:
 )
 @click.option("--log-every", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=0), default=0, help="Trainer checkpoint every N steps.")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="[default: OUT.ckpt]")
+@click.option("--checkpoint-dir", type=PathArg(), default=None, help="[default: OUT.ckpt]")
 @click.option("--resume", is_flag=True, help="Continue from the newest trainer checkpoint.")
 @click.option("--fsdp", is_flag=True, help="Shard parameters with FSDP2 (under torchrun).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
@@ -116,7 +117,7 @@ Examples:
     help="jax: devices each weight matrix is sharded over by rows (FSDP-style; the mesh is --mesh x --shard).",
 )
 @click.option(
-    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."
+    "-o", "--output", "out", required=True, type=PathArg(), help="Output checkpoint folder."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the loss history and speed as JSON.")
 def train(model_dir: Path, data, out: Path, as_json: bool, symmetric: bool, checkpoint_dir, **kw) -> None:

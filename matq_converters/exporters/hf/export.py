@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters import hfconfig
 from matq_converters.exporters.containers import (
     container_bits,
     container_codes,
@@ -157,6 +158,8 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     cfg = ckpt.config
     if cfg is None:
         raise UnsupportedModelError(ckpt.path, "has no carried config.json; transformers cannot load it")
+    names = ckpt.tensor_names()
+    hfconfig.check(cfg, ((n, ckpt.info(n).shape) for n in names), ckpt.root / "config.json", UnsupportedModelError)
     spec = options.bits if options.plan is None else options.plan
     widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     ep = options.extra_precision
@@ -326,9 +329,10 @@ def _linear_modules(cfg: dict, path) -> set[str]:
             cls = transformers.AutoModel
         with torch.device("meta"):
             model = cls.from_config(config) if cls is transformers.AutoModel else cls._from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # transformers' own errors: unknown type, values it cannot build, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(
-            path, f"transformers cannot build model type {cfg.get('model_type')!r}: {exc}"
+            path, f"transformers cannot build model type {cfg.get('model_type')!r}: {first}"
         ) from None
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 

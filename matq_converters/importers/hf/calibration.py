@@ -1,11 +1,11 @@
 """Calibration for ``matq quantize --calib``: text, and a model run one layer at a time in transformers.
 
-Text. A file, or a folder's ``.txt``, ``.md`` and ``.rst`` files (recursively, in sorted order of
-their relative paths), read as UTF-8; each file is tokenized on its own with the model's tokenizer
+Text. A file, or a folder's files whatever their names (recursively, in sorted order of their
+relative paths; files that are not text skipped and said once), read as UTF-8; each file is tokenized on its own with the model's tokenizer
 (no special tokens), the streams are concatenated and files are read only until ``max_tokens``
 tokens are there. The stream is cut into sequences of ``seq_len`` tokens (whole sequences only;
 one shorter sequence when the text holds fewer); when the tokenizer puts a BOS token in front of
-a text, it replaces the first token of every sequence. A binary or non-UTF-8 file, an empty file
+a text, it replaces the first token of every sequence. A binary, non-UTF-8 or empty file
 given by name, or a folder with no text is a :class:`CalibrationTextError` naming it.
 
 Model. :class:`LayerwiseModel` builds the transformers base model (``AutoModel.from_config``) on
@@ -81,7 +81,7 @@ class CalibrationError(MatqError):
 class CalibrationTextError(CalibrationError):
     """The calibration text is missing, empty, binary or not UTF-8, or too short."""
 
-    hint = "pass a UTF-8 text file or a folder of .txt/.md/.rst files"
+    hint = "pass a UTF-8 text file or a folder of text files"
 
 
 class CalibrationModelError(CalibrationError, SourceError):
@@ -132,7 +132,7 @@ def load_calibration_text(
     stream = corpus.tokenize_files(tokenizer, files, CalibrationTextError, max_tokens, skip_empty=not single)
     where = files[0] if single else Path(path)
     if not stream.files:
-        raise CalibrationTextError(where, "holds no text (every file is empty)")
+        raise CalibrationTextError(where, "holds no text (every file is empty or not text)")
     n_ids = len(stream.ids)
     if n_ids < MIN_TOKENS:
         raise CalibrationTextError(where, f"holds {n_ids} tokens; calibration needs at least {MIN_TOKENS}")

@@ -10,7 +10,6 @@ rejects BF16, the dtype most checkpoints ship in.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import sys
@@ -20,22 +19,35 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters import hfconfig
 from matq_format import constants as C
 from matq_format import dtypes
 from matq_format.container import Entry, FileHeader, read_header
 from matq_format.errors import HeaderError, MatqError
-from matq_format.safefs import allowed_roots, check_file, read_bounded
+from matq_format.safefs import allowed_roots, check_file, read_json
 
 __all__ = [
     "HFSource",
     "MissingShardError",
     "NotAModelFolderError",
     "ShardIndexError",
+    "ConfigError",
     "SourceError",
     "SourceTensor",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+SIDE_JSON = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+)
+"""JSON files of a model folder that transformers reads (besides config.json): checked on opening."""
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
@@ -53,6 +65,13 @@ class MissingShardError(SourceError):
     """The index names a shard file that is not in the folder."""
 
     hint = "download the missing shard or re-save the model with save_pretrained"
+
+
+class ConfigError(NotAModelFolderError):
+    """config.json holds a value transformers cannot build a model of, or more than the weights hold
+    (see :mod:`matq_converters.hfconfig`)."""
+
+    hint = ""
 
 
 class ShardIndexError(SourceError):
@@ -80,12 +99,12 @@ class HFSource:
         cfg = self.root / "config.json"
         if not os.path.lexists(cfg):
             raise NotAModelFolderError(self.root, "has no config.json; is it a Hugging Face model folder?")
-        try:
-            self.config: dict = json.loads(self._read_small(cfg).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise NotAModelFolderError(cfg, f"is not valid JSON ({exc.__class__.__name__})") from None
+        self.config: dict = read_json(cfg, C.CARRY_MAX_BYTES, ConfigError, self.roots)
         if not isinstance(self.config, dict):
-            raise NotAModelFolderError(cfg, "is not a JSON object")
+            raise ConfigError(cfg, "is not a JSON object")
+        for name in SIDE_JSON:  # read by transformers and tokenizers: parsed here first, bounded
+            if os.path.lexists(self.root / name):
+                read_json(self.root / name, C.CARRY_MAX_BYTES, SourceError, self.roots)
         self.files = self._shard_files()
         self._headers: dict[Path, FileHeader] = {p: read_header(p) for p in self.files}
         self.tensors: dict[str, SourceTensor] = {}
@@ -103,19 +122,20 @@ class HFSource:
                     raise ShardIndexError(
                         self.root / INDEX_NAME, f"names {name!r} in {shard}, which lacks it"
                     )
+        hfconfig.check(self.config, ((t.name, t.shape) for t in self.tensors.values()), cfg, ConfigError)
 
     def _shard_files(self) -> list[Path]:
         index = self.root / INDEX_NAME
         self._index: dict[str, str] | None = None
         if os.path.lexists(index):
+            doc = read_json(index, C.CARRY_MAX_BYTES, ShardIndexError, self.roots)
             try:
-                doc = json.loads(self._read_small(index).decode("utf-8"))
                 weight_map = doc["weight_map"]
                 if not isinstance(weight_map, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
                 ):
                     raise TypeError
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            except (KeyError, TypeError):
                 raise ShardIndexError(
                     index, "is not a safetensors index (needs a weight_map object)"
                 ) from None
@@ -139,10 +159,6 @@ class HFSource:
             extra = f" (found {other[0]}; re-save it with safe_serialization=True)" if other else ""
             raise NotAModelFolderError(self.root, f"has no safetensors weights{extra}")
         return files
-
-    def _read_small(self, path: Path) -> bytes:
-        check_file(path, self.roots)
-        return read_bounded(path, C.CARRY_MAX_BYTES)
 
     # --- queries --------------------------------------------------------------------------------
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
