@@ -103,6 +103,10 @@ class _Prepared:
     widths: dict[str, int]
     ep: bool
     plans: dict[str, WeightPlan] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The shape of each planned weight."""
+    budget: str | None = None
+    """The ``budget:BITS`` plan the widths were chosen for, if any."""
 
 
 def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
@@ -119,8 +123,11 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     else:
         widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     prep = _Prepared(opts, fam, widths, options.extra_precision)
+    if isinstance(spec, str) and spec.startswith(BUDGET_PREFIX):
+        prep.budget = spec
     for name, bits in widths.items():
         if len(ckpt.info(name).shape) == 2:
+            prep.shapes[name] = tuple(ckpt.info(name).shape)
             ep = options.extra_precision and bits < ckpt.code_bits
             prep.plans[name] = p = plan_weight(ckpt, name, bits, ep, opts.layout, opts.exact)
             if opts.exact and not p.exact:
@@ -312,9 +319,14 @@ def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResu
         "float_zero_points": inexact,
         "opset": done.opset or None,
     }
+    numel = sum(rows * cols for rows, cols in prep.shapes.values())
+    stored = sum(stored_bits(prep.plans[n], prep.shapes[n]) for n in prep.shapes)
+    details["bits_per_quantized_weight"] = bpw = stored / numel if numel else 0.0
     summary = (
         f"{out}: {prep.opts.layout}, {len(quantized)} quantized MatMuls "
-        f"({len(quantized) - len(inexact)} with weights bit-exact), {prep.opts.accuracy} compute, {size} bytes"
+        f"({len(quantized) - len(inexact)} with weights bit-exact), {prep.opts.accuracy} compute, {size} bytes; "
+        f"{bpw:.3f} bits per quantized weight (codes, scales, zero points as stored"
+        + (f", as {prep.budget} counts them)" if prep.budget else ")")
     )
     warnings = []
     if floats:
