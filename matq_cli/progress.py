@@ -78,6 +78,9 @@ class _Log:
     def update(self, n: float = 1) -> None:
         self.n += n
 
+    def refresh(self) -> None:
+        """A log line waits for the step's end (or ``LOG_AFTER``)."""
+
     def close(self) -> None:
         self._timer.cancel()
         with self._lock:

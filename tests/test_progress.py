@@ -45,3 +45,15 @@ def test_the_eta_counts_from_the_first_unit(silence):
     rate = pb.format_dict["rate"]  # 9 units in ~0.05 s, whatever came before
     assert rate > 50, rate
     pb.close()
+
+
+@pytest.mark.parametrize("how", ["log", "off", "bar"])
+def test_every_mode_has_what_the_commands_use(monkeypatch, how):
+    """update, n, total, refresh and close (eval sets n and refreshes; quantize sets total)."""
+    monkeypatch.setenv("MATQ_PROGRESS", how)
+    with P.bar(None, "x", "window", file=open("/dev/null", "w")) if how == "bar" else P.bar(None, "x") as pb:
+        pb.total = 4
+        pb.update(1)
+        pb.n = 3
+        pb.refresh()
+        assert (pb.n, pb.total) == (3, 4)
