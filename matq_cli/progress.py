@@ -36,6 +36,27 @@ class _Bar(tqdm):
     job also pays for file opening, which made a 4-second slice announce 16 minutes)."""
 
     _first: tuple[float, float] | None = None
+    _ticking: threading.Event | None = None
+
+    def tick(self, every: float = 1.0) -> None:
+        """Redraw every ``every`` seconds (once past ``delay``), for a step that counts nothing: tqdm
+        draws only on updates, so a graph export with no units to count would show no bar at all."""
+        self._ticking = stop = threading.Event()
+        wait = max(self.delay, 0.0)
+
+        def run() -> None:
+            if stop.wait(wait):
+                return
+            while not stop.is_set():
+                self.refresh()
+                stop.wait(every)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def close(self) -> None:
+        if self._ticking is not None:
+            self._ticking.set()
+        super().close()
 
     def update(self, n: float = 1) -> bool | None:
         if self._first is None and n:
@@ -119,6 +140,15 @@ def bar(total: int | None, desc: str, unit: str = "it", **kw):
 @contextlib.contextmanager
 def listener(desc: str, total: int | None, unit: str) -> Iterator:
     """For :func:`matq_format.progress.listening`: the library's steps as bars or log lines."""
-    kw = {"bar_format": "{desc}: {elapsed}"} if total is None else {}  # no count to show
-    with bar(total, desc, unit, **kw) as pb:
+    with ticking(total, desc, unit) as pb:
         yield pb.update
+
+
+def ticking(total: int | None, desc: str, unit: str = "it", **kw):
+    """:func:`bar`; one without a ``total`` shows its elapsed time, redrawn every second."""
+    if total is not None:
+        return bar(total, desc, unit, **kw)
+    pb = bar(None, desc, unit, bar_format="{desc}: {elapsed}", **kw)
+    if isinstance(pb, _Bar):
+        pb.tick()
+    return pb

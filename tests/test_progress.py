@@ -57,3 +57,15 @@ def test_every_mode_has_what_the_commands_use(monkeypatch, how):
         pb.n = 3
         pb.refresh()
         assert (pb.n, pb.total) == (3, 4)
+
+
+def test_an_uncounted_step_redraws_its_elapsed_time():
+    """tqdm draws on updates only; a step with none (a graph export) ticks, or its bar would never show."""
+    import io
+
+    f = io.StringIO()
+    pb = P._Bar(total=None, desc="export", bar_format="{desc}: {elapsed}", delay=0.05, file=f)
+    pb.tick(every=0.05)
+    time.sleep(0.4)
+    pb.close()
+    assert f.getvalue().count("export: 00:00") >= 3, f.getvalue()

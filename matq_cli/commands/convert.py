@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..progress import bar
+from ..progress import bar, ticking
 
 
 def _known() -> str:
@@ -94,7 +94,7 @@ def convert(
     )
     ckpt = mf.open(path)
     what = f"plan {plan}" if plan is not None else f"check int{bits} for --to {target}"
-    with bar(None, what, bar_format="{desc}: {elapsed}"):  # a budget: plan tries every width of every tensor
+    with ticking(None, what):  # a budget: plan tries every width of every tensor
         warned = conv.validate(ckpt, options)
     for w in warned:
         click.echo(f"matq: warning: {w}", err=True)
