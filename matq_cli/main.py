@@ -33,8 +33,13 @@ class MatqGroup(click.Group):
     """Turns every expected failure into ``matq: <path>: <what is wrong>`` and exit code 1."""
 
     def invoke(self, ctx: click.Context):
+        from matq_format.progress import listening
+
+        from .progress import listener
+
         try:
-            return super().invoke(ctx)
+            with listening(listener):  # the library's long steps, as bars or log lines
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except BrokenPipeError:  # `matq inspect | head`: the reader left; exit as SIGPIPE would
@@ -94,7 +99,10 @@ def extra_for(module: str) -> str:
 @click.group(cls=MatqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="matq")
 def cli() -> None:
-    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported to GGUF, Hugging Face and ONNX."""
+    """matq: Matryoshka-quantized checkpoints, sliced to any width, exported to GGUF, Hugging Face and ONNX.
+
+    Progress goes to stderr: a bar on a terminal, a line per step longer than 5 s otherwise
+    (MATQ_PROGRESS=auto|bar|log|off)."""
 
 
 def _register() -> None:

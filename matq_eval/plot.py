@@ -52,6 +52,57 @@ def labels(names: Sequence[str]) -> list[str]:
     return [n[cut:] or n for n in short]
 
 
+Box = tuple[float, float, float, float]
+"""x0, y0, x1, y1, in points."""
+
+
+def _overlap(a: Box, b: Box) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def nudge(
+    points: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]], marker: float = 4.0
+) -> list[tuple[float, float]]:
+    """Offsets (points) for the labels of ``points`` (display positions, in points) of ``sizes``
+    (width, height, in points), so that no label covers another or a marker: each label, in the
+    order of its point's x, takes the first free place of a few around its point (right and above
+    first, then below, left, and further up or down); where none is free, the least covered one."""
+    markers = [(x - marker, y - marker, x + marker, y + marker) for x, y in points]
+    placed: list[Box] = []
+    out: list[tuple[float, float]] = [(5.0, 4.0)] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: points[i]):
+        (x, y), (w, h) = points[i], sizes[i]
+        tries = [
+            (dx, dy)
+            for step in range(6)
+            for dx in (5.0, -5.0 - w)
+            for dy in (4.0 + step * (h + 2), -4.0 - h - step * (h + 2))
+        ]
+        best, best_cost = tries[0], float("inf")
+        for dx, dy in tries:
+            box = (x + dx, y + dy, x + dx + w, y + dy + h)
+            cost = sum(_overlap(box, b) for b in placed) + sum(_overlap(box, m) for m in markers)
+            if cost < best_cost:
+                best, best_cost = (dx, dy), cost
+            if cost == 0:
+                break
+        out[i] = best
+        placed.append((x + best[0], y + best[1], x + best[0] + w, y + best[1] + h))
+    return out
+
+
+def _annotate(fig, ax, xy: list[tuple[float, float]], texts: list[str], fontsize: float) -> None:
+    """Every label beside its point, nudged off the others (:func:`nudge`) once the axes are laid out."""
+    fig.canvas.draw()  # scales, limits and the layout fixed: display positions are final
+    to_pt = 72.0 / fig.dpi
+    pts = [tuple(v * to_pt for v in ax.transData.transform(p)) for p in xy]
+    sizes = [(0.6 * fontsize * len(t), 1.2 * fontsize) for t in texts]
+    for t, p, off in zip(texts, xy, nudge(pts, sizes), strict=True):
+        ax.annotate(t, p, textcoords="offset points", xytext=off, fontsize=fontsize)
+
+
 def plot(results, out: str | os.PathLike, title: str | None = None) -> None:
     """Write the PNG to ``out`` (results: :class:`matq_eval.Result` objects or their dicts)."""
     import matplotlib
@@ -75,15 +126,6 @@ def plot(results, out: str | os.PathLike, title: str | None = None) -> None:
         x = [r["bits_per_weight"] for r in sel]
         ax_p.plot(x, [r["ppl"] for r in sel], marker=marker, color=color, ls="none", label=series, ms=7)
         ax_k.plot(x, [kld(r) for r in sel], marker=marker, color=color, ls="none", ms=7)
-        for r in sel:
-            for ax, y in ((ax_p, r["ppl"]), (ax_k, kld(r))):
-                ax.annotate(
-                    short[r["name"]],
-                    (r["bits_per_weight"], y),
-                    textcoords="offset points",
-                    xytext=(5, 4),
-                    fontsize=7,
-                )
     for ax, key in ((ax_p, "ppl"), (ax_k, "kld")):
         xy = [(r["bits_per_weight"], kld(r) if key == "kld" else r["ppl"]) for r in pts]
         front = pareto(xy)
@@ -118,5 +160,8 @@ def plot(results, out: str | os.PathLike, title: str | None = None) -> None:
     if ref is not None:
         ax_p.set_title(title or f"quality against size ({ref['tokens']} scored tokens)")
     ax_p.legend(fontsize=8)
+    names = [short[r["name"]] for r in pts]
+    _annotate(fig, ax_p, [(r["bits_per_weight"], r["ppl"]) for r in pts], names, 7)
+    _annotate(fig, ax_k, [(r["bits_per_weight"], kld(r)) for r in pts], names, 7)
     fig.savefig(out, format="png", dpi=120)
     plt.close(fig)

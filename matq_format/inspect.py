@@ -8,6 +8,7 @@ from collections.abc import Callable
 from . import constants as C
 from . import numerics
 from .checkpoint import Checkpoint
+from .errors import MatqError
 
 
 def human_bytes(n: float) -> str:
@@ -22,7 +23,7 @@ def human_bytes(n: float) -> str:
 def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], None] | None = None) -> dict:
     """A JSON-ready description of a checkpoint."""
     c = ckpt.code_bits
-    widths = [r for r in C.SLICE_WIDTHS if r <= c] if c == 8 else list(range(c, 0, -1))
+    widths = list(range(c, 0, -1))  # every width 1..c, as the planes serve them (int5 and int7 too)
     tensors = []
     totals = {str(r): 0 for r in widths}
     for name in ckpt.tensor_names():
@@ -91,8 +92,15 @@ def _summary(ckpt: Checkpoint, tensors: list[dict], served: list[int], totals: d
     weights = sum(numel.values())
     tops = {ckpt.info(n).max_width(ckpt.code_bits) for n in quantized}
     src = ckpt.source
+    try:
+        cfg = ckpt.config or {}
+    except MatqError:  # a carried config.json that is not JSON: `matq verify` says so; inspect goes on
+        cfg = {}
+    path = ckpt.path
     return {
         "model": src.get("model"),
+        "checkpoint": path.parent.name if path.name == C.BASE_FILENAME else path.name,
+        "config_name": cfg.get("_name_or_path") if isinstance(cfg.get("_name_or_path"), str) else None,
         "architecture": src.get("architecture") or src.get("model_type"),
         "layout": src.get("layout", "free") if quantized else None,
         "tensors": len(tensors),

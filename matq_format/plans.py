@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import constants as C
-from . import numerics
+from . import numerics, progress
 from .budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from .errors import PlanError, WidthError
 from .safefs import read_bounded
@@ -201,27 +201,35 @@ def summarize(ckpt, plan: dict[str, int], extra_precision: bool = False) -> Plan
 
 def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
     """Greedy: start every tensor at the narrowest width, then buy the upgrade with the best error
-    reduction per bit until the budget is spent. Error = squared distance to the full-width weights."""
+    reduction per bit until the budget is spent. Error = squared distance to the full-width weights.
+    The sizes are counted first: a budget below the narrowest plan is refused before any tensor is
+    dequantized."""
     budget = parse_budget(text)
     c = ckpt.code_bits
     names = ckpt.quantized_names()
     widths = {n: [r for r in BUDGET_WIDTHS if r <= ckpt.info(n).max_width(c)] for n in names}
-    err: dict[str, dict[int, float]] = {}
     cost: dict[str, dict[int, float]] = {}
     for n in names:
         if not widths[n]:
             raise PlanError(ckpt.path, f"{n}: no width of {BUDGET_WIDTHS} can be served")
-        ref = ckpt.dequantize(n, widths[n][-1])
-        numel = ref.size
-        err[n], cost[n] = {}, {}
-        for r in widths[n]:
-            d = ckpt.dequantize(n, r, extra_precision and r < c) - ref
-            err[n][r] = float(np.dot(d.ravel(), d.ravel()))
-            cost[n][r] = tensor_bits(ckpt, n, r, extra_precision) * numel
+        numel = ckpt.info(n).numel
+        cost[n] = {r: tensor_bits(ckpt, n, r, extra_precision) * numel for r in widths[n]}
     total_w = sum(ckpt.info(n).numel for n in names)
+    least = sum(min(cost[n].values()) for n in names)
+    if least > budget * total_w:
+        raise PlanError(text, f"budget {budget} is below the narrowest plan ({least / total_w:.3f} bits per weight)")
+    err: dict[str, dict[int, float]] = {}
+    with progress.stage(f"{text}: slicing error of each width", len(names), "tensor") as advance:
+        for n in names:
+            ref = ckpt.dequantize(n, widths[n][-1])
+            err[n] = {}
+            for r in widths[n]:
+                d = ckpt.dequantize(n, r, extra_precision and r < c) - ref
+                err[n][r] = float(np.dot(d.ravel(), d.ravel()))
+            advance(1)
     try:
         return cheapest_within(err, cost, budget * total_w)
-    except BudgetTooSmall as exc:
+    except BudgetTooSmall as exc:  # not reached: checked above
         raise PlanError(
             text, f"budget {budget} is below the narrowest plan ({exc.minimum / total_w:.3f} bits per weight)"
         ) from None

@@ -28,6 +28,10 @@ settings.register_profile("thorough", max_examples=1000)
 if os.environ.get("HYPOTHESIS_PROFILE"):
     settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
+# Commands run here write no progress lines (a slow machine would mix them into the output tests
+# read); tests/test_progress.py turns them on where it checks them.
+os.environ.setdefault("MATQ_PROGRESS", "off")
+
 
 @dataclass
 class Built:

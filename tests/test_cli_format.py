@@ -41,7 +41,7 @@ def run(*args):
 def test_inspect_text_and_json(ck):
     r = run("inspect", ck)
     assert r.exit_code == 0, r.output
-    assert "widths served: int8 int6 int4 int3 int2" in r.output and "bits/weight" in r.output
+    assert "widths served: int8 int7 int6 int5 int4 int3 int2 int1" in r.output and "bits/weight" in r.output
     assert "model.layers.0.mlp.up_proj.weight" not in r.output  # the summary only
     r = run("inspect", ck, "--tensors")
     assert (
@@ -151,15 +151,32 @@ def test_control_characters_in_names_are_escaped(tmp_path):
 
 
 def test_inspect_lists_only_the_widths_a_slice_serves(ck, tmp_path):
-    """An int4 slice serves int4, int3 and int2, not int8 or int6 (which `slice --bits 8` would refuse)."""
+    """An int4 slice serves int4 down to int1, not int8 or int6 (which `slice --bits 8` would refuse)."""
     mf.slice_checkpoint(mf.open(ck), tmp_path / "s4", bits=4)
     r = run("inspect", tmp_path / "s4")
     assert r.exit_code == 0, r.output
-    assert "widths served: int4 int3 int2\n" in r.output and "int8" not in r.output.split("digest")[1]
+    assert "widths served: int4 int3 int2 int1\n" in r.output and "int8" not in r.output.split("digest")[1]
     d = json.loads(run("inspect", tmp_path / "s4", "--json").output)
-    assert d["widths_served"] == [4, 3, 2] and list(d["bytes_per_width"]) == ["4", "3", "2"]
+    assert d["widths_served"] == [4, 3, 2, 1] and list(d["bytes_per_width"]) == ["4", "3", "2", "1"]
     b = d["bytes_per_width"]
     assert b["4"] > b["3"] > b["2"]
     s = d["summary"]
     assert s["quantized_tensors"] == len(mf.open(ck).quantized_names()) and not s["mixed_widths"]
     assert s["bits_per_weight"]["4"] == 8 * b["4"] / s["weights"]
+
+
+def test_inspect_names_the_model_by_its_architecture_folder_and_config(tmp_path):
+    """`model:` says where the checkpoint came from: not `model (bert)` for a source folder named model."""
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "bert", "_name_or_path": "org/MiniLM"}))
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    s, z = N.minmax_params(x, 8, None)
+    source = {"model": "model", "architecture": "bert"}
+    with mf.CheckpointWriter(tmp_path / "minilm-matq", carry_from=src, source=source) as w:
+        w.add_quantized("encoder.layer.0.intermediate.dense.weight", N.quantize(x, s, z, 8, None), s, z)
+    r = run("inspect", tmp_path / "minilm-matq")
+    assert "model: bert, from the folder model (config.json: org/MiniLM)\n" in r.output, r.output
+    with mf.CheckpointWriter(tmp_path / "bare") as w:
+        w.add_quantized("w", N.quantize(x, s, z, 8, None), s, z)
+    assert "model: unknown architecture, checkpoint bare\n" in run("inspect", tmp_path / "bare").output

@@ -19,7 +19,7 @@ from tiny_models import corpus, tiny_hf_model
 from matq_cli.main import cli
 from matq_eval import CandidateError, TextError, load_windows, parse_candidate, score
 from matq_eval.metrics import Sums
-from matq_eval.plot import labels, pareto
+from matq_eval.plot import labels, nudge, pareto
 
 CTX, MAX_TOKENS = 64, 1024
 
@@ -78,6 +78,23 @@ def test_plot_helpers():
     assert pareto([(4, 1.0), (2, 3.0), (3, 0.5), (8, 0.7), (2, 5.0)]) == [1, 2]
     assert labels(["smol-Q8_0.gguf", "smol-matq-4.gguf", "smol-matq@2"]) == ["Q8_0", "matq-4", "matq@2"]
     assert labels(["a.gguf"]) == ["a"]
+
+
+def test_labels_are_nudged_apart():
+    """Close points (a Q4_K_M and a matq file of the same size): no label covers another or a marker."""
+    pts = [(100.0, 100.0), (101.0, 101.0), (102.0, 99.0), (160.0, 100.0)]
+    sizes = [(40.0, 8.0)] * 4
+    offsets = nudge(pts, sizes)
+    boxes = [
+        (x + dx, y + dy, x + dx + w, y + dy + h)
+        for (x, y), (dx, dy), (w, h) in zip(pts, offsets, sizes, strict=True)
+    ]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
+        for x, y in pts:
+            assert not (a[0] < x + 4 and x - 4 < a[2] and a[1] < y + 4 and y - 4 < a[3]), (a, (x, y))
+    assert nudge([(0.0, 0.0)], [(10.0, 5.0)]) == [(5.0, 4.0)]  # alone: right of and above its point
 
 
 def test_windows_are_deterministic_with_bos_and_half_scored(tiny, tmp_path):

@@ -437,3 +437,14 @@ def test_validate_then_convert_plans_once(models, tmp_path, monkeypatch):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
     ).read_bytes()
+
+
+def test_a_budget_summary_states_the_bits_the_budget_counted(models, tmp_path):
+    """``--plan budget:B`` counts matq's storage bits per quantized weight; the summary says that figure."""
+    from matq_format.plans import resolve_plan, summarize
+
+    _, ck = models
+    res = registry.get("hf").convert(ck["llama"], tmp_path / "a", ConvertOptions(plan="budget:4"))
+    want = summarize(ck["llama"], resolve_plan("budget:4", ck["llama"])).bits_per_weight
+    assert res.details["plan_bits_per_weight"] == want <= 4
+    assert res.summary.endswith(f"; budget:4: {want:.3f} bits per quantized weight as matq stores them")

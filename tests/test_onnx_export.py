@@ -394,4 +394,6 @@ def test_budget_counts_this_layouts_bits(models, tmp_path):
     assert ei.value.path == "budget:four"
     res = export(ckpt, tmp_path / "o", plan="budget:6")
     assert len(res.details["containers"]) == 14 and not res.details["float_weights"]
+    bpw = res.details["bits_per_quantized_weight"]  # the summary states the figure the budget was checked against
+    assert bpw <= 6 and f"{bpw:.3f} bits per quantized weight (codes, scales, zero points as stored, as budget:6" in res.summary
     assert sorted(set(res.details["containers"].values())) == [4, 8]

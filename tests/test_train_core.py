@@ -127,12 +127,12 @@ def test_minmax_gradient_is_exactly_straight_through():
 def _grads(model_dir, obj, per_width: bool, checkpointing: bool = False) -> dict:
     from matq_train.torch.fakequant import prepare, width
     from matq_train.torch.loss import MatQuantStep
-    from matq_train.torch.trainer import load_model
+    from matq_train.torch.trainer import enable_checkpointing, load_model
 
     model, _, _ = load_model(model_dir)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     prepare(model, "linear", QuantSpec(8, 16))
     step = MatQuantStep(model, obj)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 200, (2, 16))).long()

@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from ..params import PathArg
-from ..progress import bar
+from ..progress import bar, ticking
 
 
 def _known() -> str:
@@ -94,7 +94,10 @@ def convert(
         bits, plan, extra_precision, force, registry.exporters.options(target, settings)
     )
     ckpt = mf.open(path)
-    for w in conv.validate(ckpt, options):
+    what = f"plan {plan}" if plan is not None else f"check int{bits} for --to {target}"
+    with ticking(None, what):  # a budget: plan tries every width of every tensor
+        warned = conv.validate(ckpt, options)
+    for w in warned:
         click.echo(f"matq: warning: {w}", err=True)
     with bar(len(ckpt.tensor_names()), f"convert to {target}", "tensor") as pb:
         result = conv.convert(ckpt, out, options, progress=pb.update)

@@ -67,6 +67,9 @@ Examples:
   matq eval ./SmolLM2-hf --text docs/ ./smol-matq@4 --ctx 1024 --max-tokens 65536
 
 \b
+Every model (the reference, then each candidate) runs over all the tokens read: the time grows with
+--max-tokens (default 4,096: 8 windows of 512, as the tables in docs/results.md) times the number
+of models. Raise it for finer figures.
 Candidates: FILE.gguf (llama.cpp), CKPT@R[,R...][+ep] (matq widths in transformers),
 CKPT@plan:SPEC[+ep] (a Mix'n'Match plan, as `matq slice --plan`), an ONNX folder (a decoder with a
 past cache, as `matq convert --to onnx` or onnxruntime-genai's builder writes it; onnxruntime), or
@@ -75,7 +78,7 @@ Text: a file, or a folder's files (sorted; binary ones skipped), read as UTF-8, 
 reference's tokenizer, cut into windows of --ctx tokens. As llama.cpp's perplexity tool, the
 predictions of the second half of every window are scored, so each has at least ctx/2 tokens of
 context. The reference runs once; its logits wait in a temporary file (float32,
-windows x ctx/2 x vocab x 4 bytes: 3.2 GB for 32k tokens of a 49k vocabulary) in --cache-dir.
+windows x ctx/2 x vocab x 4 bytes: 0.4 GB for 4,096 tokens of a 49k vocabulary) in --cache-dir.
 """,
 )
 @click.argument("reference", type=PathArg())
@@ -92,9 +95,9 @@ windows x ctx/2 x vocab x 4 bytes: 3.2 GB for 32k tokens of a 49k vocabulary) in
 @click.option(
     "--max-tokens",
     type=click.IntRange(2),
-    default=32768,
+    default=4096,
     show_default=True,
-    help="Tokens read from the text at most (whole windows).",
+    help="Tokens read from the text at most (whole windows); the run's time grows with it.",
 )
 @click.option(
     "--first",
@@ -128,7 +131,10 @@ def eval_cmd(
     force: bool,
 ) -> None:
     """Perplexity, KL divergence and top-1 agreement to REFERENCE (a float HF folder) for matq widths,
-    plans, GGUF files and ONNX folders, with bits per weight beside each."""
+    plans, GGUF files and ONNX folders, with bits per weight beside each.
+
+    Minutes per model on a CPU: every model runs over all --max-tokens tokens (docs/eval.md has a
+    measured run)."""
     import contextlib
 
     from matq_converters.text import SkippedFilesWarning

@@ -52,9 +52,8 @@ def inspect(path: Path, as_json: bool, per_tensor: bool, no_stats: bool) -> None
 
 def _summary_lines(d: dict) -> list[str]:
     s = d["summary"]
-    model = printable(str(s["model"])) + (f" ({s['architecture']})" if s["architecture"] else "")
     lines = [
-        f"model: {model}",
+        f"model: {_model_line(d)}",
         f"quantized: {s['quantized_tensors']} of {s['tensors']} tensors, {s['quantized_weights'] / 1e6:.1f}M of "
         f"{s['weights'] / 1e6:.1f}M weights" + (f", layout {s['layout']}" if s["layout"] else ""),
     ]
@@ -75,6 +74,17 @@ def _summary_lines(d: dict) -> list[str]:
         + ("" if cs["checked"] == cs["entries"] else "; the rest were not read (`matq verify` checks all)")
     )
     return lines
+
+
+def _model_line(d: dict) -> str:
+    """The architecture, the folder it was quantized from and the name its config.json carries
+    (a Hub id, as transformers saved it): ``bert, from the folder model (config.json:
+    nreimers/MiniLM-L6-H384-uncased)``; the checkpoint's own folder name when nothing says more."""
+    s = d["summary"]
+    arch = s["architecture"] or "unknown architecture"
+    where = f"from the folder {s['model']}" if s["model"] else f"checkpoint {s['checkpoint']}"
+    named = f" (config.json: {s['config_name']})" if s["config_name"] and s["config_name"] != s["model"] else ""
+    return printable(f"{arch}, {where}{named}")
 
 
 def _tensor_line(t: dict) -> str:

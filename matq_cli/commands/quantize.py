@@ -199,6 +199,42 @@ def import_matgptq(src: Path, out: Path, force: bool, as_json: bool) -> None:
     _import("matgptq", src, out, force, as_json)
 
 
+@click.command(
+    "import-gguf",
+    epilog="""\b
+Examples:
+  matq import-gguf SmolLM2-135M-Instruct-Q8_0.gguf -o ./SmolLM2-135M-float
+  matq import-gguf model.gguf -o ./model-float --dtype bfloat16
+  matq quantize ./SmolLM2-135M-float -o ./SmolLM2-135M-matq --layers linear
+
+\b
+transformers reads the file (its GGUF reader: the architectures it knows, causal LMs) and
+dequantizes every tensor; the folder holds those float weights, the config, generation config and
+tokenizer. A GGUF quantized below 8 bits makes a float model that is already rounded: quantizing
+it again adds to that rounding. Needs the gguf and hf extras.
+""",
+)
+@click.argument("src", type=PathArg())
+@click.option(
+    "-o", "--output", "out", required=True, type=PathArg(), help="Model folder to write."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="The weights' type in the folder; float32 keeps every dequantized value exactly.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if this command wrote it.")
+def import_gguf(src: Path, out: Path, dtype: str, force: bool) -> None:
+    """Write a float Hugging Face model folder from a GGUF file, for `matq quantize`."""
+    from matq_converters.importers.gguf import import_gguf as run
+
+    t0 = time.perf_counter()
+    run(src, out, dtype=dtype, overwrite=force)
+    click.echo(f"{out}: a {dtype} model folder from {src.name}, {time.perf_counter() - t0:.1f} s")
+
+
 EPILOG = """\b
 Examples:
   matq quantize ./Llama-3.2-1B -o ./Llama-3.2-1B-matq
@@ -242,4 +278,4 @@ def _build() -> click.Command:
     return click.Command("quantize", callback=quantize, params=params, help=quantize.__doc__, epilog=EPILOG)
 
 
-COMMANDS = [_build(), import_matgptq]
+COMMANDS = [_build(), import_matgptq, import_gguf]

@@ -363,8 +363,17 @@ def _setup(cfg: TrainConfig, rank: int, world: int):
     model.to(device)
     model.train()
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model, tokenizer, causal, device
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute activations in backward, non-reentrant: transformers 5.25 renamed
+    ``gradient_checkpointing_enable`` (now a deprecated alias) to ``activation_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(

@@ -60,9 +60,10 @@ from matq_converters.registry import (
 )
 from matq_format import __version__ as MATQ_VERSION
 from matq_format import dtypes
+from matq_format.budget import BUDGET_PREFIX
 from matq_format.container import SafetensorsWriter, read_header
 from matq_format.errors import MatqError
-from matq_format.plans import resolve_plan
+from matq_format.plans import resolve_plan, summarize
 from matq_format.publish import AtomicOutput, OutputKind
 from matq_format.safefs import allowed_roots, check_file, read_bounded
 
@@ -146,6 +147,8 @@ class _Prepared:
     groups: dict = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
     gptq: dict = field(default_factory=dict)
+    budget: str | None = None
+    """The ``budget:BITS`` plan the widths were chosen for, if any."""
 
 
 # --- planning: everything that can fail before a byte is written -----------------------------------
@@ -166,6 +169,8 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     linear = _linear_modules(cfg, ckpt.path) if opts.layout != "dense" else set()
     plans = [_plan_tensor(ckpt, n, widths.get(n), ep, opts, linear) for n in ckpt.tensor_names()]
     prep = _Prepared(opts, cfg, plans, widths, ep)
+    if isinstance(options.plan, str) and options.plan.startswith(BUDGET_PREFIX):
+        prep.budget = options.plan
     if opts.layout == "compressed-tensors":
         packed = {p.name.removesuffix(".weight") for p in plans if p.how == "packed"}
         if opts.groups == "one":
@@ -545,6 +550,10 @@ def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> Con
         f"{out}: {prep.opts.layout}, {len(prep.plans)} tensors in {len(shards)} file(s), {size} bytes; "
         f"{len(packed)} packed, {details['exact_tensors']}/{len(quantized)} quantized tensors bit-exact"
     )
+    if prep.budget is not None:  # the figure the budget was checked against, not this folder's bytes
+        bpw = summarize(ckpt, prep.widths, prep.extra_precision).bits_per_weight
+        details["plan_bits_per_weight"] = bpw
+        summary += f"; {prep.budget}: {bpw:.3f} bits per quantized weight as matq stores them"
     warnings = []
     if details["dequantized"] and prep.opts.layout != "dense":
         names = details["dequantized"]

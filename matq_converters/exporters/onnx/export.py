@@ -49,6 +49,7 @@ from matq_converters.registry import (
     typed_options,
 )
 from matq_format import __version__ as MATQ_VERSION
+from matq_format import progress as steps
 from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
@@ -102,6 +103,10 @@ class _Prepared:
     widths: dict[str, int]
     ep: bool
     plans: dict[str, WeightPlan] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The shape of each planned weight."""
+    budget: str | None = None
+    """The ``budget:BITS`` plan the widths were chosen for, if any."""
 
 
 def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
@@ -118,8 +123,11 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     else:
         widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     prep = _Prepared(opts, fam, widths, options.extra_precision)
+    if isinstance(spec, str) and spec.startswith(BUDGET_PREFIX):
+        prep.budget = spec
     for name, bits in widths.items():
         if len(ckpt.info(name).shape) == 2:
+            prep.shapes[name] = tuple(ckpt.info(name).shape)
             ep = options.extra_precision and bits < ckpt.code_bits
             prep.plans[name] = p = plan_weight(ckpt, name, bits, ep, opts.layout, opts.exact)
             if opts.exact and not p.exact:
@@ -133,25 +141,36 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
 def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, int]:
     """``budget:BITS`` in the file's bits per quantized weight (codes, scales and zero points, as
     stored in this layout): a width per weight, for the least squared error to its full width. Widths
-    in the same container cost the same, so the search leaves the narrower one out."""
+    in the same container cost the same, so the search leaves the narrower one out. The sizes are
+    counted first: a budget below the smallest file is refused before any weight is dequantized."""
     budget = parse_budget(spec)
     err: dict[str, dict[int, float]] = {}
     cost: dict[str, dict[int, float]] = {}
     c = ckpt.code_bits
-    for name in ckpt.quantized_names():
+    names = ckpt.quantized_names()
+    for name in names:
         info = ckpt.info(name)
-        top = info.max_width(c)
-        ref = ckpt.dequantize(name, top)
-        err[name], cost[name] = {}, {}
-        for r in range(2, top + 1):
-            p = plan_weight(ckpt, name, r, ep and r < c, opts.layout, opts.exact)
-            d = ckpt.dequantize(name, r, ep and r < c) - ref
-            err[name][r] = float(np.dot(d.ravel(), d.ravel()))
-            cost[name][r] = stored_bits(p, info.shape)
-    total = sum(ckpt.info(n).numel for n in err)
+        cost[name] = {
+            r: stored_bits(plan_weight(ckpt, name, r, ep and r < c, opts.layout, opts.exact), info.shape)
+            for r in range(2, info.max_width(c) + 1)
+        }
+    total = sum(ckpt.info(n).numel for n in names)
+    least = sum(min(cost[n].values()) for n in names)
+    if least > budget * total:
+        raise ConvertOptionError(
+            ckpt.path, f"{spec} is below the smallest this checkpoint makes ({least / total:.3f} bits per weight)"
+        )
+    with steps.stage(f"{spec}: slicing error of each width", len(names), "tensor") as advance:
+        for name in names:
+            ref = ckpt.dequantize(name, max(cost[name]))
+            err[name] = {}
+            for r in cost[name]:
+                d = ckpt.dequantize(name, r, ep and r < c) - ref
+                err[name][r] = float(np.dot(d.ravel(), d.ravel()))
+            advance(1)
     try:
         return cheapest_within(err, cost, budget * total)
-    except BudgetTooSmall as exc:
+    except BudgetTooSmall as exc:  # not reached: checked above
         least = exc.minimum / total
         raise ConvertOptionError(
             ckpt.path, f"{spec} is below the smallest this checkpoint makes ({least:.3f} bits per weight)"
@@ -181,7 +200,8 @@ def export_onnx(
     planned=None,
 ) -> ConvertResult:
     """Write the folder ``out`` from ``ckpt``; returns what was written and how exactly.
-    ``planned``: ``_prepare``'s result for these arguments, if already made."""
+    ``planned``: ``_prepare``'s result for these arguments, if already made. Its steps are reported
+    through :mod:`matq_format.progress`; ``progress`` hears of every tensor at the end."""
     from matq_converters.exporters.hf.export import HFOptions, export_hf
 
     out = Path(out)
@@ -190,13 +210,21 @@ def export_onnx(
         work = o.tmp / ".matq-work"
         # the widths as planned here (a budget counts this layout's bytes, not the HF folder's)
         dense = ConvertOptions(None, prep.widths, prep.ep, False, HFOptions("dense", "float32"))
-        export_hf(ckpt, work / "hf", dense)
-        _build_float(ckpt, prep, work)
-        targets = onnx_graph.find_slices(work / "float", _slice_index(ckpt, prep, progress))
+        n = len(ckpt.tensor_names())
+        with steps.stage("onnx: the plan's weights as a float folder", n, "tensor") as advance:
+            export_hf(ckpt, work / "hf", dense, advance)
+        with steps.stage(f"onnx: the float {prep.family} graph (torch export)"):
+            _build_float(ckpt, prep, work)
+        with steps.stage("onnx: find each weight in the graph", n, "tensor") as advance:
+            found = _slice_index(ckpt, prep, advance)
+        targets = onnx_graph.find_slices(work / "float", found)
         files = ["model.onnx", onnx_graph.DATA_NAME, *_side_file_names(ckpt, prep, work)]
-        done = onnx_graph.rewrite(
-            work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep, files)
-        )
+        with steps.stage("onnx: write the quantized graph"):
+            done = onnx_graph.rewrite(
+                work / "float", o.tmp, targets, lambda n: _encode(ckpt, prep, n), _metadata(ckpt, prep, files)
+            )
+        if progress:
+            progress(n)
         _side_files(ckpt, prep, work, o.tmp)
         shutil.rmtree(work)
         o.commit()
@@ -291,9 +319,14 @@ def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResu
         "float_zero_points": inexact,
         "opset": done.opset or None,
     }
+    numel = sum(rows * cols for rows, cols in prep.shapes.values())
+    stored = sum(stored_bits(prep.plans[n], prep.shapes[n]) for n in prep.shapes)
+    details["bits_per_quantized_weight"] = bpw = stored / numel if numel else 0.0
     summary = (
         f"{out}: {prep.opts.layout}, {len(quantized)} quantized MatMuls "
-        f"({len(quantized) - len(inexact)} with weights bit-exact), {prep.opts.accuracy} compute, {size} bytes"
+        f"({len(quantized) - len(inexact)} with weights bit-exact), {prep.opts.accuracy} compute, {size} bytes; "
+        f"{bpw:.3f} bits per quantized weight (codes, scales, zero points as stored"
+        + (f", as {prep.budget} counts them)" if prep.budget else ")")
     )
     warnings = []
     if floats:

@@ -1,0 +1,72 @@
+"""Progress: the library's steps reach the CLI's listener; a log hears only of long steps, with a
+line when one has run LOG_AFTER seconds and one when it ends; a bar's ETA ignores a silent start."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from matq_cli import progress as P
+from matq_format import progress
+
+
+def test_steps_are_silent_without_a_listener():
+    with progress.stage("nothing listens", total=3) as advance:
+        advance(1)
+
+
+def test_a_log_hears_of_long_steps_only(monkeypatch, capsys):
+    monkeypatch.setenv("MATQ_PROGRESS", "log")
+    monkeypatch.setattr(P, "LOG_AFTER", 0.05)
+    with progress.listening(P.listener):
+        with progress.stage("quick", total=2, unit="tensor") as advance:
+            advance(2)
+        with progress.stage("slow", total=4, unit="tensor") as advance:
+            advance(1)
+            time.sleep(0.3)
+            advance(3)
+        with progress.stage("uncounted") as advance:
+            time.sleep(0.3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "matq: slow: 1 of 4 tensor after 0.05 s ..."
+    assert lines[1].startswith("matq: slow: done, 4 tensor, 0.")
+    assert lines[2] == "matq: uncounted: running for 0.05 s ..."
+    assert lines[3].startswith("matq: uncounted: done, 0.") and len(lines) == 4
+
+
+@pytest.mark.parametrize("silence", [0.0, 0.4])
+def test_the_eta_counts_from_the_first_unit(silence):
+    pb = P._Bar(total=100, desc="x", disable=False, file=io.StringIO())
+    time.sleep(silence)  # a graph export before the first tensor
+    pb.update(1)
+    time.sleep(0.05)
+    pb.update(9)
+    rate = pb.format_dict["rate"]  # 9 units in ~0.05 s, whatever came before
+    assert rate > 50, rate
+    pb.close()
+
+
+@pytest.mark.parametrize("how", ["log", "off", "bar"])
+def test_every_mode_has_what_the_commands_use(monkeypatch, how):
+    """update, n, total, refresh and close (eval sets n and refreshes; quantize sets total)."""
+    monkeypatch.setenv("MATQ_PROGRESS", how)
+    with P.bar(None, "x", "window", file=io.StringIO()) if how == "bar" else P.bar(None, "x") as pb:
+        pb.total = 4
+        pb.update(1)
+        pb.n = 3
+        pb.refresh()
+        assert (pb.n, pb.total) == (3, 4)
+
+
+def test_an_uncounted_step_redraws_its_elapsed_time():
+    """tqdm draws on updates only; a step with none (a graph export) ticks, or its bar would never show."""
+    import io
+
+    f = io.StringIO()
+    pb = P._Bar(total=None, desc="export", bar_format="{desc}: {elapsed}", delay=0.05, file=f)
+    pb.tick(every=0.05)
+    time.sleep(0.4)
+    pb.close()
+    assert f.getvalue().count("export: 00:00") >= 3, f.getvalue()
