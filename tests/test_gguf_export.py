@@ -23,7 +23,6 @@ from matq_cli.main import cli
 from matq_converters import registry
 from matq_converters.exporters.gguf import blocks as B
 from matq_converters.exporters.gguf import params as G
-from matq_converters.exporters.gguf.arch import TensorNames, detect
 from matq_converters.registry import (
     ConvertOptionError,
     ConvertOptions,
@@ -188,6 +187,12 @@ def fields(reader: gguf.GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.token")}
 
 
+def gguf_names(res: registry.ConvertResult, ckpt) -> dict[str, str]:
+    """Quantized tensor -> the GGUF tensor written from it alone (the export's own account)."""
+    q = set(ckpt.quantized_names())
+    return {s[0]: g for g, s in res.details["sources"].items() if len(s) == 1 and s[0] in q}
+
+
 def llama_permute(x: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute, applied to any per-row array."""
     return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
@@ -202,8 +207,8 @@ def test_written_tensors_equal_the_reference_bit_for_bit(models, tmp_path, arch,
     res = export(ckpt, tmp_path / "m.gguf", bits=bits, extra_precision=ep)
     reader = gguf.GGUFReader(res.path)
     cfg = ckpt.config
-    names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
-    by_gguf = {names.gguf_name(n): n for n in ckpt.quantized_names()}
+    by_gguf = {g: s[0] for g, s in res.details["sources"].items() if s[0] in ckpt.quantized_names()}
+    assert sorted(by_gguf.values()) == sorted(ckpt.quantized_names())
     exact = 0
     for t in reader.tensors:
         hf = by_gguf.get(t.name)
@@ -341,14 +346,14 @@ def test_unsupported_architecture_tokenizer_and_tensors(models, tmp_path):
 
     def arch(d):
         cfg = json.loads((d / "config.json").read_text())
-        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        cfg.update(architectures=["NoSuchForCausalLM"], model_type="nosuch")
         (d / "config.json").write_text(json.dumps(cfg))
 
     ck = _edit_copy(root, tmp_path / "a", arch)
-    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="NoSuchForCausalLM is not one llama.cpp .* converter knows"):
         export(ck, tmp_path / "a.gguf", bits=4)
     ck = _edit_copy(root, tmp_path / "b", lambda d: (d / "tokenizer.json").unlink())
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match="could not build its vocabulary.*carried: tokenizer_config.json"):
         export(ck, tmp_path / "b.gguf", bits=4)
 
     def odd_pre(d):
@@ -542,9 +547,7 @@ def test_compact_file_sizes_fall_with_width_and_record_their_error(models, tmp_p
         assert kv["matq.exact_tensors"] + len(refit) == kv["matq.quantized_tensors"]
         tensors = {t.name: t for t in reader.tensors}
         cfg = ckpt.config
-        names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
-        for hf in ckpt.quantized_names():
-            g = names.gguf_name(hf)
+        for hf, g in gguf_names(res, ckpt).items():
             want = ckpt.dequantize(hf, bits)
             if g.split(".")[-2] in ("attn_q", "attn_k"):
                 heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
@@ -625,10 +628,9 @@ def test_budget_counts_the_files_bits_and_buys_the_least_error(models, tmp_path)
         widths = res.details["widths"]
         reader = {t.name: t for t in gguf.GGUFReader(res.path).tensors}
         cfg = ckpt.config
-        names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
         err = 0.0
-        for hf in ckpt.quantized_names():
-            g = names.gguf_name(hf)
+        assert sorted(gguf_names(res, ckpt)) == sorted(ckpt.quantized_names())
+        for hf, g in gguf_names(res, ckpt).items():
             full = ckpt.dequantize(hf)
             if g.split(".")[-2] in ("attn_q", "attn_k"):
                 heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
