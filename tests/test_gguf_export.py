@@ -691,3 +691,65 @@ def test_gguf_layout_checkpoint_is_exact_at_every_width(models, tmp_path):
     plain = to_matq(hf["llama"], tmp_path / "plain", group_size=32, symmetric=True)
     res = export(plain, tmp_path / "q40.gguf", bits=4, extra={"exact": False})
     assert fields(gguf.GGUFReader(res.path))["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+# --- fetching llama.cpp's converter ---------------------------------------------------------------
+def _fake_sdist(path: Path, parts=("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")) -> Path:
+    """A llama_cpp_python sdist with only what the installer takes, plus things it must leave."""
+    import io
+    import tarfile
+
+    top = "llama_cpp_python-9.9.9/vendor/llama.cpp/"
+    files = {
+        "convert_hf_to_gguf.py": "# converter\n",
+        "conversion/__init__.py": "MARK = 1\n",
+        "gguf-py/gguf/constants.py": "X = 1\n",
+        "LICENSE": "MIT\n",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in {**{k: v for k, v in files.items() if k.split("/")[0] in parts},
+                           "src/llama.cpp": "// not taken\n", "../escape": "x"}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(top + name if not name.startswith("..") else "llama_cpp_python-9.9.9/" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(top + "conversion/link.py")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    return path
+
+
+def test_converter_install_extracts_the_converter_into_the_cache(tmp_path, monkeypatch):
+    from matq_converters.exporters.gguf import converter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(converter.ENV, raising=False)
+    dest = converter.install("9.9.9", sdist=_fake_sdist(tmp_path / "s.tar.gz"), gguf=False)
+    assert dest == tmp_path / "cache" / "matq" / "llama.cpp" / "9.9.9"
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["LICENSE", "conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/constants.py"]
+    assert not list(dest.parent.glob(".*")), "no temporary folder is left"
+    # an sdist without the converter is refused in one line, and nothing is left behind
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache2"))
+    with pytest.raises(registry.MissingDependencyError, match="no vendor/llama.cpp/conversion"):
+        converter.install("9.9.9", sdist=_fake_sdist(tmp_path / "t.tar.gz", parts=("LICENSE", "gguf-py",
+                                                                                    "convert_hf_to_gguf.py")))
+    assert not list((tmp_path / "cache2" / "matq" / "llama.cpp").iterdir())
+
+
+def test_a_missing_converter_names_the_install_command(tmp_path, monkeypatch):
+    from matq_converters.exporters.gguf import converter
+
+    monkeypatch.setenv(converter.ENV, str(tmp_path / "nowhere"))
+    converter.load.cache_clear()
+    try:
+        with pytest.raises(registry.MissingDependencyError, match=converter.INSTALL):
+            converter.load()
+    finally:
+        converter.load.cache_clear()
+
+
+def test_gguf_export_declares_what_it_imports():
+    entry = registry.exporters._entry("gguf")
+    assert set(entry.dependencies) >= {"gguf", "numpy", "torch", "transformers"}
+    assert entry.extra == "gguf"
