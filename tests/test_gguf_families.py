@@ -5,8 +5,8 @@ For each family, three llama.cpp runs are compared with transformers running mat
 int4 weights (causal LMs: logits of one text; BERT: mean-pooled embeddings):
 - ``own``: llama.cpp's own converter, F32, of a Hugging Face folder holding those dequantized
   weights (what llama.cpp itself makes of them, the reference for how close llama.cpp gets);
-- ``f32``: matq's export of the same slice as F32 (no activation quantization): it must agree about
-  as closely as ``own`` does (max within 2x own's, or 0.01 sigma);
+- ``f32``: matq's export of the same slice as F32 (no activation quantization): its logits must be
+  ``own``'s bit for bit (the same tensors, the same hyper-parameters);
 - ``ownq``: ``own`` quantized by llama.cpp (``llama_model_quantize``, llama-quantize's library call) to
   the int4 file's main type; llama.cpp quantizes activations for quantized matmuls, so this sets
   the bar for
@@ -101,7 +101,7 @@ def table():
     yield rows
     path = os.environ.get("MATQ_GGUF_FAMILY_TABLE")
     if path:
-        head = ("| family | GGUF arch | quantized | types (--bits 4) | own F32 max σ | matq F32 max σ (vs own) "
+        head = ("| family | GGUF arch | bit-exact / quantized | types (--bits 4) | own F32 max σ | matq F32 "
                 "| own int4 mean / max σ | matq int4 mean / max σ, corr | result |\n"
                 "|---|---|---|---|---|---|---|---|---|\n")
         Path(path).write_text(head + "".join(rows[f] + "\n" for f in FAMILIES if f in rows))
@@ -164,11 +164,12 @@ def test_family_quantizes_exports_and_runs_in_llama_cpp(family, tmp_path, table)
     }
     own, ownq_, mine, q = (agreement(got[k], want) for k in ("own", "ownq", "f32", "q4"))
     types = ", ".join(sorted({q4["types"][n] for n in q4["widths"]}))
-    same = float(np.abs(got["f32"] - got["own"]).max()) / float(want.std())
-    f32_ok = mine[1] <= max(2 * own[1], 0.01)
+    same = np.array_equal(got["f32"], got["own"])
+    f32_ok = same and mine[1] <= max(2 * own[1], 0.01)
     q4_ok = q[0] <= 1.25 * ownq_[0] + 0.01 and q[1] <= 1.5 * ownq_[1] + 0.05 and q[2] >= min(0.99, ownq_[2])
     table[family] = (
-        f"| {family} | {q4['arch']} | {q4['quantized_tensors']} | {types} | {own[1]:.4f} | {mine[1]:.4f} ({same:.0e}) "
+        f"| {family} | {q4['arch']} | {q4['exact_tensors']} / {q4['quantized_tensors']} | {types} "
+        f"| {own[1]:.4f} | {'identical' if same else f'{mine[1]:.4f}'} "
         f"| {ownq_[0]:.3f} / {ownq_[1]:.3f} | {q[0]:.3f} / {q[1]:.3f}, {q[2]:.4f} "
         f"| {'runs, agrees' if f32_ok and q4_ok else 'DISAGREES'} |"
     )
