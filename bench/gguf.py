@@ -44,7 +44,6 @@ from tiny_models import build, byte_level_bpe, config  # noqa: E402
 
 import matq_format as mf  # noqa: E402
 from matq_converters import registry  # noqa: E402
-from matq_converters.exporters.gguf.arch import TensorNames, detect, row_permutation  # noqa: E402
 from matq_converters.registry import ConvertOptions  # noqa: E402
 from matq_eval.llama import quiet_stderr  # noqa: E402
 
@@ -89,31 +88,24 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize failed with {rc}")
 
 
-def weight_error(path: Path, ckpt: mf.Checkpoint, bits: int) -> dict:
-    """Decoded weights of every quantized tensor against the MatQuant slice (rows in GGUF order)."""
-    cfg = ckpt.config
-    arch = detect(cfg, ckpt.path)
-    names = TensorNames(arch, cfg["num_hidden_layers"])
-    by_gguf = {names.gguf_name(n): n for n in ckpt.quantized_names()}
+def weight_error(path: Path, ref: dict[str, np.ndarray]) -> dict:
+    """Decoded weights of every quantized tensor against the MatQuant slice (``ref``: GGUF name ->
+    the slice in GGUF row order, from an F32 export)."""
     sq_err = sq_ref = 0.0
     worst = 0.0
     same = total = 0
     types = set()
     for t in gguf.GGUFReader(path).tensors:
-        hf = by_gguf.get(t.name)
-        if hf is None:
+        if t.name not in ref:
             continue
-        ref = ckpt.dequantize(hf, bits)
-        perm = row_permutation(arch, t.name, cfg, ref.shape[0])
-        if perm is not None:
-            ref = ref[perm]
-        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape)
-        d = (got - ref).astype(np.float64)
+        want = ref[t.name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        d = (got - want).astype(np.float64)
         sq_err += float(np.dot(d.ravel(), d.ravel()))
-        sq_ref += float(np.dot(ref.ravel().astype(np.float64), ref.ravel()))
+        sq_ref += float(np.dot(want.ravel().astype(np.float64), want.ravel()))
         worst = max(worst, float(np.abs(d).max()))
-        same += int(np.count_nonzero(got == ref))
-        total += ref.size
+        same += int(np.count_nonzero(got == want))
+        total += want.size
         types.add(gguf.GGMLQuantizationType(t.tensor_type).name)
     return {
         "types": "+".join(sorted(types)),
@@ -121,6 +113,16 @@ def weight_error(path: Path, ckpt: mf.Checkpoint, bits: int) -> dict:
         "max_abs_error": worst,
         "identical_share": same / total,
     }
+
+
+def slice_reference(conv, ckpt: mf.Checkpoint, bits: int, path: Path) -> dict[str, np.ndarray]:
+    """GGUF name -> the width-``bits`` slice in GGUF row order (an F32 export of the slices)."""
+    settings = {"outtype": "f32", "float_slices": "f32"}
+    res = conv.convert(ckpt, path, ConvertOptions(bits=bits, overwrite=True, settings=settings))
+    keep = set(res.details["widths"])
+    ref = {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors if t.name in keep}
+    path.unlink()
+    return ref
 
 
 def run(args) -> list[dict]:
@@ -158,9 +160,10 @@ def run(args) -> list[dict]:
         t_f16 = time.perf_counter() - t0
         llama_cpp_quantize(f16, q, ftype, args.threads)
         t_llama = time.perf_counter() - t0
+        ref = slice_reference(conv, ckpt, bits, work / f"slice-int{bits}-f32.gguf")
         for path, label, secs in ((out, "matq", t_matq), (q, f"llama.cpp f16 -> {name}", t_llama)):
             row = {"width": bits, "path": label, "seconds": secs, "bytes": path.stat().st_size}
-            row.update(weight_error(path, ckpt, bits))
+            row.update(weight_error(path, ref))
             if label != "matq":
                 row["f16_step_seconds"] = t_f16
             rows.append(row)

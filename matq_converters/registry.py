@@ -345,7 +345,9 @@ exporters.builtin(
     f"{_X}.gguf.export:GGUFConverter",
     "GGUF for llama.cpp, sliced grids kept exactly",
     options=f"{_X}.gguf.options:GGUFOptions",
-    dependencies=("gguf",),
+    # llama.cpp's converter (converter.py) imports gguf, numpy, torch and transformers; its vocabularies
+    # read tokenizers through transformers (fast) or sentencepiece (tokenizer.model)
+    dependencies=("gguf", "numpy", "torch", "transformers", "tokenizers", "sentencepiece"),
 )
 exporters.builtin(
     "hf",

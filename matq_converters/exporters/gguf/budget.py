@@ -11,8 +11,6 @@ file. :func:`matq_format.budget.cheapest_within` then spends the budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from matq_converters.exporters.gguf import blocks as B
@@ -26,41 +24,39 @@ writes it, and the search encodes every width of every tensor, the export's slow
 
 
 def file_budget_plan(
-    ckpt, tensors: list, budget: float, extra_precision: bool, dense_bits: Callable[[object], float]
+    ckpt, quantized: list[str], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
 ) -> dict[str, int]:
-    """{quantized tensor: width} for a file of at most ``budget`` bits per weight."""
-    dense = tuple((t.hf_name, dense_bits(t)) for t in tensors if not t.quantized)
-    key = (ckpt.digest, budget, extra_precision, tuple(t.hf_name for t in tensors), dense)
+    """{quantized tensor: width} for a file of at most ``budget`` bits per weight; ``dense``: the
+    file's other tensors as (name, bits they take, weights)."""
+    key = (ckpt.digest, budget, extra_precision, tuple(quantized), tuple(dense))
     if key not in _LAST:
         _LAST.clear()
-        _LAST[key] = _search(ckpt, tensors, budget, extra_precision, dense_bits)
+        _LAST[key] = _search(ckpt, quantized, dense, budget, extra_precision)
     return dict(_LAST[key])
 
 
 def _search(
-    ckpt, tensors: list, budget: float, extra_precision: bool, dense_bits: Callable[[object], float]
+    ckpt, quantized: list[str], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
 ) -> dict[str, int]:
     c = ckpt.code_bits
     err: dict[str, dict[int, float]] = {}
     cost: dict[str, dict[int, float]] = {}
-    fixed = total = 0.0
-    for t in tensors:
-        info = ckpt.info(t.hf_name)
+    fixed = sum(bits for _, bits, _ in dense)
+    total = float(sum(n for _, _, n in dense))
+    for name in quantized:
+        info = ckpt.info(name)
         total += info.numel
-        if not t.quantized:
-            fixed += dense_bits(t)
-            continue
         widths = [r for r in range(2, c + 1) if set(planes_needed(c, r)) <= set(info.planes)]
-        ref = ckpt.dequantize(t.hf_name, widths[-1]).astype(np.float64)
-        err[t.hf_name], cost[t.hf_name] = {}, {}
-        scale, zero = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
+        ref = ckpt.dequantize(name, widths[-1]).astype(np.float64)
+        err[name], cost[name] = {}, {}
+        scale, zero = ckpt.scale(name), ckpt.zero(name)
         for r in widths:
             ep = extra_precision and r < c
-            k = ckpt.sliced_codes(t.hf_name, r, ep)
+            k = ckpt.sliced_codes(name, r, ep)
             enc = B.encode_compact(B.Slice(k, scale, zero, c, r, info.group_size, ep))
             d = B.decode(enc) - ref
-            err[t.hf_name][r] = float(np.sum(d * d))
-            cost[t.hf_name][r] = 8.0 * enc.data.nbytes
+            err[name][r] = float(np.sum(d * d))
+            cost[name][r] = 8.0 * enc.data.nbytes
     try:
         return cheapest_within(err, cost, budget * total * (1 + 1e-12) - fixed)  # a budget given as
         # another file's bits per weight (bytes * 8 / weights) admits a file of exactly those bytes

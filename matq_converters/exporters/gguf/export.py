@@ -2,9 +2,11 @@
 
 Quantized tensors keep their MatQuant grid: the sliced integer codes become the levels of the
 smallest ggml type that holds the grid (``gguf_blocks``), so nothing is re-quantized through
-float. Unquantized tensors are written at ``outtype``; architecture quirks and the tokenizer come
-from ``gguf_arch`` and ``gguf_vocab``. Everything goes through ``gguf.GGUFWriter`` into a temporary
-file next to the output, renamed into place only when complete.
+float. Everything else comes from llama.cpp's own converter (``view``), run over a float view of the
+checkpoint: tensor names, hyper-parameters, vocabulary and transforms; each tensor it would write
+from quantized sources is matched row by row to their slices (``match``) and written as their codes.
+Unquantized tensors are written at ``outtype``. The file goes through the converter's
+``gguf.GGUFWriter`` into a temporary file next to the output, renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matq_converters.exporters.gguf import arch as gguf_arch
+from matq_converters.exporters.gguf import view
 from matq_converters.exporters.gguf.options import GGUFOptions
 from matq_converters.registry import (
     ConvertOptionError,
@@ -34,9 +36,6 @@ from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
 from matq_format.safefs import open_regular
-
-NO_QUANT = ("position_embd.weight", "token_types.weight")
-"""Tensors llama.cpp never quantizes (BERT's position and token-type embeddings)."""
 
 # matq.* keys, beside llama.cpp's general.* keys: where the file came from and what it holds
 KEY_FORMAT_VERSION = "matq.format_version"
@@ -84,33 +83,25 @@ GGUF_FILE = OutputKind("GGUF file", False, is_gguf)
 
 
 @dataclass
-class _Tensor:
-    hf_name: str
-    gguf_name: str
-    quantized: bool
-    bits: int | None = None
-    extra_precision: bool = False
-    perm: np.ndarray | None = None
-    offset: float = 0.0
-
-
-@dataclass
 class _Prepared:
     """A checked request: what :func:`export_gguf` writes. It holds no path to the carried files (the
     folder they were checked in is gone), so it stays valid until the export reads its own copy."""
 
-    arch: gguf_arch.Arch
-    cfg: dict
-    tensors: list[_Tensor]
+    arch: str
+    outputs: list[view.Output]
     widths: dict[str, int]
-    n_vocab: int
+    """Checkpoint tensor -> width, of the quantized tensors."""
     allowed: tuple | None
     opts: GGUFOptions
+    model_name: str
+
+    def quantized(self, o: view.Output) -> bool:
+        return bool(o.sources) and o.sources[0] in self.widths
 
     @property
     def gguf_widths(self) -> dict[str, int]:
-        """GGUF tensor name -> width, of the quantized tensors."""
-        return {t.gguf_name: t.bits for t in self.tensors if t.quantized}
+        """GGUF tensor name -> width, of the tensors written from quantized ones."""
+        return {o.name: self.widths[o.sources[0]] for o in self.outputs if self.quantized(o)}
 
 
 def plan_gguf(ckpt, options: ConvertOptions) -> _Prepared:
@@ -121,94 +112,61 @@ def plan_gguf(ckpt, options: ConvertOptions) -> _Prepared:
 
 
 def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
-    """Everything that can fail, checked before a byte is written (``root``: the checked carried files)."""
+    """Everything that can fail, checked before a byte is written (``root``: the checked carried files);
+    llama.cpp's converter plans the file, reading no weights."""
     if (options.bits is None) == (options.plan is None):
         raise ConvertOptionError(ckpt.path, "give exactly one of bits or plan")
     opts = typed_options(GGUFOptions, options.settings, "--to gguf")
     allowed = _allowed_types(opts.types)
     cfg = ckpt.config
-    arch = gguf_arch.detect(cfg, ckpt.path)
+    if not cfg:
+        raise UnsupportedModelError(ckpt.path, "has no config.json; GGUF export needs the source model's config")
     budget = _file_budget(options.plan, opts)
     if budget is None:
         spec = options.bits if options.plan is None else options.plan
         widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
-    if arch.name == "gemma2" and cfg.get("tie_word_embeddings") is False:
-        raise UnsupportedModelError(
-            ckpt.path, "llama.cpp's gemma2 reuses the token embedding as lm_head; untied is unsupported"
-        )
-    tensors = _map_tensors(ckpt, arch, cfg)
-    embd = next((t.hf_name for t in tensors if t.gguf_name == "token_embd.weight"), None)
-    if embd is None:
-        raise UnsupportedModelError(ckpt.path, "has no token embedding")
+    name = str(ckpt.source.get("model") or cfg.get("_name_or_path") or ckpt.root.name)
+    arch, outputs = view.plan(ckpt, root, name, opts.tokenizer_pre)
+    _check_outputs(ckpt, outputs)
     if budget is not None:
-        widths = _budget_widths(ckpt, tensors, budget, options.extra_precision, opts.outtype)
-    for t in tensors:
-        if t.quantized:
-            t.bits = widths[t.hf_name]
-            t.extra_precision = options.extra_precision and t.bits < ckpt.code_bits
-    _check_tokenizer(root, arch, opts)
-    return _Prepared(arch, cfg, tensors, widths, ckpt.info(embd).shape[0], allowed, opts)
+        widths = _budget_widths(ckpt, outputs, budget, options.extra_precision, opts.outtype)
+    widths = {n: widths[n] for n in ckpt.quantized_names()}
+    _check_shared_widths(ckpt, outputs, widths)
+    return _Prepared(arch, outputs, widths, allowed, opts, name)
 
 
-def _map_tensors(ckpt, arch: gguf_arch.Arch, cfg: dict) -> list[_Tensor]:
-    """Each tensor llama.cpp reads, under its GGUF name; a tensor without one, or two tensors under
-    one name, are refused (llama.cpp would not load the file)."""
-    names = gguf_arch.TensorNames(arch, int(cfg["num_hidden_layers"]))
-    tensors, unknown, seen = [], [], {}
-    for hf in ckpt.tensor_names():
-        if names.skipped(hf):
-            continue
-        g = names.gguf_name(hf)
-        if g is None:
-            unknown.append(hf)
-            continue
-        if g in seen:
-            raise UnsupportedModelError(ckpt.path, f"{hf} and {seen[g]} both map to GGUF tensor {g}")
-        seen[g] = hf
-        tensors.append(_tensor(ckpt, arch, cfg, hf, g))
-    if unknown:
-        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise UnsupportedModelError(
-            ckpt.path, f"no GGUF name for {', '.join(unknown[:3])}{more} in architecture {arch.name}"
-        )
-    return tensors
-
-
-def _tensor(ckpt, arch: gguf_arch.Arch, cfg: dict, hf: str, g: str) -> _Tensor:
-    """One tensor with its norm offset and row order (llama.cpp's layout for ``g``), checked to fit."""
-    info = ckpt.info(hf)
-    t = _Tensor(hf, g, info.quantized, offset=gguf_arch.norm_offset(arch, hf))
-    if info.quantized:
-        if t.offset:
+def _check_outputs(ckpt, outputs: list[view.Output]) -> None:
+    """A GGUF tensor is computed from quantized tensors only, or from unquantized ones only."""
+    for o in outputs:
+        kinds = {ckpt.info(s).quantized for s in o.sources}
+        if len(kinds) > 1:
             raise UnsupportedModelError(
-                ckpt.path, f"{hf}: a quantized norm weight cannot take Gemma's +1 offset"
+                ckpt.path, f"GGUF tensor {o.name} mixes quantized and unquantized tensors: {', '.join(o.sources)}"
             )
-    elif info.dtype not in ("F16", "BF16", "F32", "F64"):
-        raise UnsupportedModelError(
-            ckpt.path, f"{hf}: {info.dtype} tensors have no place in a {arch.name} GGUF"
-        )
-    if len(info.shape) >= 1:
-        t.perm = gguf_arch.row_permutation(arch, g, cfg, info.shape[0])
-    return t
+        if True in kinds and len(o.shape) < 2:
+            raise UnsupportedModelError(ckpt.path, f"GGUF tensor {o.name} from {o.sources[0]} is not a matrix")
 
 
-def _budget_widths(ckpt, tensors: list[_Tensor], budget: float, ep: bool, outtype: str) -> dict[str, int]:
+def _check_shared_widths(ckpt, outputs: list[view.Output], widths: dict[str, int]) -> None:
+    """Tensors stacked into one GGUF tensor (experts, fused projections) share one block type."""
+    for o in outputs:
+        got = {widths[s] for s in o.sources if s in widths}
+        if len(got) > 1:
+            raise ConvertOptionError(
+                ckpt.path, f"{', '.join(o.sources)} are one GGUF tensor {o.name}; give them one width"
+            )
+
+
+def _budget_widths(ckpt, outputs: list[view.Output], budget: float, ep: bool, outtype: str) -> dict[str, int]:
     """Widths for a file of at most ``budget`` bits per weight, unquantized tensors counted as written."""
     from matq_converters.exporters.gguf.budget import file_budget_plan
 
-    def dense(t: _Tensor) -> float:
-        return dense_bits(ckpt.info(t.hf_name), t, outtype, 6)
-
-    return file_budget_plan(ckpt, tensors, budget, ep, dense)
-
-
-def _check_tokenizer(root: Path, arch: gguf_arch.Arch, opts: GGUFOptions) -> None:
-    """The tokenizer's kind is one llama.cpp implements, and a BPE one's pre-tokenizer is known."""
-    from matq_converters.exporters.gguf import vocab as gguf_vocab
-
-    kind = gguf_vocab.detect(root, arch)
-    if kind == "bpe" and not opts.tokenizer_pre:
-        gguf_vocab.bpe_pre(root / "tokenizer.json")
+    dense = tuple(
+        (o.name, dense_bits(ckpt, o, outtype, 6), int(np.prod(o.shape)))
+        for o in outputs
+        if not any(ckpt.info(s).quantized for s in o.sources)
+    )
+    return file_budget_plan(ckpt, ckpt.quantized_names(), dense, budget, ep)
 
 
 def _file_budget(plan, opts: GGUFOptions) -> float | None:
@@ -221,30 +179,39 @@ def _file_budget(plan, opts: GGUFOptions) -> float | None:
     return budget
 
 
-def dense_type(info, t: _Tensor, outtype: str, width: int):
-    """The type of an unquantized tensor, or None to store it as it is (see ``_dense``)."""
+def dense_type(o: view.Output, outtype: str, width: int):
+    """The block type of an unquantized tensor, or None to store it as floats (see :func:`float_type`)."""
     from gguf import GGMLQuantizationType as T
 
     from matq_converters.exporters.gguf import blocks as B
 
-    if len(info.shape) != 2 or t.offset or outtype not in ("auto", "q8_0") or t.gguf_name in NO_QUANT:
+    if o.keep_float or len(o.shape) != 2 or outtype not in ("auto", "q8_0"):
         return None
-    cols = info.shape[1]
+    cols = o.shape[-1]
     if cols % 32:
         return None
     return T.Q8_0 if outtype == "q8_0" or width >= 7 or cols % B.QK_K else T.Q6_K
 
 
-def dense_bits(info, t: _Tensor, outtype: str, width: int) -> float:
+def float_type(ckpt, o: view.Output, outtype: str):
+    """The float type of an unquantized tensor: F32 where llama.cpp keeps floats, else ``outtype``
+    (``source``: as its sources are stored)."""
+    from gguf import GGMLQuantizationType as T
+
+    if o.keep_float or outtype == "f32":
+        return T.F32
+    if outtype in ("f16", "bf16"):
+        return T[outtype.upper()]
+    stored = {ckpt.info(s).dtype for s in o.sources}
+    return T.F16 if stored == {"F16"} else T.BF16 if stored == {"BF16"} else T.F32
+
+
+def dense_bits(ckpt, o: view.Output, outtype: str, width: int) -> float:
     """Bits an unquantized tensor takes in the file."""
     from matq_converters.exporters.gguf import blocks as B
 
-    qtype = dense_type(info, t, outtype, width)
-    if qtype is not None:
-        return B.bits_per_weight(qtype) * info.numel
-    if len(info.shape) != 2 or t.offset or outtype == "f32" or info.dtype in ("F32", "F64"):
-        return 32.0 * info.numel  # as _dense writes them: F32
-    return 16.0 * info.numel  # f16, bf16, or F16/BF16 as stored
+    qtype = dense_type(o, outtype, width) or float_type(ckpt, o, outtype)
+    return B.bits_per_weight(qtype) * int(np.prod(o.shape))
 
 
 def _allowed_types(names) -> tuple | None:
@@ -278,28 +245,25 @@ def export_gguf(
     ``planned``: :func:`plan_gguf`'s result for these arguments, if already made."""
     import gguf
 
-    from matq_converters.exporters.gguf import vocab as gguf_vocab
-
     out = Path(out)
     with (
         AtomicOutput(out, GGUF_FILE, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o,
         ckpt.carried_folder() as root,
     ):
         prep = _prepare(ckpt, options, root) if planned is None else planned
-        w = gguf.GGUFWriter(None, prep.arch.name, use_temp_file=True)
-        try:
-            details, warnings = _write(w, ckpt, prep, root, options, progress)
-            vocab = gguf_vocab.add_vocab(
-                w, root, prep.arch, prep.n_vocab, prep.cfg, pre=prep.opts.tokenizer_pre
-            )
-            w.write_header_to_file(o.tmp)
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-        finally:
-            w.close()
+        enc = _Encoder(ckpt, prep, options, progress)
+        with view.run(ckpt, root, o.tmp, enc.load, enc.encode, prep.model_name, prep.opts.tokenizer_pre) as m:
+            _add_matq_keys(m.gguf_writer, ckpt, prep, options, enc.tally)
+            view.write(m, enc.tally.file_type(), ckpt.path)
+            kv = m.gguf_writer.kv_data[0]
         o.commit()
-    details.update(tokenizer=vocab.kind, tokenizer_pre=vocab.pre, bytes=out.stat().st_size)
-    return ConvertResult(out, _summary(out, details), details, [*warnings, *vocab.warnings])
+    details = enc.tally.details(prep)
+    details.update(
+        tokenizer=kv[gguf.Keys.Tokenizer.MODEL].value,
+        tokenizer_pre=kv[gguf.Keys.Tokenizer.PRE].value if gguf.Keys.Tokenizer.PRE in kv else None,
+        bytes=out.stat().st_size,
+    )
+    return ConvertResult(out, _summary(out, details), details, [])
 
 
 def _summary(out: Path, details: dict) -> str:
@@ -338,18 +302,27 @@ class _Tally:
     refit: dict[str, float] = field(default_factory=dict)
     """GGUF name -> relative RMS error against its slice, of the slices not stored exactly."""
 
-    def add(self, name: str, qtype, data, info) -> None:
+    def add(self, name: str, qtype, data, x: np.ndarray) -> None:
         self.n_bytes += int(np.asarray(data).nbytes)
-        self.n_weights += info.numel
+        self.n_weights += x.size
         self.types[name] = qtype.name
-        if len(info.shape) == 2:
-            self.weights_by_type[qtype.name] += info.numel
+        if x.ndim >= 2:
+            self.weights_by_type[qtype.name] += x.size
+
+    def file_type(self):
+        """llama.cpp's file type: that of most weights in matrices."""
+        import gguf
+
+        if not self.weights_by_type:
+            return gguf.LlamaFileType.ALL_F32
+        return gguf.LlamaFileType[_FILE_TYPES[self.weights_by_type.most_common(1)[0][0]]]
 
     def details(self, prep: _Prepared) -> dict:
         return {
-            "arch": prep.arch.name,
+            "arch": prep.arch,
             "types": self.types,
             "widths": prep.gguf_widths,
+            "sources": {o.name: list(o.sources) for o in prep.outputs if o.sources},
             "exact_tensors": self.exact,
             "quantized_tensors": self.quantized,
             "bits_per_weight": self.q_bits / self.q_weights if self.q_weights else 0.0,
@@ -358,70 +331,105 @@ class _Tally:
         }
 
 
-def _write(w, ckpt, prep: _Prepared, root: Path, options: ConvertOptions, progress) -> tuple[dict, list[str]]:
-    """Metadata and tensors into the writer (nothing touches the disk until the caller writes);
-    returns the details of what was written and the architecture's warnings."""
-    import gguf
+class _Encoder:
+    """Serves the converter the checkpoint's tensors (slices dequantized) and encodes what it writes:
+    tensors from quantized sources as those sources' codes, the others at the output type."""
 
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(str(ckpt.source.get("model") or prep.cfg.get("_name_or_path") or ckpt.root.name))
-    warnings = list(prep.arch.hparams(w, prep.cfg, root) or [])
-    w.add_vocab_size(prep.n_vocab)
-    tally = _write_tensors(w, ckpt, prep, options, progress)
-    if tally.weights_by_type:
-        dominant = tally.weights_by_type.most_common(1)[0][0]
-        w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dominant]])
-    if any(v not in ("F32", "F16", "BF16") for v in tally.types.values()):
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_matq_keys(w, ckpt, prep, options, tally)
-    return tally.details(prep), warnings
+    def __init__(self, ckpt, prep: _Prepared, options: ConvertOptions, progress):
+        self.ckpt, self.prep, self.progress = ckpt, prep, progress
+        self.tally = _Tally()
+        self.extra_precision = bool(options.extra_precision)
+        self.outputs = {o.name: o for o in prep.outputs}
+        self.slices: dict[str, tuple] = {}
+        """Quantized sources served and not yet written: name -> (Slice, its floats)."""
+        self.width = options.bits or (8 if min(prep.widths.values(), default=ckpt.code_bits) >= 7 else 6)
+        exact_source = prep.opts.outtype == "auto" and prep.opts.exact
+        self.outtype = "source" if exact_source else prep.opts.outtype
 
+    def load(self, name: str) -> np.ndarray:
+        if name not in self.prep.widths:
+            return self.ckpt.dequantize(name)
+        sl = self._slice(name)
+        x = sl.dequantize()
+        self.slices[name] = (sl, x.copy())  # a copy: the converter's own use cannot change it
+        return x
 
-def _write_tensors(w, ckpt, prep: _Prepared, options: ConvertOptions, progress) -> _Tally:
-    """Every tensor into the writer: quantized ones as their slices, the others at the output type."""
-    from gguf import GGMLQuantizationType as T
+    def _slice(self, name: str):
+        from matq_converters.exporters.gguf import blocks as B
 
-    tally = _Tally()
-    width = options.bits or (8 if min(prep.widths.values(), default=ckpt.code_bits) >= 7 else 6)
-    outtype = "source" if prep.opts.outtype == "auto" and prep.opts.exact else prep.opts.outtype
-    for t in prep.tensors:
-        info = ckpt.info(t.hf_name)
-        if t.quantized:
-            qtype, data = _quantized(ckpt, prep, t, info, tally)
+        ck, r = self.ckpt, self.prep.widths[name]
+        ep = self.extra_precision and r < ck.code_bits
+        k = ck.sliced_codes(name, r, ep)
+        return B.Slice(k, ck.scale(name), ck.zero(name), ck.code_bits, r, ck.info(name).group_size, ep)
+
+    def encode(self, name: str, x: np.ndarray, sources: tuple[str, ...]):
+        o = self.outputs.get(name) or view.Output(name, x.shape, sources, False)
+        if sources and sources[0] in self.prep.widths:
+            qtype, data = self._quantized(name, x, sources)
         else:
-            qtype, data = _dense(ckpt, t, info, outtype, width)
-        if qtype in (T.F16, T.F32):
-            w.add_tensor(t.gguf_name, data)
-        else:
-            w.add_tensor(t.gguf_name, data, raw_dtype=qtype)
-        tally.add(t.gguf_name, qtype, data, info)
-        if progress:
-            progress(1)
-    return tally
+            qtype, data = self._dense(o, x)
+        self.tally.add(name, qtype, data, x)
+        if self.progress:
+            self.progress(len(sources))
+        return qtype, data
 
+    def _quantized(self, name: str, x: np.ndarray, sources: tuple[str, ...]):
+        """The sources' codes in the converter's row order, encoded as asked (compact by default)."""
+        from matq_converters.exporters.gguf import blocks as B
+        from matq_converters.exporters.gguf.match import rows_of
 
-def _quantized(ckpt, prep: _Prepared, t: _Tensor, info, tally: _Tally):
-    """A quantized tensor's slice, encoded as asked (compact by default); counted in ``tally``."""
-    from matq_converters.exporters.gguf import blocks as B
+        parts = [self.slices.pop(s, None) or self._served(s) for s in sources]
+        cols = x.shape[-1]
+        floats = np.concatenate([f.reshape(-1, cols) for _, f in parts]) if len(parts) > 1 else parts[0][1]
+        idx = rows_of(np.ascontiguousarray(x.reshape(-1, cols), np.float32), floats)
+        if idx is None:
+            raise UnsupportedModelError(
+                self.ckpt.path,
+                f"llama.cpp's converter writes {name} from {', '.join(sources)} other than by reordering "
+                "their rows; their grid cannot be kept",
+            )
+        s0 = parts[0][0]
+        k, a, z = (np.concatenate([getattr(p, f) for p, _ in parts])[idx] for f in ("k", "scale", "zero"))
+        sl = B.Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision)
+        enc = self._encoded(sl)
+        if not enc.exact:
+            self.tally.refit[name] = B.rel_rms_error(enc, sl.dequantize())
+        self.tally.quantized += 1
+        self.tally.exact += enc.exact
+        self.tally.q_bits += enc.data.nbytes * 8
+        self.tally.q_weights += k.size
+        return enc.qtype, enc.data.reshape(*x.shape[:-1], -1)
 
-    k = ckpt.sliced_codes(t.hf_name, t.bits, t.extra_precision)
-    a, z = ckpt.scale(t.hf_name), ckpt.zero(t.hf_name)
-    if t.perm is not None:
-        k, a, z = k[t.perm], a[t.perm], z[t.perm]
-    sl = B.Slice(k, a, z, ckpt.code_bits, t.bits, info.group_size, t.extra_precision)
-    if prep.opts.float_slices is not None:
-        enc = _float_slice(sl, prep.opts.float_slices)
-    elif prep.opts.exact or prep.allowed is not None:
-        enc = B.encode(sl, prep.allowed)
-    else:
-        enc = B.encode_compact(sl)
-    if not enc.exact:
-        tally.refit[t.gguf_name] = B.rel_rms_error(enc, sl.dequantize())
-    tally.quantized += 1
-    tally.exact += enc.exact
-    tally.q_bits += enc.data.nbytes * 8
-    tally.q_weights += k.size
-    return enc.qtype, enc.data
+    def _served(self, name: str) -> tuple:
+        sl = self._slice(name)
+        return sl, sl.dequantize()
+
+    def _encoded(self, sl):
+        from matq_converters.exporters.gguf import blocks as B
+
+        opts = self.prep.opts
+        if opts.float_slices is not None:
+            return _float_slice(sl, opts.float_slices)
+        if opts.exact or self.prep.allowed is not None:
+            return B.encode(sl, self.prep.allowed)
+        return B.encode_compact(sl)
+
+    def _dense(self, o: view.Output, x: np.ndarray):
+        """An unquantized tensor: a block type (``auto``: Q8_0 for int8 files, else Q6_K where rows are
+        multiples of 256, else Q8_0), or floats (:func:`float_type`)."""
+        import gguf
+        from gguf import GGMLQuantizationType as T
+
+        from matq_converters.exporters.gguf import blocks as B
+
+        qtype = dense_type(o, self.outtype, self.width)
+        if qtype is not None:
+            enc = B.refit(np.ascontiguousarray(x, np.float32), qtype)
+            return enc.qtype, enc.data
+        ft = float_type(self.ckpt, o, self.outtype)
+        if ft == T.BF16:
+            return ft, gguf.quants.quantize(np.asarray(x, np.float32), T.BF16)
+        return ft, np.ascontiguousarray(x, np.float32 if ft == T.F32 else np.float16)
 
 
 def _add_matq_keys(w, ckpt, prep: _Prepared, options: ConvertOptions, tally: _Tally) -> None:
@@ -447,41 +455,6 @@ def _add_matq_keys(w, ckpt, prep: _Prepared, options: ConvertOptions, tally: _Ta
         w.add_string(KEY_REFIT, json.dumps(tally.refit, sort_keys=True))
 
 
-def _dense(ckpt, t: _Tensor, info, outtype: str, width: int):
-    """An unquantized tensor: 1-D at F32 (llama.cpp's norms and biases), 2-D at ``outtype``
-    (``auto``: Q8_0 for int8 files, else Q6_K where rows are multiples of 256, else Q8_0)."""
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    from matq_converters.exporters.gguf import blocks as B
-
-    qtype = dense_type(info, t, outtype, width)
-    if qtype is not None:
-        enc = B.refit(_rows(ckpt.dequantize(t.hf_name).astype(np.float32), t.perm), qtype)
-        return enc.qtype, enc.data
-    if outtype in ("auto", "q8_0"):
-        outtype = "source"
-    if (
-        len(info.shape) != 2
-        or t.offset
-        or (outtype == "source" and info.dtype in ("F32", "F64"))
-        or outtype == "f32"
-    ):
-        x = ckpt.dequantize(t.hf_name).astype(np.float32)
-        if t.offset:
-            x = x + np.float32(t.offset)
-        return T.F32, _rows(x, t.perm)
-    if outtype == "source" and info.dtype == "F16":
-        return T.F16, _rows(np.asarray(ckpt.dense(t.hf_name), np.float16), t.perm)
-    if outtype == "source" and info.dtype == "BF16":
-        raw = np.asarray(ckpt.dense(t.hf_name)).view(np.uint16)
-        return T.BF16, _rows(raw, t.perm).view(np.uint8)
-    x = ckpt.dequantize(t.hf_name).astype(np.float32)
-    if outtype == "f16":
-        return T.F16, _rows(x.astype(np.float16), t.perm)
-    return T.BF16, _rows(gguf.quants.quantize(x, T.BF16), t.perm)
-
-
 def _float_slice(sl, outtype: str):
     """A slice dequantized and stored as floats (f16/bf16 round it, as llama.cpp's converter would)."""
     import gguf
@@ -496,7 +469,3 @@ def _float_slice(sl, outtype: str):
     )
     back = gguf.quants.dequantize(data, qtype) if qtype == T.BF16 else data.astype(np.float32)
     return Encoded(qtype, data, bool(np.array_equal(back, w)))
-
-
-def _rows(x: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
-    return np.ascontiguousarray(x if perm is None else x[perm])

@@ -1,0 +1,249 @@
+"""A checkpoint as a float Hugging Face model, run through llama.cpp's converter in-process.
+
+The converter's model class reads the carried config and tokenizer, and tensors that matq serves
+lazily (a quantized one as its slice, dequantized): its own code then names the GGUF tensors,
+writes the hyper-parameters and vocabulary and applies its transforms. Its writer's ``add_tensor``
+is where matq takes over: :func:`plan` only records what would be written (nothing is computed),
+:func:`run` hands each tensor, with the checkpoint tensors it was computed from, to a callback that
+encodes it. One tensor is in memory at a time, as in the converter's own lazy mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from matq_converters.exporters.gguf import converter
+from matq_converters.registry import TokenizerError, UnsupportedModelError
+from matq_format.errors import MatqError
+
+Loader = Callable[[str], np.ndarray]
+"""Checkpoint tensor name -> its float weights, as the converter should see them."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One tensor of the GGUF file, as the converter would write it."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    """Checkpoint tensors it is computed from."""
+    keep_float: bool
+    """llama.cpp's converter keeps it float at every file type (norms, biases, routers, positions)."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Marks a checkpoint tensor among a lazy tensor's inputs."""
+
+    name: str
+
+
+def plan(ckpt, root: Path, model_name: str, pre: str | None) -> tuple[str, list[Output]]:
+    """The GGUF architecture and every tensor the file will hold; the converter also writes the
+    hyper-parameters and vocabulary here (then discarded), so every refusal comes before writing."""
+    import gguf
+
+    def never(name: str) -> np.ndarray:
+        raise AssertionError(f"planning read {name}")
+
+    outputs: list[Output] = []
+    with _model(ckpt, root, gguf.LlamaFileType.MOSTLY_F16, never, model_name, pre) as m:
+        add_info = m.gguf_writer.add_tensor_info
+
+        def record(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+            shape = tuple(int(n) for n in tensor.shape)
+            outputs.append(Output(name, shape, _sources(tensor), raw_dtype == gguf.GGMLQuantizationType.F32))
+            add_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)), raw_dtype=None)
+
+        m.gguf_writer.add_tensor = record
+        _prepare(m, ckpt)
+        with _refusals(ckpt.path):
+            m.prepare_metadata(vocab_only=False)
+        return gguf.MODEL_ARCH_NAMES[m.model_arch], outputs
+
+
+Encode = Callable[[str, np.ndarray, tuple[str, ...]], tuple[object, np.ndarray]]
+"""(GGUF name, float tensor, its sources) -> (ggml type, data to write)."""
+
+
+@contextlib.contextmanager
+def run(ckpt, root: Path, out: Path, load: Loader, encode: Encode, model_name: str, pre: str | None):
+    """Yields the converter's model with its tensors encoded into its writer (``use_temp_file``);
+    the caller adds keys, sets ``ftype``, then calls :func:`write`."""
+    import gguf
+
+    with _model(ckpt, root, gguf.LlamaFileType.ALL_F32, load, model_name, pre, out) as m:
+        add = m.gguf_writer.add_tensor
+
+        def encoded(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+            sources = _sources(tensor)
+            x = np.asarray(gguf.LazyNumpyTensor.to_eager(tensor))
+            qtype, data = encode(name, x, sources)
+            float_type = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            add(name, data, raw_dtype=None if float_type else qtype)
+
+        m.gguf_writer.add_tensor = encoded
+        _prepare(m, ckpt)
+        yield m
+
+
+def write(m, ftype, path) -> None:
+    """Metadata (with ``ftype`` as the file type) and the header, keys and tensors into ``m.fname_out``."""
+    m.ftype = ftype
+    with _refusals(path):
+        m.prepare_metadata(vocab_only=False)
+    w = m.gguf_writer
+    w.write_header_to_file(path=m.fname_out)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@contextlib.contextmanager
+def _model(ckpt, root: Path, ftype, load: Loader, model_name: str, pre: str | None, out: Path | None = None):
+    """An instance of the converter's model class for this checkpoint, reading tensors through ``load``."""
+    import torch
+
+    conv = converter.load()
+    quiet = logging.getLogger("hf-to-gguf")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        cls = _model_class(conv, ckpt, root)
+        tensors = _lazy_tensors(conv, ckpt, load)
+
+        def index_tensors(self, remote_hf_model_id=None):
+            return dict(t for item in tensors.items() if (t := self.filter_tensors(item)))
+
+        view = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "index_tensors": index_tensors})
+        with torch.inference_mode():
+            with _refusals(ckpt.path):
+                m = view(root, ftype, out or root / "unused.gguf", use_temp_file=True, model_name=model_name)
+            m.dir_model_card = _named(root, model_name)
+            _choose_pre(m, ckpt, root, pre)
+            yield m
+    finally:
+        quiet.setLevel(level)
+
+
+def _named(root: Path, model_name: str) -> Path:
+    """The carried folder under the model's name: llama.cpp derives ``general.basename`` and
+    ``general.finetune`` from the folder's name, which would otherwise be a random temporary one."""
+    link = root / ".matq-model-card" / (Path(model_name).name or "model")
+    if not link.exists():
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(root, target_is_directory=True)
+    return link
+
+
+def _model_class(conv, ckpt, root: Path):
+    hparams = conv.ModelBase.load_hparams(root, False)
+    arch = conv.get_model_architecture(hparams, conv.ModelType.TEXT)
+    try:
+        return conv.get_model_class(arch, mmproj=False)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            ckpt.path,
+            f"architecture {arch} is not one llama.cpp {converter.version()}'s converter knows; "
+            "a newer llama-cpp-python (and its converter) would be needed",
+        ) from None
+
+
+def _lazy_tensors(conv, ckpt, load: Loader) -> dict[str, Callable]:
+    """Checkpoint tensor name -> a function making the converter's lazy tensor of it."""
+    import torch
+
+    def lazy(name: str):
+        info = ckpt.info(name)
+        dtype = torch.float32 if info.quantized or info.dtype.startswith(("F", "BF")) else None
+        if dtype is None:
+            dtype = torch.from_numpy(np.zeros(0, ckpt.dense(name).dtype)).dtype
+        meta = conv.LazyTorchTensor.meta_with_dtype_and_shape(dtype, tuple(info.shape))
+        return conv.LazyTorchTensor(meta=meta, args=(_Source(name),), func=lambda s: torch.from_numpy(load(s.name)))
+
+    return {n: (lambda n=n: lazy(n)) for n in ckpt.tensor_names()}
+
+
+def _sources(tensor) -> tuple[str, ...]:
+    """The checkpoint tensors a lazy tensor is computed from. gguf's lazy tensors keep their inputs
+    in ``_args`` and have no public accessor for them."""
+    import gguf
+
+    found: dict[str, None] = {}
+    stack, seen = [tensor], set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, _Source):
+            found[x.name] = None
+        elif isinstance(x, (list, tuple)):
+            stack.extend(reversed(x))
+        elif isinstance(x, gguf.LazyBase) and id(x) not in seen:
+            seen.add(id(x))
+            stack.extend(reversed((*x._args, *x._kwargs.values())))
+    return tuple(found)
+
+
+def _prepare(m, ckpt) -> None:
+    with _refusals(ckpt.path):
+        m.prepare_tensors()
+
+
+def _choose_pre(m, ckpt, root: Path, pre: str | None) -> None:
+    """llama.cpp names a BPE pre-tokenizer by hashing a sample's tokens, which a retrained vocabulary
+    changes; then matq names it from the split regex, or ``tokenizer_pre`` says."""
+    from matq_converters.exporters.gguf.pretokenizer import bpe_pre
+
+    base = m.get_vocab_base_pre
+
+    def get_vocab_base_pre(tokenizer) -> str:
+        if pre:
+            return pre
+        try:
+            return base(tokenizer)
+        except NotImplementedError:
+            return bpe_pre(root / "tokenizer.json")
+
+    m.get_vocab_base_pre = get_vocab_base_pre
+    vocab = m.set_vocab
+
+    def set_vocab() -> None:
+        try:
+            vocab()
+        except MatqError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the converter's refusals are assorted built-in errors
+            files = ", ".join(sorted(p.name for p in root.glob("tokenizer*"))) or "none"
+            raise TokenizerError(
+                ckpt.path,
+                f"llama.cpp {converter.version()}'s converter could not build its vocabulary "
+                f"({_first_line(exc)}); carried: {files}",
+            ) from exc
+
+    m.set_vocab = set_vocab
+
+
+@contextlib.contextmanager
+def _refusals(path) -> Iterator[None]:
+    """The converter's exceptions as one-line matq errors naming the file."""
+    try:
+        yield
+    except MatqError:
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the converter signals refusals with assorted built-in exceptions
+        raise UnsupportedModelError(
+            path, f"llama.cpp {converter.version()}'s converter refused it: {_first_line(exc)}"
+        ) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
