@@ -220,7 +220,7 @@ def test_hostile_model_folders_are_one_line_errors(tiny, tmp_path, command):
         assert not out.exists(), what
 
 
-@pytest.mark.parametrize("command", ["convert --to hf", "eval"])
+@pytest.mark.parametrize("command", ["convert --to hf", "convert --to gguf", "eval"])
 def test_hostile_carried_configs_are_one_line_errors(tiny, tmp_path, command):
     """A checkpoint that carries a hostile config.json (checksums right): convert --to hf and eval
     refuse it in one line, before transformers builds anything."""
@@ -247,6 +247,7 @@ def test_hostile_carried_configs_are_one_line_errors(tiny, tmp_path, command):
         out = tmp_path / "out"
         args = {
             "convert --to hf": ["convert", hostile, "--to", "hf", "--bits", "4", "-o", out],
+            "convert --to gguf": ["convert", hostile, "--to", "gguf", "--bits", "4", "-o", out],
             "eval": ["eval", tiny["hf"], "--text", tiny["text"], "--ctx", "16", "--max-tokens", "32", f"{hostile}@4"],
         }[command]
         r = run(*args)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_converters import hfconfig
 from matq_converters.exporters.gguf import view
 from matq_converters.exporters.gguf.options import GGUFOptions
 from matq_converters.registry import (
@@ -121,6 +122,8 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     cfg = ckpt.config
     if not cfg:
         raise UnsupportedModelError(ckpt.path, "has no config.json; GGUF export needs the source model's config")
+    names = ckpt.tensor_names()  # config values that size work, bounded by the tensors present
+    hfconfig.check(cfg, ((n, ckpt.info(n).shape) for n in names), ckpt.root / "config.json", UnsupportedModelError)
     budget = _file_budget(options.plan, opts)
     if budget is None:
         spec = options.bits if options.plan is None else options.plan
