@@ -624,6 +624,7 @@ def test_budget_counts_the_files_bits_and_buys_the_least_error(models, tmp_path)
         res = export(ckpt, tmp_path / f"b{budget}.gguf", plan=f"budget:{budget}", extra={"exact": False})
         got = file_bits_per_weight(res.path)
         assert got <= budget and got == pytest.approx(res.details["file_bits_per_weight"])
+        assert f"{got:.3f} per weight of the file" in res.summary  # the figure the budget promised
         assert got > budget - 1.0  # the budget is spent, not ignored
         widths = res.details["widths"]
         reader = {t.name: t for t in gguf.GGUFReader(res.path).tensors}

@@ -270,13 +270,15 @@ def export_gguf(
 
 
 def _summary(out: Path, details: dict) -> str:
-    """One line: architecture, tensors by type, how many are bit-exact, bits per quantized weight."""
+    """One line: architecture, tensors by type, how many are bit-exact, bits per quantized weight and
+    per weight of the whole file (what a ``budget:`` is checked against, as llama.cpp counts it)."""
     counts = Counter(details["types"].values())
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     return (
         f"{out}: {details['arch']}, {len(details['types'])} tensors ({kinds}); "
         f"{details['exact_tensors']}/{details['quantized_tensors']} quantized tensors bit-exact; "
-        f"{details['bits_per_weight']:.3f} bits per quantized weight"
+        f"{details['bits_per_weight']:.3f} bits per quantized weight, "
+        f"{details['file_bits_per_weight']:.3f} per weight of the file"
     )
 
 
