@@ -372,7 +372,8 @@ def test_unsupported_architecture_tokenizer_and_tensors(models, tmp_path):
 def test_unmapped_tensor_and_single_file_checkpoint(models, tmp_path):
     _, hf, _ = models
     with mf.CheckpointWriter(tmp_path / "ck", carry_from=hf["llama"]) as w:
-        w.add_dense("model.layers.0.mystery.weight", np.zeros((4, 4), np.float32))
+        for i in range(2):  # as many numbered blocks as the config's layers
+            w.add_dense(f"model.layers.{i}.mystery.weight", np.zeros((4, 4), np.float32))
         w.add_dense("model.embed_tokens.weight", np.zeros((512, 256), np.float32))
     with pytest.raises(UnsupportedModelError, match="mystery"):
         export(mf.open(tmp_path / "ck"), tmp_path / "m.gguf", bits=8)

@@ -122,12 +122,12 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     cfg = ckpt.config
     if not cfg:
         raise UnsupportedModelError(ckpt.path, "has no config.json; GGUF export needs the source model's config")
-    names = ckpt.tensor_names()  # config values that size work, bounded by the tensors present
-    hfconfig.check(cfg, ((n, ckpt.info(n).shape) for n in names), ckpt.root / "config.json", UnsupportedModelError)
     budget = _file_budget(options.plan, opts)
     if budget is None:
         spec = options.bits if options.plan is None else options.plan
         widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
+    names = ckpt.tensor_names()  # config values that size work, bounded by the tensors present
+    hfconfig.check(cfg, ((n, ckpt.info(n).shape) for n in names), ckpt.root / "config.json", UnsupportedModelError)
     name = str(ckpt.source.get("model") or cfg.get("_name_or_path") or ckpt.root.name)
     arch, outputs = view.plan(ckpt, root, name, opts.tokenizer_pre)
     _check_outputs(ckpt, outputs)
