@@ -65,7 +65,8 @@ from matq_eval.llama import quiet_stderr  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_XXS", "IQ2_M")
+LLAMA_TOOLS = HERE / "llama_tools.sh"
 
 
 def split_text(docs: Path, n_eval: int) -> tuple[list[Path], list[Path]]:
@@ -129,13 +130,55 @@ def f32_gguf(hf: Path, work: Path, out: Path) -> Path:
     with mf.CheckpointWriter(dense, 8, carry_from=hf, source={"model": hf.name}, overwrite=True) as w:
         for name in src:
             w.add_dense(name, src.read(name))
-    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, overwrite=True, settings={"outtype": "f32"}))
+    registry.get("gguf").convert(
+        mf.open(dense), out, ConvertOptions(bits=8, overwrite=True, settings={"outtype": "f32"})
+    )
     shutil.rmtree(dense)
     return out
 
 
+def llama_tools(sdist: str | None) -> Path:
+    """llama.cpp's ``llama-imatrix``, ``llama-quantize`` and ``llama-perplexity`` (bench/llama_tools.sh:
+    built from the pinned llama-cpp-python's vendored llama.cpp, portable flags, cached)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["bash", str(LLAMA_TOOLS), *([sdist] if sdist else [])], check=True, stdout=subprocess.PIPE
+    )
+    return Path(out.stdout.decode().strip().splitlines()[-1])
+
+
+def llama_imatrix(tools: Path, f32: Path, text: Path, out: Path, tokens: int, ctx: int, threads: int) -> Path:
+    """(b) llama.cpp's importance matrix of ``f32`` on the first ``tokens`` tokens of ``text`` (chunks of
+    ``ctx``, BOS first in each, as matq's calibration sequences)."""
+    import subprocess
+
+    cmd = [str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-o", str(out), "-c", str(ctx)]
+    cmd += ["--chunks", str(max(1, tokens // ctx)), "-t", str(threads), "-b", str(ctx), "--no-ppl"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"llama-imatrix failed ({r.returncode}):\n{r.stdout.decode()[-2000:]}")
+    return out
+
+
+def llama_quantize_tool(
+    tools: Path, src: Path, dst: Path, name: str, threads: int, imatrix: Path | None
+) -> Path:
+    """(b) ``llama-quantize [--imatrix I] SRC DST NAME THREADS``: llama.cpp's default mix for ``name``."""
+    import subprocess
+
+    cmd = [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else [])]
+    r = subprocess.run(
+        [*cmd, str(src), str(dst), name, str(threads)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    if r.returncode != 0 or not dst.exists():
+        raise RuntimeError(f"llama-quantize to {name} failed ({r.returncode}):\n{r.stdout.decode()[-2000:]}")
+    return dst
+
+
 def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
-    """(b) llama.cpp's quantizer with its default tensor mix for ``name`` (as ``llama-quantize``)."""
+    """(b) llama.cpp's quantizer with its default tensor mix for ``name`` (as ``llama-quantize``), through
+    llama-cpp-python: used when the tools are not built (``--no-tools``)."""
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
@@ -148,10 +191,21 @@ def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
     return dst
 
 
+CALIB_SEQ = 512
+"""Tokens per calibration sequence: matq's default (calibration.DEFAULT_SEQ_LEN) and llama-imatrix's -c."""
+
 RECIPES = {
     "minmax": {"layout": "free"},  # the earlier default: asymmetric MinMax, groups of 128
     "gguf": {"layout": "gguf", "group_size": 32, "scheme": "symmetric"},
     "gguf-calib": {"layout": "gguf", "group_size": 32, "scheme": "symmetric", "calib": True},
+    # the calibrated default before issue 23 item 6 (int2 not among the widths), for comparison
+    "gguf-calib-8543": {
+        "layout": "gguf",
+        "group_size": 32,
+        "scheme": "symmetric",
+        "calib": True,
+        "widths": (8, 5, 4, 3),
+    },
 }
 """matq quantize options compared: ``--recipes`` picks, ``calib`` means the calibration text."""
 
@@ -173,6 +227,7 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     made: dict[str, float] = {}  # file name -> seconds to make it
     steps: dict[str, float] = {}
+    skipped: dict[str, str] = {}  # llama.cpp files its quantizer refused to make, and why
 
     if args.hf:
         hf = Path(args.hf)
@@ -184,16 +239,40 @@ def run(args) -> dict:
     f32 = work / "smollm2-F32.gguf"
     _, made[f32.name] = timed(f32_gguf, hf, work, f32)
     files = [f32]
-    for q in args.llama_quants:
-        out = work / f"smollm2-{q}.gguf"
-        _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
-        files.append(out)
-
     evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     calib_text = work / "calibration.txt"  # tutorial/ + howto/, never evaluated
     calib_text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in calibration), encoding="utf-8")
+
+    tools = None if args.no_tools else llama_tools(args.llama_sdist)
+    imatrix = None
+    if tools is not None and args.imatrix:  # the same text and token count as matq's --calib
+        imatrix = work / "imatrix.gguf"
+        _, steps[f"(b) llama-imatrix on {args.calib_tokens} calibration tokens"] = timed(
+            llama_imatrix, tools, f32, calib_text, imatrix, args.calib_tokens, CALIB_SEQ, args.threads
+        )
+    for q in args.llama_quants:
+        for im in [None, imatrix] if imatrix is not None else [None]:
+            out = work / f"smollm2-{q}{'-imatrix' if im else ''}.gguf"
+            if tools is not None:
+                try:
+                    _, made[out.name] = timed(llama_quantize_tool, tools, f32, out, q, args.threads, im)
+                except RuntimeError as exc:  # IQ2_M without an imatrix: llama.cpp refuses some tensors
+                    if im is not None or not q.startswith("IQ"):
+                        raise
+                    skipped[out.name] = str(exc).splitlines()[-1][:200]
+                    continue
+            elif q.startswith("IQ"):
+                continue  # i-quants want an importance matrix: only with the tools
+            else:
+                _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
+            files.append(out)
+
     # the exact figure (repr), so the matq file is never bigger than llama.cpp's, and may be as big
-    budgets = [f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}" for f in files[1:]]
+    budgets = [
+        f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}"
+        for f in files[1:]
+        if f.stem.split("-")[1] in args.budget_quants and ("imatrix" in f.stem) == (imatrix is not None)
+    ]
     transformers_specs = []
     for i, recipe in enumerate(args.recipes):
         kw = dict(RECIPES[recipe])
@@ -253,6 +332,7 @@ def run(args) -> dict:
         "evaluation_files": [str(p.relative_to(args.docs)) for p in evaluation],
         "calibration_files": [str(p.relative_to(args.docs)) for p in calibration],
         "steps_seconds": {k: round(v, 2) for k, v in steps.items()},
+        "skipped": skipped,
         "results": [
             {**r.to_dict(), "make_seconds": round(made.get(Path(r.path).name, 0.0), 2)} for r in results
         ],
@@ -276,6 +356,7 @@ def table(doc: dict) -> str:
         f"\n{tokens} scored tokens, ctx {doc['ctx']}, {len(doc['evaluation_files'])} evaluation files"
     )
     lines += [f"{k}: {v:.1f} s" for k, v in doc["steps_seconds"].items()]
+    lines += [f"not made: {k} ({v})" for k, v in doc.get("skipped", {}).items()]
     return "\n".join(lines)
 
 
@@ -307,6 +388,26 @@ def main() -> None:
         type=lambda s: [x for x in s.split(",") if x],
         default=list(LLAMA_QUANTS),
         help=f"llama.cpp types ({','.join(LLAMA_QUANTS)})",
+    )
+    ap.add_argument(
+        "--budget-quants",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_M"],
+        help="With --budgets: the llama.cpp files whose sizes the budget files take (with imatrix if made)",
+    )
+    ap.add_argument(
+        "--no-imatrix",
+        dest="imatrix",
+        action="store_false",
+        help="llama.cpp's files without an importance matrix only (default: both)",
+    )
+    ap.add_argument(
+        "--no-tools",
+        action="store_true",
+        help="Do not build llama.cpp's tools: llama-cpp-python's quantizer, no imatrix, no i-quants",
+    )
+    ap.add_argument(
+        "--llama-sdist", help="llama_cpp_python-<version>.tar.gz to build the tools from (else pip)"
     )
     ap.add_argument("--docs", default=str(DOCS), help="Python documentation sources (python3.11-doc)")
     ap.add_argument("--eval-files", type=int, default=40, help="First N files of library/ (40)")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ..progress import bar
+from ..progress import LayerLog, bar
 
 if TYPE_CHECKING:
     from matq_converters.importers.hf.options import FlagText
@@ -139,10 +139,7 @@ def quantize(hf_dir: Path, out: Path, source_kind: str, force: bool, as_json: bo
             unit_scale=not calib) as pb,
     ):  # fmt: skip
 
-        def layer_done(done: int, n: int) -> None:
-            pb.total = n
-            pb.update(done - pb.n)
-
+        layer_done = LayerLog(pb, "calibrate")  # a bar in a terminal, a line per layer in a log
         registry.importers.get("hf").run(
             hf_dir,
             out,
