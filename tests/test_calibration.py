@@ -271,7 +271,8 @@ def _weighted_error(model: Path, ckpt: Path, H: dict, bits: int) -> tuple[float,
     c = mf.open(ckpt)
     out = diag = 0.0
     for name in c.quantized_names():
-        d = torch.from_numpy(src.read(name).astype(np.float64) - c.dequantize(name, bits=bits).astype(np.float64))
+        w = src.read(name).astype(np.float64)
+        d = torch.from_numpy(w - c.dequantize(name, bits=bits).astype(np.float64))
         h = H[name]
         out += float(((d @ h) * d).sum())
         diag += float((d * d * torch.diagonal(h)).sum())
