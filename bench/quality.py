@@ -12,9 +12,15 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
     dtype=float32)``); its weights go into a fresh ``LlamaForCausalLM`` (no quantization config),
     saved as a Hugging Face folder with the tokenizer. This is the reference. Its weights lie on a Q4_1
     grid, so Q4_1 itself is left out of the comparison (it would score a perfect 0 KLD at 5 bits).
-(b) llama.cpp's files, made as a user makes them: an F32 GGUF of the float folder, then
-    ``llama_model_quantize`` (llama-cpp-python; what ``llama-quantize`` runs) to Q8_0, Q4_K_M, Q3_K_M
-    and Q2_K with llama.cpp's default mixes. The F32 GGUF: llama.cpp's ``convert_hf_to_gguf.py`` is
+(b) llama.cpp's files, made as a user makes them: an F32 GGUF of the float folder; ``llama-imatrix``
+    on the calibration text matq calibrates on (the first ``--calib-tokens`` tokens, chunks of 512,
+    as matq's sequences); then ``llama-quantize`` to Q8_0, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, IQ3_XXS and
+    IQ2_M with llama.cpp's default mixes, each without and with ``--imatrix`` (``-imatrix`` in the
+    name; a type llama.cpp refuses without one is listed as not made). The three tools are built
+    once by ``bench/llama_tools.sh`` from the llama.cpp that the pinned llama-cpp-python vendors,
+    with .ci/run's portable flags, and cached under ~/.cache/matq/llama-tools/ (30 minutes of wall
+    clock, 7.3 minutes of CPU, on 2 shared cores); ``--no-tools`` falls back to llama-cpp-python's
+    ``llama_model_quantize`` (no imatrix, no i-quants). The F32 GGUF: llama.cpp's ``convert_hf_to_gguf.py`` is
     not in the llama-cpp-python wheel, so it is written by matq's GGUF exporter from a matq
     checkpoint that holds every tensor dense (``CheckpointWriter.add_dense``, no quantized tensor):
     nothing is sliced or rounded, the exporter only maps names and the tokenizer (its F32 output
@@ -24,7 +30,9 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
     gguf``, the default (symmetric, groups of 32, signed nested scales); ``gguf-calib`` also ``--calib`` on the
     calibration text), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and
     ``--plan P`` for each ``--plans``; with ``--budgets``, the last recipe also at ``--plan budget:B``
-    for B = each llama.cpp file's bits per weight), run by llama.cpp like the others.
+    for B = the bits per weight of each ``--budget-quants`` file of llama.cpp's, the imatrix one
+    where made), run by llama.cpp like the others. ``gguf-calib-8543`` is the calibrated recipe with
+    the widths --calib defaulted to before issue 23 (no int2).
     ``--transformers`` also evaluates CK@R in transformers (the slices themselves).
 (d) ``matq_eval.evaluate``: the float folder in transformers is the reference; every file scores
     perplexity, mean KLD and top-1 agreement on the same windows (``--ctx`` tokens, the second half
