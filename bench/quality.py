@@ -218,9 +218,22 @@ RECIPES = {
 """matq quantize options compared: ``--recipes`` picks, ``calib`` means the calibration text."""
 
 
+CPU_SECONDS: dict[str, float] = {}
+"""CPU seconds (this process and its children, user + system) of each timed step, by step name."""
+
+
+def _cpu() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def timed(fn, *a, **kw):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     out = fn(*a, **kw)
+    name = getattr(fn, "__name__", str(fn))
+    CPU_SECONDS[name] = CPU_SECONDS.get(name, 0.0) + _cpu() - c0
     return out, time.perf_counter() - t0
 
 
@@ -341,6 +354,7 @@ def run(args) -> dict:
         "calibration_files": [str(p.relative_to(args.docs)) for p in calibration],
         "steps_seconds": {k: round(v, 2) for k, v in steps.items()},
         "skipped": skipped,
+        "cpu_seconds": {k: round(v, 2) for k, v in CPU_SECONDS.items()},
         "results": [
             {**r.to_dict(), "make_seconds": round(made.get(Path(r.path).name, 0.0), 2)} for r in results
         ],
@@ -365,6 +379,7 @@ def table(doc: dict) -> str:
     )
     lines += [f"{k}: {v:.1f} s" for k, v in doc["steps_seconds"].items()]
     lines += [f"not made: {k} ({v})" for k, v in doc.get("skipped", {}).items()]
+    lines += [f"CPU {k}: {v:.1f} s" for k, v in doc.get("cpu_seconds", {}).items()]
     return "\n".join(lines)
 
 
