@@ -12,9 +12,15 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
     dtype=float32)``); its weights go into a fresh ``LlamaForCausalLM`` (no quantization config),
     saved as a Hugging Face folder with the tokenizer. This is the reference. Its weights lie on a Q4_1
     grid, so Q4_1 itself is left out of the comparison (it would score a perfect 0 KLD at 5 bits).
-(b) llama.cpp's files, made as a user makes them: an F32 GGUF of the float folder, then
-    ``llama_model_quantize`` (llama-cpp-python; what ``llama-quantize`` runs) to Q8_0, Q4_K_M, Q3_K_M
-    and Q2_K with llama.cpp's default mixes. The F32 GGUF: llama.cpp's ``convert_hf_to_gguf.py`` is
+(b) llama.cpp's files, made as a user makes them: an F32 GGUF of the float folder; ``llama-imatrix``
+    on the calibration text matq calibrates on (the first ``--calib-tokens`` tokens, chunks of 512,
+    as matq's sequences); then ``llama-quantize`` to Q8_0, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, IQ3_XXS and
+    IQ2_M with llama.cpp's default mixes, each without and with ``--imatrix`` (``-imatrix`` in the
+    name; a type llama.cpp refuses without one is listed as not made). The three tools are built
+    once by ``bench/llama_tools.sh`` from the llama.cpp that the pinned llama-cpp-python vendors,
+    with .ci/run's portable flags, and cached under ~/.cache/matq/llama-tools/ (30 minutes of wall
+    clock, 7.3 minutes of CPU, on 2 shared cores); ``--no-tools`` falls back to llama-cpp-python's
+    ``llama_model_quantize`` (no imatrix, no i-quants). The F32 GGUF: llama.cpp's ``convert_hf_to_gguf.py`` is
     not in the llama-cpp-python wheel, so it is written by matq's GGUF exporter from a matq
     checkpoint that holds every tensor dense (``CheckpointWriter.add_dense``, no quantized tensor):
     nothing is sliced or rounded, the exporter only maps names and the tokenizer (its F32 output
@@ -24,7 +30,9 @@ print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``
     gguf``, the default (symmetric, groups of 32, signed nested scales); ``gguf-calib`` also ``--calib`` on the
     calibration text), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and
     ``--plan P`` for each ``--plans``; with ``--budgets``, the last recipe also at ``--plan budget:B``
-    for B = each llama.cpp file's bits per weight), run by llama.cpp like the others.
+    for B = the bits per weight of each ``--budget-quants`` file of llama.cpp's, the imatrix one
+    where made), run by llama.cpp like the others. ``gguf-calib-8543`` is the calibrated recipe with
+    the widths --calib defaulted to before issue 23 (no int2).
     ``--transformers`` also evaluates CK@R in transformers (the slices themselves).
 (d) ``matq_eval.evaluate``: the float folder in transformers is the reference; every file scores
     perplexity, mean KLD and top-1 agreement on the same windows (``--ctx`` tokens, the second half
@@ -65,7 +73,8 @@ from matq_eval.llama import quiet_stderr  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_XXS", "IQ2_M")
+LLAMA_TOOLS = HERE / "llama_tools.sh"
 
 
 def split_text(docs: Path, n_eval: int) -> tuple[list[Path], list[Path]]:
@@ -129,13 +138,55 @@ def f32_gguf(hf: Path, work: Path, out: Path) -> Path:
     with mf.CheckpointWriter(dense, 8, carry_from=hf, source={"model": hf.name}, overwrite=True) as w:
         for name in src:
             w.add_dense(name, src.read(name))
-    registry.get("gguf").convert(mf.open(dense), out, ConvertOptions(bits=8, overwrite=True, settings={"outtype": "f32"}))
+    registry.get("gguf").convert(
+        mf.open(dense), out, ConvertOptions(bits=8, overwrite=True, settings={"outtype": "f32"})
+    )
     shutil.rmtree(dense)
     return out
 
 
+def llama_tools(sdist: str | None) -> Path:
+    """llama.cpp's ``llama-imatrix``, ``llama-quantize`` and ``llama-perplexity`` (bench/llama_tools.sh:
+    built from the pinned llama-cpp-python's vendored llama.cpp, portable flags, cached)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["bash", str(LLAMA_TOOLS), *([sdist] if sdist else [])], check=True, stdout=subprocess.PIPE
+    )
+    return Path(out.stdout.decode().strip().splitlines()[-1])
+
+
+def llama_imatrix(tools: Path, f32: Path, text: Path, out: Path, tokens: int, ctx: int, threads: int) -> Path:
+    """(b) llama.cpp's importance matrix of ``f32`` on the first ``tokens`` tokens of ``text`` (chunks of
+    ``ctx``, BOS first in each, as matq's calibration sequences)."""
+    import subprocess
+
+    cmd = [str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-o", str(out), "-c", str(ctx)]
+    cmd += ["--chunks", str(max(1, tokens // ctx)), "-t", str(threads), "-b", str(ctx), "--no-ppl"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"llama-imatrix failed ({r.returncode}):\n{r.stdout.decode()[-2000:]}")
+    return out
+
+
+def llama_quantize_tool(
+    tools: Path, src: Path, dst: Path, name: str, threads: int, imatrix: Path | None
+) -> Path:
+    """(b) ``llama-quantize [--imatrix I] SRC DST NAME THREADS``: llama.cpp's default mix for ``name``."""
+    import subprocess
+
+    cmd = [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else [])]
+    r = subprocess.run(
+        [*cmd, str(src), str(dst), name, str(threads)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    if r.returncode != 0 or not dst.exists():
+        raise RuntimeError(f"llama-quantize to {name} failed ({r.returncode}):\n{r.stdout.decode()[-2000:]}")
+    return dst
+
+
 def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
-    """(b) llama.cpp's quantizer with its default tensor mix for ``name`` (as ``llama-quantize``)."""
+    """(b) llama.cpp's quantizer with its default tensor mix for ``name`` (as ``llama-quantize``), through
+    llama-cpp-python: used when the tools are not built (``--no-tools``)."""
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
@@ -148,17 +199,41 @@ def llama_quantize(src: Path, dst: Path, name: str, threads: int) -> Path:
     return dst
 
 
+CALIB_SEQ = 512
+"""Tokens per calibration sequence: matq's default (calibration.DEFAULT_SEQ_LEN) and llama-imatrix's -c."""
+
 RECIPES = {
     "minmax": {"layout": "free"},  # the earlier default: asymmetric MinMax, groups of 128
     "gguf": {"layout": "gguf", "group_size": 32, "scheme": "symmetric"},
     "gguf-calib": {"layout": "gguf", "group_size": 32, "scheme": "symmetric", "calib": True},
+    # the calibrated default before issue 23 item 6 (int2 not among the widths), for comparison
+    "gguf-calib-8543": {
+        "layout": "gguf",
+        "group_size": 32,
+        "scheme": "symmetric",
+        "calib": True,
+        "widths": (8, 5, 4, 3),
+    },
 }
 """matq quantize options compared: ``--recipes`` picks, ``calib`` means the calibration text."""
 
 
+CPU_SECONDS: dict[str, float] = {}
+"""CPU seconds (this process and its children, user + system) of each timed step, by step name."""
+
+
+def _cpu() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def timed(fn, *a, **kw):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     out = fn(*a, **kw)
+    name = getattr(fn, "__name__", str(fn))
+    CPU_SECONDS[name] = CPU_SECONDS.get(name, 0.0) + _cpu() - c0
     return out, time.perf_counter() - t0
 
 
@@ -173,6 +248,7 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     made: dict[str, float] = {}  # file name -> seconds to make it
     steps: dict[str, float] = {}
+    skipped: dict[str, str] = {}  # llama.cpp files its quantizer refused to make, and why
 
     if args.hf:
         hf = Path(args.hf)
@@ -184,16 +260,40 @@ def run(args) -> dict:
     f32 = work / "smollm2-F32.gguf"
     _, made[f32.name] = timed(f32_gguf, hf, work, f32)
     files = [f32]
-    for q in args.llama_quants:
-        out = work / f"smollm2-{q}.gguf"
-        _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
-        files.append(out)
-
     evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     calib_text = work / "calibration.txt"  # tutorial/ + howto/, never evaluated
     calib_text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in calibration), encoding="utf-8")
+
+    tools = None if args.no_tools else llama_tools(args.llama_sdist)
+    imatrix = None
+    if tools is not None and args.imatrix:  # the same text and token count as matq's --calib
+        imatrix = work / "imatrix.gguf"
+        _, steps[f"(b) llama-imatrix on {args.calib_tokens} calibration tokens"] = timed(
+            llama_imatrix, tools, f32, calib_text, imatrix, args.calib_tokens, CALIB_SEQ, args.threads
+        )
+    for q in args.llama_quants:
+        for im in [None, imatrix] if imatrix is not None else [None]:
+            out = work / f"smollm2-{q}{'-imatrix' if im else ''}.gguf"
+            if tools is not None:
+                try:
+                    _, made[out.name] = timed(llama_quantize_tool, tools, f32, out, q, args.threads, im)
+                except RuntimeError as exc:  # IQ2_M without an imatrix: llama.cpp refuses some tensors
+                    if im is not None or not q.startswith("IQ"):
+                        raise
+                    skipped[out.name] = str(exc).splitlines()[-1][:200]
+                    continue
+            elif q.startswith("IQ"):
+                continue  # i-quants want an importance matrix: only with the tools
+            else:
+                _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
+            files.append(out)
+
     # the exact figure (repr), so the matq file is never bigger than llama.cpp's, and may be as big
-    budgets = [f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}" for f in files[1:]]
+    budgets = [
+        f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}"
+        for f in files[1:]
+        if f.stem.split("-")[1] in args.budget_quants and ("imatrix" in f.stem) == (imatrix is not None)
+    ]
     transformers_specs = []
     for i, recipe in enumerate(args.recipes):
         kw = dict(RECIPES[recipe])
@@ -212,7 +312,13 @@ def run(args) -> dict:
             tag = spec.replace(":", "-").replace("/", "_")
             out = work / f"smollm2-matq-{recipe}-{tag}.gguf"
             opts = ConvertOptions(bits=bits, plan=plan, overwrite=True)
-            _, made[out.name] = timed(conv.convert, ckpt, out, opts)
+            try:
+                _, made[out.name] = timed(conv.convert, ckpt, out, opts)
+            except registry.ConvertOptionError as exc:  # a budget below the smallest file it makes
+                if plan is None:
+                    raise
+                skipped[out.name] = str(exc).split(": ", 1)[-1][:200]
+                continue
             files.append(out)
             if args.transformers:
                 transformers_specs.append(f"{ck}@{spec}")
@@ -253,6 +359,8 @@ def run(args) -> dict:
         "evaluation_files": [str(p.relative_to(args.docs)) for p in evaluation],
         "calibration_files": [str(p.relative_to(args.docs)) for p in calibration],
         "steps_seconds": {k: round(v, 2) for k, v in steps.items()},
+        "skipped": skipped,
+        "cpu_seconds": {k: round(v, 2) for k, v in CPU_SECONDS.items()},
         "results": [
             {**r.to_dict(), "make_seconds": round(made.get(Path(r.path).name, 0.0), 2)} for r in results
         ],
@@ -276,6 +384,8 @@ def table(doc: dict) -> str:
         f"\n{tokens} scored tokens, ctx {doc['ctx']}, {len(doc['evaluation_files'])} evaluation files"
     )
     lines += [f"{k}: {v:.1f} s" for k, v in doc["steps_seconds"].items()]
+    lines += [f"not made: {k} ({v})" for k, v in doc.get("skipped", {}).items()]
+    lines += [f"CPU {k}: {v:.1f} s" for k, v in doc.get("cpu_seconds", {}).items()]
     return "\n".join(lines)
 
 
@@ -307,6 +417,26 @@ def main() -> None:
         type=lambda s: [x for x in s.split(",") if x],
         default=list(LLAMA_QUANTS),
         help=f"llama.cpp types ({','.join(LLAMA_QUANTS)})",
+    )
+    ap.add_argument(
+        "--budget-quants",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_M"],
+        help="With --budgets: the llama.cpp files whose sizes the budget files take (with imatrix if made)",
+    )
+    ap.add_argument(
+        "--no-imatrix",
+        dest="imatrix",
+        action="store_false",
+        help="llama.cpp's files without an importance matrix only (default: both)",
+    )
+    ap.add_argument(
+        "--no-tools",
+        action="store_true",
+        help="Do not build llama.cpp's tools: llama-cpp-python's quantizer, no imatrix, no i-quants",
+    )
+    ap.add_argument(
+        "--llama-sdist", help="llama_cpp_python-<version>.tar.gz to build the tools from (else pip)"
     )
     ap.add_argument("--docs", default=str(DOCS), help="Python documentation sources (python3.11-doc)")
     ap.add_argument("--eval-files", type=int, default=40, help="First N files of library/ (40)")

@@ -120,7 +120,7 @@ def test_lower_error_than_minmax_on_held_out_text(model, built, texts):
 
     _, held_out = texts
     ids = torch.tensor([AutoTokenizer.from_pretrained(model)(held_out)["input_ids"][:256]])
-    widths = (5, 4, 3)  # --calib's default target widths below int8 (int2 is not one of them)
+    widths = (5, 4, 3)  # --calib's default target widths below int8 but int2 (its own test below)
     kl = {(k, r): _kl_to_float(model, built[k], ids, r) for k in ("minmax", "gptq") for r in widths}
     print({k: round(v, 5) for k, v in kl.items()})
     for r in widths:
@@ -234,3 +234,62 @@ def test_calibrated_gguf_layout_exports_exactly(model, texts, tmp_path):
     for r in (8, 6, 5, 4, 3):
         res = registry.get("gguf").convert(ck, tmp_path / f"m{r}.gguf", ConvertOptions(bits=r))
         assert res.details["exact_tensors"] == res.details["quantized_tensors"], r
+
+
+def _calibration_hessians(model: Path, calib: Path, seq_len: int = 128, tokens: int = 4096) -> dict:
+    """``{linear weight name: X^T X / tokens}`` of the float model's inputs to every linear, on the
+    calibration text as calibration cuts it."""
+    import transformers as tf
+
+    from matq_converters.importers.hf.calibration import load_calibration_text
+
+    m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    text = load_calibration_text(tf.AutoTokenizer.from_pretrained(model), calib, seq_len, tokens)
+    H: dict[str, torch.Tensor] = {}
+    n = [0]
+
+    def hook(name):
+        def f(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            H[name] = H.get(name, 0) + x.T @ x
+
+        return f
+
+    handles = [
+        mod.register_forward_pre_hook(hook(f"{name}.weight"))
+        for name, mod in m.named_modules()
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.")
+    ]
+    with torch.no_grad():
+        for seq in torch.from_numpy(text.tokens):
+            m(input_ids=seq[None])
+            n[0] += seq.numel()
+    for h in handles:
+        h.remove()
+    return {k: v / n[0] for k, v in H.items()}
+
+
+def _weighted_error(model: Path, ckpt: Path, H: dict, bits: int) -> tuple[float, float]:
+    """Summed over the quantized linears: the output error on the calibration inputs,
+    ``tr((W - W_r) H (W - W_r)^T)``, and the error weighted by the importance ``diag(H)`` alone."""
+    src = HFSource(model)
+    c = mf.open(ckpt)
+    out = diag = 0.0
+    for name in c.quantized_names():
+        w = src.read(name).astype(np.float64)
+        d = torch.from_numpy(w - c.dequantize(name, bits=bits).astype(np.float64))
+        h = H[name]
+        out += float(((d @ h) * d).sum())
+        diag += float((d * d * torch.diagonal(h)).sum())
+    return out, diag
+
+
+def test_calibrated_int2_not_worse_than_data_free(model, built, texts):
+    """issue 23 item 6: int2 sliced from the calibrated checkpoint (the --calib defaults) is no worse
+    than int2 sliced from the data-free one, in the error the calibration importance weighs: the
+    layer outputs' error on the calibration inputs (and the per-weight error weighted by diag H)."""
+    calib, _ = texts
+    H = _calibration_hessians(model, calib)
+    got = {k: _weighted_error(model, built[k], H, 2) for k in ("minmax", "gptq")}
+    print({k: tuple(round(x, 5) for x in v) for k, v in got.items()})
+    assert got["gptq"][0] <= got["minmax"][0]

@@ -60,7 +60,7 @@ def test_help_lists_the_same_flags_with_their_defaults():
     declared = [s.flag for s in registry.declared(HFImportOptions) if s.cli]
     assert declared == FLAGS[2:-3]
     for shown in ("[default: ffn]", "[default: gguf]", "[default: 1]", "[default: 8; 2<=x<=8]",
-                  "[default: F16]", "[default: 131072; x>=16]", "[default: per-width]",
+                  "[default: F16]", "[default: 8192; x>=16]", "[default: per-width]",
                   "[default: cpu]", "[1<=x<=256]"):  # fmt: skip
         assert shown in " ".join(text.split())
 

@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from ..params import PathArg
-from ..progress import bar
+from ..progress import LayerLog, bar
 
 if TYPE_CHECKING:
     from matq_converters.importers.hf.options import FlagText
@@ -143,10 +143,7 @@ def quantize(hf_dir: Path, out: Path, source_kind: str, force: bool, as_json: bo
             unit_scale=not calib) as pb,
     ):  # fmt: skip
 
-        def layer_done(done: int, n: int) -> None:
-            pb.total = n
-            pb.update(done - pb.n)
-
+        layer_done = LayerLog(pb, "calibrate")  # a bar in a terminal, a line per layer in a log
         registry.importers.get("hf").run(
             hf_dir,
             out,

@@ -115,7 +115,10 @@ def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         torch.diagonal(Hd).add_(damp * (10**attempt) * mean)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            # H^-1 by solving against I: 7-15x faster on the CPU than torch.cholesky_inverse (LAPACK
+            # potri; 5 s for 1536 columns on 2 cores), equal to it to ~1e-15 relative in float64
+            eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
             if int(info) == 0:
                 return U
     raise ValueError("the Hessian is not positive definite even with 1000x damping")

@@ -120,12 +120,12 @@ class HFImportOptions:
     )
     widths: tuple[int, ...] | None = _option(
         None,
-        "Target widths of multiwidth, slice-exact and --calib (default: 8,4,2; 8,5,4,3 with --calib).",
+        "Target widths of multiwidth, slice-exact and --calib (default: 8,4,2; 8,5,4,3,2 with --calib).",
         parse=_ints,
     )
     lambdas: tuple[float, ...] | None = _option(
         None,
-        "One weight per width (default: all 1; with --calib 4^(r - narrowest), e.g. 1024,16,4,1).",
+        "One weight per width (default: all 1; with --calib 4^(r - narrowest), e.g. 4096,64,16,4,1).",
         parse=_floats,
     )
     extra_precision: tuple[int, ...] = _option(
@@ -147,7 +147,7 @@ class HFImportOptions:
         None, "Calibration text (file or folder): multi-width GPTQ from the model's activations on it."
     )
     calib_tokens: int | None = _option(
-        131072, "Calibration tokens at most (sequences of 512).", bounds=(16, None), show_default=True
+        8192, "Calibration tokens at most (sequences of 512).", bounds=(16, None), show_default=True
     )
     calib_propagate: str = _option(
         "per-width",

@@ -111,7 +111,7 @@ def quantize_hf(
     ``progress`` is called with the source bytes of each tensor once it is written.
 
     ``calib`` (a text file or folder): run the model on that text (``calib_tokens`` tokens at most,
-    default 131072, in sequences of ``calib_seq_len``, default 512) on ``device`` and quantize the
+    default 8192, in sequences of ``calib_seq_len``, default 512) on ``device`` and quantize the
     selected linears with multi-width GPTQ (``matq_converters.importers.hf.calibrated``; ``layer_progress(done,
     total)`` after each layer). Its default widths and lambdas are ``CALIBRATED_WIDTHS`` and
     ``noise_equal_lambdas`` (``matq_format.multiwidth``).
