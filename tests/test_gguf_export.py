@@ -583,11 +583,23 @@ def test_a_budget_is_searched_once_per_request(models, tmp_path, monkeypatch):
     conv.convert(cks["llama"], tmp_path / "a.gguf", opts)
     quantized = len(cks["llama"].quantized_names())
     assert searched >= 2 * quantized and len(calls) - searched == quantized  # convert: one encode each
-    from matq_converters.exporters.gguf import budget as gguf_budget
-
-    gguf_budget._LAST.clear()
-    conv.convert(cks["llama"], tmp_path / "b.gguf", opts)
+    registry.get("gguf").convert(cks["llama"], tmp_path / "b.gguf", opts)  # a fresh plan
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_a_budget_below_the_smallest_file_is_refused_before_the_search(models, tmp_path, monkeypatch):
+    """Only the narrowest width of each tensor is encoded before ``budget:2`` is refused."""
+    from matq_converters.exporters.gguf import blocks as gguf_blocks
+
+    _, _, cks = models
+    calls = []
+    encode = gguf_blocks.encode_compact
+    monkeypatch.setattr(gguf_blocks, "encode_compact", lambda s: calls.append(s.bits) or encode(s))
+    opts = ConvertOptions(plan="budget:2", overwrite=True, settings={"exact": False})
+    with pytest.raises(ConvertOptionError, match="below the smallest file"):
+        registry.get("gguf").validate(cks["llama"], opts)
+    assert len(calls) == len(cks["llama"].quantized_names()) and set(calls) == {2}
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_convert_plans_a_budget_once_and_export_gguf_plans_for_itself(models, tmp_path, monkeypatch):

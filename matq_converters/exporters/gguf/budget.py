@@ -11,58 +11,68 @@ file. :func:`matq_format.budget.cheapest_within` then spends the budget.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import numpy as np
 
 from matq_converters.exporters.gguf import blocks as B
 from matq_converters.registry import ConvertOptionError
+from matq_format import progress
 from matq_format.budget import BudgetTooSmall, cheapest_within
 from matq_format.numerics import planes_needed
-
-_LAST: dict[tuple, dict[str, int]] = {}
-"""The last plan made, by its inputs: ``matq convert`` checks a request (``validate``) and then
-writes it, and the search encodes every width of every tensor, the export's slowest step."""
 
 
 def file_budget_plan(
     ckpt, quantized: list[str], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
 ) -> dict[str, int]:
     """{quantized tensor: width} for a file of at most ``budget`` bits per weight; ``dense``: the
-    file's other tensors as (name, bits they take, weights)."""
-    key = (ckpt.digest, budget, extra_precision, tuple(quantized), tuple(dense))
-    if key not in _LAST:
-        _LAST.clear()
-        _LAST[key] = _search(ckpt, quantized, dense, budget, extra_precision)
-    return dict(_LAST[key])
-
-
-def _search(
-    ckpt, quantized: list[str], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
-) -> dict[str, int]:
+    file's other tensors as (name, bits they take, weights). The smallest width of every tensor is
+    encoded first, so a budget below the smallest file is refused before the rest of the search."""
     c = ckpt.code_bits
-    err: dict[str, dict[int, float]] = {}
-    cost: dict[str, dict[int, float]] = {}
     fixed = sum(bits for _, bits, _ in dense)
-    total = float(sum(n for _, _, n in dense))
-    for name in quantized:
-        info = ckpt.info(name)
-        total += info.numel
-        widths = [r for r in range(2, c + 1) if set(planes_needed(c, r)) <= set(info.planes)]
-        ref = ckpt.dequantize(name, widths[-1]).astype(np.float64)
-        err[name], cost[name] = {}, {}
-        scale, zero = ckpt.scale(name), ckpt.zero(name)
-        for r in widths:
-            ep = extra_precision and r < c
-            k = ckpt.sliced_codes(name, r, ep)
-            enc = B.encode_compact(B.Slice(k, scale, zero, c, r, info.group_size, ep))
-            d = B.decode(enc) - ref
-            err[name][r] = float(np.sum(d * d))
-            cost[name][r] = 8.0 * enc.data.nbytes
+    total = float(sum(n for _, _, n in dense)) + sum(ckpt.info(n).numel for n in quantized)
+    widths = {n: _widths(c, ckpt.info(n).planes) for n in quantized}
+    err: dict[str, dict[int, float]] = {n: {} for n in quantized}
+    cost: dict[str, dict[int, float]] = {n: {} for n in quantized}
+    room = budget * total * (1 + 1e-12) - fixed  # a budget given as another file's bits per weight
+    # (bytes * 8 / weights) admits a file of exactly those bytes
+    with progress.stage(f"budget:{budget:g}: the smallest width of each tensor", len(quantized), "tensor") as done:
+        for name in quantized:
+            _encode(ckpt, name, widths[name][:1], widths[name][-1], extra_precision, err, cost)
+            done(1)
+    least = sum(cost[n][widths[n][0]] for n in quantized)
+    if least > room:
+        _too_small(ckpt, budget, (least + fixed) / total)
+    with progress.stage(f"budget:{budget:g}: every other width", len(quantized), "tensor") as done:
+        for name in quantized:
+            _encode(ckpt, name, widths[name][1:], widths[name][-1], extra_precision, err, cost)
+            done(1)
     try:
-        return cheapest_within(err, cost, budget * total * (1 + 1e-12) - fixed)  # a budget given as
-        # another file's bits per weight (bytes * 8 / weights) admits a file of exactly those bytes
+        return cheapest_within(err, cost, room)
     except BudgetTooSmall as exc:
-        least = (exc.minimum + fixed) / total
-        raise ConvertOptionError(
-            ckpt.path,
-            f"budget:{budget:g} is below the smallest file this checkpoint makes ({least:.3f} bits per weight)",
-        ) from None
+        _too_small(ckpt, budget, (exc.minimum + fixed) / total)
+
+
+def _encode(ckpt, name: str, rs: list[int], top: int, extra_precision: bool, err: dict, cost: dict) -> None:
+    """The compact encodings of ``name`` at widths ``rs``: their bits, and their squared error to the
+    widest slice its planes serve (``top``)."""
+    info, c = ckpt.info(name), ckpt.code_bits
+    ref = ckpt.dequantize(name, top).astype(np.float64)
+    scale, zero = ckpt.scale(name), ckpt.zero(name)
+    for r in rs:
+        ep = extra_precision and r < c
+        enc = B.encode_compact(B.Slice(ckpt.sliced_codes(name, r, ep), scale, zero, c, r, info.group_size, ep))
+        d = B.decode(enc) - ref
+        err[name][r] = float(np.sum(d * d))
+        cost[name][r] = 8.0 * enc.data.nbytes
+
+
+def _widths(c: int, planes) -> list[int]:
+    """The widths from 2 up whose planes are all present, narrowest first."""
+    return [r for r in range(2, c + 1) if set(planes_needed(c, r)) <= set(planes)]
+
+
+def _too_small(ckpt, budget: float, least: float) -> NoReturn:
+    raise ConvertOptionError(
+        ckpt.path, f"budget:{budget:g} is below the smallest file this checkpoint makes ({least:.3f} bits per weight)"
+    )
