@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -311,6 +312,25 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+FILES_KEY = "matq.files"
+"""Metadata key under which an export folder records every file it wrote (a JSON list), so that
+``overwrite`` replaces nothing a user added (an export's :attr:`OutputKind.members`)."""
+
+
+def files_record(files: Iterable[str]) -> str:
+    """The value of :data:`FILES_KEY` for ``files`` (relative POSIX paths)."""
+    return json.dumps(sorted(files))
+
+
+def read_files_record(metadata: dict | None) -> list[str] | None:
+    """The files a :data:`FILES_KEY` entry of ``metadata`` lists; None where there is no valid one."""
+    try:
+        files = json.loads((metadata or {})[FILES_KEY])
+    except (KeyError, ValueError, TypeError, RecursionError):
+        return None
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
 
 
 def foreign_entries(folder: Path, listed: Iterable[str]) -> list[str]:

@@ -114,28 +114,14 @@ class QuantizeSpec:
     def _params_and_codes(
         self, w: np.ndarray, group_size: int | None, out: np.ndarray, cols: int | None, sym: bool
     ) -> tuple[np.ndarray, np.ndarray]:
+        grid = dict(symmetric=sym, zero_multiple=self.zero_multiple, scale_dtype=self.scale_dtype)
         if self.objective == "minmax":
-            a, z = numerics.minmax_params(
-                w,
-                self.code_bits,
-                group_size,
-                symmetric=sym,
-                zero_multiple=self.zero_multiple,
-                scale_dtype=self.scale_dtype,
-            )
+            a, z = numerics.minmax_params(w, self.code_bits, group_size, **grid)
             a = self._nest(a, w.shape[1], group_size, cols)
             numerics.quantize(w, a, z, self.code_bits, group_size, out=out, work=w)
             return a, z
         mw = dict(widths=self.widths, lambdas=self.lambdas, extra_precision=self.extra_precision)
-        a, z = multiwidth.multiwidth_params(
-            w,
-            self.code_bits,
-            group_size,
-            symmetric=sym,
-            zero_multiple=self.zero_multiple,
-            scale_dtype=self.scale_dtype,
-            **mw,
-        )
+        a, z = multiwidth.multiwidth_params(w, self.code_bits, group_size, **grid, **mw)
         a = self._nest(a, w.shape[1], group_size, cols)
         out[...] = multiwidth.multiwidth_codes(w, a, z, self.code_bits, group_size, **mw)
         return a, z

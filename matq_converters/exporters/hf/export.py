@@ -64,15 +64,13 @@ from matq_format.budget import BUDGET_PREFIX
 from matq_format.container import SafetensorsWriter, read_header
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan, summarize
-from matq_format.publish import AtomicOutput, OutputKind
+from matq_format.publish import FILES_KEY, AtomicOutput, OutputKind, files_record, read_files_record
 from matq_format.safefs import allowed_roots, check_file, read_bounded
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 META_CONVERTER = "matq.converter"
-META_FILES = "matq.files"
-"""Every file the export wrote (JSON list), so ``--force`` replaces nothing a user added."""
 INDEX_MAX_BYTES = 1 << 26
 PACK_BLOCK = 1 << 20
 """Codes packed at a time: bounds the packing's scratch memory (a few bytes per code)."""
@@ -109,11 +107,7 @@ def is_hf_export(path: Path) -> bool:
 
 def hf_export_files(path: Path) -> list[str] | None:
     """The files an export recorded writing (its first shard's ``matq.files``), for ``--force``."""
-    try:
-        files = json.loads((_first_shard_metadata(path) or {})[META_FILES])
-    except (KeyError, ValueError, TypeError, RecursionError):
-        return None
-    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+    return read_files_record(_first_shard_metadata(path))
 
 
 HF_FOLDER = OutputKind("Hugging Face folder", True, is_hf_export, hf_export_files)
@@ -387,7 +381,7 @@ def export_hf(
         "format": "pt",
         META_CONVERTER: f"matq {MATQ_VERSION}",
         "matq.source.digest": ckpt.digest,
-        META_FILES: json.dumps(sorted(files)),
+        FILES_KEY: files_record(files),
     }
     inexact: list[str] = []
     with AtomicOutput(out, HF_FOLDER, inputs=ckpt.input_paths(), overwrite=options.overwrite) as o:

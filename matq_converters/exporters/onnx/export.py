@@ -52,12 +52,10 @@ from matq_format import __version__ as MATQ_VERSION
 from matq_format import progress as steps
 from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from matq_format.plans import resolve_plan
-from matq_format.publish import AtomicOutput, OutputKind
+from matq_format.publish import FILES_KEY, AtomicOutput, OutputKind, files_record, read_files_record
 from matq_format.safefs import allowed_roots, check_file, read_bounded
 
 META_CONVERTER = "matq.converter"
-META_FILES = "matq.files"
-"""Every file the export wrote (JSON list), so ``--force`` replaces nothing a user added."""
 MODEL_MAX_BYTES = 1 << 31
 """protobuf's limit: the graph, its weights kept in the external data file."""
 QDQ_SESSION_KEY = "session.qdq_matmulnbits_accuracy_level"
@@ -86,11 +84,7 @@ def is_onnx_export(path: Path) -> bool:
 
 def onnx_export_files(path: Path) -> list[str] | None:
     """The files an export recorded writing (model.onnx's ``matq.files``), for ``--force``."""
-    try:
-        files = json.loads((_model_metadata(path) or {})[META_FILES])
-    except (KeyError, ValueError, TypeError, RecursionError):
-        return None
-    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+    return read_files_record(_model_metadata(path))
 
 
 ONNX_FOLDER = OutputKind("ONNX folder", True, is_onnx_export, onnx_export_files)
@@ -266,7 +260,7 @@ def _encode(ckpt, prep: _Prepared, name: str) -> onnx_graph.Encoded | None:
 
 def _metadata(ckpt, prep: _Prepared, files: list[str]) -> dict[str, str]:
     return {
-        META_FILES: json.dumps(sorted(files)),
+        FILES_KEY: files_record(files),
         META_CONVERTER: f"matq {MATQ_VERSION}",
         "matq.source.digest": ckpt.digest,
         "matq.layout": prep.opts.layout,
