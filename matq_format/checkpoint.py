@@ -75,7 +75,8 @@ class Checkpoint:
             raise ChecksumError(self.path, "manifest does not match its CRC-32")
         self.manifest, self._infos = parse_manifest(self.path, text, UNDERSTOOD_EXTENSIONS)
         self.manifest_text = text
-        if self.manifest["files"] or self.manifest.get("carried"):  # a folder's base, named directly
+        named_directly = not self._opened_folder
+        if named_directly and (self.manifest["files"] or self.manifest.get("carried")):  # a folder's base
             check_file(self.path, self._roots)
         self.code_bits: int = self.manifest["code_bits"]
         self.version: str = self.manifest["version"]
