@@ -52,7 +52,7 @@ RANDOM_LEN = 8
 PID_DIGITS = 7
 """Longest process id (Linux's ``pid_max`` is at most 2^22)."""
 LOCK_MAX_BYTES = 32
-_PID = rf"(\d{{1,{PID_DIGITS}}})"
+_PID = rf"(?P<pid>\d{{1,{PID_DIGITS}}})"
 _RANDOM = rf"[a-z0-9_]{{{RANDOM_LEN}}}"
 SHOWN = 5
 
@@ -273,12 +273,15 @@ class AtomicOutput:
     def _clean_stale(self) -> None:
         """With the lock held, the partial and old outputs of this name whose process is gone
         belong to runs that died; an old output is put back only if it is of this kind."""
+        pattern = re.compile(
+            re.escape(f".{self.out.name}") + rf"(?P<tag>\.partial-|\.old-){_PID}-{_RANDOM}(-{_RANDOM})?"
+        )  # .OUT.partial-PID-XXXXXXXX, with the single-file writer's -XXXXXXXX after it
         partials, olds = [], []
         for p in self.out.parent.iterdir():
-            tag = _leftover_tag(self.out.name, p.name)
-            if tag == PARTIAL_TAG:
+            m = _left_by_dead_run(pattern, p.name)
+            if m and m["tag"] == PARTIAL_TAG:
                 partials.append(p)
-            elif tag == OLD_TAG and self.kind.recognize(p):
+            elif m and m["tag"] == OLD_TAG and self.kind.recognize(p):
                 olds.append(p)
         olds.sort(key=lambda p: p.stat(follow_symlinks=False).st_mtime_ns)
         if olds and not os.path.lexists(self.out):
@@ -289,16 +292,11 @@ class AtomicOutput:
             log.warning("%s: removed %s, left by a run that did not finish", self.out, p.name)
 
 
-def _leftover_tag(out_name: str, name: str) -> str | None:
-    """PARTIAL_TAG or OLD_TAG if ``name`` is exactly what a run writing ``out_name`` makes beside it
-    (``.OUT.partial-PID-XXXXXXXX``, with the single-file writer's ``-XXXXXXXX`` after it) and that
-    process is gone; else None."""
-    m = re.fullmatch(
-        re.escape(f".{out_name}") + rf"(\.partial-|\.old-){_PID}-{_RANDOM}(-{_RANDOM})?", name
-    )
-    if m is None or pid_alive(int(m.group(2))):
-        return None
-    return m.group(1)
+def _left_by_dead_run(pattern: re.Pattern, name: str) -> re.Match | None:
+    """``name`` matched in full by ``pattern`` (whose ``pid`` group names the run that made it),
+    where that process is gone; else None."""
+    m = pattern.fullmatch(name)
+    return m if m is not None and not pid_alive(int(m["pid"])) else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -403,8 +401,7 @@ def scratch_dir(tag: str, parent: str | os.PathLike | None = None) -> Iterator[P
     pattern = re.compile(rf"matq-{re.escape(tag)}-{_PID}-{_RANDOM}")
     with contextlib.suppress(OSError):
         for e in os.scandir(where):
-            m = pattern.fullmatch(e.name)
-            if m and not pid_alive(int(m.group(1))) and e.stat(follow_symlinks=False).st_uid == os.getuid():
+            if _left_by_dead_run(pattern, e.name) and e.stat(follow_symlinks=False).st_uid == os.getuid():
                 _remove(Path(e.path))
     path = Path(tempfile.mkdtemp(prefix=f"matq-{tag}-{os.getpid()}-", dir=where))
     try:
