@@ -3,7 +3,6 @@ onnx`` or onnxruntime-genai's builder writes it), run by onnxruntime on the CPU 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -11,7 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from matq_format.safefs import read_json
+
 from .errors import CandidateError
+
+GENAI_CONFIG_LIMIT = 1 << 20
+"""``genai_config.json`` is a few KiB; anything near a MiB is not one."""
 
 SIDE_INPUTS = ("scales", "zero_points", "scale", "zero_point")
 
@@ -23,7 +27,14 @@ def is_onnx_folder(path: Path) -> bool:
 def decoder_config(path: Path) -> dict:
     """The decoder section of ``genai_config.json`` ({} without one)."""
     cfg = path / "genai_config.json"
-    return json.loads(cfg.read_text())["model"]["decoder"] if cfg.is_file() else {}
+    if not cfg.is_file():
+        return {}
+    doc = read_json(cfg, GENAI_CONFIG_LIMIT, CandidateError)
+    model = doc.get("model") if isinstance(doc, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict):
+        raise CandidateError(cfg, "has no model.decoder object")
+    return decoder
 
 
 def check_runnable(path: Path) -> None:

@@ -6,7 +6,6 @@ the same global batch, and a resumed run sees exactly the batches it would have 
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from collections.abc import Iterable, Sequence
@@ -17,6 +16,7 @@ import numpy as np
 from matq_converters.text import cut_windows, folder_files, read_text
 from matq_converters.text import tokenize_documents as tokenize
 from matq_format.errors import MatqError
+from matq_format.safefs import parse_json
 
 __all__ = [
     "DataError",
@@ -43,12 +43,12 @@ def _json_texts(path: Path, text: str, text_field: str) -> list[str]:
     if path.suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                rec = json.loads(line)
+                rec = parse_json(line, f"{path}:{i}", DataError)
                 if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
                     raise DataError(path, f"line {i}: no string field {text_field!r}")
                 out.append(rec[text_field])
         return out
-    data = json.loads(text)
+    data = parse_json(text, path, DataError)
     if isinstance(data, dict) and isinstance(data.get(text_field), list):
         data = data[text_field]
     for rec in data if isinstance(data, list) else [data]:

@@ -322,3 +322,30 @@ def test_a_text_folder_is_read_whatever_the_names_binary_files_skipped_and_said_
     assert r.exit_code == 0, r.output
     assert r.output.count("skipped 2 file(s) that are not text") == 1, r.output
     assert mf.open(out).source["calibration"]["files"] == 1  # 64 tokens: the first file is enough
+
+
+def test_training_json_that_is_not_json_or_nests_without_end_is_one_line(tmp_path):
+    """Training records go through the one bounded JSON parser: a bad line is named by number."""
+    from matq_train.data import DataError, read_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.jsonl:2"):
+        read_documents([tmp_path / "a.jsonl"])
+    deep = tmp_path / "b.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(DataError, match=r"b\.json.*nest"):
+        read_documents([deep])
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [(b" " * (2 << 20), "larger than"), (b'{"model": []}', "no model.decoder"), (b"{", "not valid JSON")],
+    ids=["huge", "no-decoder", "broken"],
+)
+def test_an_onnx_folder_whose_genai_config_is_hostile_is_one_line(tmp_path, text, said):
+    from matq_eval.onnx import decoder_config
+    from matq_format.errors import MatqError
+
+    (tmp_path / "genai_config.json").write_bytes(text)
+    with pytest.raises(MatqError, match=f"genai_config.json: .*{said}"):
+        decoder_config(tmp_path)
