@@ -201,3 +201,13 @@ def test_cli_refuses_an_unmarked_constant_in_one_line_and_writes_nothing(tmp_pat
 
 def test_this_reader_understands_it():
     assert C.EXT_CONSTANT_ZERO in UNDERSTOOD_EXTENSIONS
+
+
+def test_inspect_shows_the_constant(tmp_path):
+    with mf.CheckpointWriter(tmp_path / "ck", 8) as w:
+        _symmetric(w)
+    run = CliRunner().invoke
+    r = run(cli, ["inspect", str(tmp_path / "ck"), "--tensors"], catch_exceptions=False)
+    assert r.exit_code == 0 and "group 32 symmetric z=128 " in r.output, r.output
+    d = json.loads(run(cli, ["inspect", str(tmp_path / "ck"), "--json"], catch_exceptions=False).output)
+    assert d["format_version"] == "1.2" and d["tensors"][0]["zero_point"] == 128
