@@ -33,7 +33,8 @@ MAX_HEADER_BYTES = 100_000_000
 """The safetensors reference limit; larger headers are rejected before they are read."""
 MAX_TENSORS = 2**18
 MAX_ENTRIES = 2**22
-"""Most entries in one file's header, and in the manifest (a quantized tensor has c + 2)."""
+"""Most entries in one file's header, and in the manifest (a quantized tensor has c + 2, c + 1 with one
+zero point in its record)."""
 MAX_NAME_BYTES = 1024
 """Longest tensor name, in bytes of UTF-8."""
 MAX_DIMS = 8

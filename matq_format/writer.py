@@ -475,9 +475,10 @@ class CheckpointWriter:
             raise WriterError(self.out, f"{name}: {exc}") from None
 
     def _require(self, extension: str, used: bool) -> None:
-        """List an extension in ``must_understand`` once a tensor uses it."""
+        """List an extension in ``must_understand`` once a tensor uses it (the base header grows)."""
         if used and extension not in self.must_understand:
             self.must_understand.append(extension)
+            self._budget.fixed = self._fixed_bytes()
 
     def close(self) -> Path:
         """Finish every file, write the manifest, and move the checkpoint into place."""
