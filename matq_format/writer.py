@@ -129,7 +129,7 @@ def _plain_int(v):
 
 
 def _is_integer(v) -> bool:
-    """A zero point given as one integer (Python's or numpy's; ``True`` is none, and is refused)."""
+    """A zero point given as one integer, Python's or numpy's (``True`` too: the record check refuses it)."""
     return isinstance(v, (int, np.integer))
 
 
