@@ -37,7 +37,7 @@ from .planes import plane_stride, unpack
 from .publish import scratch_dir
 from .safefs import allowed_roots, check_file, open_regular, parse_json
 
-UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES, C.EXT_STACKED})
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES, C.EXT_STACKED, C.EXT_CONSTANT_ZERO})
 
 
 def resolve_base(path: str | os.PathLike) -> Path:
@@ -150,7 +150,8 @@ class Checkpoint:
                 yield plane_entry(name, k), "U8", stride
             g = t.param_shape
             yield entry_name(name, C.SCALE_SUFFIX), t.scale_dtype, g
-            yield entry_name(name, C.ZERO_SUFFIX), t.zero_dtype, g
+            if C.ZERO_SUFFIX in t.param_parts:
+                yield entry_name(name, C.ZERO_SUFFIX), t.zero_dtype, g
 
     def _entries_mismatch(self) -> NoReturn:
         expected = {e for e, _, _ in self._expected_entries()}
@@ -167,7 +168,7 @@ class Checkpoint:
         for name, t in self._infos.items():
             if not t.quantized:
                 continue
-            for part in (C.SCALE_SUFFIX, C.ZERO_SUFFIX):
+            for part in t.param_parts:
                 if entries[entry_name(name, part)]["file"] in self.missing_files:
                     raise MissingFileError(self.path, f"{name}: its {part} lives in a missing file")
             kept = tuple(
@@ -261,7 +262,11 @@ class Checkpoint:
         return C.EXT_SIGNED_SCALES in self.manifest.get("must_understand", [])
 
     def zero(self, name: str) -> np.ndarray:
+        """float32 zero points ``[rows, groups]`` (``param_shape``), whether stored as an entry or as
+        one constant in the record (10.6): every caller reads them here."""
         t = self._qinfo(name)
+        if t.zero_point is not None:  # checked in range when the manifest was parsed
+            return np.full(t.param_shape, t.zero_point, np.float32)
         z = dtypes.from_bytes(
             self._raw(entry_name(name, C.ZERO_SUFFIX)), t.zero_dtype, t.param_shape
         ).astype(np.float32)
@@ -363,11 +368,7 @@ class Checkpoint:
         if not t.quantized:
             return size(name)
         planes = numerics.planes_needed(self.code_bits, bits or self.code_bits)
-        return (
-            len(planes) * plane_stride(t.numel)
-            + size(entry_name(name, C.SCALE_SUFFIX))
-            + size(entry_name(name, C.ZERO_SUFFIX))
-        )
+        return len(planes) * plane_stride(t.numel) + sum(size(entry_name(name, p)) for p in t.param_parts)
 
     @property
     def is_folder(self) -> bool:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import re
 
 FORMAT_NAME = "matq"
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
 """(major, minor) of the newest spec this library implements. Minor versions only add optional fields;
 anything else bumps the major. Writers write the lowest version a checkpoint needs (1.0 unless it
-holds a stacked tensor), so files that use nothing new stay byte for byte what 1.0 wrote."""
+holds a stacked tensor or a constant zero point), so files that use nothing new stay byte for byte
+what 1.0 wrote."""
 
 # --- container -------------------------------------------------------------------------------
 BASE_FILENAME = "matq.safetensors"
@@ -32,7 +33,8 @@ MAX_HEADER_BYTES = 100_000_000
 """The safetensors reference limit; larger headers are rejected before they are read."""
 MAX_TENSORS = 2**18
 MAX_ENTRIES = 2**22
-"""Most entries in one file's header, and in the manifest (a quantized tensor has c + 2)."""
+"""Most entries in one file's header, and in the manifest (a quantized tensor has c + 2, c + 1 with one
+zero point in its record)."""
 MAX_NAME_BYTES = 1024
 """Longest tensor name, in bytes of UTF-8."""
 MAX_DIMS = 8
@@ -107,3 +109,9 @@ EXT_STACKED = "matq.stacked"
 """Extension (spec 10.5, version 1.1): a quantized tensor of more than two dimensions (a stack of
 matrices, e.g. fused mixture-of-experts weights) or with its input features on the next-to-last
 axis. Always in ``must_understand`` when such a tensor is present."""
+EXT_CONSTANT_ZERO = "matq.constant_zero"
+"""Extension (spec 10.6, version 1.2): a quantized tensor whose zero points all equal one integer
+records it once, as its ``zero_point`` key, and has no ``@zero`` entry (a symmetric grid stores
+nothing per group). Always in ``must_understand`` when such a tensor is present."""
+ZERO_POINT_KEY = "zero_point"
+"""The tensor record's key (1.2) holding a constant zero point (spec 10.6)."""

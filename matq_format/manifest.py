@@ -11,10 +11,13 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from . import constants as C
 from .container import gc_paused, strict_json
+from .dtypes import cast_exact
 from .errors import HeaderError, LimitError, UnsupportedVersionError
-from .numerics import n_groups, param_shape, planes_needed
+from .numerics import code_max, n_groups, param_shape, planes_needed
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class TensorInfo:
     extras: dict = field(default_factory=dict, compare=False, repr=False)
     input_axis: int | None = None
     """The axis of input features (spec 10.5); None: the last, as in a linear weight [out, in]."""
+    zero_point: int | None = None
+    """One zero point for the whole tensor (spec 10.6), stored in the record; None: a ``@zero`` entry."""
 
     @property
     def quantized(self) -> bool:
@@ -53,6 +58,16 @@ class TensorInfo:
     def stacked(self) -> bool:
         """A quantized tensor that needs ``matq.stacked`` (10.5): not a plain ``[out, in]`` matrix."""
         return self.quantized and (len(self.shape) != 2 or self.in_axis != len(self.shape) - 1)
+
+    @property
+    def param_parts(self) -> tuple[str, ...]:
+        """Entry parts holding the quantization parameters: scale, and zero unless it is a constant."""
+        return (C.SCALE_SUFFIX,) if self.zero_point is not None else (C.SCALE_SUFFIX, C.ZERO_SUFFIX)
+
+    @property
+    def zero_bytes(self) -> int:
+        """Bytes stored per zero point: none when the record holds one for the whole tensor."""
+        return 0 if self.zero_point is not None else C.DTYPES[self.zero_dtype][1]
 
     @property
     def cols(self) -> int:
@@ -94,6 +109,8 @@ class TensorInfo:
             )
             if self.stacked:
                 d["input_axis"] = self.in_axis
+            if self.zero_point is not None:
+                d[C.ZERO_POINT_KEY] = self.zero_point
         d.update(self.extras)
         return d
 
@@ -200,6 +217,18 @@ def _check_quantized(t: TensorInfo, code_bits: int) -> None:
         raise RecordError(f"extra_precision must list distinct widths in 1..{code_bits - 1}")
     if not _distinct_ints(t.planes, 0, code_bits - 1):
         raise RecordError(f"planes must list distinct plane indices in 0..{code_bits - 1}")
+    if t.zero_point is not None:
+        _check_zero_point(t.zero_point, t.zero_dtype, code_bits)
+
+
+def _check_zero_point(z, zero_dtype: str, code_bits: int) -> None:
+    """A constant zero point (10.6): an integer code, which a ``zero_dtype`` entry would hold exactly."""
+    if not _is_int(z) or not 0 <= z <= code_max(code_bits):
+        raise RecordError(f"{C.ZERO_POINT_KEY} {str(z)[:40]} must be an integer in 0..{code_max(code_bits)}")
+    try:
+        cast_exact(np.array([z], np.float32), zero_dtype)
+    except ValueError:
+        raise RecordError(f"{C.ZERO_POINT_KEY} {z} is not exactly representable in zero_dtype {zero_dtype}") from None
 
 
 _VERSION_RE = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}")
@@ -320,6 +349,11 @@ def parse_manifest(
     stacked = next((n for n, t in infos.items() if t.stacked), None)
     if stacked is not None and C.EXT_STACKED not in must:
         raise HeaderError(path, f"tensor {_shown(stacked)}: a stacked tensor needs {C.EXT_STACKED} in must_understand")
+    constant = next((n for n, t in infos.items() if t.zero_point is not None), None)
+    if constant is not None and C.EXT_CONSTANT_ZERO not in must:
+        raise HeaderError(
+            path, f"tensor {_shown(constant)}: a {C.ZERO_POINT_KEY} needs {C.EXT_CONSTANT_ZERO} in must_understand"
+        )
     return m, infos
 
 
@@ -364,7 +398,7 @@ def _parse_tensor(path: Path, name: str, t, code_bits: int) -> TensorInfo:
 _DENSE_KEYS = frozenset(("kind", "dtype", "shape"))
 _QUANTIZED_KEYS = _DENSE_KEYS | {
     "granularity", "group_size", "scheme", "scale_dtype", "zero_dtype", "extra_precision", "planes",
-    "input_axis",
+    "input_axis", C.ZERO_POINT_KEY,
 }
 
 
@@ -389,6 +423,7 @@ def _record(path: Path, name: str, t: dict, where: str) -> TensorInfo:
         tuple(_req(path, t, "planes", list, where)),
         extras=_extras(t, _QUANTIZED_KEYS),
         input_axis=t.get("input_axis"),
+        zero_point=t.get(C.ZERO_POINT_KEY),
     )
 
 

@@ -181,7 +181,7 @@ def tensor_bits(ckpt, name: str, bits: int, extra_precision: bool, share: float 
         t.cols,
         t.group_size,
         C.DTYPES[t.scale_dtype][1],
-        C.DTYPES[t.zero_dtype][1],
+        t.zero_bytes,
         share if ep else 0.0,
     )
 

@@ -53,6 +53,7 @@ def slice_checkpoint(
         must_understand=ckpt.manifest.get("must_understand"),
         expected_tensors=len(ckpt.tensor_names()),
         inputs=ckpt.input_paths(),
+        constant_zero=False,  # each tensor keeps its zero points as the source stores them
     ) as w:
         for name in ckpt.tensor_names():
             t = ckpt.info(name)
@@ -68,7 +69,7 @@ def slice_checkpoint(
                 name,
                 {k: ckpt.plane(name, k) for k in need},
                 ckpt.scale(name),
-                ckpt.zero(name),
+                ckpt.zero(name) if t.zero_point is None else t.zero_point,
                 shape=t.shape,
                 dtype=t.dtype,
                 group_size=t.group_size,

@@ -128,6 +128,21 @@ def _plain_int(v):
     return int(v) if isinstance(v, np.integer) else v
 
 
+def _is_integer(v) -> bool:
+    """A zero point given as one integer, Python's or numpy's (``True`` too: the record check refuses it)."""
+    return isinstance(v, (int, np.integer))
+
+
+def _one_integer(z: np.ndarray) -> int | None:
+    """The integer every zero point equals, if there is one (10.6); None for none or for several."""
+    if z.size == 0:
+        return None
+    first = z.reshape(-1)[0]
+    if not float(first).is_integer() or not np.all(z == first):
+        return None
+    return int(first)
+
+
 def _plain_ints(values) -> tuple:
     return tuple(_plain_int(v) for v in values)
 
@@ -177,7 +192,9 @@ class CheckpointWriter:
     ``out`` is a folder (canonical form: ``matq.safetensors`` plus one file per bit-plane, plus the
     carried config and tokenizer files) or, with ``single_file=True``, one ``.safetensors`` file.
     ``expected_tensors`` (a count known up front, as when converting a model) sizes the header room
-    so that no data has to move when the headers are written at close.
+    so that no data has to move when the headers are written at close. ``constant_zero`` stores a
+    tensor whose zero points all equal one integer as that integer (spec 10.6: no ``@zero`` entry);
+    a tool that copies checkpoints (slicing) turns it off to keep each tensor as it found it.
     """
 
     def __init__(
@@ -193,11 +210,13 @@ class CheckpointWriter:
         must_understand: list[str] | None = None,
         expected_tensors: int | None = None,
         inputs: Iterable[str | os.PathLike] = (),
+        constant_zero: bool = True,
     ):
         if not C.MIN_CODE_BITS <= code_bits <= C.MAX_CODE_BITS_IMPL:
             raise WriterError(out, f"code bits {code_bits} outside {C.MIN_CODE_BITS}..{C.MAX_CODE_BITS_IMPL}")
         self.out = Path(out)
         self.code_bits = code_bits
+        self.constant_zero = constant_zero
         self.single_file = single_file
         self.source = dict(source or {})
         self.extensions = dict(extensions or {})
@@ -302,7 +321,7 @@ class CheckpointWriter:
         name: str,
         codes: np.ndarray,
         scale: np.ndarray,
-        zero: np.ndarray,
+        zero: np.ndarray | int,
         *,
         dtype: str = "F32",
         group_size: int | None = None,
@@ -313,7 +332,8 @@ class CheckpointWriter:
         keep_bits: int | None = None,
         input_axis: int | None = None,
     ) -> None:
-        """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point.
+        """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point (an array,
+        or one integer for the whole tensor: spec 10.6).
 
         ``keep_bits`` stores only the planes a width-``keep_bits`` slice needs (a sliced checkpoint).
         Codes of more dimensions are a stack of matrices with groups along ``input_axis`` (the last
@@ -350,7 +370,7 @@ class CheckpointWriter:
         name: str,
         planes: dict[int, np.ndarray],
         scale: np.ndarray,
-        zero: np.ndarray,
+        zero: np.ndarray | int,
         *,
         shape: tuple[int, ...],
         dtype: str,
@@ -365,7 +385,9 @@ class CheckpointWriter:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint.
 
         A stacked tensor (10.5: more than two dimensions, or ``input_axis`` not the last) lists
-        ``matq.stacked`` in ``must_understand`` and makes the checkpoint version 1.1."""
+        ``matq.stacked`` in ``must_understand`` and makes the checkpoint version 1.1; a constant zero
+        point (10.6: ``zero`` an integer, or an array of one integer with ``constant_zero``) lists
+        ``matq.constant_zero`` and makes it 1.2."""
         self._check_name(name)
         info = TensorInfo(
             name,
@@ -390,19 +412,57 @@ class CheckpointWriter:
             input_axis=info.in_axis if info.stacked else None,
         )
         pshape = info.param_shape
-        scale, zero = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
-        if scale.size != math.prod(pshape) or zero.size != math.prod(pshape):
+        scale = np.asarray(scale, np.float32)
+        zero = _plain_int(zero) if _is_integer(zero) else np.asarray(zero, np.float32)
+        n = math.prod(pshape)
+        if scale.size != n or (isinstance(zero, np.ndarray) and zero.size != n):
+            got = list(zero.shape) if isinstance(zero, np.ndarray) else "one integer"
             raise WriterError(
-                self.out,
-                f"{name}: scale and zero need shape {list(pshape)}, got {list(scale.shape)} and {list(zero.shape)}",
+                self.out, f"{name}: scale and zero need shape {list(pshape)}, got {list(scale.shape)} and {got}"
             )
-        scale, zero = scale.reshape(pshape), zero.reshape(pshape)
+        s_arr = self._scales(name, scale.reshape(pshape), scale_dtype)
+        z_arr = self._zeros(name, zero.reshape(pshape), zero_dtype) if isinstance(zero, np.ndarray) else None
+        constant = zero if z_arr is None else _one_integer(z_arr) if self.constant_zero else None
+        if constant is not None:  # one integer for the tensor, in the record (10.6)
+            z_arr, info = None, replace(info, zero_point=constant)
+            self._check_record(info)  # its range and dtype, as the reader checks them
+        stride = -(-info.numel // 64) * C.PLANE_ALIGN_BYTES
+        arrays = {k: np.asarray(planes[k], np.uint8).reshape(-1) for k in info.planes}
+        for k, p in arrays.items():
+            if p.size != stride:
+                raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
+        plane_file = {k: None if self.single_file else k for k in arrays}
+        planned = [
+            *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
+            _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, pshape, s_arr.nbytes),
+        ]
+        if z_arr is not None:
+            planned.append(_Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, pshape, z_arr.nbytes))
+        self._charge(info, planned)
+        self._require(C.EXT_STACKED, info.stacked)
+        self._require(C.EXT_CONSTANT_ZERO, info.zero_point is not None)
+        for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
+            self._write_plane(k, plane_entry(name, k), p)
+        self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
+        if z_arr is not None:
+            self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
+        self._tensors[name] = info
+
+    def _scales(self, name: str, scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+        """The scales as stored: finite, non-zero, negative only with the extension."""
         if not np.all(np.isfinite(scale)) or not np.all(scale != 0):
             raise WriterError(self.out, f"{name}: scales must be finite and non-zero")
         if np.any(scale < 0) and C.EXT_SIGNED_SCALES not in self.must_understand:
             raise WriterError(
                 self.out, f"{name}: negative scales need {C.EXT_SIGNED_SCALES} in must_understand"
             )
+        try:
+            return dtypes.cast_exact(scale, scale_dtype)
+        except ValueError as exc:
+            raise WriterError(self.out, f"{name}: {exc}") from None
+
+    def _zeros(self, name: str, zero: np.ndarray, zero_dtype: str) -> np.ndarray:
+        """The zero points as a ``@zero`` entry stores them: finite, in the code range, exact in their dtype."""
         if not np.all(np.isfinite(zero)):
             raise WriterError(self.out, f"{name}: zero points must be finite")
         if zero.min(initial=0) < 0 or zero.max(initial=0) > code_max(self.code_bits):
@@ -410,30 +470,15 @@ class CheckpointWriter:
         if zero_dtype in ("U8", "U16") and np.any(zero != np.rint(zero)):
             raise WriterError(self.out, f"{name}: {zero_dtype} zero points must be integers")
         try:
-            s_arr, z_arr = dtypes.cast_exact(scale, scale_dtype), dtypes.cast_exact(zero, zero_dtype)
+            return dtypes.cast_exact(zero, zero_dtype)
         except ValueError as exc:
             raise WriterError(self.out, f"{name}: {exc}") from None
-        stride = -(-info.numel // 64) * C.PLANE_ALIGN_BYTES
-        arrays = {k: np.asarray(planes[k], np.uint8).reshape(-1) for k in info.planes}
-        for k, p in arrays.items():
-            if p.size != stride:
-                raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
-        plane_file = {k: None if self.single_file else k for k in arrays}
-        self._charge(
-            info,
-            [
-                *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
-                _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, pshape, s_arr.nbytes),
-                _Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, pshape, z_arr.nbytes),
-            ],
-        )
-        if info.stacked and C.EXT_STACKED not in self.must_understand:
-            self.must_understand.append(C.EXT_STACKED)
-        for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
-            self._write_plane(k, plane_entry(name, k), p)
-        self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
-        self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
-        self._tensors[name] = info
+
+    def _require(self, extension: str, used: bool) -> None:
+        """List an extension in ``must_understand`` once a tensor uses it (the base header grows)."""
+        if used and extension not in self.must_understand:
+            self.must_understand.append(extension)
+            self._budget.fixed = self._fixed_bytes()
 
     def close(self) -> Path:
         """Finish every file, write the manifest, and move the checkpoint into place."""
@@ -520,8 +565,10 @@ class CheckpointWriter:
         }
 
     def _version(self) -> str:
-        """The lowest version this checkpoint needs: 1.1 once it holds a stacked tensor (10.5)."""
-        minor = 1 if C.EXT_STACKED in self.must_understand else 0
+        """The lowest version this checkpoint needs: 1.2 once it holds a constant zero point (10.6),
+        1.1 once it holds a stacked tensor (10.5), else 1.0."""
+        must = self.must_understand
+        minor = 2 if C.EXT_CONSTANT_ZERO in must else 1 if C.EXT_STACKED in must else 0
         return f"{C.FORMAT_VERSION[0]}.{minor}"
 
     def _base_metadata(self, manifest_text: str, crc: str) -> dict[str, str]:

@@ -511,7 +511,24 @@ MANIFEST_EDITS: dict[str, Callable[[dict], object]] = {
     "source_list": lambda m: m.update(source=[1]),
     "extensions_str": lambda m: m.update(extensions="x"),
     "must_understand_str": lambda m: m.update(must_understand="org.example.x"),
+    # one zero point for the tensor (spec 10.6) where it cannot be: beside its entry, unmarked, not a code
+    "zero_point_beside_its_entry": lambda m: _constant_zero(m, 128, drop_entry=False),
+    "zero_point_without_must_understand": lambda m: _constant_zero(m, 128, marker=False),
+    "zero_point_above_code_range": lambda m: _constant_zero(m, 256),
+    "zero_point_negative": lambda m: _constant_zero(m, -1),
+    "zero_point_float": lambda m: _constant_zero(m, 128.0),
+    "zero_point_bool": lambda m: _constant_zero(m, True),
+    "zero_point_str": lambda m: _constant_zero(m, "128"),
 }
+
+
+def _constant_zero(m: dict, z, *, marker: bool = True, drop_entry: bool = True) -> None:
+    """Give Q one zero point in its record (10.6), with or without the marker and its entry."""
+    _tensor(m)[C.ZERO_POINT_KEY] = z
+    if marker:
+        m["must_understand"] = [*m.get("must_understand", []), C.EXT_CONSTANT_ZERO]
+    if drop_entry:
+        m["entries"].pop(f"{Q}@zero")
 
 
 @pytest.mark.parametrize("edit", sorted(MANIFEST_EDITS))
@@ -748,6 +765,9 @@ BAD_WRITES: dict[str, Callable] = {
     "zero_above_f16": lambda w: _q(w, zero=np.array([[0.0], [16.0]]), zero_dtype="F16"),
     "zero_above_u8": lambda w: _q(w, zero=np.array([[0.0], [16.0]])),
     "zero_fraction_u8": lambda w: _q(w, zero=np.array([[0.0], [1.5]])),
+    "zero_point_above": lambda w: _q(w, zero=16),
+    "zero_point_negative": lambda w: _q(w, zero=-1),
+    "zero_point_bool": lambda w: _q(w, zero=True),
     "dtype": lambda w: _q(w, dtype="I8"),
     "scale_dtype": lambda w: _q(w, scale_dtype="F64"),
     "zero_dtype": lambda w: _q(w, zero_dtype="I8"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import matq_format as mf
+from matq_format.checkpoint import UNDERSTOOD_EXTENSIONS
 from matq_format.errors import HeaderError, WriterError
 from matq_format.manifest import parse_manifest
 
@@ -47,7 +48,7 @@ def test_writer_and_parser_refuse_a_record_in_the_same_words(tmp_path, case):
     manifest = mf.open(out).manifest
     manifest["tensors"]["t"].update(record)
     with pytest.raises(HeaderError) as pi:
-        parse_manifest(out, json.dumps(manifest))
+        parse_manifest(out, json.dumps(manifest), UNDERSTOOD_EXTENSIONS)
     written, parsed = wi.value.message.split("t: ", 1)[1], pi.value.message.split("tensor 't': ", 1)[1]
     assert written == parsed and type(pi.value) is HeaderError
 

@@ -151,6 +151,11 @@ def write(out: Path, c: int, qspecs, dspecs, keep_bits=None, single_file=False) 
     return tensors
 
 
+def _one_integer(z: np.ndarray) -> int | None:
+    """The writer stores zero points that all equal one integer as that integer (spec 10.6)."""
+    return int(z.flat[0]) if z.size and float(z.flat[0]).is_integer() and np.all(z == z.flat[0]) else None
+
+
 def check_roundtrip(path: Path, c: int, tensors: dict, keep_bits: int | None) -> None:
     ckpt = mf.open(path)
     assert ckpt.code_bits == c
@@ -189,6 +194,7 @@ def check_roundtrip(path: Path, c: int, tensors: dict, keep_bits: int | None) ->
             t["zero_dtype"],
             tuple(sorted(t["extra_precision"])),
             kept,
+            zero_point=_one_integer(t["zero"]),
         )
         assert info.max_width(c) == served
         np.testing.assert_array_equal(_bits(ckpt.scale(name)), _bits(t["scale"]))

@@ -272,6 +272,27 @@ def test_pull_downloads_only_the_planes_a_width_reads(server, ckpt, pushed, tmp_
         mf.open(tmp_path / "int2").sliced_codes(names[0], 4)
 
 
+def test_pull_a_width_of_a_checkpoint_without_zero_entries(server, tmp_path):
+    """Symmetric tensors record one zero point (spec 10.6): int2 still downloads the base file and
+    three plane files, and reads as the original does."""
+    ck = tmp_path / "sym"
+    rng = np.random.default_rng(3)
+    with mf.CheckpointWriter(ck, carry_from={"config.json": b'{"model_type": "llama"}'}) as w:
+        for i in range(2):
+            x = rng.standard_normal((64, 96)).astype(np.float32)
+            a, z = N.minmax_params(x, 8, 32, symmetric=True, scale_dtype="F16")
+            w.add_quantized(f"model.layers.{i}.mlp.up_proj.weight", N.quantize(x, a, z, 8, 32), a, z, group_size=32)
+    src = mf.open(ck)
+    assert src.version == "1.2" and all(src.info(n).zero_point == 128 for n in src.quantized_names())
+    push(ck, "org/sym", token=TOKEN, endpoint=server.url)
+    server.reset_counters()
+    out = pull("org/sym", tmp_path / "int2", bits=2, cache_dir=tmp_path / "cache")
+    assert set(resolve_gets(server)) == expected_files(src, dict.fromkeys(src.quantized_names(), 2))
+    got = mf.open(out.path)
+    for n in src.quantized_names():
+        assert got.dequantize(n, 2).tobytes() == src.dequantize(n, 2).tobytes()
+
+
 def test_pull_extra_precision_plan_and_cache(server, ckpt, pushed, tmp_path):
     src = mf.open(ckpt)
     n0 = src.quantized_names()[0]

@@ -104,15 +104,15 @@ def test_writer_refuses_one_tensor_too_many(tmp_path, monkeypatch):
 @pytest.mark.parametrize("single_file", [False, True])
 def test_writer_refuses_one_entry_too_many(tmp_path, monkeypatch, single_file):
     out = tmp_path / ("ck.safetensors" if single_file else "ck")
-    write(out, names=["a"], single_file=single_file)  # 11 entries: 8 planes, scale, zero, a.d
-    monkeypatch.setattr(C, "MAX_ENTRIES", 11)
+    write(out, names=["a"], single_file=single_file)  # 10 entries: 8 planes, scale, a.d (zero points all 0: 10.6)
+    monkeypatch.setattr(C, "MAX_ENTRIES", 10)
     mf.open(out)
     with mf.CheckpointWriter(tmp_path / "ck2", single_file=single_file) as w:
         add_tensor(w, "a")
-        with pytest.raises(WriterError, match="over the limit of 11|over 11 entries"):
+        with pytest.raises(WriterError, match="over the limit of 10|over 10 entries"):
             w.add_dense("b", np.zeros(1, np.float32))
-    monkeypatch.setattr(C, "MAX_ENTRIES", 10)
-    with pytest.raises(LimitError, match="entries exceed the limit of 10"):
+    monkeypatch.setattr(C, "MAX_ENTRIES", 9)
+    with pytest.raises(LimitError, match="entries exceed the limit of 9"):
         mf.open(out)
 
 

@@ -693,7 +693,8 @@ def test_gguf_layout_signs_scales_so_the_extreme_is_exact_at_every_width(tiny, t
 
     out = quantize_hf(tiny["llama-f32"], tmp_path / "ck", layers="linear", layout="gguf")
     ck = mf.open(out)
-    assert ck.signed_scales and ck.manifest["must_understand"] == ["matq.signed_scales"]
+    assert ck.signed_scales and ck.manifest["must_understand"] == ["matq.signed_scales", "matq.constant_zero"]
+    assert {ck.info(n).zero_point for n in ck.quantized_names()} == {128}  # symmetric: no zero entries (10.6)
     src = HFSource(tiny["llama-f32"])
     negative = positive = 0
     for name in ck.quantized_names():

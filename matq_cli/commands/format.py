@@ -97,7 +97,8 @@ def _tensor_line(t: dict) -> str:
     if "extra_bucket_share" in t:
         share = "  extra bucket " + " ".join(f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items())
     widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
-    return f"{printable(t['name'])}  from {t['dtype']} [{shape}] {g} {t['scheme']}{ep}  {widths}{share}"
+    zero = f" z={t['zero_point']}" if t.get("zero_point") is not None else ""  # one for the tensor (10.6)
+    return f"{printable(t['name'])}  from {t['dtype']} [{shape}] {g} {t['scheme']}{zero}{ep}  {widths}{share}"
 
 
 @click.command(

@@ -3,9 +3,11 @@
     python spec/v1/example/make_example.py [OUT_DIR]      # default: this folder
 
 Writes ``OUT_DIR/tiny.matq.safetensors`` (single-file form), ``OUT_DIR/tiny-matq/`` (folder form,
-with a carried ``config.json``), both version 1.0, and ``OUT_DIR/tiny-stacked.matq.safetensors``
-(version 1.1: one stacked tensor, section 14.6). Every value is fixed here, so the bytes are the same on every run;
-tests/test_spec.py regenerates both and compares them byte for byte with the checked-in copies.
+with a carried ``config.json``), both version 1.0, ``OUT_DIR/tiny-stacked.matq.safetensors``
+(version 1.1: one stacked tensor, section 14.6) and ``OUT_DIR/tiny-constant-zero.matq.safetensors``
+(version 1.2: one zero point for a whole tensor, section 14.7). Every value is fixed here, so the bytes
+are the same on every run; tests/test_spec.py regenerates them and compares them byte for byte with
+the checked-in copies.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ STACKED_CODES = np.arange(24, dtype=np.uint8).reshape(2, 4, 3) * 10
 STACKED_SCALE = (2.0 ** -np.arange(4, 16, dtype=np.float32)).reshape(2, 2, 3)  # [experts, groups, out]
 STACKED_ZERO = np.full((2, 2, 3), 128, np.float32)
 
+# Version 1.2 (14.7): the codes of fc.weight on a symmetric grid, groups of 4, one zero point (128)
+# for the whole tensor, recorded in the manifest instead of a fc.weight@zero entry.
+CONSTANT_ZERO = "tiny-constant-zero.matq.safetensors"
+CONSTANT_SCALE = np.array([[2.0**-7, 2.0**-6], [2.0**-8, 2.0**-5]], dtype=np.float32)  # [rows, groups]
+ZERO_POINT = 128
+
 
 def write(writer: mf.CheckpointWriter) -> None:
     writer.add_quantized(
@@ -77,10 +85,31 @@ def write_stacked(writer: mf.CheckpointWriter) -> None:
     )
 
 
+def write_constant_zero(writer: mf.CheckpointWriter, zero: int | np.ndarray = ZERO_POINT) -> None:
+    """``zero`` an integer: one zero point in the record (10.6); an array: a ``@zero`` entry."""
+    writer.add_quantized(
+        "fc.weight",
+        CODES,
+        CONSTANT_SCALE,
+        zero,
+        dtype="BF16",
+        group_size=4,
+        scheme="symmetric",
+        scale_dtype="F16",
+        zero_dtype="U8",
+    )
+
+
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with mf.CheckpointWriter(out_dir / STACKED, 8, single_file=True, source=SOURCE, overwrite=True) as w:
+    # 14.6 shows version 1.1 as it was written: its zero points stay an entry (no 1.2 extension).
+    stacked = mf.CheckpointWriter(
+        out_dir / STACKED, 8, single_file=True, source=SOURCE, overwrite=True, constant_zero=False
+    )
+    with stacked as w:
         write_stacked(w)
+    with mf.CheckpointWriter(out_dir / CONSTANT_ZERO, 8, single_file=True, source=SOURCE, overwrite=True) as w:
+        write_constant_zero(w)
     with mf.CheckpointWriter(out_dir / SINGLE_FILE, 8, single_file=True, source=SOURCE, overwrite=True) as w:
         write(w)
     with tempfile.TemporaryDirectory() as tmp:
