@@ -15,6 +15,7 @@ from . import constants as C
 from .container import gc_paused, strict_json
 from .errors import HeaderError, LimitError, UnsupportedVersionError
 from .numerics import n_groups, param_shape, planes_needed
+from .widths import WidthSpec, parse_record, part_dtype, part_name, part_shape
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,18 @@ class TensorInfo:
     def param_shape(self) -> tuple[int, ...]:
         """Shape of the scale and zero entries: ``[rows, groups]`` for a matrix (section 6, 10.5)."""
         return param_shape(self.shape, self.group_size, self.in_axis)
+
+    def width_specs(self, code_bits: int) -> dict[int, WidthSpec]:
+        """The widths that carry their own block parameters (spec 10.7), by width; {} if none."""
+        value = self.extras.get(C.EXT_WIDTH_PARAMS)
+        return {} if value is None else parse_record(value, code_bits)
+
+    def width_entries(self, code_bits: int):
+        """(width, entry name, dtype, shape) of every per-width parameter entry of this tensor."""
+        for r, spec in self.width_specs(code_bits).items():
+            for p in spec.parts():
+                shape = part_shape(spec, p, self.shape, self.in_axis)
+                yield r, entry_name(self.name, part_name(r, p)), part_dtype(p), shape
 
     def max_width(self, code_bits: int) -> int:
         """Widest slice the present planes serve (0 if none)."""
@@ -200,6 +213,10 @@ def _check_quantized(t: TensorInfo, code_bits: int) -> None:
         raise RecordError(f"extra_precision must list distinct widths in 1..{code_bits - 1}")
     if not _distinct_ints(t.planes, 0, code_bits - 1):
         raise RecordError(f"planes must list distinct plane indices in 0..{code_bits - 1}")
+    try:
+        t.width_specs(code_bits)
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
 
 
 _VERSION_RE = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}")
@@ -320,6 +337,13 @@ def parse_manifest(
     stacked = next((n for n, t in infos.items() if t.stacked), None)
     if stacked is not None and C.EXT_STACKED not in must:
         raise HeaderError(path, f"tensor {_shown(stacked)}: a stacked tensor needs {C.EXT_STACKED} in must_understand")
+    widths = next((n for n, t in infos.items() if C.EXT_WIDTH_PARAMS in t.extras), None)
+    if widths is not None and C.EXT_WIDTH_PARAMS not in must:
+        raise HeaderError(path, f"tensor {_shown(widths)}: per-width parameters need {C.EXT_WIDTH_PARAMS} in must_understand")
+    for fname, finfo in files.items():
+        w = finfo.get("width")
+        if w is not None and not (_is_int(w) and 1 <= w < c):
+            raise HeaderError(path, f"file {fname!r}: width must be an integer in 1..{c - 1}")
     return m, infos
 
 
