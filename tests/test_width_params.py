@@ -19,7 +19,7 @@ from matq_format import constants as C
 from matq_format import numerics as N
 from matq_format.errors import BadParameterError, HeaderError, UnsupportedVersionError, WriterError
 from matq_format.manifest import parse_manifest
-from matq_format.widths import WidthParams
+from matq_format.widths import WidthParams, WidthSpec
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "spec" / "v1"
 SPEC = (SPEC_DIR / "README.md").read_text(encoding="utf-8")
@@ -196,3 +196,102 @@ def test_fit_of_non_finite_weights_is_an_error():
     w[0, 3] = np.inf
     with pytest.raises(ValueError, match="not finite"):
         fit_width(w, np.zeros((1, 256), np.uint8), spec_for(2, True))
+
+
+# --- GGUF: the K-quant of each width's shape, bit for bit ------------------------------------------
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits, qtype", [(2, "Q2_K"), (3, "Q3_K"), (4, "Q4_K"), (5, "Q5_K")])
+def test_gguf_k_blocks_decode_to_dequantize_width(bits, qtype, symmetric):
+    """gguf-py's reference decoders (ggml's dequantize_row_q*_K in numpy) return exactly
+    ``numerics.dequantize_width``, negative sub-group scales (reversed levels) included."""
+    gguf = pytest.importorskip("gguf")
+    from matq_converters.exporters.gguf import blocks as B
+
+    rng = np.random.default_rng(bits + 10 * symmetric)
+    w = (rng.standard_normal((8, 768)) * rng.uniform(0.001, 0.1, (8, 1))).astype(np.float32)
+    q, a, z = _grid(w, symmetric)
+    k = N.slice_codes(q, 8, bits)
+    spec = WidthSpec(3, 16, False) if bits == 3 else spec_for(bits, symmetric)  # Q3_K has no minimum
+    p = fit_width(w, k, spec, rng.uniform(0.5, 2.0, 768))
+    if p.spec.minimum:
+        assert (p.sc < 0).any() == symmetric  # signed int8 grids make falling sub-groups
+    sl = B.Slice(k, a, z, 8, bits, 32, False, p)
+    enc = B.encode_compact(sl)
+    assert enc.qtype.name == qtype and enc.exact
+    got = gguf.quants.dequantize(enc.data, enc.qtype)
+    np.testing.assert_array_equal(got.view(np.uint32), sl.dequantize().view(np.uint32))
+    assert B.bits_per_weight(enc.qtype) == {2: 2.625, 3: 3.4375, 4: 4.5, 5: 5.5}[bits]
+
+
+def test_gguf_rows_not_multiple_of_256_keep_the_width_values(tmp_path):
+    """576 columns (SmolLM2's hidden size): no K-quant; the width's own values are refitted, not the shared grid's."""
+    from matq_converters.exporters.gguf import blocks as B
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((4, 576)) * 0.02).astype(np.float32)
+    q, a, z = _grid(w, True)
+    k = N.slice_codes(q, 8, 2)
+    p = fit_width(w, k, spec_for(2, True))
+    sl = B.Slice(k, a, z, 8, 2, 32, False, p)
+    enc = B.encode_compact(sl)
+    own = sl.dequantize()
+    shared = N.dequantize_codes(k, a, z, 8, 2, 32)
+    assert B.rel_rms_error(enc, own) < B.rel_rms_error(enc, shared)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_models import tiny_hf_model
+
+    from matq_converters.importers.hf.quantize import quantize_hf
+
+    base = tmp_path_factory.mktemp("widths")
+    hf = tiny_hf_model("llama", base / "hf", seed=1)
+    quantize_hf(hf, base / "ck", layers="linear")
+    return hf, mf.open(base / "ck")
+
+
+def test_quantize_gguf_layout_fits_2_3_4_by_default(tiny_llama):
+    _, ckpt = tiny_llama
+    assert ckpt.version == "1.2"
+    assert set(ckpt.manifest["must_understand"]) == {C.EXT_SIGNED_SCALES, C.EXT_WIDTH_PARAMS}
+    name = ckpt.quantized_names()[0]
+    assert sorted(ckpt.info(name).width_specs(8)) == [2, 3, 4]
+    assert {f: r["width"] for f, r in ckpt.manifest["files"].items() if "width" in r} == {
+        C.WIDTH_FILENAME.format(r=r): r for r in (2, 3, 4)
+    }
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("bits, qtype", [(2, "Q2_K"), (3, "Q3_K"), (4, "Q4_K")])
+def test_llama_cpp_runs_the_width_blocks_as_transformers_runs_the_reader(tiny_llama, tmp_path, bits, qtype):
+    pytest.importorskip("llama_cpp")
+    import torch
+    from gguf_helpers import SAMPLE, hf_model_on_matq, llama_cpp_model
+    from transformers import AutoTokenizer
+
+    from matq_converters import registry
+    from matq_converters.registry import ConvertOptions
+
+    hf, ckpt = tiny_llama
+    ids = AutoTokenizer.from_pretrained(hf)(SAMPLE).input_ids
+    with torch.no_grad():
+        ref = hf_model_on_matq(hf, ckpt, bits, False)(torch.tensor([ids])).logits[0].float().numpy()
+    sigma = float(ref.std())
+
+    def run(**settings):
+        opts = ConvertOptions(bits=bits, overwrite=True, settings={"exact": True, **settings})
+        res = registry.get("gguf").convert(ckpt, tmp_path / "m.gguf", opts)
+        llm = llama_cpp_model(res.path, n_ctx=256, n_batch=256, n_threads=2, verbose=False, seed=0, logits_all=True)
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], np.float32)
+        d = np.abs(got - ref) / sigma
+        return res, float(d.mean()), float(d.max()), float(np.corrcoef(got.ravel(), ref.ravel())[0, 1])
+
+    res, mean, worst, corr = run()
+    assert {res.details["types"][n] for n in res.details["widths"]} == {qtype}
+    assert res.details["exact_tensors"] == res.details["quantized_tensors"]
+    # llama.cpp quantizes activations (Q8_K) for K-quant matmuls; the same values as F32 must agree to 0.01
+    assert mean <= 0.06 and worst <= 0.5 and corr >= 0.995, (mean, worst, corr)
+    _, mean, worst, corr = run(types=["F32"])
+    assert worst <= 0.01 and corr >= 0.99999, (mean, worst, corr)

@@ -29,6 +29,42 @@ def spec_for(bits: int, symmetric_grid: bool) -> WidthSpec:
     return SHAPES.get(bits, WidthSpec(bits, 32, True))
 
 
+def fit_tensor(
+    w: np.ndarray,
+    q: np.ndarray,
+    code_bits: int,
+    widths: tuple[int, ...],
+    symmetric_grid: bool,
+    input_axis: int = -1,
+    importance: np.ndarray | None = None,
+    name: str = "",
+) -> dict[int, WidthParams]:
+    """Every width of ``widths`` fitted for one tensor (a matrix or a stack, groups along
+    ``input_axis``) from its float weights and full codes; the arrays in the tensor's parameter shapes."""
+    out = {}
+    wm = N.as_matrix(np.asarray(w, np.float32), input_axis)
+    qm = N.as_matrix(q, input_axis)
+    for r in widths:
+        spec = spec_for(r, symmetric_grid)
+        try:
+            p = fit_width(wm, N.slice_codes(qm, code_bits, r), spec, importance)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        if q.ndim != 2 or input_axis % q.ndim != q.ndim - 1:
+            p = _as_tensor(p, q.shape, input_axis)
+        out[r] = p
+    return out
+
+
+def _as_tensor(p: WidthParams, shape: tuple[int, ...], axis: int) -> WidthParams:
+    """Matrix-view parameters back in the stack's own parameter shapes (spec 10.5, 10.7)."""
+    def back(a, block):
+        return None if a is None else N.from_matrix(a, N.param_shape(shape, block, axis), axis)
+
+    g, sb = p.spec.group_size, C.WIDTH_SUPER_BLOCK
+    return WidthParams(p.spec, back(p.d, sb), back(p.sc, g), back(p.dmin, sb), back(p.mn, g))
+
+
 def fit_width(
     w: np.ndarray, k: np.ndarray, spec: WidthSpec, importance: np.ndarray | None = None
 ) -> WidthParams:
