@@ -391,7 +391,7 @@ class Checkpoint:
             return numerics.dequantize_width(
                 k, wp.d, wp.sc, wp.dmin, wp.mn, bits, wp.spec.group_size, t.in_axis
             )
-        if not extra_precision and t.width_specs(self.code_bits) and not self._fallback_said:
+        if bits < self.code_bits and not extra_precision and t.width_specs(self.code_bits) and not self._fallback_said:
             self._fallback_said = True
             warnings.warn(
                 f"{self.path}: width {bits} of {name} (and maybe others) has no block parameters of its "

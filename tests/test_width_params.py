@@ -295,3 +295,63 @@ def test_llama_cpp_runs_the_width_blocks_as_transformers_runs_the_reader(tiny_ll
     assert mean <= 0.06 and worst <= 0.5 and corr >= 0.995, (mean, worst, corr)
     _, mean, worst, corr = run(types=["F32"])
     assert worst <= 0.01 and corr >= 0.99999, (mean, worst, corr)
+
+
+def test_slice_keeps_the_widths_it_serves_and_drops_the_others(tmp_path):
+    src = tmp_path / "ck"
+    with mf.CheckpointWriter(src) as w:
+        w.add_quantized(NAME, MAKE.WIDTHS_CODES, MAKE.WIDTHS_SCALE, MAKE.WIDTHS_ZERO, width_params=MAKE.WIDTHS_PARAMS)
+    ckpt = mf.open(src)
+    at2 = mf.slice_checkpoint(ckpt, tmp_path / "s2", bits=2)
+    s2 = mf.open(at2)
+    assert sorted(s2.info(NAME).width_specs(8)) == [2] and "matq-width-3.safetensors" not in s2.manifest["files"]
+    np.testing.assert_array_equal(s2.dequantize(NAME, 2), ckpt.dequantize(NAME, 2))
+    s4 = mf.open(mf.slice_checkpoint(ckpt, tmp_path / "s4", bits=4))
+    assert sorted(s4.info(NAME).width_specs(8)) == [2, 3] and s4.version == "1.2"
+    for r in (2, 3):
+        np.testing.assert_array_equal(s4.dequantize(NAME, r), ckpt.dequantize(NAME, r))
+    assert s4.manifest["entries"][f"{NAME}@w3.sc"]["crc32"] == ckpt.manifest["entries"][f"{NAME}@w3.sc"]["crc32"]
+
+
+def test_download_of_a_checkpoint_without_width_files_is_unchanged():
+    from matq_hub.layout import needed_files
+
+    ckpt = mf.open(SPEC_DIR / "example" / "tiny-matq")  # a folder without width files: unchanged
+    assert all("width" not in f for f in needed_files(ckpt, {NAME: 2}))
+
+
+def test_pull_layout_lists_the_width_file(tmp_path):
+    from matq_hub.layout import needed_files
+
+    src = tmp_path / "ck"
+    with mf.CheckpointWriter(src) as w:
+        w.add_quantized(NAME, MAKE.WIDTHS_CODES, MAKE.WIDTHS_SCALE, MAKE.WIDTHS_ZERO, width_params=MAKE.WIDTHS_PARAMS)
+    ckpt = mf.open(src)
+    files = needed_files(ckpt, {NAME: 2})
+    assert "matq-width-2.safetensors" in files and "matq-width-3.safetensors" not in files
+    assert {f for f in files if "plane" in f} == {f"matq-plane-{k}.safetensors" for k in (7, 6, 5)}
+
+
+def test_matq_torch_and_hf_export_serve_the_width_values(tiny_llama, tmp_path):
+    """matq_torch (any switch order) and the dense HF export give the reader's per-width values bit for bit."""
+    pytest.importorskip("torch")
+    import matq_torch
+    from matq_converters import registry
+    from matq_converters.registry import ConvertOptions
+
+    _, ckpt = tiny_llama
+    model = matq_torch.load(ckpt, bits=2)
+    params = dict(model.named_parameters())
+    name = ckpt.quantized_names()[0]
+    for r in (2, 4, 3, 2):
+        model.matq.switch(r)
+        np.testing.assert_array_equal(params[name].detach().numpy(), ckpt.dequantize(name, r))
+    res = registry.get("hf").convert(
+        ckpt, tmp_path / "hf2", ConvertOptions(bits=2, overwrite=True, settings={"layout": "dense", "dtype": "float32"})
+    )
+    from safetensors.numpy import load_file
+
+    got = {}
+    for f in sorted(Path(res.path).glob("*.safetensors")):
+        got.update(load_file(f))
+    np.testing.assert_array_equal(got[name], ckpt.dequantize(name, 2))
