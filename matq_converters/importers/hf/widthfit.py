@@ -77,10 +77,12 @@ def fit_width(
     g = spec.group_size
     pad = (-cols) % C.WIDTH_SUPER_BLOCK
     h = np.ones(cols) if importance is None else np.asarray(importance, np.float64)
-    h = np.where(np.isfinite(h) & (h > 0), h, 0.0) + 1e-12 * (float(h.max(initial=0)) + 1.0)
-    wp = np.pad(np.asarray(w, np.float64), ((0, 0), (0, pad))).reshape(rows, -1, g)
-    kp = np.pad(k.astype(np.float64), ((0, 0), (0, pad))).reshape(rows, -1, g)
-    hp = np.broadcast_to(np.pad(h, (0, pad)).reshape(1, -1, g), wp.shape)
+    h = np.where(np.isfinite(h) & (h > 0), h, 0.0)
+    h = (h / max(float(h.max(initial=0)), 1e-30) + 1e-6).astype(np.float32)  # scale-free, none zero
+    # float32: sums over 16 or 32 weights lose nothing that the fp16 d and integer sc keep
+    wp = np.pad(np.asarray(w, np.float32), ((0, 0), (0, pad))).reshape(rows, -1, g)
+    kp = np.pad(k.astype(np.float32), ((0, 0), (0, pad))).reshape(rows, -1, g)
+    hp = np.pad(h, (0, pad)).reshape(1, -1, g)
     top = N.code_max(spec.bits)
     if spec.minimum:
         d, sc, dmin, mn = _fit_affine(wp, kp, hp, top, MN_MAX.get(spec.bits, C.WIDTH_SC_AFFINE))
@@ -109,11 +111,12 @@ def _per_super(x: np.ndarray, g: int) -> np.ndarray:
 def _fit_affine(w, k, h, top: int, mmax: int):
     """Least squares ``w ~ step * (k - o) - low`` per sub-group; a falling sub-group (step < 0)
     takes ``o = 2^r - 1`` and a negative ``sc`` (spec 10.7) so its minimum stays a minimum."""
-    sw, sk = h.sum(2), (h * k).sum(2)
-    skk, swk, sww = (h * k * k).sum(2), (h * k * w).sum(2), (h * w).sum(2)
+    h = np.broadcast_to(h, w.shape)
+    sums = [x.sum(2, dtype=np.float64) for x in (h, h * k, h * k * k, h * k * w, h * w)]
+    sw, sk, skk, swk, sww = sums
     det = sw * skk - sk * sk
-    with np.errstate(divide="ignore", invalid="ignore"):
-        step = np.where(det > 0, (sw * swk - sk * sww) / det, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # one level used: no slope (step 0)
+        step = np.where(det > 1e-9 * sw * skk, (sw * swk - sk * sww) / det, 0.0)
     o = np.where(step < 0, float(top), 0.0)
     g = w.shape[2]
     smax = C.WIDTH_SC_AFFINE if mmax > 15 else 15
@@ -126,7 +129,8 @@ def _fit_affine(w, k, h, top: int, mmax: int):
     stepq = np.repeat(d, w.shape[1] // d.shape[1], axis=1) * sc
     o = np.where(sc < 0, float(top), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):  # the minimum given the rounded step
-        low = np.where(sw > 0, (h * (stepq[:, :, None] * (k - o[:, :, None]) - w)).sum(2) / sw, 0.0)
+        resid = (h * ((stepq[:, :, None] * (k - o[:, :, None])).astype(np.float32) - w)).sum(2, dtype=np.float64)
+        low = np.where(sw > 0, resid / sw, 0.0)
     lows = _per_super(low, g)
     big = np.take_along_axis(lows, np.abs(lows).argmax(2)[:, :, None], 2)[:, :, 0]
     dmin = N.fp16_round((big / mmax).astype(np.float32)).astype(np.float64)
@@ -138,9 +142,10 @@ def _fit_affine(w, k, h, top: int, mmax: int):
 
 def _fit_symmetric(w, x, h):
     """Least squares ``w ~ step * x`` per sub-group with ``x = k - 2^(r-1)`` (Q3_K's signed levels)."""
+    h = np.broadcast_to(h, w.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        den = (h * x * x).sum(2)
-        step = np.where(den > 0, (h * x * w).sum(2) / den, 0.0)
+        den = (h * x * x).sum(2, dtype=np.float64)
+        step = np.where(den > 0, (h * x * w).sum(2, dtype=np.float64) / den, 0.0)
     g = w.shape[2]
     st = _per_super(step, g)
     big = np.take_along_axis(st, np.abs(st).argmax(2)[:, :, None], 2)[:, :, 0]
