@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -36,8 +37,11 @@ from .manifest import TensorInfo, entry_name, parse_manifest, plane_entry
 from .planes import plane_stride, unpack
 from .publish import scratch_dir
 from .safefs import allowed_roots, check_file, open_regular, parse_json
+from .widths import WidthParams, check_values, part_name
 
-UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({C.EXT_SIGNED_SCALES, C.EXT_STACKED, C.EXT_CONSTANT_ZERO})
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset(
+    {C.EXT_SIGNED_SCALES, C.EXT_STACKED, C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS}
+)
 
 
 def resolve_base(path: str | os.PathLike) -> Path:
@@ -83,6 +87,7 @@ class Checkpoint:
         self._headers: dict[str, FileHeader] = {C.BASE_FILENAME: base}
         self._maps: dict[str, np.ndarray] = {}
         self._verified: set[str] = set()
+        self._fallback_said = False
         self._open_files()
         self._cross_check()
         if self.missing_files:
@@ -126,7 +131,7 @@ class Checkpoint:
             self._entries_mismatch()
         for ename, dtype, shape in self._expected_entries():
             fname = listed[ename]["file"]
-            if not ename.partition(C.ENTRY_SEP)[2].startswith("plane") and fname != C.BASE_FILENAME:
+            if not ename.partition(C.ENTRY_SEP)[2].startswith(("plane", "w")) and fname != C.BASE_FILENAME:
                 raise HeaderError(self.path, f"entry {ename!r} must live in the base file, not {fname!r}")
             if fname in self.missing_files:
                 continue
@@ -152,6 +157,8 @@ class Checkpoint:
             yield entry_name(name, C.SCALE_SUFFIX), t.scale_dtype, g
             if C.ZERO_SUFFIX in t.param_parts:
                 yield entry_name(name, C.ZERO_SUFFIX), t.zero_dtype, g
+            for _, ename, dtype, shape in t.width_entries(self.code_bits):
+                yield ename, dtype, shape
 
     def _entries_mismatch(self) -> NoReturn:
         expected = {e for e, _, _ in self._expected_entries()}
@@ -348,8 +355,37 @@ class Checkpoint:
         if self.verify_reads:
             self._check_crc(name, None, crc32)
 
+    def width_params(self, name: str, bits: int) -> WidthParams | None:
+        """Width ``bits``'s own block parameters (spec 10.7), checked; None when the tensor has none
+        for that width, or their file is absent from a partial view."""
+        t = self._qinfo(name)
+        spec = t.width_specs(self.code_bits).get(bits)
+        if spec is None:
+            return None
+        entries = self.manifest["entries"]
+        arrays = {}
+        for p in spec.parts():
+            ename = entry_name(name, part_name(bits, p))
+            if entries[ename]["file"] in self.missing_files:
+                return None
+            e = self._headers[entries[ename]["file"]].entries[ename]
+            arrays[p] = dtypes.from_bytes(self._raw(ename), e.dtype, e.shape)
+        params = WidthParams(
+            spec,
+            arrays["d"].astype(np.float32),
+            arrays["sc"],
+            arrays["dmin"].astype(np.float32) if spec.minimum else None,
+            arrays.get("mn"),
+        )
+        why = check_values(params)
+        if why is not None:
+            raise BadParameterError(self._file_of(entry_name(name, part_name(bits, "d"))), f"{name}: {why}")
+        return params
+
     def dequantize(self, name: str, bits: int | None = None, extra_precision: bool = False) -> np.ndarray:
-        """float32 weights of one tensor at a width; unquantized float tensors come back as stored, in float32."""
+        """float32 weights of one tensor at a width; unquantized float tensors come back as stored, in float32.
+
+        A width with its own block parameters (spec 10.7) uses them, unless ``extra_precision``."""
         t = self.info(name)
         if not t.quantized:
             a = self.dense(name)
@@ -357,6 +393,18 @@ class Checkpoint:
             return a.astype(np.float32) if is_float else np.array(a)
         bits = self.code_bits if bits is None else bits
         k = self.sliced_codes(name, bits, extra_precision)
+        wp = None if extra_precision or bits >= self.code_bits else self.width_params(name, bits)
+        if wp is not None:
+            return numerics.dequantize_width(
+                k, wp.d, wp.sc, wp.dmin, wp.mn, bits, wp.spec.group_size, t.in_axis
+            )
+        if bits < self.code_bits and not extra_precision and t.width_specs(self.code_bits) and not self._fallback_said:
+            self._fallback_said = True
+            warnings.warn(
+                f"{self.path}: width {bits} of {name} (and maybe others) has no block parameters of its "
+                "own here; it uses the shared grid",
+                stacklevel=2,
+            )
         return numerics.dequantize_codes(
             k, self.scale(name), self.zero(name), self.code_bits, bits, t.group_size, t.in_axis
         )
@@ -368,7 +416,8 @@ class Checkpoint:
         if not t.quantized:
             return size(name)
         planes = numerics.planes_needed(self.code_bits, bits or self.code_bits)
-        return len(planes) * plane_stride(t.numel) + sum(size(entry_name(name, p)) for p in t.param_parts)
+        own = sum(size(e) for r, e, _, _ in t.width_entries(self.code_bits) if r == bits)
+        return len(planes) * plane_stride(t.numel) + sum(size(entry_name(name, p)) for p in t.param_parts) + own
 
     @property
     def is_folder(self) -> bool:
@@ -467,6 +516,8 @@ class Checkpoint:
         for name in self.quantized_names():
             self.scale(name)
             self.zero(name)
+            for r in self.info(name).width_specs(self.code_bits):
+                self.width_params(name, r)
         self._check_carried_total()
         for rel in self.manifest.get("carried", {}):  # one at a time: each checked, then dropped
             self.read_carried(rel)

@@ -11,8 +11,8 @@ FORMAT_NAME = "matq"
 FORMAT_VERSION = (1, 2)
 """(major, minor) of the newest spec this library implements. Minor versions only add optional fields;
 anything else bumps the major. Writers write the lowest version a checkpoint needs (1.0 unless it
-holds a stacked tensor or a constant zero point), so files that use nothing new stay byte for byte
-what 1.0 wrote."""
+holds a stacked tensor, 1.1, or a constant zero point or per-width parameters, 1.2), so files
+that use nothing new stay byte for byte what 1.0 wrote."""
 
 # --- container -------------------------------------------------------------------------------
 BASE_FILENAME = "matq.safetensors"
@@ -26,6 +26,9 @@ METADATA_KEY_MANIFEST_CRC = "matq.crc32"
 METADATA_KEY_ROLE = "matq.role"
 ROLE_BASE = "base"
 ROLE_PLANES = "planes"
+ROLE_WIDTH = "width"
+WIDTH_FILENAME = "matq-width-{r}.safetensors"
+"""Conventional name of the file holding every tensor's width-r block parameters (spec 10.7)."""
 
 HEADER_PREFIX_BYTES = 8
 """safetensors: little-endian u64 header length, then that many bytes of UTF-8 JSON."""
@@ -53,7 +56,11 @@ ENTRY_SEP = "@"
 PLANE_SUFFIX = "plane{k}"
 SCALE_SUFFIX = "scale"
 ZERO_SUFFIX = "zero"
-ENTRY_RE = re.compile(r"^(?P<tensor>.+)@(?P<part>plane(?P<k>[0-9]|1[0-5])|scale|zero)$")
+WIDTH_SUFFIX = "w{r}.{p}"
+"""Part naming a width's block parameter ``p`` (spec 10.7): ``fc.weight@w2.d``."""
+ENTRY_RE = re.compile(
+    r"^(?P<tensor>.+)@(?P<part>plane(?P<k>[0-9]|1[0-5])|scale|zero|w(?P<r>[1-9]|1[0-6])\.(?P<p>d|sc|dmin|mn))$"
+)
 
 # --- codes -----------------------------------------------------------------------------------
 MIN_CODE_BITS = 2
@@ -115,3 +122,13 @@ records it once, as its ``zero_point`` key, and has no ``@zero`` entry (a symmet
 nothing per group). Always in ``must_understand`` when such a tensor is present."""
 ZERO_POINT_KEY = "zero_point"
 """The tensor record's key (1.2) holding a constant zero point (spec 10.6)."""
+EXT_WIDTH_PARAMS = "matq.width_params"
+"""Extension (spec 10.7, version 1.2): a width r of a quantized tensor may carry its own two-level
+block parameters, refitted to its nested codes, in a file of their own. Always in
+``must_understand`` when present (a reader that ignored them would find entries it cannot place)."""
+WIDTH_SUPER_BLOCK = 256
+"""Columns per super-block of per-width parameters: one fp16 ``d`` (and ``dmin``) each, as K-quants."""
+WIDTH_SC_AFFINE = 63
+"""Largest ``|sc|`` and ``mn`` of a width with a minimum (Q4_K/Q5_K's 6 bits; Q2_K uses up to 15)."""
+WIDTH_SC_SYMMETRIC = 32
+"""``sc`` of a width without a minimum lies in ``-32 .. 31`` (Q3_K's signed 6-bit sub-block scales)."""

@@ -18,6 +18,7 @@ from .container import gc_paused, strict_json
 from .dtypes import cast_exact
 from .errors import HeaderError, LimitError, UnsupportedVersionError
 from .numerics import code_max, n_groups, param_shape, planes_needed
+from .widths import WidthSpec, parse_record, part_dtype, part_name, part_shape
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,18 @@ class TensorInfo:
     def param_shape(self) -> tuple[int, ...]:
         """Shape of the scale and zero entries: ``[rows, groups]`` for a matrix (section 6, 10.5)."""
         return param_shape(self.shape, self.group_size, self.in_axis)
+
+    def width_specs(self, code_bits: int) -> dict[int, WidthSpec]:
+        """The widths that carry their own block parameters (spec 10.7), by width; {} if none."""
+        value = self.extras.get(C.EXT_WIDTH_PARAMS)
+        return {} if value is None else parse_record(value, code_bits)
+
+    def width_entries(self, code_bits: int):
+        """(width, entry name, dtype, shape) of every per-width parameter entry of this tensor."""
+        for r, spec in self.width_specs(code_bits).items():
+            for p in spec.parts():
+                shape = part_shape(spec, p, self.shape, self.in_axis)
+                yield r, entry_name(self.name, part_name(r, p)), part_dtype(p), shape
 
     def max_width(self, code_bits: int) -> int:
         """Widest slice the present planes serve (0 if none)."""
@@ -219,6 +232,10 @@ def _check_quantized(t: TensorInfo, code_bits: int) -> None:
         raise RecordError(f"planes must list distinct plane indices in 0..{code_bits - 1}")
     if t.zero_point is not None:
         _check_zero_point(t.zero_point, t.zero_dtype, code_bits)
+    try:
+        t.width_specs(code_bits)
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
 
 
 def _check_zero_point(z, zero_dtype: str, code_bits: int) -> None:
@@ -354,6 +371,13 @@ def parse_manifest(
         raise HeaderError(
             path, f"tensor {_shown(constant)}: a {C.ZERO_POINT_KEY} needs {C.EXT_CONSTANT_ZERO} in must_understand"
         )
+    widths = next((n for n, t in infos.items() if C.EXT_WIDTH_PARAMS in t.extras), None)
+    if widths is not None and C.EXT_WIDTH_PARAMS not in must:
+        raise HeaderError(path, f"tensor {_shown(widths)}: per-width parameters need {C.EXT_WIDTH_PARAMS} in must_understand")
+    for fname, finfo in files.items():
+        w = finfo.get("width")
+        if w is not None and not (_is_int(w) and 1 <= w < c):
+            raise HeaderError(path, f"file {fname!r}: width must be an integer in 1..{c - 1}")
     return m, infos
 
 

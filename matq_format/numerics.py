@@ -30,6 +30,9 @@ holds it to this module bit for bit (a change here changes them all).
 - ``dequantize_codes`` as ggml's block parameters and decoders (``ggml_affine_params``,
   ``ggml_k_params``, ``dequantize_*_reference``): matq_converters/exporters/gguf/params.py.
   tests/test_gguf_export.py ``test_every_type_decodes_to_the_numerics_reference``.
+- ``dequantize_width`` as ggml's Q2_K/Q3_K/Q4_K/Q5_K decoders (levels, ``d*sc``, ``dmin*mn``):
+  matq_converters/exporters/gguf/blocks.py ``encode_width``. tests/test_width_params.py
+  ``test_gguf_k_blocks_decode_to_dequantize_width``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ __all__ = [
     "slice_codes_c_scale",
     "dequantize_codes",
     "dequantize",
+    "dequantize_width",
+    "width_offset",
     "round_scale",
     "extra_bucket_share",
     "bits_per_weight",
@@ -376,6 +381,43 @@ def dequantize(
     """Slice full codes to ``bits`` and dequantize."""
     k = slice_codes(q, code_bits, bits, extra_precision)
     return dequantize_codes(k, scale, zero, code_bits, bits, group_size, input_axis)
+
+
+def width_offset(sc: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """``o`` of spec 10.7: ``2^(r-1)`` without a minimum; with one, 0, or ``2^r - 1`` where ``sc < 0``
+    (a negative sub-group scale reverses its codes, as a K-quant level ``2^r - 1 - k``)."""
+    sc = np.asarray(sc)
+    if symmetric:
+        return np.full(sc.shape, 1 << (bits - 1), np.int32)
+    return np.where(sc < 0, np.int32(code_max(bits)), np.int32(0))
+
+
+def dequantize_width(
+    k: np.ndarray,
+    d: np.ndarray,
+    sc: np.ndarray,
+    dmin: np.ndarray | None,
+    mn: np.ndarray | None,
+    bits: int,
+    group_size: int,
+    input_axis: int = -1,
+) -> np.ndarray:
+    """A width's own block parameters (spec 10.7): ``w = step * (k - o) - low`` in float32 with
+    ``step = d * sc`` and ``low = dmin * mn`` (both exact), ``t = step * (k - o)`` rounded once and
+    ``w = t - low`` rounded once, the order ggml's K-quant decoders use. ``d``/``dmin`` are per
+    super-block of 256 columns, ``sc``/``mn`` per sub-group of ``group_size``; no ``dmin``: no minimum."""
+    cols = k.shape[input_axis]
+    symmetric = dmin is None
+    sc_e = expand_groups(np.asarray(sc), cols, group_size, input_axis)
+    d_e = expand_groups(np.asarray(d, np.float32), cols, C.WIDTH_SUPER_BLOCK, input_axis)
+    step = d_e * sc_e.astype(np.float32)
+    x = (k.astype(np.int32) - width_offset(sc_e, bits, symmetric)).astype(np.float32)
+    t = step * x
+    if symmetric:
+        return t.astype(np.float32)
+    dmin_e = expand_groups(np.asarray(dmin, np.float32), cols, C.WIDTH_SUPER_BLOCK, input_axis)
+    mn_e = expand_groups(np.asarray(mn), cols, group_size, input_axis).astype(np.float32)
+    return (t - dmin_e * mn_e).astype(np.float32)
 
 
 def extra_bucket_share(q: np.ndarray, code_bits: int, bits: int) -> float:

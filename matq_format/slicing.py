@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from . import constants as C
 from . import numerics
 from .checkpoint import Checkpoint
 from .checkpoint import open as open_checkpoint
@@ -50,7 +51,7 @@ def slice_checkpoint(
         source=source,
         overwrite=overwrite,
         extensions=ckpt.manifest.get("extensions"),
-        must_understand=ckpt.manifest.get("must_understand"),
+        must_understand=[m for m in ckpt.manifest.get("must_understand", []) if m != C.EXT_WIDTH_PARAMS],
         expected_tensors=len(ckpt.tensor_names()),
         inputs=ckpt.input_paths(),
         constant_zero=False,  # each tensor keeps its zero points as the source stores them
@@ -79,7 +80,19 @@ def slice_checkpoint(
                 extra_precision=t.extra_precision,
                 extras=t.extras,
                 input_axis=t.input_axis,
+                width_params=_kept_widths(ckpt, name, widths[name]),
             )
             if progress:
                 progress(1)
     return Path(out)
+
+
+def _kept_widths(ckpt: Checkpoint, name: str, top: int) -> dict:
+    """The per-width parameters (spec 10.7) of the widths the slice still serves and the checkpoint
+    holds (a partial copy may lack some), copied as stored."""
+    kept = {}
+    for r in ckpt.info(name).width_specs(ckpt.code_bits):
+        p = ckpt.width_params(name, r) if r <= top else None
+        if p is not None:
+            kept[r] = p
+    return kept

@@ -36,6 +36,7 @@ from .numerics import code_max, planes_needed
 from .planes import pack
 from .publish import AtomicOutput, OutputKind, output_error
 from .safefs import allowed_roots, check_file, read_bounded
+from .widths import WidthParams, check_values, part_name, part_shape, record
 
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -107,6 +108,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 """How headers and the manifest are serialized: compact, strict JSON, UTF-8 left unescaped."""
 _PLANE_METADATA = {C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_PLANES}
+_WIDTH_METADATA = {C.METADATA_KEY_FORMAT: C.FORMAT_NAME, C.METADATA_KEY_ROLE: C.ROLE_WIDTH}
 
 
 def _manifest_json(obj) -> str:
@@ -163,13 +165,14 @@ def _escaped_bytes(text: str) -> int:
 
 
 class _Planned(NamedTuple):
-    """An entry about to be written, and its plane file (None: the base file)."""
+    """An entry about to be written, and its file: a plane index, ``"w<r>"`` for width r's
+    parameters (spec 10.7), or None for the base file."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    plane: int | None = None
+    plane: int | str | None = None
 
 
 @dataclass
@@ -235,7 +238,7 @@ class CheckpointWriter:
             )
         self._output = AtomicOutput(self.out, checkpoint_kind(single_file), inputs=inputs, overwrite=overwrite)
         self._output.open()
-        self._planes: dict[int, SafetensorsWriter] = {}
+        self._planes: dict[int | str, SafetensorsWriter] = {}  # plane index, or "w<r>" (a width file)
         # Header room: with a tensor count the headers fit without moving any data at close.
         self._plane_reserve = 1 << 20 if expected_tensors is None else 4096 + 320 * expected_tensors
         base_reserve = 4 << 20 if expected_tensors is None else 65536 + 2048 * expected_tensors
@@ -331,6 +334,7 @@ class CheckpointWriter:
         extra_precision: tuple[int, ...] | list[int] = (),
         keep_bits: int | None = None,
         input_axis: int | None = None,
+        width_params: dict[int, WidthParams] | None = None,
     ) -> None:
         """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point (an array,
         or one integer for the whole tensor: spec 10.6).
@@ -363,6 +367,7 @@ class CheckpointWriter:
             zero_dtype=zero_dtype,
             extra_precision=extra_precision,
             input_axis=input_axis,
+            width_params=width_params,
         )
 
     def add_quantized_planes(
@@ -381,14 +386,20 @@ class CheckpointWriter:
         extra_precision=(),
         extras: dict | None = None,
         input_axis: int | None = None,
+        width_params: dict[int, WidthParams] | None = None,
     ) -> None:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint.
 
         A stacked tensor (10.5: more than two dimensions, or ``input_axis`` not the last) lists
         ``matq.stacked`` in ``must_understand`` and makes the checkpoint version 1.1; a constant zero
         point (10.6: ``zero`` an integer, or an array of one integer with ``constant_zero``) lists
-        ``matq.constant_zero`` and makes it 1.2."""
+        ``matq.constant_zero`` and ``width_params`` (10.7, one file per width) list
+        ``matq.width_params``; either makes it 1.2."""
         self._check_name(name)
+        extras = dict(extras or {})
+        extras.pop(C.EXT_WIDTH_PARAMS, None)
+        if width_params:
+            extras[C.EXT_WIDTH_PARAMS] = record({r: p.spec for r, p in width_params.items()})
         info = TensorInfo(
             name,
             C.KIND_QUANTIZED,
@@ -401,7 +412,7 @@ class CheckpointWriter:
             zero_dtype,
             _plain_ints(extra_precision),
             _plain_ints(planes),
-            extras=dict(extras or {}),
+            extras=extras,
             input_axis=_plain_int(input_axis),
         )
         self._check_record(info)
@@ -432,20 +443,25 @@ class CheckpointWriter:
             if p.size != stride:
                 raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
         plane_file = {k: None if self.single_file else k for k in arrays}
+        wide = self._width_arrays(info, width_params or {})
         planned = [
             *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
             _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, pshape, s_arr.nbytes),
         ]
         if z_arr is not None:
             planned.append(_Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, pshape, z_arr.nbytes))
+        planned += [_Planned(e, dt, a.shape, a.nbytes, f) for e, dt, a, f in wide]
         self._charge(info, planned)
         self._require(C.EXT_STACKED, info.stacked)
         self._require(C.EXT_CONSTANT_ZERO, info.zero_point is not None)
+        self._require(C.EXT_WIDTH_PARAMS, bool(wide))
         for k, p in arrays.items():  # only now, so a refused tensor leaves nothing behind
             self._write_plane(k, plane_entry(name, k), p)
         self._write_base(entry_name(name, C.SCALE_SUFFIX), s_arr, scale_dtype)
         if z_arr is not None:
             self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
+        for e, dt, a, f in wide:
+            self._write_width(f, e, a, dt)
         self._tensors[name] = info
 
     def _scales(self, name: str, scale: np.ndarray, scale_dtype: str) -> np.ndarray:
@@ -480,6 +496,30 @@ class CheckpointWriter:
             self.must_understand.append(extension)
             self._budget.fixed = self._fixed_bytes()
 
+    def _width_arrays(self, info: TensorInfo, params: dict[int, WidthParams]) -> list[tuple]:
+        """(entry, dtype, array, file key) of every per-width parameter, checked against spec 10.7:
+        widths below ``c`` and not served with extra precision, shapes, finite ``d``, bounded ``sc``."""
+        out = []
+        for r, p in sorted(params.items()):
+            if r != p.spec.bits or not 1 <= r < self.code_bits:
+                raise WriterError(self.out, f"{info.name}: width parameters for {r} must be for a width in 1..{self.code_bits - 1}")
+            why = check_values(p)
+            if why is not None:
+                raise WriterError(self.out, f"{info.name}: {why}")
+            for part in p.spec.parts():
+                dtype = {"d": "F16", "dmin": "F16", "sc": "I8", "mn": "U8"}[part]
+                want = part_shape(p.spec, part, info.shape, info.in_axis)
+                a = np.asarray(getattr(p, part))
+                if a.shape != want:
+                    raise WriterError(self.out, f"{info.name}: width {r} {part} has shape {list(a.shape)}, expected {list(want)}")
+                try:
+                    stored = dtypes.cast_exact(a, dtype) if dtype == "F16" else a.astype(dtypes.np_dtype(dtype))
+                except ValueError as exc:
+                    raise WriterError(self.out, f"{info.name}: width {r} {part}: {exc}") from None
+                key = None if self.single_file else f"w{r}"
+                out.append((entry_name(info.name, part_name(r, part)), dtype, _little_endian_c(stored), key))
+        return out
+
     def close(self) -> Path:
         """Finish every file, write the manifest, and move the checkpoint into place."""
         if self._closed:
@@ -488,9 +528,13 @@ class CheckpointWriter:
         try:
             self.check_limits()  # every limit the reader enforces, before anything is published
             files = {}
-            for k, w in sorted(self._planes.items(), reverse=True):
-                w.close(_PLANE_METADATA)
-                files[w.path.name] = {"bytes": w.path.stat().st_size, "planes": [k]}
+            planes = sorted((k for k in self._planes if isinstance(k, int)), reverse=True)
+            widths = sorted((k for k in self._planes if isinstance(k, str)), key=lambda k: int(k[1:]))
+            for k in [*planes, *widths]:
+                w = self._planes[k]
+                w.close(_PLANE_METADATA if isinstance(k, int) else _WIDTH_METADATA)
+                where = {"planes": [k]} if isinstance(k, int) else {"width": int(k[1:])}
+                files[w.path.name] = {"bytes": w.path.stat().st_size, **where}
             tensors = {n: t.to_json() for n, t in self._tensors.items()}
             text = _manifest_json(self._manifest(files, tensors, self._entries))
             self._base.close(self._base_metadata(text, crc32_hex(text.encode("utf-8"))))
@@ -565,10 +609,10 @@ class CheckpointWriter:
         }
 
     def _version(self) -> str:
-        """The lowest version this checkpoint needs: 1.2 once it holds a constant zero point (10.6),
-        1.1 once it holds a stacked tensor (10.5), else 1.0."""
+        """The lowest version this checkpoint needs: 1.2 once it holds a constant zero point (10.6) or
+        per-width parameters (10.7), 1.1 once it holds a stacked tensor (10.5), else 1.0."""
         must = self.must_understand
-        minor = 2 if C.EXT_CONSTANT_ZERO in must else 1 if C.EXT_STACKED in must else 0
+        minor = 2 if {C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS} & set(must) else 1 if C.EXT_STACKED in must else 0
         return f"{C.FORMAT_VERSION[0]}.{minor}"
 
     def _base_metadata(self, manifest_text: str, crc: str) -> dict[str, str]:
@@ -586,14 +630,18 @@ class CheckpointWriter:
             C.PLANE_FILENAME.format(k=k): {"bytes": 10**20, "planes": [k]}
             for k in range(0 if self.single_file else self.code_bits)
         }
+        if any(C.EXT_WIDTH_PARAMS in t.extras for t in self._tensors.values()) and not self.single_file:
+            files.update({C.WIDTH_FILENAME.format(r=r): {"bytes": 10**20, "width": r} for r in range(1, self.code_bits)})
         text = _manifest_json(self._manifest(files, {}, {}))
         return _json_bytes({"__metadata__": self._base_metadata(text, "0" * 8)}) + C.HEADER_ALIGN_BYTES
 
-    def _file_writer(self, plane: int | None) -> SafetensorsWriter | None:
-        """The writer of a plane's file (None: the base file), if it was started."""
+    def _file_writer(self, plane: int | str | None) -> SafetensorsWriter | None:
+        """The writer of a plane's or a width's file (None: the base file), if it was started."""
         return self._base if plane is None else self._planes.get(plane)
 
-    def _file_name(self, plane: int | None) -> str:
+    def _file_name(self, plane: int | str | None) -> str:
+        if isinstance(plane, str):
+            return C.WIDTH_FILENAME.format(r=int(plane[1:]))
         return C.BASE_FILENAME if plane is None else C.PLANE_FILENAME.format(k=plane)
 
     def _charge(self, info: TensorInfo, entries: list[_Planned]) -> None:
@@ -689,7 +737,7 @@ class CheckpointWriter:
             if b.plane_meta + n > C.MAX_HEADER_BYTES:
                 raise WriterError(
                     self.out,
-                    f"the header of {C.PLANE_FILENAME.format(k=k)} would pass the reader's limit of "
+                    f"the header of {self._file_name(k)} would pass the reader's limit of "
                     f"{C.MAX_HEADER_BYTES} bytes",
                 )
 
@@ -709,6 +757,17 @@ class CheckpointWriter:
         crc = w.write(entry, data, "U8")
         self._entries[entry] = {"file": w.path.name, "crc32": crc}
 
+    def _write_width(self, key: str | None, entry: str, data: np.ndarray, dtype: str) -> None:
+        """A per-width parameter into its width's file (the base file in the single-file form)."""
+        if key is None:
+            self._write_base(entry, data, dtype)
+            return
+        w = self._planes.get(key)
+        if w is None:
+            w = self._planes[key] = SafetensorsWriter(self._tmp / self._file_name(key), reserve=4 * self._plane_reserve)
+        crc = w.write(entry, data, dtype)
+        self._entries[entry] = {"file": w.path.name, "crc32": crc}
+
     def _carry(self, src: str | os.PathLike | dict[str, Path | bytes]) -> None:
         """Copy a model folder's side files, or an explicit ``{relative name: path or bytes}`` map.
 
@@ -725,7 +784,11 @@ class CheckpointWriter:
                 f"than the {C.CARRY_TOTAL_MAX_BYTES} bytes a checkpoint carries; move what the model does "
                 "not need out of the folder",
             )
-        reserved = {C.BASE_FILENAME, *(C.PLANE_FILENAME.format(k=k) for k in range(C.MAX_CODE_BITS_SPEC))}
+        reserved = {
+            C.BASE_FILENAME,
+            *(C.PLANE_FILENAME.format(k=k) for k in range(C.MAX_CODE_BITS_SPEC)),
+            *(C.WIDTH_FILENAME.format(r=r) for r in range(1, C.MAX_CODE_BITS_SPEC + 1)),
+        }
         for rel, p in src.items():
             if not isinstance(rel, str) or not safe_relpath(rel) or rel.split("/")[0] in reserved:
                 raise WriterError(

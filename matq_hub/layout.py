@@ -2,7 +2,8 @@
 
 The format keeps each bit-plane of every tensor in its own file (``matq-plane-K.safetensors``) and
 the manifest maps every entry to its file, so the files a download needs follow from the manifest:
-the base file, the files holding the planes each tensor's width reads, and the carried files.
+the base file, the files holding the planes each tensor's width reads (and that width's own block
+parameters, spec 10.7), and the carried files.
 Nothing here assumes the canonical layout; a single-file checkpoint simply needs its one file.
 """
 
@@ -24,6 +25,9 @@ def needed_files(ckpt: Checkpoint, widths: Mapping[str, int]) -> list[str]:
     for name, r in widths.items():
         for k in numerics.planes_needed(ckpt.code_bits, r):
             files.add(entries[plane_entry(name, k)]["file"])
+        for rr, ename, _, _ in ckpt.info(name).width_entries(ckpt.code_bits):  # spec 10.7: width r's own
+            if rr == r:
+                files.add(entries[ename]["file"])
     files.discard(C.BASE_FILENAME)
     return [C.BASE_FILENAME, *sorted(files, reverse=True), *sorted(ckpt.manifest.get("carried", {}))]
 

@@ -11,7 +11,7 @@ every reader matches), so a switched model equals a fresh load bit for bit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class _Tensor:
     """The axis of input features: the last for a linear weight, either of the last two for a stack."""
     bits: int | None = None
     extra_precision: bool = False
+    own: dict = field(default_factory=dict)
+    """Widths with their own block parameters (spec 10.7): width -> ``WidthParams``."""
 
 
 class MatqWeights:
@@ -88,6 +90,12 @@ class MatqWeights:
         k = k.reshape(t.shape)
         scale = getattr(t.module, f"{t.attr}_matq_scale").cpu().numpy()
         zero = getattr(t.module, f"{t.attr}_matq_zero").cpu().numpy()
+        own = None if ep else t.own.get(bits)
+        if own is not None:  # the width's own block parameters, as the reader uses them
+            w = numerics.dequantize_width(k, own.d, own.sc, own.dmin, own.mn, bits, own.spec.group_size, t.in_axis)
+            _assign(t.param, w)
+            t.bits, t.extra_precision = bits, ep
+            return
         if len(t.shape) != 2:  # a stack of expert matrices (spec 10.5): the reference, one stack at a time
             w = numerics.dequantize_codes(k, scale, zero, self.code_bits, bits, t.group_size, t.in_axis)
             _assign(t.param, w)
@@ -260,4 +268,6 @@ def _hold(model, ckpt: mf.Checkpoint, name: str, param) -> _Tensor:
     module.register_buffer(f"{attr}_matq_scale", torch.from_numpy(ckpt.scale(name)), persistent=False)
     module.register_buffer(f"{attr}_matq_zero", torch.from_numpy(ckpt.zero(name)), persistent=False)
     shape, planes_held = tuple(info.shape), tuple(info.planes)
-    return _Tensor(name, param, module, attr, shape, info.group_size, planes_held, info.in_axis)
+    own = {r: ckpt.width_params(name, r) for r in info.width_specs(ckpt.code_bits)}
+    own = {r: p for r, p in own.items() if p is not None}
+    return _Tensor(name, param, module, attr, shape, info.group_size, planes_held, info.in_axis, own=own)

@@ -691,7 +691,8 @@ def test_gguf_layout_signs_scales_so_the_extreme_is_exact_at_every_width(tiny, t
     from matq_format.errors import UnsupportedVersionError
     from matq_format.manifest import parse_manifest
 
-    out = quantize_hf(tiny["llama-f32"], tmp_path / "ck", layers="linear", layout="gguf")
+    # the shared grid (no per-width parameters, spec 10.7, which refit widths 2..4 by default)
+    out = quantize_hf(tiny["llama-f32"], tmp_path / "ck", layers="linear", layout="gguf", width_params=())
     ck = mf.open(out)
     assert ck.signed_scales and ck.manifest["must_understand"] == ["matq.signed_scales", "matq.constant_zero"]
     assert {ck.info(n).zero_point for n in ck.quantized_names()} == {128}  # symmetric: no zero entries (10.6)

@@ -37,6 +37,7 @@ FLAGS = [
     "--calib-tokens",
     "--calib-propagate",
     "--device",
+    "--width-params",
     "--force",
     "--json",
     "-h, --help",

@@ -102,7 +102,7 @@ def test_example_regenerates_identically(tmp_path):
     MAKE.main(tmp_path)
     fresh, stored = _files(tmp_path), _files(EXAMPLE)
     assert sorted(fresh) == sorted(stored)
-    assert len(stored) == 13  # 1.0 single file, 8 plane files, base and config.json; 1.1 stacked; 1.2 constant zero
+    assert len(stored) == 14  # 1.0 single file, 8 plane files, base and config.json; 1.1 stacked; 1.2 constant zero; 1.2 widths
     for name in stored:
         assert fresh[name] == stored[name], f"{name} differs from the checked-in example"
 

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 
 from matq_converters.exporters.gguf import params as G
 from matq_format import numerics as N
+from matq_format.widths import WidthParams
 
 QK_K = 256
 ORDER: tuple[T, ...] = (
@@ -46,6 +47,8 @@ class Slice:
     bits: int
     group_size: int | None
     extra_precision: bool = False
+    width: WidthParams | None = None
+    """The width's own block parameters (spec 10.7), rows in the same order as ``k``; None: the shared grid."""
 
     @property
     def max_level(self) -> int:
@@ -54,6 +57,9 @@ class Slice:
         return top + 1 if self.extra_precision and self.bits < self.code_bits else top
 
     def dequantize(self) -> np.ndarray:
+        p = self.width
+        if p is not None:
+            return N.dequantize_width(self.k, p.d, p.sc, p.dmin, p.mn, self.bits, p.spec.group_size)
         return N.dequantize_codes(self.k, self.scale, self.zero, self.code_bits, self.bits, self.group_size)
 
 
@@ -77,6 +83,11 @@ def fits_layout(qtype: T, cols: int, group_size: int | None) -> bool:
 def encode(sl: Slice, allowed: tuple[T, ...] | None = None) -> Encoded:
     """The smallest type of ``allowed`` (default: all) that holds the slice's grid: its levels, with
     block parameters exact or one fp16 rounding away (``Encoded.exact`` tells); F32 always does."""
+    if sl.width is not None:
+        enc = encode_width(sl)
+        if enc is not None and (allowed is None or enc.qtype in allowed):
+            return enc
+        return _refit_width(sl, allowed)
     for qtype in ORDER:
         if allowed is not None and qtype not in allowed and qtype != T.F32:
             continue
@@ -122,6 +133,8 @@ def encode_compact(sl: Slice) -> Encoded:
     Symmetric checkpoints with nested scales are exact at every width. Either way the result says
     whether it is exact, and :func:`rel_rms_error` tells by how much it is not.
     """
+    if sl.width is not None:
+        return encode_width(sl) or refit(sl.dequantize(), compact_type(sl.bits, sl.k.shape[1]))
     bits = sl.bits + (1 if sl.max_level > N.code_max(sl.bits) else 0)
     target = compact_type(bits, sl.k.shape[1])
     budget = bits_per_weight(target)
@@ -142,6 +155,55 @@ def encode_compact(sl: Slice) -> Encoded:
             if enc is not None:
                 break
     return enc or refit(sl.dequantize(), target)
+
+
+# --- a width's own block parameters (spec 10.7) as the K-quant of its shape, exactly ----------------
+def width_type(sl: Slice) -> T | None:
+    """The K-quant that holds a slice's own block parameters exactly, or None: Q2_K, Q4_K, Q5_K for
+    widths 2, 4, 5 with a minimum (sub-groups of 16, 32, 32), Q3_K for width 3 without one (16)."""
+    p = sl.width
+    if p is None or sl.extra_precision or sl.k.shape[-1] % QK_K:
+        return None
+    shape = (sl.bits, p.spec.group_size, p.spec.minimum)
+    qtype = {(2, 16, True): T.Q2_K, (4, 32, True): T.Q4_K, (5, 32, True): T.Q5_K, (3, 16, False): T.Q3_K}.get(shape)
+    if qtype == T.Q2_K and (np.abs(p.sc.astype(np.int32)).max(initial=0) > 15 or p.mn.max(initial=0) > 15):
+        return None  # Q2_K's sub-block integers have 4 bits
+    return qtype
+
+
+def encode_width(sl: Slice) -> Encoded | None:
+    """A slice with its own parameters as its K-quant (:func:`width_type`), decoding bit for bit to
+    ``numerics.dequantize_width``: ``d*|sc|`` and ``dmin*mn`` are exact products as ggml forms them,
+    a negative ``sc`` stores the reversed level ``2^r - 1 - k``, so ggml's ``dl*level - ml`` is the
+    same two roundings. None when no K-quant holds it."""
+    qtype = width_type(sl)
+    if qtype is None:
+        return None
+    p, rows = sl.width, sl.k.shape[0]
+    g = p.spec.group_size
+    sc = p.sc.astype(np.int32)
+    sc_el = np.repeat(sc, g, axis=1)
+    d = p.d.reshape(-1)
+    if qtype == T.Q3_K:
+        lv = _blocks(sl.k.astype(np.int32) - 4, QK_K)
+        data = _pack_q3_k(lv, d, sc.reshape(-1, QK_K // g))
+        return Encoded(qtype, data.reshape(rows, -1), True)
+    top = N.code_max(sl.bits)
+    lv = _blocks(np.where(sc_el < 0, top - sl.k.astype(np.int32), sl.k.astype(np.int32)), QK_K)
+    mag, mn = np.abs(sc).reshape(-1, QK_K // g), p.mn.astype(np.int32).reshape(-1, QK_K // g)
+    dmin = p.dmin.reshape(-1)
+    pack = {T.Q2_K: _pack_q2_k, T.Q4_K: _pack_q4_k, T.Q5_K: _pack_q5_k}[qtype]
+    return Encoded(qtype, pack(lv, d, dmin, mag, mn).reshape(rows, -1), True)
+
+
+def _refit_width(sl: Slice, allowed: tuple[T, ...] | None) -> Encoded:
+    """A width's own values in the smallest allowed type that holds them exactly, else F32."""
+    w = sl.dequantize()
+    with np.errstate(over="ignore"):
+        h = w.astype(np.float16)
+    if (allowed is None or T.F16 in allowed) and np.array_equal(h.astype(np.float32), w):
+        return Encoded(T.F16, h, True)
+    return Encoded(T.F32, w, True)
 
 
 def refit(w: np.ndarray, qtype: T) -> Encoded:

@@ -61,7 +61,9 @@ def _encode(ckpt, name: str, rs: list[int], top: int, extra_precision: bool, err
     scale, zero = ckpt.scale(name), ckpt.zero(name)
     for r in rs:
         ep = extra_precision and r < c
-        enc = B.encode_compact(B.Slice(ckpt.sliced_codes(name, r, ep), scale, zero, c, r, info.group_size, ep))
+        own = None if ep or r >= c else ckpt.width_params(name, r)
+        k = ckpt.sliced_codes(name, r, ep)
+        enc = B.encode_compact(B.Slice(k, scale, zero, c, r, info.group_size, ep, own))
         d = B.decode(enc) - ref
         err[name][r] = float(np.sum(d * d))
         cost[name][r] = 8.0 * enc.data.nbytes

@@ -365,7 +365,8 @@ class _Encoder:
         ck, r = self.ckpt, self.prep.widths[name]
         ep = self.extra_precision and r < ck.code_bits
         k = ck.sliced_codes(name, r, ep)
-        return B.Slice(k, ck.scale(name), ck.zero(name), ck.code_bits, r, ck.info(name).group_size, ep)
+        own = None if ep or r >= ck.code_bits else ck.width_params(name, r)
+        return B.Slice(k, ck.scale(name), ck.zero(name), ck.code_bits, r, ck.info(name).group_size, ep, own)
 
     def encode(self, name: str, x: np.ndarray, sources: tuple[str, ...]):
         o = self.outputs.get(name) or view.Output(name, x.shape, sources, False)
@@ -395,7 +396,7 @@ class _Encoder:
             )
         s0 = parts[0][0]
         k, a, z = (np.concatenate([getattr(p, f) for p, _ in parts])[idx] for f in ("k", "scale", "zero"))
-        sl = B.Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision)
+        sl = B.Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision, _own_rows(parts, idx))
         enc = self._encoded(sl)
         if not enc.exact:
             self.tally.refit[name] = B.rel_rms_error(enc, sl.dequantize())
@@ -458,6 +459,18 @@ def _add_matq_keys(w, ckpt, prep: _Prepared, options: ConvertOptions, tally: _Ta
     w.add_uint32(KEY_QUANTIZED_TENSORS, tally.quantized)
     if tally.refit:
         w.add_string(KEY_REFIT, json.dumps(tally.refit, sort_keys=True))
+
+
+def _own_rows(parts: list, idx: np.ndarray):
+    """The sources' own width parameters (spec 10.7) in the converter's row order; None unless every
+    source has them, in the same shape."""
+    from dataclasses import replace
+
+    own = [p.width for p, _ in parts]
+    if any(o is None for o in own) or len({o.spec for o in own}) != 1:
+        return None
+    cat = lambda f: None if getattr(own[0], f) is None else np.concatenate([getattr(o, f) for o in own])[idx]  # noqa: E731
+    return replace(own[0], d=cat("d"), sc=cat("sc"), dmin=cat("dmin"), mn=cat("mn"))
 
 
 def _float_slice(sl, outtype: str):

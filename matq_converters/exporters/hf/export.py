@@ -186,7 +186,12 @@ def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, linear: set[s
     ep = ep and bits < ckpt.code_bits
     module = name.removesuffix(".weight")
     plan = None
-    if opts.layout != "dense" and module in linear and name.endswith(".weight"):
+    own = not ep and bits < ckpt.code_bits and ckpt.width_params(name, bits) is not None
+    if own and opts.layout == "gptq":
+        raise GPTQLayoutError(
+            ckpt.path, f"{name}: width {bits} has its own block parameters (spec 10.7), which GPTQ cannot hold; use --layout dense"
+        )
+    if opts.layout != "dense" and module in linear and name.endswith(".weight") and not own:
         pick = _gptq_plan if opts.layout == "gptq" else _packed_plan
         plan = pick(ckpt, name, module, bits, ep)
     if plan is None:  # dense, not a linear layer's weight, or no exact container: dequantized

@@ -48,6 +48,7 @@ def quantize_calibrated(
     progress: Callable[[int], None] | None = None,
     layer_progress: Callable[[int, int], None] | None = None,
     input_axes: Mapping[str, int] | None = None,
+    width_params: tuple[int, ...] = (),
 ) -> Path:
     """Write the checkpoint of :func:`~matq_converters.importers.hf.quantize.quantize_hf` with ``calib`` given.
 
@@ -55,10 +56,12 @@ def quantize_calibrated(
     a ``calibration`` record. Text and model are checked before anything is written.
     ``progress(source bytes)`` is called per tensor written, ``layer_progress(done, total)`` per layer.
     ``input_axes`` (``roles.input_axes``) says where a selected fused expert stack keeps its inputs;
-    such stacks are no ``nn.Linear``, so they are quantized without data.
+    such stacks are no ``nn.Linear``, so they are quantized without data. ``width_params``: widths
+    given their own block parameters (spec 10.7), fitted with the calibration's column importance.
     """
     from matq_converters.importers.hf import calibration as cal
     from matq_converters.importers.hf.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
+    from matq_converters.importers.hf.widthfit import fit_tensor
 
     if propagate not in PROPAGATE:
         raise OptionError(None, f"unknown propagation {propagate!r}; use {' or '.join(PROPAGATE)}")
@@ -93,9 +96,19 @@ def quantize_calibrated(
     }
 
     axes = dict(input_axes or {})
+    seen: dict[str, tuple] = {}
 
     def add(writer, name, codes, scale, zero) -> None:
         t = src.tensors[name]
+        wp = None
+        if width_params:
+            w, imp = seen.pop(name, None) or (src.read(name), None)
+            try:
+                wp = fit_tensor(
+                    w, codes, spec.code_bits, width_params, spec.scheme == "symmetric", axes.get(name, 1), imp, name
+                )
+            except ValueError as exc:
+                raise NonFiniteWeightError(t.file, str(exc)) from None
         writer.add_quantized(
             name,
             codes,
@@ -103,6 +116,7 @@ def quantize_calibrated(
             zero,
             dtype=t.dtype,
             input_axis=axes.get(name, 1),
+            width_params=wp,
             **spec.entry_options(),
         )
         if progress is not None:
@@ -122,7 +136,14 @@ def quantize_calibrated(
             codes, scale, zero = quantize_stack(src.read(name), spec, axes.get(name, 1), name=name, path=t.file)
             add(writer, name, codes, scale, zero)
         for name, codes, scale, zero in cal.calibrate_layers(
-            model, text, plans, spec, propagate=propagate, on_layer=layer_progress, nonfinite=nonfinite
+            model,
+            text,
+            plans,
+            spec,
+            propagate=propagate,
+            on_layer=layer_progress,
+            nonfinite=nonfinite,
+            inputs=(lambda n, w, imp: seen.__setitem__(n, (w, imp))) if width_params else None,
         ):
             add(writer, name, codes, scale, zero)
     return Path(out)

@@ -513,11 +513,13 @@ def calibrate_layers(
     propagate: str = "per-width",
     on_layer: Callable[[int, int], None] | None = None,
     nonfinite: Callable[[str], Exception] | None = None,
+    inputs: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(tensor name, codes, scale, zero)`` for every planned linear, layer by layer.
 
     ``on_layer(done, total)`` is called after each layer. ``nonfinite(name)`` builds the error for
-    a weight holding NaN or infinity.
+    a weight holding NaN or infinity. ``inputs(name, float weights, column importance)`` receives
+    what the per-width fit needs (spec 10.7) before each tensor is yielded.
     """
     import torch
 
@@ -565,6 +567,8 @@ def calibrate_layers(
                     for n, w in zip(group, ws, strict=True):
                         r1 = r0 + w.shape[0]
                         c, a, z = codes[r0:r1], scale[r0:r1], zero[r0:r1]
+                        if inputs is not None:  # before the weight is replaced by its int8 values
+                            inputs(n, w.detach().cpu().numpy().copy(), imp.detach().cpu().numpy())
                         full = numerics.dequantize_codes(
                             c, a, z, spec.code_bits, spec.code_bits, spec.group_size
                         )

@@ -18,7 +18,11 @@ from matq_converters.registry import option
 from matq_format import constants as C
 from matq_format.quantspec import BY_LAYOUT, LAYOUTS, OBJECTIVES, SLICE_EXACT, QuantizeSpec
 
-__all__ = ["FlagText", "HFImportOptions", "flag_texts"]
+__all__ = ["DEFAULT_WIDTH_PARAMS", "FlagText", "HFImportOptions", "flag_texts"]
+
+DEFAULT_WIDTH_PARAMS = (2, 3, 4)
+"""Widths refitted by default in the gguf layout: those llama.cpp writes as Q2_K, Q3_K, Q4_K, where
+a width's own fit gains most; int5 and up gain nothing measurable, and int8 cannot have any."""
 
 _FLAG = "flag"
 """The metadata key of a field's :class:`FlagText`."""
@@ -59,6 +63,11 @@ def _floats(text: str) -> tuple[float, ...] | None:
 def _int_set(text: str) -> tuple[int, ...]:
     """``2,4`` -> (2, 4); empty -> () (none)."""
     return _ints(text) or ()
+
+
+def _widths_or_none(text: str) -> tuple[int, ...] | None:
+    """``2,3,4`` -> (2, 3, 4); ``none`` -> (); empty -> None (the default)."""
+    return () if text.lower() == "none" else _ints(text)
 
 
 def _group_size(text: str) -> int | None:
@@ -157,6 +166,19 @@ class HFImportOptions:
     )
     device: str = _option("cpu", "Where --calib runs: cpu, cuda or cuda:N.", show_default=True)
     calib_seq_len: int | None = _option(None, "Tokens per calibration sequence (default 512).", cli=False)
+    width_params: tuple[int, ...] | None = _option(
+        None,
+        "Widths that get their own block parameters, refitted to their nested codes (spec 10.7), e.g. "
+        "2,3,4; 'none' for none (default: 2,3,4 with --layout gguf, where they export as Q2_K, Q3_K and "
+        "Q4_K; none otherwise). Widths below --code-bits only.",
+        parse=_widths_or_none,
+    )
+
+    def own_widths(self) -> tuple[int, ...]:
+        """The widths given their own block parameters: ``width_params``, or the layout's default."""
+        if self.width_params is not None:
+            return tuple(sorted(set(self.width_params)))
+        return DEFAULT_WIDTH_PARAMS if self.layout == "gguf" else ()
 
     def spec(self) -> QuantizeSpec:
         """The validated spec (``QuantizeSpec.build``; with ``calib``, the calibrated defaults)."""

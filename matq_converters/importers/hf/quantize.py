@@ -29,6 +29,7 @@ import numpy as np
 from matq_converters import roles as architectures
 from matq_converters.importers.hf.options import HFImportOptions
 from matq_converters.importers.hf.ptq import (
+    NonFiniteWeightError,
     WriteBehind,
     checkpoint_writer,
     copy_dense,
@@ -119,11 +120,14 @@ def quantize_hf(
     opts = _checked(options, settings)
     hf_dir, out = Path(hf_dir), Path(out)
     spec = opts.spec()
+    own = opts.own_widths()
+    if any(not 1 <= r < spec.code_bits for r in own):
+        raise OptionError(None, f"--width-params: widths must lie in 1..{spec.code_bits - 1}, got {list(own)}")
     src = HFSource(hf_dir)
     selected, source = _select(src, opts.layers, spec)
     if opts.calib is not None:
         return _calibrated(src, out, spec, selected, source, opts, overwrite, progress, layer_progress)
-    return _data_free(src, out, spec, selected, source, opts.threads, overwrite, progress)
+    return _data_free(src, out, spec, selected, source, opts.threads, overwrite, progress, own)
 
 
 def _select(src: HFSource, layers: str, spec: QuantizeSpec) -> tuple[dict[str, int], dict]:
@@ -200,6 +204,7 @@ def _calibrated(
         overwrite=overwrite,
         progress=progress,
         layer_progress=layer_progress,
+        width_params=opts.own_widths(),
     )
 
 
@@ -237,8 +242,10 @@ def _data_free(
     threads: int | None,
     overwrite: bool,
     progress: Callable[[int], None] | None,
+    own: tuple[int, ...] = (),
 ) -> Path:
-    """Selected tensors quantized in row blocks on ``threads`` workers, written behind; the rest copied."""
+    """Selected tensors quantized in row blocks on ``threads`` workers, written behind; the rest copied.
+    Widths ``own`` get their own block parameters (spec 10.7), fitted with uniform importance."""
     n_threads = max(1, threads or min(8, os.cpu_count() or 1))
     strides = [mf_planes.plane_stride(int(np.prod(src.tensors[n].shape))) for n in selected]
     bufs = _PlaneBuffers(spec.code_bits, max(strides, default=0))
@@ -256,6 +263,7 @@ def _data_free(
             scale, zero = quantize_stack_planes(
                 src.read(name), spec, planes, selected[name], name=name, path=t.file, pool=pool
             )
+            wp = _own_params(src, name, planes, spec, selected[name], own) if own else None
             write = functools.partial(
                 writer.add_quantized_planes,
                 name,
@@ -265,10 +273,24 @@ def _data_free(
                 shape=t.shape,
                 dtype=t.dtype,
                 input_axis=selected[name],
+                width_params=wp,
                 **spec.entry_options(),
             )
             bufs.written_by(sink.put(write, t.nbytes))
     return out
+
+
+def _own_params(src: HFSource, name: str, planes: np.ndarray, spec: QuantizeSpec, axis: int, own) -> dict:
+    """Widths ``own`` of one tensor fitted to the codes just packed (spec 10.7)."""
+    from matq_converters.importers.hf.widthfit import fit_tensor
+
+    t = src.tensors[name]
+    q = mf_planes.unpack(list(planes), int(np.prod(t.shape)), spec.code_bits, spec.code_bits).reshape(t.shape)
+    w = np.asarray(src.read(name), np.float32)
+    try:
+        return fit_tensor(w, q, spec.code_bits, own, spec.scheme == "symmetric", axis, name=name)
+    except ValueError as exc:
+        raise NonFiniteWeightError(t.file, str(exc)) from None
 
 
 class HFImporter:

@@ -4,10 +4,11 @@
 
 Writes ``OUT_DIR/tiny.matq.safetensors`` (single-file form), ``OUT_DIR/tiny-matq/`` (folder form,
 with a carried ``config.json``), both version 1.0, ``OUT_DIR/tiny-stacked.matq.safetensors``
-(version 1.1: one stacked tensor, section 14.6) and ``OUT_DIR/tiny-constant-zero.matq.safetensors``
-(version 1.2: one zero point for a whole tensor, section 14.7). Every value is fixed here, so the bytes
-are the same on every run; tests/test_spec.py regenerates them and compares them byte for byte with
-the checked-in copies.
+(version 1.1: one stacked tensor, section 14.6), ``OUT_DIR/tiny-constant-zero.matq.safetensors``
+(version 1.2: one zero point for a whole tensor, section 14.7) and
+``OUT_DIR/tiny-widths.matq.safetensors`` (version 1.2: per-width block parameters, section 14.8).
+Every value is fixed here, so the bytes are the same on every run; tests/test_spec.py regenerates
+them and compares them byte for byte with the checked-in copies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import matq_format as mf
+from matq_format.widths import WidthParams, WidthSpec
 
 HERE = Path(__file__).resolve().parent
 SINGLE_FILE = "tiny.matq.safetensors"
@@ -52,6 +54,39 @@ STACKED_ZERO = np.full((2, 2, 3), 128, np.float32)
 CONSTANT_ZERO = "tiny-constant-zero.matq.safetensors"
 CONSTANT_SCALE = np.array([[2.0**-7, 2.0**-6], [2.0**-8, 2.0**-5]], dtype=np.float32)  # [rows, groups]
 ZERO_POINT = 128
+
+
+# Version 1.2 (14.8): one row of 32 input features in one group, symmetric; width 2 has its own
+# parameters with a minimum (sub-groups of 16), width 3 its own without one.
+WIDTHS = "tiny-widths.matq.safetensors"
+WIDTHS_CODES = (np.arange(32, dtype=np.uint8) * 8).reshape(1, 32)
+WIDTHS_SCALE = np.array([[2.0**-6]], dtype=np.float32)
+WIDTHS_ZERO = np.array([[128]], dtype=np.float32)
+WIDTHS_PARAMS = {
+    2: WidthParams(
+        WidthSpec(2, 16, True),
+        d=np.array([[2.0**-4]], np.float32),
+        sc=np.array([[5, -3]], np.int8),
+        dmin=np.array([[2.0**-5]], np.float32),
+        mn=np.array([[12, 7]], np.uint8),
+    ),
+    3: WidthParams(WidthSpec(3, 16, False), d=np.array([[2.0**-5]], np.float32), sc=np.array([[9, -32]], np.int8)),
+}
+
+
+def write_widths(writer: mf.CheckpointWriter) -> None:
+    writer.add_quantized(
+        "fc.weight",
+        WIDTHS_CODES,
+        WIDTHS_SCALE,
+        WIDTHS_ZERO,
+        dtype="F32",
+        group_size=None,
+        scheme="symmetric",
+        scale_dtype="F16",
+        zero_dtype="U8",
+        width_params=WIDTHS_PARAMS,
+    )
 
 
 def write(writer: mf.CheckpointWriter) -> None:
@@ -110,6 +145,12 @@ def main(out_dir: Path) -> None:
         write_stacked(w)
     with mf.CheckpointWriter(out_dir / CONSTANT_ZERO, 8, single_file=True, source=SOURCE, overwrite=True) as w:
         write_constant_zero(w)
+    # 14.8 shows per-width parameters alone: its zero points stay an entry.
+    widths = mf.CheckpointWriter(
+        out_dir / WIDTHS, 8, single_file=True, source=SOURCE, overwrite=True, constant_zero=False
+    )
+    with widths as w:
+        write_widths(w)
     with mf.CheckpointWriter(out_dir / SINGLE_FILE, 8, single_file=True, source=SOURCE, overwrite=True) as w:
         write(w)
     with tempfile.TemporaryDirectory() as tmp:
