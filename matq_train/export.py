@@ -25,11 +25,13 @@ __all__ = ["Quantized", "export_records"]
 
 
 class Quantized(NamedTuple):
-    """One weight as stored: codes ``uint8 [rows, cols]``, scale and zero point ``float32 [rows, groups]``."""
+    """One weight as stored: codes ``uint8 [rows, cols]``, scale and zero point ``float32 [rows, groups]``;
+    or a stack of matrices (spec 10.5) with its ``input_axis`` and ``numerics.param_shape`` parameters."""
 
     codes: np.ndarray
     scale: np.ndarray
     zero: np.ndarray
+    input_axis: int | None = None
 
 
 def export_records(
@@ -66,7 +68,15 @@ def export_records(
         ) as w:
             for name, rec in records:
                 if isinstance(rec, Quantized):
-                    w.add_quantized(name, rec.codes, rec.scale, rec.zero, dtype="F32", **options)
+                    w.add_quantized(
+                        name,
+                        rec.codes,
+                        rec.scale,
+                        rec.zero,
+                        dtype="F32",
+                        input_axis=rec.input_axis,
+                        **options,
+                    )
                     n_quantized += 1
                 else:
                     w.add_dense(name, np.ascontiguousarray(rec))
