@@ -149,7 +149,7 @@ def test_minmax_fake_weight_equals_numerics_dequantize(group_size, scheme, code_
     layer = FakeQuantLinear(lin, QuantSpec(code_bits, group_size, scheme=scheme))
     a, z = N.minmax_params(w, code_bits, group_size, symmetric=scheme == "symmetric")
     q = N.quantize(w, a, z, code_bits, group_size)
-    codes, sa, sz = layer.export_params()[:3]
+    codes, sa, sz = layer.export_params()
     assert np.array_equal(codes, q) and np.array_equal(sa, a) and np.array_equal(sz, z)
     for r in range(2, code_bits + 1):
         for ep in (False, True) if r < code_bits else (False,):
@@ -173,7 +173,7 @@ def test_straight_through_gradient_is_identity_and_reaches_clipping():
 def test_learned_clipping_shrinks_the_range_and_stays_storable():
     lin = torch.nn.Linear(64, 4, bias=False)
     layer = FakeQuantLinear(lin, QuantSpec(8, 32, "learned"))
-    codes, scale, zero = layer.export_params()[:3]
+    codes, scale, zero = layer.export_params()
     a_mm, _ = N.minmax_params(lin.weight.detach().numpy(), 8, 32)
     assert np.all(scale <= a_mm)  # sigmoid(4) < 1 clips the range
     assert np.array_equal(scale, N.round_scale(scale, "F16"))

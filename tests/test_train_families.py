@@ -111,3 +111,18 @@ def test_fused_experts_take_learned_clipping_and_checkpointing(data, tmp_path):
         for n, w in want.items():
             assert ck.info(n).extra_precision == (2, 3, 4, 6)
             assert np.array_equal(ck.dequantize(n, bits, bits < 8), w.numpy()), (n, bits)
+
+
+def test_training_page_lists_each_backends_families():
+    """docs/training.md's family line is what the code and this test say, so it cannot drift."""
+    from matq_train.config import BACKEND_FAMILIES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    bullet = re.search(r"^- \*\*Families\.\*\* (.*?)(?=^- )", page, re.S | re.M)
+    assert bullet, "docs/training.md has no Families bullet"
+    want = (
+        f"torch: {BACKEND_FAMILIES['torch']}; tested on {', '.join(FAMILIES)} (`tests/test_train_families.py`). "
+        f"jax: {BACKEND_FAMILIES['jax']} (model types; any other is refused in one line that lists these, "
+        "as `matq train --help` does)."
+    )
+    assert " ".join(bullet.group(1).split()) == want

@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from matq_format import numerics
-
-from ..export import Quantized, export_records
+from ..export import Quantized, export_records, input_axis
 from .fakequant import CLIP_PARAMS, _FakeQuant, fake_quant_layers
 
 log = logging.getLogger("matq_train")
@@ -85,23 +83,21 @@ def _saved_records(model: nn.Module, state: dict, layers: dict) -> list | None:
 
 
 def _regrouped(parts: list[dict], group_size: int | None) -> dict[str, Quantized] | None:
-    """Reverted codes, scales and zero points as records, each with the input axis its shapes
-    say (spec 10.5: the last axis or the one before); None if one fits neither."""
+    """Reverted codes, scales and zero points as records; None if one no longer fits a layout
+    (spec 10.5: inputs on the last axis or the one before, :func:`~matq_train.export.input_axis`)."""
     codes, scale, zero = parts
     if not set(codes) == set(scale) == set(zero):
         return None
     out = {}
-    for n, c in codes.items():
-        shape, pshape = tuple(c.shape), tuple(scale[n].shape)
-        fits = [
-            a
-            for a in (len(shape) - 1, len(shape) - 2)
-            if numerics.param_shape(shape, group_size, a) == pshape
-        ]
-        if len(fits) != 1 or tuple(zero[n].shape) != pshape:
+    for n in codes:
+        rec = Quantized(*(np.ascontiguousarray(t[n].numpy()) for t in parts))
+        try:
+            input_axis(rec.codes.shape, rec.scale.shape, group_size)
+        except ValueError:
             return None
-        axis = None if fits[0] == 1 and len(shape) == 2 else fits[0]
-        out[n] = Quantized(*(np.ascontiguousarray(t[n].numpy()) for t in parts), axis)
+        if rec.zero.shape != rec.scale.shape:
+            return None
+        out[n] = rec
     return out
 
 

@@ -385,15 +385,10 @@ class FakeQuantParam(_FakeQuant, nn.Module):
     def export_params(self) -> Quantized:
         """Codes in the parameter's shape, scale and zero point in ``numerics.param_shape`` (spec 10.5)."""
         m = super().export_params()
-        shape, axis, g = tuple(self._source().shape), self.input_axis, self.spec.group_size
-        if len(shape) == 2 and axis == 1:
-            return m  # a plain matrix: no stack (spec 1.0)
-        pshape = numerics.param_shape(shape, g, axis)
+        shape, axis = tuple(self._source().shape), self.input_axis
+        pshape = numerics.param_shape(shape, self.spec.group_size, axis)
         return Quantized(
-            numerics.from_matrix(m.codes, shape, axis),
-            numerics.from_matrix(m.scale, pshape, axis),
-            numerics.from_matrix(m.zero, pshape, axis),
-            axis,
+            *(numerics.from_matrix(t, s, axis) for t, s in zip(m, (shape, pshape, pshape), strict=True))
         )
 
     def swap_in(self) -> None:
