@@ -49,7 +49,8 @@ def _fake(layer, bits: int) -> torch.Tensor:
 def test_trainer_takes_the_family(family, data, tmp_path):
     src = family_model(family, tmp_path / "src", **small(family))
     cfg = TrainConfig(model_dir=str(src), data=[str(data)], out=str(tmp_path / "ck"), steps=2, batch_size=2,
-                      seq_len=16, lr=1e-3, log_every=1, threads=1, layers="linear", bits=(8, 2), group_size=16)
+                      seq_len=16, lr=1e-3, log_every=1, threads=1, layers="linear", bits=(8, 2), group_size=16,
+                      device="cpu")
     res = train(cfg)
     model = res.model.eval()
     layers = dict(fake_quant_layers(model))
@@ -98,7 +99,7 @@ def test_fused_experts_take_learned_clipping_and_checkpointing(data, tmp_path):
     src = family_model("Mixtral", tmp_path / "src", **small("Mixtral"))
     cfg = TrainConfig(model_dir=str(src), data=[str(data)], out=str(tmp_path / "ck"), steps=2, batch_size=2,
                       seq_len=16, lr=1e-3, log_every=1, threads=1, layers="ffn", bits=(8, 2), clip="learned",
-                      extra_precision=True, grad_checkpointing=True)
+                      extra_precision=True, grad_checkpointing=True, device="cpu")
     res = train(cfg)
     model = res.model.eval()
     layers = dict(fake_quant_layers(model))

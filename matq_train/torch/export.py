@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..export import Quantized, export_records, input_axis
-from .fakequant import CLIP_PARAMS, _FakeQuant, fake_quant_layers
+from .fakequant import CLIP_PARAMS, FakeQuantLinear, FakeQuantParam, fake_quant_layers
 
 log = logging.getLogger("matq_train")
 
@@ -27,7 +27,7 @@ __all__ = ["export_matq", "model_records"]
 
 
 def model_records(
-    model: nn.Module, layers: dict[str, _FakeQuant]
+    model: nn.Module, layers: dict[str, FakeQuantLinear | FakeQuantParam]
 ) -> Iterator[tuple[str, Quantized | np.ndarray]]:
     """``(name, record)``: quantized weights as :class:`Quantized`, the rest as arrays, under the names
     and in the layout transformers saves (:func:`_saved_records`); one tensor at a time, in state-dict
