@@ -16,9 +16,9 @@ holds it to this module bit for bit (a change here changes them all).
 - ``slice_codes`` (with extra precision) on packed planes: ``_bitplanes.c`` (via ``planes.unpack``).
   tests/test_planes.py ``test_unpack_kernel_matches_numpy_and_numerics``, ``test_every_width_exhaustive``.
 - ``round_scale``, ``group_minmax``, ``minmax_params``, ``expand_groups``, ``quantize``,
-  ``slice_codes_c_scale``, ``dequantize`` in torch: matq_train/torch/qops.py (used by
-  matq_train/torch/fakequant.py). tests/test_train_core.py ``test_torch_minmax_and_codes_equal_numerics``,
-  ``test_torch_round_scale_equals_numerics``; tests/test_train.py
+  ``slice_codes_c_scale``, ``dequantize``, ``as_matrix``, ``from_matrix`` in torch: matq_train/torch/qops.py
+  (used by matq_train/torch/fakequant.py). tests/test_train_core.py ``test_torch_minmax_and_codes_equal_numerics``,
+  ``test_torch_round_scale_equals_numerics``, ``test_torch_stack_views_equal_numerics``; tests/test_train.py
   ``test_slice_ste_matches_numerics_for_every_code``, ``test_minmax_fake_weight_equals_numerics_dequantize``.
 - ``slice_codes_c_scale`` and ``dequantize`` in JAX (parameters and codes come from here, on the
   host): matq_train/jax/fakequant.py. tests/test_train_jax.py ``test_jax_fake_weights_equal_numerics``.

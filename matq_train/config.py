@@ -23,7 +23,10 @@ from .spec import QuantSpec
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_FAMILIES",
     "CheckpointMismatchError",
+    "JAX_DECODERS",
+    "JAX_FAMILIES",
     "OutOfMemoryError",
     "PRECISIONS",
     "RESUMABLE_CHANGES",
@@ -35,6 +38,15 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "jax")
+JAX_DECODERS = ("llama", "mistral", "qwen2", "gemma2")
+"""Model types of the causal decoders the jax backend implements (``matq_train/jax/decoder.py``)."""
+JAX_FAMILIES = (*JAX_DECODERS, "bert")
+"""Every model type the jax backend trains: its decoders and BERT's masked LM (``jax/bert.py``)."""
+BACKEND_FAMILIES = {
+    "torch": "the causal and masked LMs transformers runs",
+    "jax": ", ".join(JAX_FAMILIES),
+}
+"""Which families each backend trains, in one line (``matq train --help``, the refusals, the docs)."""
 PRECISIONS = ("fp32", "bf16")
 """``bf16``: matrix products under bfloat16 autocast; weights, optimizer state and fake quantization stay float32."""
 # Fields that may change between a run and its resumption; every other field must match.

@@ -17,19 +17,37 @@ from typing import NamedTuple
 import numpy as np
 
 import matq_format as mf
+from matq_format import numerics
 from matq_format.publish import scratch_dir
 
 from .spec import QuantSpec
 
-__all__ = ["Quantized", "export_records"]
+__all__ = ["Quantized", "export_records", "input_axis"]
 
 
 class Quantized(NamedTuple):
-    """One weight as stored: codes ``uint8 [rows, cols]``, scale and zero point ``float32 [rows, groups]``."""
+    """One weight as stored: codes ``uint8 [rows, cols]``, scale and zero point ``float32 [rows, groups]``;
+    or a stack of matrices (spec 10.5): codes in the weight's shape, scale and zero point in
+    ``numerics.param_shape`` (their shapes say the input axis: :func:`input_axis`)."""
 
     codes: np.ndarray
     scale: np.ndarray
     zero: np.ndarray
+
+
+def input_axis(
+    codes_shape: tuple[int, ...], param_shape: tuple[int, ...], group_size: int | None
+) -> int | None:
+    """The axis of input features that the parameters' shape implies (spec 10.5: the last or the one
+    before), or None for a plain matrix ``[rows, cols]``. Where both fit, every group holds the same
+    single column either way, so the last is taken. Neither: ``ValueError``."""
+    n = len(codes_shape)
+    fits = [
+        a for a in (n - 1, n - 2) if numerics.param_shape(codes_shape, group_size, a) == tuple(param_shape)
+    ]
+    if not fits:
+        raise ValueError(f"parameters {list(param_shape)} fit no input axis of codes {list(codes_shape)}")
+    return None if n == 2 and fits[0] == 1 else fits[0]
 
 
 def export_records(
@@ -66,7 +84,15 @@ def export_records(
         ) as w:
             for name, rec in records:
                 if isinstance(rec, Quantized):
-                    w.add_quantized(name, rec.codes, rec.scale, rec.zero, dtype="F32", **options)
+                    w.add_quantized(
+                        name,
+                        rec.codes,
+                        rec.scale,
+                        rec.zero,
+                        dtype="F32",
+                        input_axis=input_axis(rec.codes.shape, rec.scale.shape, spec.group_size),
+                        **options,
+                    )
                     n_quantized += 1
                 else:
                     w.add_dense(name, np.ascontiguousarray(rec))

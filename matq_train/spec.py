@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from matq_converters.roles import LayerPatternError, detect, select
+from matq_converters.roles import LayerPatternError, detect, hidden_size, input_axes, select
 from matq_format import constants as C
 from matq_format.quantspec import OptionError, QuantizeSpec
 
@@ -22,6 +22,7 @@ __all__ = [
     "QuantSpec",
     "QuantSpecError",
     "select_weights",
+    "weight_axes",
 ]
 
 CLIP_MODES = ("minmax", "learned")
@@ -34,9 +35,9 @@ class QuantSpecError(OptionError):
 
 
 class LayerSelectionError(LayerPatternError):
-    """The layer selection names no Linear weight, or names a weight that is not a Linear layer's."""
+    """The layer selection names no weight that a module of the model holds as a parameter."""
 
-    hint = "use --layers ffn, linear, attention, or a regular expression matching Linear weight names"
+    hint = "use --layers ffn, linear, attention, or a regular expression matching weight names"
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,12 @@ def select_weights(
 ) -> list[str]:
     """Weight names chosen by a preset (ffn, attention, linear) or a regular expression, in model order."""
     return select(dict(shapes), layers, detect(config or {}))
+
+
+def weight_axes(
+    shapes: Mapping[str, tuple[str, tuple[int, ...]]], names: list[str], config: Mapping | None
+) -> dict[str, int]:
+    """Each selected weight's axis of input features: 1 for a matrix, the family's layout for a
+    fused expert stack (``roles.input_axes``; a stack that fits none is an ``ExpertShapeError``)."""
+    config = config or {}
+    return input_axes(dict(shapes), names, detect(config), hidden_size(config))

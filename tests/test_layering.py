@@ -127,7 +127,9 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("command", [["--help"], ["inspect", "--help"], ["convert", "--help"]])
+@pytest.mark.parametrize(
+    "command", [["--help"], ["inspect", "--help"], ["convert", "--help"], ["train", "--help"]]
+)
 def test_the_cli_imports_nothing_heavy(command):
     """``matq --help`` (and the flags every exporter declares) load none of the optional packages."""
     code = (

@@ -14,49 +14,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
+from tiny_models import FAMILIES, family_model, small
 
 import matq_format as mf
 from matq_cli.main import cli
 from matq_converters import roles as R
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, pad_token_id=0)
-MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
-FAMILIES = {  # transformers config class, model class, config fields, FFN and attention weights per layer
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, 3, 4),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}, 3, 4),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}, 12, 4),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, 3, 4),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, 3, 4),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, **MOE, "head_dim": 8}, 12, 4),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}, 3, 4),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8}, 3, 4),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, 2, 2),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, 3, 4),
-    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, 3, 4),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", {}, 3, 4),
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
-                "head_dim": 8, "layer_types": ["sliding_attention", "full_attention"]}, 2, 4),
-    "bert": ("BertConfig", "BertForMaskedLM", {}, 2, 4),
-}
-
-
-def _build(family: str, folder: Path) -> Path:
-    import torch
-    import transformers as tf
-
-    cfg_cls, model_cls, fields, _, _ = FAMILIES[family]
-    common = {k: v for k, v in COMMON.items() if family != "bert" or k != "num_key_value_heads"}
-    torch.manual_seed(0)
-    model = getattr(tf, model_cls)(getattr(tf, cfg_cls)(**common, **fields)).eval()
-    model.save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """One tiny model per family of ``tiny_models.FAMILIES`` (hidden 64, two layers, four experts)."""
     root = tmp_path_factory.mktemp("families")
-    return {f: _build(f, root / f) for f in FAMILIES}
+    return {f: family_model(f, root / re.sub(r"\W", "_", f), **small(f)) for f in FAMILIES}
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -70,16 +43,16 @@ def _quantize(src: Path, out: Path, *args: str) -> mf.Checkpoint:
     return mf.open(out)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_quantizes_its_ffn_and_attention_by_role(models, family, tmp_path):
-    src, (_, _, _, ffn_per_layer, attn_per_layer) = models[family], FAMILIES[family]
-    arch = R.detect(json.loads((src / "config.json").read_text()))
+    src, fam = models[family], FAMILIES[family]
+    arch = R.detect(_config(src))
     assert arch is not R.GENERIC, family
     ffn = _quantize(src, tmp_path / "ffn", "--layers", "ffn")
     lin = _quantize(src, tmp_path / "lin", "--layers", "linear")
-    n_layers = COMMON["num_hidden_layers"]
-    assert len(ffn.quantized_names()) == ffn_per_layer * n_layers
-    assert len(lin.quantized_names()) == (ffn_per_layer + attn_per_layer) * n_layers
+    n_layers = _config(src)["num_hidden_layers"]
+    assert len(ffn.quantized_names()) == fam.ffn * n_layers
+    assert len(lin.quantized_names()) == (fam.ffn + fam.attention) * n_layers
     assert {arch.role(n) for n in ffn.quantized_names()} == {"ffn"}
     assert {arch.role(n) for n in lin.quantized_names()} == {"ffn", "attention"}
     for name in lin.tensor_names():  # routers, norms, embeddings and head stay as they came
@@ -91,18 +64,18 @@ def test_each_family_quantizes_its_ffn_and_attention_by_role(models, family, tmp
 def test_experts_per_expert_and_fused_are_quantized_along_their_inputs(models, tmp_path):
     """Mixtral and Qwen3-MoE store experts as 2-D [out, in]; gpt-oss as 3-D [experts, in, out]."""
     for family, expert in [
-        ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
-        ("qwen3_moe", "model.layers.1.mlp.experts.3.down_proj.weight"),
+        ("Mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+        ("Qwen3-MoE", "model.layers.1.mlp.experts.3.down_proj.weight"),
     ]:
         ck = _quantize(models[family], tmp_path / family, "--layers", "ffn", "--group-size", "16")
         t = ck.info(expert)
         assert t.quantized and not t.stacked and t.param_shape == (t.shape[0], t.shape[1] // 16)
-    src = models["gpt_oss"]
-    shapes = _shapes(src)
+    src = models["gpt-oss"]
+    shapes, cfg = _shapes(src), _config(src)
     ck = _quantize(src, tmp_path / "gpt_oss", "--layers", "ffn", "--group-size", "16")
     assert ck.manifest["version"] == "1.1" and ck.manifest["must_understand"] == ["matq.stacked"]
     gate_up, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
-    for name, n_in in ((gate_up, COMMON["hidden_size"]), (down, COMMON["intermediate_size"])):
+    for name, n_in in ((gate_up, cfg["hidden_size"]), (down, cfg["intermediate_size"])):
         t = ck.info(name)
         assert t.shape == shapes[name] and t.input_axis == 1 and t.cols == n_in
         assert t.param_shape == (4, n_in // 16, shapes[name][2])
@@ -131,7 +104,7 @@ def _quantize_matrix(w: np.ndarray, folder: Path) -> mf.Checkpoint:
 
 
 def test_routers_only_when_a_pattern_names_them(models, tmp_path):
-    ck = _quantize(models["qwen3_moe"], tmp_path / "r", "--layers", r"mlp\.gate\.weight$")
+    ck = _quantize(models["Qwen3-MoE"], tmp_path / "r", "--layers", r"mlp\.gate\.weight$")
     assert ck.quantized_names() == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
     assert {R.detect(ck.config).role(n) for n in ck.quantized_names()} == {"router"}
 
@@ -139,8 +112,8 @@ def test_routers_only_when_a_pattern_names_them(models, tmp_path):
 def test_unknown_family_gets_generic_rules_and_one_line_saying_what(models, tmp_path):
     src = tmp_path / "renamed"
     src.mkdir()
-    shutil.copy(models["llama"] / "model.safetensors", src / "model.safetensors")
-    cfg = json.loads((models["llama"] / "config.json").read_text())
+    shutil.copy(models["Llama 3"] / "model.safetensors", src / "model.safetensors")
+    cfg = _config(models["Llama 3"])
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "newfam", "architectures": ["NewFam"]}))
     r = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "q"), "--layers", "linear"])
     assert r.exit_code == 0, r.output
@@ -161,12 +134,12 @@ def _refused(args: list[str], out: Path, match: str) -> None:
 
 def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(models["gpt_oss"], bad)
+    shutil.copytree(models["gpt-oss"], bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))  # stacks no longer fit
     _refused([str(bad)], tmp_path / "o1", r"/bad: model\.layers\.0\.mlp\.experts\.(gate_up|down)_proj: expert shape "
              r"\[4, \d+, \d+\] fits no layout of gpt_oss \(\[experts, in, out\]; hidden size 48\)")
-    _refused([str(models["llama"]), "--layers", r"layers\.0\."], tmp_path / "o2",
+    _refused([str(models["Llama 3"]), "--layers", r"layers\.0\."], tmp_path / "o2",
              r"--layers 'layers\\\\?\.0\\\\?\.' selects 'model\.layers\.0\.input_layernorm\.weight', of 1 dimensions")
 
 
@@ -184,7 +157,7 @@ def test_generic_rules_tell_a_fused_layout_by_the_hidden_size_or_refuse():
         R.input_axes(shapes, names, arch, None)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "gpt-oss", "Mixtral"])
 def test_hf_export_carries_experts_exactly(models, family, tmp_path):
     """``--to hf --layout dense``: transformers runs the export bit for bit like matq's int4 weights."""
     import torch
@@ -199,7 +172,7 @@ def test_hf_export_carries_experts_exactly(models, family, tmp_path):
     shutil.copytree(models[family], ref)
     save_file({n: np.ascontiguousarray(ck.dequantize(n, 4)) for n in ck.tensor_names()}, str(ref / "model.safetensors"),
               metadata={"format": "pt"})
-    ids = torch.randint(0, COMMON["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, _config(models[family])["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = (tf.AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (tmp_path / "hf", ref))
     assert torch.equal(got, want)
@@ -210,7 +183,7 @@ def test_matq_torch_serves_fused_experts_at_every_width(models, tmp_path):
     """``matq_torch`` holds a stack of expert matrices like a linear weight and switches its width."""
     import matq_torch
 
-    ck = _quantize(models["gpt_oss"], tmp_path / "ck", "--layers", "linear")
+    ck = _quantize(models["gpt-oss"], tmp_path / "ck", "--layers", "linear")
     stacks = [n for n in ck.quantized_names() if len(ck.info(n).shape) == 3]
     assert stacks
     model = matq_torch.load(ck.root, bits=4)

@@ -102,6 +102,18 @@ def test_torch_minmax_and_codes_equal_numerics(scale_dtype, group_size, symmetri
             assert np.array_equal(got, N.dequantize(q, a, z, 8, r, group_size, ep)), (r, ep)
 
 
+def test_torch_stack_views_equal_numerics():
+    """A stack of matrices seen as one matrix (spec 10.5), inputs on either of the last two axes."""
+    torch = pytest.importorskip("torch")
+    from matq_train.torch import qops
+
+    w = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
+    for axis in (1, 2, -1):
+        m = qops.as_matrix(torch.from_numpy(w), axis)
+        assert np.array_equal(m.numpy(), N.as_matrix(w, axis))
+        assert np.array_equal(qops.from_matrix(m, w.shape, axis).numpy(), N.from_matrix(N.as_matrix(w, axis), w.shape, axis))
+
+
 def test_torch_round_scale_equals_numerics():
     from matq_train.torch import qops
 

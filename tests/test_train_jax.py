@@ -410,3 +410,30 @@ def test_cli_jax_backend(llama_dir, tmp_path):
     assert "step 2/2" in r.output and mf.open(out).code_bits == 8
     bad = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "x"), "--clip", "learned"])
     assert bad.exit_code == 1 and bad.output.startswith("matq: ") and "--clip learned" in bad.output
+
+
+def test_jax_says_in_one_line_which_families_it_has(tmp_path):
+    """A family the torch backend trains and this one has no code for (Qwen3, Mixtral): one line naming
+    it and listing the families jax has, the same list ``matq train --help`` shows; nothing written."""
+    from click.testing import CliRunner
+    from tiny_models import FAMILIES, family_model, small
+
+    from matq_cli.main import cli
+    from matq_train.config import JAX_FAMILIES
+
+    assert set(JAX_FAMILIES) < {f.model_type for f in FAMILIES.values()}
+    jax_list = "llama, mistral, qwen2, gemma2, bert"
+    r = CliRunner().invoke(cli, ["train", "--help"])
+    assert f"jax: {jax_list}." in " ".join(r.output.split())
+    for family in ("Qwen3", "Mixtral"):
+        src = family_model(family, tmp_path / family, **small(family))
+        out = tmp_path / f"{family}-out"
+        r = CliRunner().invoke(cli, ["train", str(src), "--data", str(src / "config.json"), "--backend", "jax",
+                                     "--steps", "1", "-o", str(out)])
+        assert r.exit_code == 1, r.output
+        model_type = FAMILIES[family].model_type
+        assert r.stderr.splitlines() == [
+            f"matq: {src}: model type {model_type!r}: the jax backend trains {jax_list}"
+            " (use --backend torch for this model)"
+        ], r.stderr
+        assert not out.exists()

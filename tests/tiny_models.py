@@ -33,6 +33,7 @@ import unittest
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -48,6 +49,7 @@ MODELS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 """Family: transformers' config class and the model class built from it (causal LM; BERT masked LM)."""
 
@@ -72,7 +74,15 @@ def corpus() -> list[str]:
 
 
 def byte_level_bpe(style: str, vocab_size: int = 512):
-    """A byte-level BPE tokenizer (``tokenizers.Tokenizer``) in Llama 3 or Qwen2 style."""
+    """A byte-level BPE tokenizer (``tokenizers.Tokenizer``) in Llama 3 or Qwen2 style (trained once per
+    process and style; each call returns its own copy)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_byte_level_bpe_json(style, vocab_size))
+
+
+@functools.cache
+def _byte_level_bpe_json(style: str, vocab_size: int) -> str:
     from tokenizers import (
         Regex,
         Tokenizer,
@@ -117,7 +127,7 @@ def byte_level_bpe(style: str, vocab_size: int = 512):
         doc = json.loads(tok.to_str())
         doc["model"]["ignore_merges"] = True  # as Llama 3's tokenizer.json
         tok = Tokenizer.from_str(json.dumps(doc))
-    return tok
+    return tok.to_str()
 
 
 def gemma_sentencepiece(folder: Path, vocab_size: int = 512) -> Path:
@@ -295,31 +305,58 @@ def tiny_hf_model(
     return build(cfg, folder, seed=seed, adjust=perturb_norms)
 
 
+class Family(NamedTuple):
+    """One family's tiny model, and what the table of roles selects in each of its layers."""
+
+    model_type: str
+    """transformers' model type (a key of :data:`MODELS`)."""
+    tokenizer: str
+    """The tokenizer style (:func:`_tokenizer`)."""
+    fields: dict
+    """Config fields beyond the shared tiny ones."""
+    ffn: int
+    """Weights per layer ``--layers ffn`` quantizes, as saved (experts per expert where transformers
+    saves them so: 4 experts x 3; gpt-oss's two fused stacks)."""
+    attention: int
+    """Weights per layer ``--layers attention`` quantizes."""
+
+
 FAMILIES = {
-    # family: (transformers model_type, tokenizer style, config fields beyond the shared tiny ones)
-    "Llama 3": ("llama", "llama3", dict(rope_parameters=dict(
+    "Llama 3": Family("llama", "llama3", dict(rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=128))),
-    "Mistral": ("mistral", "llama3", dict(sliding_window=None)),
-    "Qwen2": ("qwen2", "qwen2", dict(tie_word_embeddings=True)),
-    "Qwen3": ("qwen3", "qwen2", dict(tie_word_embeddings=True)),
+        original_max_position_embeddings=128)), 3, 4),
+    "Mistral": Family("mistral", "llama3", dict(sliding_window=None), 3, 4),
+    "Qwen2": Family("qwen2", "qwen2", dict(tie_word_embeddings=True), 3, 4),
+    "Qwen3": Family("qwen3", "qwen2", dict(tie_word_embeddings=True), 3, 4),
     # Gemma ties its head (llama.cpp's converter drops lm_head); SmolLM3 leaves RoPE out of every
     # fourth layer, which llama.cpp fixes (n_no_rope_layer_step = 4), so it gets four layers; llama.cpp
     # renormalizes Qwen3-MoE's top-k router weights, as the released models' norm_topk_prob says
-    "Gemma 2": ("gemma2", "gemma", dict(query_pre_attn_scalar=64, sliding_window=128, tie_word_embeddings=True)),
-    "Gemma 3": ("gemma3_text", "gemma", dict(query_pre_attn_scalar=64, sliding_window=128,
-                                             tie_word_embeddings=True)),
-    "Phi-3": ("phi3", "gpt2", dict(pad_token_id=None)),
-    "OLMo 2": ("olmo2", "gpt2", dict(pad_token_id=None)),
-    "SmolLM3": ("smollm3", "llama3", dict(no_rope_layer_interval=4, num_hidden_layers=4, pad_token_id=None)),
-    "Granite": ("granite", "gpt2", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
-                                        attention_multiplier=0.015625, logits_scaling=8.0, pad_token_id=None)),
-    "BERT": ("bert", "wordpiece", dict()),
-    "Mixtral": ("mixtral", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
-    "Qwen3-MoE": ("qwen3_moe", "qwen2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
-                                             decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
+    "Gemma 2": Family("gemma2", "gemma", dict(query_pre_attn_scalar=64, sliding_window=128,
+                                              tie_word_embeddings=True), 3, 4),
+    "Gemma 3": Family("gemma3_text", "gemma", dict(query_pre_attn_scalar=64, sliding_window=128,
+                                                   tie_word_embeddings=True), 3, 4),
+    "Phi-3": Family("phi3", "gpt2", dict(pad_token_id=None), 2, 2),
+    "OLMo 2": Family("olmo2", "gpt2", dict(pad_token_id=None), 3, 4),
+    "SmolLM3": Family("smollm3", "llama3", dict(no_rope_layer_interval=4, num_hidden_layers=4, pad_token_id=None),
+                      3, 4),
+    "Granite": Family("granite", "gpt2", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                              attention_multiplier=0.015625, logits_scaling=8.0, pad_token_id=None),
+                      3, 4),
+    "BERT": Family("bert", "wordpiece", dict(), 2, 4),
+    "Mixtral": Family("mixtral", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+                      12, 4),
+    "Qwen3-MoE": Family("qwen3_moe", "qwen2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                                                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
+                        12, 4),
+    # experts fused on disk as [experts, in, out]; YaRN's factor is the context over the original one
+    "gpt-oss": Family("gpt_oss", "llama3", dict(
+        num_local_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=128, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                                 beta_slow=1.0, truncate=False, original_max_position_embeddings=8)),
+        2, 4),
 }
-"""The GGUF coverage matrix (tests/test_gguf_families.py): one tiny model per family."""
+"""One tiny model per family: the GGUF coverage matrix (tests/test_gguf_families.py), the table of
+roles (tests/test_moe.py) and the trainer (tests/test_train_families.py)."""
 
 
 def _tokenizer(style: str, folder: Path):
@@ -362,11 +399,25 @@ def _tokenizer(style: str, folder: Path):
     return raw.get_vocab_size(), ids
 
 
+def small(family: str) -> dict:
+    """:func:`family_model` overrides for a smaller model still of the family's shape (hidden 64, FFN
+    128, heads of 16, experts' FFN 64), for tests that run it many times (training, every role)."""
+    fields = FAMILIES[family].fields
+    out = dict(hidden_size=64, intermediate_size=128)
+    if FAMILIES[family].model_type != "bert":
+        out["head_dim"] = 16
+    if "moe_intermediate_size" in fields:
+        out["moe_intermediate_size"] = 64
+    if "query_pre_attn_scalar" in fields:
+        out["query_pre_attn_scalar"] = 16
+    return out
+
+
 def family_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """The tiny model of ``family`` (a key of :data:`FAMILIES`) with its tokenizer, saved to ``folder``:
     hidden 256, FFN 512, two layers, four heads of 64 (two KV heads), norms perturbed; ``overrides``
     replace config fields (bench scripts scale it up)."""
-    model_type, style, fields = FAMILIES[family]
+    model_type, style, fields = FAMILIES[family][:3]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, ids = _tokenizer(style, folder)

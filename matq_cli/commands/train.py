@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from matq_train.config import BACKEND_FAMILIES, BACKENDS
+
 from ..params import PathArg
 from ..progress import bar
 
@@ -95,7 +97,11 @@ Examples:
 @click.option("--fsdp", is_flag=True, help="Shard parameters with FSDP2 (under torchrun).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option(
-    "--backend", type=click.Choice(["torch", "jax"]), default="torch", show_default=True, help="Training framework."
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="torch",
+    show_default=True,
+    help="Training framework. " + "; ".join(f"{b}: {f}" for b, f in BACKEND_FAMILIES.items()) + ".",
 )
 @click.option("--device", default=None, help="torch: cpu, cuda or cuda:N [default: cuda when present].")
 @click.option(

@@ -21,6 +21,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from ..config import JAX_DECODERS
 from .layers import (
     Dropout,
     UnsupportedModelError,
@@ -35,8 +36,9 @@ from .layers import (
 
 __all__ = ["FAMILIES", "DecoderConfig", "forward"]
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
-"""The decoder families of the role table (``matq_converters.roles.DECODERS``) this backend implements;
+FAMILIES = JAX_DECODERS
+"""The decoder families of the role table (``matq_converters.roles.DECODERS``) this backend implements
+(listed in :data:`matq_train.config.JAX_DECODERS`, which ``--help`` reads without importing jax);
 each one's switches are below."""
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import BACKEND_FAMILIES, JAX_FAMILIES
 from .bert import BertConfig
-from .decoder import FAMILIES, DecoderConfig
+from .decoder import DecoderConfig
 from .layers import UnsupportedModelError
 
 __all__ = ["SUPPORTED", "ModelConfig", "UnsupportedModelError", "load_params", "model_config"]
 
 ModelConfig = DecoderConfig | BertConfig
-SUPPORTED = (*FAMILIES, "bert")
+SUPPORTED = JAX_FAMILIES
 
 
 def model_config(cfg: Mapping, path=None) -> ModelConfig:
@@ -29,7 +30,8 @@ def model_config(cfg: Mapping, path=None) -> ModelConfig:
     kind = cfg.get("model_type")
     if kind not in SUPPORTED:
         raise UnsupportedModelError(
-            path, f"model type {kind!r}: the jax backend trains {', '.join(SUPPORTED)}"
+            path,
+            f"model type {kind!r}: the jax backend trains {BACKEND_FAMILIES['jax']}",
         )
     archs = [str(a) for a in cfg.get("architectures") or []]
     if kind == "bert":

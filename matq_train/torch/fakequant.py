@@ -31,12 +31,13 @@ from torch import nn
 from matq_format import numerics
 
 from ..export import Quantized
-from ..spec import LWC_INIT, LayerSelectionError, QuantSpec, QuantSpecError, select_weights
+from ..spec import LWC_INIT, LayerSelectionError, QuantSpec, QuantSpecError, select_weights, weight_axes
 from . import qops
 
 __all__ = [
     "FakeQuantLinear",
     "FakeQuantLinearFn",
+    "FakeQuantParam",
     "FakeQuantSTE",
     "LayerSelectionError",
     "QuantSpec",
@@ -50,6 +51,10 @@ __all__ = [
     "set_width",
     "width",
 ]
+
+
+CLIP_PARAMS = ("clip_gamma", "clip_beta")
+"""Learned clipping's parameters, on each fake-quantized layer (not exported: folded into the scales)."""
 
 
 # --- straight-through estimators ---------------------------------------------------------------
@@ -185,33 +190,41 @@ def _group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(rows, -1, g)
 
 
-class FakeQuantLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight is fake-quantized to ``self.bits`` (None: full precision).
+class _FakeQuant:
+    """What a fake-quantized weight does, on its matrix view ``[rows, cols]`` (:meth:`_matrix`).
 
-    Parameter names are those of ``nn.Linear`` (plus ``clip_gamma``/``clip_beta`` with learned
-    clipping), so state dicts keep the Hugging Face names.
+    Shared by :class:`FakeQuantLinear` (the weight itself) and :class:`FakeQuantParam` (a stack of
+    expert matrices seen as one matrix, spec 10.5), so both quantize with the same code.
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+    spec: QuantSpec
+    bits: int | None
+    extra_precision: bool
+    _cache: tuple | None
+
+    def _matrix(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _source(self) -> torch.Tensor:
+        """The parameter whose values the codes describe (the cache key reads it)."""
+        raise NotImplementedError
+
+    def _init_quant(self, spec: QuantSpec) -> None:
         self.spec = spec
-        self.bits: int | None = None
+        self.bits = None
         self.extra_precision = False
-        self._cache: tuple | None = None
-        self._wr: tuple | None = None  # (bits, extra precision, w_r) set by WidthBatches
+        self._cache = None
         if spec.clip == "learned":
-            rows, cols = linear.weight.shape
+            rows, cols = self._matrix().shape
             groups = numerics.n_groups(cols, spec.group_size)
-            init = torch.full((rows, groups), LWC_INIT, dtype=torch.float32, device=linear.weight.device)
+            dev = self._source().device
+            init = torch.full((rows, groups), LWC_INIT, dtype=torch.float32, device=dev)
             self.clip_gamma = nn.Parameter(init.clone())
             self.clip_beta = nn.Parameter(init.clone())
 
-    def extra_repr(self) -> str:
+    def _quant_repr(self) -> str:
         g = "channel" if self.spec.group_size is None else f"group {self.spec.group_size}"
-        return f"{super().extra_repr()}, c={self.spec.code_bits}, {g}, {self.spec.clip}, bits={self.bits}"
+        return f"c={self.spec.code_bits}, {g}, {self.spec.clip}, bits={self.bits}"
 
     # -- MinMax: parameters and codes kept for the step --
     def _minmax(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,10 +233,11 @@ class FakeQuantLinear(nn.Linear):
         Every width of a step (and a gradient-checkpointing recomputation) reuses them; the trainer
         calls :meth:`invalidate` after each optimizer step, and the weight's version guards the rest.
         """
-        w, spec = self.weight, self.spec
+        spec = self.spec
         key = self._key()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
+                w = self._matrix()
                 a, z = qops.minmax_params(
                     w,
                     spec.code_bits,
@@ -237,7 +251,7 @@ class FakeQuantLinear(nn.Linear):
 
     def _key(self) -> tuple:
         """Identifies the weights' current values: storage, in-place version, device."""
-        w = self.weight
+        w = self._source()
         return (w.data_ptr(), w._version, w.device)
 
     def invalidate(self) -> None:
@@ -248,7 +262,7 @@ class FakeQuantLinear(nn.Linear):
     def _learned(self) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.spec
         qmax = float(numerics.code_max(spec.code_bits))
-        wg = _group_view(self.weight.float(), spec.group_size)
+        wg = _group_view(self._matrix().float(), spec.group_size)
         hi = torch.clamp_min(wg.amax(dim=2), 0.0)
         lo = torch.clamp_max(wg.amin(dim=2), 0.0)
         gamma, beta = torch.sigmoid(self.clip_gamma), torch.sigmoid(self.clip_beta)
@@ -261,21 +275,21 @@ class FakeQuantLinear(nn.Linear):
     def _learned_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float codes ``q`` with gradients through the STEs, scale and zero point ``[rows, cols]``."""
         a, z = self._learned()
-        cols, g = self.weight.shape[1], self.spec.group_size
+        w = self._matrix()
+        cols, g = w.shape[1], self.spec.group_size
         A, Z = qops.expand(a, cols, g), qops.expand(z, cols, g)
-        q = torch.clamp(
-            RoundSTE.apply(self.weight.float() / A) + Z, 0.0, float(numerics.code_max(self.spec.code_bits))
-        )
+        q = torch.clamp(RoundSTE.apply(w.float() / A) + Z, 0.0, float(numerics.code_max(self.spec.code_bits)))
         return q, A, Z
 
     def fake_weight(self, bits: int, extra_precision: bool = False) -> torch.Tensor:
-        """The weights this layer computes with at width ``bits``: ``alpha * (S(q, r) - z)``, float32."""
+        """The weights this layer computes with at width ``bits``: ``alpha * (S(q, r) - z)``, float32,
+        as the matrix ``[rows, cols]``."""
         spec = self.spec
         numerics.check_width(spec.code_bits, bits)
         ep = bool(extra_precision and bits < spec.code_bits)
         if spec.clip == "minmax":
             a, z, q = self._minmax()
-            return FakeQuantSTE.apply(self.weight, q, a, z, spec.code_bits, bits, ep, spec.group_size)
+            return FakeQuantSTE.apply(self._matrix(), q, a, z, spec.code_bits, bits, ep, spec.group_size)
         q, A, Z = self._learned_codes()
         return A * (SliceSTE.apply(q, spec.code_bits, bits, ep) - Z)
 
@@ -294,6 +308,31 @@ class FakeQuantLinear(nn.Linear):
             z.detach().float().cpu().numpy().astype(np.float32),
         )
 
+
+class FakeQuantLinear(_FakeQuant, nn.Linear):
+    """An ``nn.Linear`` whose weight is fake-quantized to ``self.bits`` (None: full precision).
+
+    Parameter names are those of ``nn.Linear`` (plus ``clip_gamma``/``clip_beta`` with learned
+    clipping), so state dicts keep the Hugging Face names.
+    """
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._wr: tuple | None = None  # (bits, extra precision, w_r) set by WidthBatches
+        self._init_quant(spec)
+
+    def _matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def _source(self) -> torch.Tensor:
+        return self.weight
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._quant_repr()}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return F.linear(x, self.weight, self.bias)
@@ -310,6 +349,75 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype), self.bias)
 
 
+class FakeQuantParam(_FakeQuant, nn.Module):
+    """A weight that is no ``nn.Linear``'s, fake-quantized: a stack of expert matrices
+    (``[experts, out, in]`` or ``[experts, in, out]``) as one matrix with groups along its input axis
+    (spec 10.5), or a matrix a module uses itself (a router a pattern names).
+
+    transformers 5 keeps a mixture's experts fused as parameters of one module, so this child of that
+    module hands it, for each forward at a width, the fake-quantized tensor in place of its parameter
+    (hooks swap it in and restore it); the parameter keeps its name and receives the gradient.
+    """
+
+    def __init__(self, owner: nn.Module, name: str, input_axis: int, spec: QuantSpec):
+        nn.Module.__init__(self)
+        self.__dict__["_owner"] = owner  # not a child: the owner holds this module
+        self.param_name, self.input_axis = name, input_axis
+        self.__dict__["_held"] = None  # the parameter while the fake stack stands in for it
+        self._init_quant(spec)
+
+    def _source(self) -> torch.Tensor:
+        return self._held if self._held is not None else self._owner._parameters[self.param_name]
+
+    def _matrix(self) -> torch.Tensor:
+        return qops.as_matrix(self._source(), self.input_axis)
+
+    def extra_repr(self) -> str:
+        shape = list(self._source().shape)
+        return f"{self.param_name} {shape}, input axis {self.input_axis}, {self._quant_repr()}"
+
+    def fake_param(self, bits: int, extra_precision: bool = False) -> torch.Tensor:
+        """:meth:`fake_weight` in the parameter's own shape and memory layout (a strided view would
+        take another matrix-product kernel than the loaded model's own tensor, rounding differently)."""
+        shape = self._source().shape
+        return qops.from_matrix(self.fake_weight(bits, extra_precision), shape, self.input_axis).contiguous()
+
+    def export_params(self) -> Quantized:
+        """Codes in the parameter's shape, scale and zero point in ``numerics.param_shape`` (spec 10.5)."""
+        m = super().export_params()
+        shape, axis = tuple(self._source().shape), self.input_axis
+        pshape = numerics.param_shape(shape, self.spec.group_size, axis)
+        return Quantized(
+            *(numerics.from_matrix(t, s, axis) for t, s in zip(m, (shape, pshape, pshape), strict=True))
+        )
+
+    def swap_in(self) -> None:
+        """Stand the fake-quantized tensor in for the parameter (at a width; nothing at full precision)."""
+        if self.bits is None or self._held is not None:
+            return
+        w_r = self.fake_param(self.bits, self.extra_precision)
+        self.__dict__["_held"] = self._owner._parameters[self.param_name]  # not registered here
+        self._owner._parameters[self.param_name] = w_r.to(self._held.dtype)
+
+    def swap_out(self) -> None:
+        """Put the parameter back."""
+        if self._held is not None:
+            self._owner._parameters[self.param_name] = self._held
+            self.__dict__["_held"] = None
+
+
+def _swap_in(module: nn.Module, args) -> None:
+    for m in module.children():
+        if isinstance(m, FakeQuantParam):
+            m.swap_in()
+
+
+def _swap_out(module: nn.Module, args, output) -> None:
+    for m in module.children():
+        if isinstance(m, FakeQuantParam):
+            m.swap_out()
+
+
 class WidthBatches:
     """MinMax layers grouped by shape and spec; each group's parameters, codes and width-r weights at once.
 
@@ -321,10 +429,10 @@ class WidthBatches:
     where launches dominate, and not on the CPU, where memory does.
     """
 
-    def __init__(self, layers: list[FakeQuantLinear]):
+    def __init__(self, layers: list):
         groups: dict[tuple, list[FakeQuantLinear]] = {}
         for m in layers:
-            if m.spec.clip == "minmax":
+            if isinstance(m, FakeQuantLinear) and m.spec.clip == "minmax":
                 groups.setdefault((tuple(m.weight.shape), m.spec, m.weight.device), []).append(m)
         self.groups = list(groups.values())
         self._whole: list[tuple | None] = [None] * len(self.groups)
@@ -378,40 +486,55 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 
 
 def prepare(model: nn.Module, layers: str, spec: QuantSpec) -> list[str]:
-    """Replace the selected ``nn.Linear`` layers by :class:`FakeQuantLinear` in place; return their weight names.
+    """Fake-quantize the selected weights in place; return their names.
 
-    Starts at full precision (``bits=None``); :func:`set_width` switches widths.
+    An ``nn.Linear`` becomes a :class:`FakeQuantLinear`; any other selected weight (fused experts, a
+    router named by a pattern) gets a :class:`FakeQuantParam` beside it. Starts at full precision
+    (``bits=None``); :func:`set_width` switches widths.
     """
     shapes = {
         n: (_DTYPE_NAMES.get(p.dtype, str(p.dtype)), tuple(p.shape)) for n, p in model.named_parameters()
     }
     config = getattr(model, "config", None)
     cfg = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
-    names = [n for n in select_weights(shapes, layers, cfg) if n.endswith(".weight")]
+    names = select_weights(shapes, layers, cfg)
+    axes = weight_axes(shapes, names, cfg)
     modules = dict(model.named_modules())
-    chosen = []
-    for n in names:
-        mod_name = n[: -len(".weight")]
-        mod = modules.get(mod_name)
-        if isinstance(mod, FakeQuantLinear):
-            chosen.append(n)
-            continue
-        if not isinstance(mod, nn.Linear):
-            continue
-        parent_name, _, attr = mod_name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attr, FakeQuantLinear(mod, spec))
-        chosen.append(n)
+    chosen = [n for n in names if _fake_quantize(model, modules, n, axes[n], spec)]
     if not chosen:
-        raise LayerSelectionError(None, f"--layers {layers!r} selects no nn.Linear weight")
+        raise LayerSelectionError(None, f"--layers {layers!r} selects no weight a module of the model holds")
     return chosen
 
 
-def fake_quant_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantLinear]]:
-    """``(weight name, layer)`` for every fake-quantized layer, in module order."""
+def _fake_quantize(model: nn.Module, modules: dict, name: str, axis: int, spec: QuantSpec) -> bool:
+    """Fake-quantize one weight (its owner found by name); False when no module holds it as a parameter."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = modules[owner_name] if owner_name else model
+    if isinstance(owner, _FakeQuant):
+        return True
+    if attr not in owner._parameters:
+        return False
+    if attr == "weight" and isinstance(owner, nn.Linear):
+        parent_name, _, child = owner_name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, FakeQuantLinear(owner, spec))
+        return True
+    child = f"matq_{attr}"
+    if child not in owner._modules:
+        if not any(isinstance(m, FakeQuantParam) for m in owner.children()):
+            owner.register_forward_pre_hook(_swap_in)
+            owner.register_forward_hook(_swap_out, always_call=True)
+        owner.add_module(child, FakeQuantParam(owner, attr, axis, spec))
+    return True
+
+
+def fake_quant_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantLinear | FakeQuantParam]]:
+    """``(weight name, layer)`` for every fake-quantized weight, in module order."""
     for n, m in model.named_modules():
         if isinstance(m, FakeQuantLinear):
             yield (f"{n}.weight" if n else "weight"), m
+        elif isinstance(m, FakeQuantParam):
+            owner = n.rpartition(".")[0]
+            yield (f"{owner}.{m.param_name}" if owner else m.param_name), m
 
 
 def set_width(model: nn.Module, bits: int | dict[str, int] | None, extra_precision: bool = False) -> None:

@@ -14,7 +14,16 @@ import torch
 
 from matq_format import numerics
 
-__all__ = ["dequantize", "group_minmax", "minmax_params", "quantize", "round_scale", "slice_c_scale"]
+__all__ = [
+    "as_matrix",
+    "dequantize",
+    "from_matrix",
+    "group_minmax",
+    "minmax_params",
+    "quantize",
+    "round_scale",
+    "slice_c_scale",
+]
 
 
 def round_scale(alpha: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -120,3 +129,17 @@ def dequantize(q, alpha, zero, code_bits: int, bits: int, group_size, extra_prec
     cols = q.shape[1]
     kf = slice_c_scale(q, code_bits, bits, extra_precision)
     return expand(alpha, cols, group_size) * (kf - expand(zero, cols, group_size))
+
+
+def as_matrix(w: torch.Tensor, input_axis: int = -1) -> torch.Tensor:
+    """``numerics.as_matrix``: a stack of matrices as ``[rows, cols]``, its input axis last and every
+    other axis folded into rows (differentiable; a view when the input axis is already last)."""
+    w = torch.movedim(w, input_axis, -1)
+    return w.reshape(-1, w.shape[-1]) if w.ndim != 2 else w
+
+
+def from_matrix(m: torch.Tensor, shape, input_axis: int = -1) -> torch.Tensor:
+    """``numerics.from_matrix``: ``[rows, cols]`` back to ``shape`` (differentiable)."""
+    axis = input_axis % len(shape)
+    moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
+    return torch.movedim(m.reshape(moved), -1, axis)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from matq_converters.importers.hf.calibration import resolve_device
 from matq_format.errors import MatqError
+from matq_torch.device import resolve_device
 
 from ..config import (
     MODEL_FILE,

@@ -28,6 +28,7 @@ from matq_converters.importers.hf.ptq import (
 )
 from matq_converters.importers.hf.source import HFSource
 from matq_format.quantspec import OptionError, QuantizeSpec
+from matq_torch.device import resolve_device
 
 __all__ = ["quantize_calibrated"]
 
@@ -65,7 +66,7 @@ def quantize_calibrated(
 
     if propagate not in PROPAGATE:
         raise OptionError(None, f"unknown propagation {propagate!r}; use {' or '.join(PROPAGATE)}")
-    dev = cal.resolve_device(device)
+    dev = resolve_device(device)
     seq_len = cal.DEFAULT_SEQ_LEN if calib_seq_len is None else int(calib_seq_len)
     max_tokens = cal.DEFAULT_CALIB_TOKENS if calib_tokens is None else int(calib_tokens)
     model = cal.LayerwiseModel(src, dev)
