@@ -48,6 +48,7 @@ MODELS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 """Family: transformers' config class and the model class built from it (causal LM; BERT masked LM)."""
 
