@@ -157,26 +157,77 @@ def test_generic_rules_tell_a_fused_layout_by_the_hidden_size_or_refuse():
         R.input_axes(shapes, names, arch, None)
 
 
+def _logits_against_matq(models, family: str, ck: mf.Checkpoint, bits: int, out: Path, tmp_path: Path):
+    """Logits of transformers loading ``out`` and of the source folder with matq's dequantized weights."""
+    import torch
+    import transformers as tf
+    from safetensors.numpy import save_file
+
+    ref = tmp_path / f"ref{bits}"  # the source folder with matq's dequantized weights in place
+    shutil.copytree(models[family], ref)
+    save_file({n: np.ascontiguousarray(ck.dequantize(n, bits)) for n in ck.tensor_names()}, str(ref / "model.safetensors"),
+              metadata={"format": "pt"})
+    ids = torch.randint(0, _config(models[family])["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return [tf.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(ids).logits for p in (out, ref)]
+
+
 @pytest.mark.parametrize("family", ["Qwen3-MoE", "gpt-oss", "Mixtral"])
 def test_hf_export_carries_experts_exactly(models, family, tmp_path):
     """``--to hf --layout dense``: transformers runs the export bit for bit like matq's int4 weights."""
     import torch
-    import transformers as tf
-    from safetensors.numpy import save_file
 
     ck = _quantize(models[family], tmp_path / "q", "--layers", "linear", "--group-size", "16")
     r = CliRunner().invoke(cli, ["convert", str(tmp_path / "q"), "--to", "hf", "--bits", "4", "--layout", "dense",
                                  "-o", str(tmp_path / "hf")])
     assert r.exit_code == 0, r.output
-    ref = tmp_path / "ref"  # the source folder with matq's dequantized weights in place
-    shutil.copytree(models[family], ref)
-    save_file({n: np.ascontiguousarray(ck.dequantize(n, 4)) for n in ck.tensor_names()}, str(ref / "model.safetensors"),
-              metadata={"format": "pt"})
-    ids = torch.randint(0, _config(models[family])["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        got, want = (tf.AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (tmp_path / "hf", ref))
+    got, want = _logits_against_matq(models, family, ck, 4, tmp_path / "hf", tmp_path)
     assert torch.equal(got, want)
     assert ck.info(next(n for n in ck.quantized_names() if "experts" in n)).quantized
+
+
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "Mixtral", "gpt-oss"])
+def test_compressed_tensors_packs_experts_transformers_merges(models, family, tmp_path):
+    """``--to hf`` (compressed-tensors): per-expert 2-D experts of a symmetric checkpoint are packed in a
+    scheme of their own and transformers' loader decompresses and merges them into its fused experts,
+    bit for bit; gpt-oss's fused 3-D experts (no per-expert form transformers merges) are written
+    dequantized, with the reason."""
+    import torch
+
+    ck = _quantize(models[family], tmp_path / "q", "--layers", "linear", "--group-size", "16", "--scheme", "symmetric")
+    experts = [n for n in ck.quantized_names() if ".experts." in n]
+    for bits in (4, 2, 8):
+        out = tmp_path / f"hf{bits}"
+        r = CliRunner().invoke(cli, ["convert", str(tmp_path / "q"), "--to", "hf", "--bits", str(bits), "-o", str(out),
+                                     "--json"])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout)
+        got, want = _logits_against_matq(models, family, ck, bits, out, tmp_path)
+        assert torch.equal(got, want), bits
+        assert res["exact_tensors"] == res["quantized_tensors"] == len(ck.quantized_names())
+        if family == "gpt-oss":
+            assert sorted(res["dequantized"]) == sorted(experts) and "fused experts" in r.stderr
+            continue
+        assert not res["dequantized"] and set(experts) <= set(res["containers"]) and not r.stderr
+        assert set(res["containers"].values()) == {bits}
+        groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+        assert [any("experts" in t for t in g["targets"]) for g in groups.values()] == [False, True]
+
+
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "Mixtral"])
+def test_compressed_tensors_refuses_experts_transformers_cannot_load(models, family, tmp_path):
+    """transformers takes compressed-tensors experts only packed and symmetric: asymmetric experts,
+    and float experts beside packed attention, would make a folder it cannot load; refused, one line."""
+    free = _quantize(models[family], tmp_path / "free", "--layers", "linear", "--group-size", "16")
+    attn = _quantize(models[family], tmp_path / "attn", "--layers", "attention", "--group-size", "16",
+                     "--scheme", "symmetric")
+    for ck, why in ((free, "has asymmetric zero points"), (attn, "is not quantized")):
+        out = tmp_path / f"hf-{ck.root.name}"
+        r = CliRunner().invoke(cli, ["convert", str(ck.root), "--to", "hf", "--bits", "4", "-o", str(out)])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert re.search(rf"experts\.0\.\w+\.weight {why}; transformers loads compressed-tensors experts only packed "
+                         r"and symmetric .*--layout dense", r.output), r.output
+        assert not out.exists()
 
 
 def test_matq_torch_serves_fused_experts_at_every_width(models, tmp_path):

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf_helpers import hf_model_on_matq, to_matq
-from tiny_models import tiny_hf_model
+from tiny_models import FAMILIES, family_model, tiny_hf_model
 
 import matq_format as mf
 from matq_cli.main import cli
 from matq_converters import registry
 from matq_converters.exporters.onnx.export import OpsetError
+from matq_converters.exporters.onnx.source import BuildError, builder_architectures
 from matq_converters.importers.hf.quantize import quantize_hf
 from matq_converters.registry import ConvertOptionError, ConvertOptions, UnsupportedModelError
 from matq_eval import CandidateError
@@ -210,6 +211,121 @@ def test_minilm_hidden_states(tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
+# --- every family of the coverage matrix the builder takes ------------------------------------------
+DECODER_FAMILIES = sorted(f for f, (model_type, _, _) in FAMILIES.items() if model_type != "bert")
+FAMILY_FIELDS = {"Phi-3": dict(original_max_position_embeddings=256, num_key_value_heads=4)}
+"""Phi-3-mini-4k's config has ``max_position_embeddings == original_max_position_embeddings`` (the
+builder takes a difference for LongRoPE) and as many KV heads as heads; the tiny models' 256
+positions keep that, and 4 KV heads keep its fused ``qkv_proj`` (768 rows) off the vocabulary (512)."""
+BUILDER_FAILS = {
+    # transformers 5 writes Gemma 3's rope_parameters per layer type; the builder reads a flat dict
+    "Gemma 3": "KeyError: 'rope_type'",
+    # SmolLM3's no-RoPE layers: the CPU graph (rotary inside attention) has no position_ids to give them
+    "SmolLM3": "KeyError: 'position_ids'",
+}
+"""Families whose architecture the builder dispatches on but fails to build (onnxruntime-genai 0.18,
+transformers 5.25): refused with its error, nothing written. A builder that mends one fails this."""
+
+
+def test_builder_architectures_come_from_the_builder():
+    """Read from onnxruntime-genai's own dispatch, so the list follows the installed builder."""
+    takes = builder_architectures()
+    assert {"LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GptOssForCausalLM"} <= set(takes)
+    assert "PhiMoEForCausalLM" not in takes  # the builder sends it to CUDA
+    assert "MixtralForCausalLM" not in takes and "Olmo2ForCausalLM" not in takes
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_every_family_the_builder_takes(tmp_path, family):
+    """Each decoder of the coverage matrix: quantized, ``--to onnx --bits 4``; onnxruntime-genai's
+    logits within ``REL`` of transformers on matq's dequantized weights, every quantized weight a
+    MatMulNBits from its codes; or, where the builder takes no such architecture, one line naming it
+    and the builder's list, nothing written."""
+    hf = family_model(family, tmp_path / "hf", intermediate_size=384, **FAMILY_FIELDS.get(family, {}))
+    ck = mf.open(quantize_hf(hf, tmp_path / "ck", layers="linear"))
+    arch = ck.config["architectures"][0]
+    if arch not in builder_architectures():
+        with pytest.raises(UnsupportedModelError, match=rf"architecture '{arch}' .* it takes .*LlamaForCausalLM") as ei:
+            export(ck, tmp_path / "o", bits=4)
+        assert "\n" not in str(ei.value) and not (tmp_path / "o").exists()
+        return
+    if family in BUILDER_FAILS:
+        with pytest.raises(BuildError, match=rf"builder failed on {arch}: {BUILDER_FAILS[family]}$"):
+            export(ck, tmp_path / "o", bits=4)
+        assert not (tmp_path / "o").exists()
+        return
+    res = export(ck, tmp_path / "o", bits=4)
+    assert len(res.details["containers"]) == len(ck.quantized_names()) and not res.details["float_weights"]
+    got, _ = genai_logits(tmp_path / "o")
+    want, _ = reference(hf, ck, 4)
+    close(got, want)
+
+
+def gpt_oss(folder: Path) -> Path:
+    """A tiny gpt-oss (fused 3-D experts ``[experts, in, out]``, biases, attention sinks, alternating
+    sliding window) with a Llama 3 style tokenizer: the mixture of experts the builder takes."""
+    from tiny_models import _tokenizer, build, config, perturb_norms
+
+    folder.mkdir(parents=True)
+    vocab, ids = _tokenizer("llama3", folder)
+    cfg = config("gpt_oss", vocab_size=vocab, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                 initializer_range=0.08, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+                 sliding_window=128, layer_types=["sliding_attention", "full_attention"], **ids)
+    return build(cfg, folder, adjust=perturb_norms)
+
+
+def test_gpt_oss_experts_as_qmoe(tmp_path):
+    """gpt-oss's fused experts become ``com.microsoft.QMoE`` from matq's codes (4-bit container,
+    blocks of the group, float32 activations) at int4, int3 and int2; at int8 they stay the builder's
+    float MoE (QMoE's 8-bit CPU kernel quantizes activations), reported. Logits within ``REL`` of
+    transformers on the same slice, and each QMoE's weights decode to the slice bit for bit."""
+    hf = gpt_oss(tmp_path / "hf")
+    ck = mf.open(quantize_hf(hf, tmp_path / "ck", layers="linear"))
+    experts = sorted(n for n in ck.quantized_names() if ck.info(n).stacked)
+    assert len(experts) == 4
+    for bits in (4, 3, 2, 8):
+        res = export(ck, tmp_path / "o", bits=bits)
+        model = onnx.load(tmp_path / "o" / "model.onnx", load_external_data=False)
+        ops = [n.op_type for n in model.graph.node]
+        if bits == 8:
+            assert ops.count("MoE") == 2 and "QMoE" not in ops
+            assert sorted(res.details["float_weights"]) == experts
+        else:
+            assert ops.count("QMoE") == 2 and "MoE" not in ops and not res.details["float_weights"]
+            assert {res.details["containers"][n] for n in experts} == {4}
+            check_qmoe_weights(tmp_path / "o", ck, bits)
+        got, _ = genai_logits(tmp_path / "o")
+        want, _ = reference(hf, ck, bits)
+        close(got, want)
+
+
+def check_qmoe_weights(folder: Path, ck, bits: int) -> None:
+    """Every QMoE weight input, unpacked and dequantized as the operator documents it
+    (``(q - zero_point) * scale`` per block along K, zero point 8 when absent), is the slice."""
+    from matq_converters.exporters.onnx.graph import read_initializer
+
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    block = {n.name: onnx.helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute
+             if n.op_type == "QMoE" and a.name == "block_size"}
+    assert len(block) == 2
+    for node in (n for n in model.graph.node if n.op_type == "QMoE"):
+        for w, s, z in ((2, 3, 11), (5, 6, 12)):
+            q = read_initializer(inits[node.input[w]], folder)
+            q = np.stack([q & 15, q >> 4], -1).reshape(*q.shape[:2], -1).astype(np.float32)
+            scale = np.repeat(read_initializer(inits[node.input[s]], folder), block[node.name], -1)
+            zp = np.full(scale.shape, 8.0, np.float32)
+            if len(node.input) > z and node.input[z]:
+                zb = read_initializer(inits[node.input[z]], folder)
+                zb = np.stack([zb & 15, zb >> 4], -1).reshape(*zb.shape[:2], -1)[..., : scale.shape[-1] // block[node.name]]
+                zp = np.repeat(zb.astype(np.float32), block[node.name], -1)
+            name = node.input[w].rsplit("_Q", 1)[0].replace("model.layers.", "").split(".")
+            tensor = f"model.layers.{name[0]}.mlp.experts.{name[3]}"
+            want = np.moveaxis(ck.dequantize(tensor, bits), 1, -1)
+            assert np.array_equal((q - zp) * scale, want), tensor
+
+
 # --- bad input: one line, nothing written -----------------------------------------------------------
 def test_refusals_write_nothing(models, tmp_path, monkeypatch):
     hf, ck = models
@@ -223,9 +339,9 @@ def test_refusals_write_nothing(models, tmp_path, monkeypatch):
     bare_ck = mf.open(quantize_hf(bare, tmp_path / "ck-bare", layers="linear"))
     with pytest.raises(UnsupportedModelError, match="carries no tokenizer"):
         export(bare_ck, tmp_path / "o", bits=4)
-    cfg = dict(ck["llama"].config, model_type="gpt2")
+    cfg = dict(ck["llama"].config, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     monkeypatch.setattr(type(ck["llama"]), "config", property(lambda self: cfg))
-    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2' has no ONNX export here"):
+    with pytest.raises(UnsupportedModelError, match="architecture 'GPT2LMHeadModel' .model_type 'gpt2'. has no ONNX"):
         export(ck["llama"], tmp_path / "o", bits=4)
     monkeypatch.undo()
     monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 23)
@@ -355,8 +471,8 @@ def test_a_weight_shared_by_several_nodes(tmp_path, layout):
     onnx.save(
         model, src / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0
     )
-    done = onnx_graph.rewrite(src, dst, {"W": "w"}, lambda name: enc, {"matq.converter": "test"})
-    assert done.replaced == {"W": "w"} and done.opset == (21 if layout == "qdq" else 0)
+    done = onnx_graph.rewrite(src, dst, {"W": onnx_graph.Part("w")}, lambda part: enc, {"matq.converter": "test"})
+    assert done.replaced == {"W": onnx_graph.Part("w")} and done.opset == (21 if layout == "qdq" else 0)
     onnx.checker.check_model(str(dst / "model.onnx"))
     out = onnx.load(dst / "model.onnx", load_external_data=False)
     ops = [x.op_type for x in out.graph.node]

@@ -76,8 +76,17 @@ PACK_BLOCK = 1 << 20
 """Codes packed at a time: bounds the packing's scratch memory (a few bytes per code)."""
 
 
+DENSE_OTHER = "not a linear layer's weight, or no exact container"
+DENSE_STACKED = "fused experts: transformers' compressed-tensors loader takes experts only as 2-D weights, one per expert"
+"""Why a quantized tensor of a packed layout is written dequantized: the warnings name each."""
+
+
 class InexactError(ConvertOptionError):
     """``--exact`` was given and a tensor would not be stored bit for bit."""
+
+
+class ExpertLayoutError(UnsupportedModelError):
+    """An expert transformers could not load from a compressed-tensors folder; the message says why."""
 
 
 class GPTQLayoutError(UnsupportedModelError):
@@ -125,6 +134,10 @@ class _Plan:
     container: int | None = None
     symmetric: bool = False
     dtype: str | None = None
+    expert: bool = False
+    """One expert's weight, packed for transformers to merge into its fused experts."""
+    why: str = ""
+    """Why a quantized tensor is written dequantized (layouts other than dense)."""
 
     @property
     def nbytes(self) -> int:
@@ -160,23 +173,25 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     spec = options.bits if options.plan is None else options.plan
     widths = resolve_plan(spec, ckpt, extra_precision=options.extra_precision)
     ep = options.extra_precision
-    linear = _linear_modules(cfg, ckpt.path) if opts.layout != "dense" else set()
-    plans = [_plan_tensor(ckpt, n, widths.get(n), ep, opts, linear) for n in ckpt.tensor_names()]
+    mods = _modules(cfg, ckpt.path) if opts.layout != "dense" else _Modules(set(), ())
+    plans = [_plan_tensor(ckpt, n, widths.get(n), ep, opts, mods) for n in ckpt.tensor_names()]
     prep = _Prepared(opts, cfg, plans, widths, ep)
     if isinstance(options.plan, str) and options.plan.startswith(BUDGET_PREFIX):
         prep.budget = options.plan
     if opts.layout == "compressed-tensors":
-        packed = {p.name.removesuffix(".weight") for p in plans if p.how == "packed"}
         if opts.groups == "one":
             _one_scheme(ckpt, plans)
-        prep.groups = _config_groups(ckpt, plans)
-        prep.ignore = sorted(linear - packed)
+        packed = {p.name.removesuffix(".weight") for p in plans if p.how == "packed"}
+        prep.groups = _config_groups(ckpt, plans, mods.expert_targets() if opts.groups == "one" else None)
+        if prep.groups:
+            _check_experts_packed(ckpt, plans, mods, ep)
+        prep.ignore = sorted(mods.linear - packed)
     if opts.layout == "gptq":
-        prep.gptq = _gptq_config(ckpt, plans, linear)
+        prep.gptq = _gptq_config(ckpt, plans, mods.linear)
     return prep
 
 
-def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, linear: set[str]) -> _Plan:
+def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, mods: _Modules) -> _Plan:
     """The output entries of one tensor under the chosen layout."""
     info = ckpt.info(name)
     if not info.quantized:
@@ -191,13 +206,21 @@ def _plan_tensor(ckpt, name: str, bits, ep: bool, opts: HFOptions, linear: set[s
         raise GPTQLayoutError(
             ckpt.path, f"{name}: width {bits} has its own block parameters (spec 10.7), which GPTQ cannot hold; use --layout dense"
         )
-    if opts.layout != "dense" and module in linear and name.endswith(".weight") and not own:
+    if opts.layout != "dense" and module in mods.linear and name.endswith(".weight") and not own:
         pick = _gptq_plan if opts.layout == "gptq" else _packed_plan
         plan = pick(ckpt, name, module, bits, ep)
+    elif opts.layout == "compressed-tensors" and mods.expert(name) and not own:
+        plan = _packed_plan(ckpt, name, module, bits, ep, expert=True)
     if plan is None:  # dense, not a linear layer's weight, or no exact container: dequantized
-        dtype = DTYPES[opts.dtype] if opts.dtype else _float_dtype(info.dtype)
-        plan = _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype)
+        plan = _float_plan(ckpt, name, bits, opts, DENSE_STACKED if info.stacked else DENSE_OTHER)
     return plan
+
+
+def _float_plan(ckpt, name: str, bits, opts: HFOptions, why: str) -> _Plan:
+    """One quantized tensor written dequantized, in ``--dtype`` or its source float type."""
+    info = ckpt.info(name)
+    dtype = DTYPES[opts.dtype] if opts.dtype else _float_dtype(info.dtype)
+    return _Plan(name, "float", {name: (dtype, info.shape)}, bits, dtype=dtype, why=why)
 
 
 def _gptq_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan:
@@ -240,8 +263,9 @@ def _float_dtype(dtype: str) -> str:
     return dtype if dtype in ("F32", "F16", "BF16") else "F32"
 
 
-def _packed_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan | None:
-    """compressed-tensors entries of one linear weight in its smallest exact container; None if none."""
+def _packed_plan(ckpt, name: str, module: str, bits: int, ep: bool, expert: bool = False) -> _Plan | None:
+    """compressed-tensors entries of one linear weight (or one expert's, ``expert``) in its smallest
+    exact container; None if none, or if an expert is not symmetric (:func:`_check_experts_packed`)."""
     info = ckpt.info(name)
     rows, cols = info.shape
     g = info.group_size
@@ -250,7 +274,9 @@ def _packed_plan(ckpt, name: str, module: str, bits: int, ep: bool) -> _Plan | N
     if c is None or (g is not None and cols % g):
         return None
     sym = not ep and bool(np.all(z == 2.0 ** (ckpt.code_bits - 1)))
-    return _Plan(name, "packed", _packed_entries(module, info.shape, g, c, sym), bits, c, sym)
+    if expert and not sym:
+        return None
+    return _Plan(name, "packed", _packed_entries(module, info.shape, g, c, sym), bits, c, sym, expert=expert)
 
 
 def _packed_entries(module: str, shape, g: int | None, c: int, sym: bool) -> dict:
@@ -267,33 +293,62 @@ def _packed_entries(module: str, shape, g: int | None, c: int, sym: bool) -> dic
     return entries
 
 
+def _check_experts_packed(ckpt, plans: list[_Plan], mods: _Modules, ep: bool) -> None:
+    """transformers (5.25) merges per-expert weights of a compressed-tensors folder through its
+    dequantize step, which takes only packed experts and decompresses them without zero points:
+    one expert written otherwise makes the folder unloadable, so it is refused instead."""
+    for p in plans:
+        if p.how == "packed" or not mods.expert(p.name):
+            continue
+        info = ckpt.info(p.name)
+        if not info.quantized:
+            why = "is not quantized"
+        elif info.group_size is not None and info.cols % info.group_size:
+            why = f"has groups of {info.group_size} that do not divide its {info.cols} columns"
+        elif ep and p.bits < ckpt.code_bits:
+            why = "has extra precision, whose zero points are not symmetric"
+        else:
+            why = "has asymmetric zero points"
+        raise ExpertLayoutError(
+            ckpt.path,
+            f"{p.name} {why}; transformers loads compressed-tensors experts only packed and symmetric (it "
+            "decompresses them without zero points): quantize them with --scheme symmetric, or use --layout dense",
+        )
+
+
 def _one_scheme(ckpt, plans: list[_Plan]) -> None:
     """Every packed tensor in the widest container any needs (a wider one stays exact: the zero
-    points only have to be integers at a finer step), asymmetric if any is."""
-    packed = [p for p in plans if p.how == "packed"]
-    grids = {ckpt.info(p.name).group_size for p in packed}
-    if len(grids) > 1:
-        raise UnsupportedModelError(
-            ckpt.path, "tensors with different group sizes need one config group each; use --groups per-width"
-        )
-    c = max((p.container for p in packed), default=8)
-    sym = all(p.symmetric for p in packed)
-    for p in packed:
-        info = ckpt.info(p.name)
-        p.container, p.symmetric = c, sym
-        p.entries = _packed_entries(p.name.removesuffix(".weight"), info.shape, info.group_size, c, sym)
+    points only have to be integers at a finer step), asymmetric if any is. Experts form a scheme
+    of their own (transformers' ``get_experts_scheme`` finds it by its ``re:`` targets)."""
+    for expert in (False, True):
+        packed = [p for p in plans if p.how == "packed" and p.expert == expert]
+        grids = {ckpt.info(p.name).group_size for p in packed}
+        if len(grids) > 1:
+            raise UnsupportedModelError(
+                ckpt.path,
+                "tensors with different group sizes need one config group each; use --groups per-width",
+            )
+        c = max((p.container for p in packed), default=8)
+        sym = all(p.symmetric for p in packed)
+        for p in packed:
+            info = ckpt.info(p.name)
+            p.container, p.symmetric = c, sym
+            p.entries = _packed_entries(p.name.removesuffix(".weight"), info.shape, info.group_size, c, sym)
 
 
-def _config_groups(ckpt, plans: list[_Plan]) -> dict:
-    """One compressed-tensors scheme per (container, symmetry, granularity), naming its modules."""
+def _config_groups(ckpt, plans: list[_Plan], expert_targets: list[str] | None = None) -> dict:
+    """One compressed-tensors scheme per (container, symmetry, granularity), naming its modules;
+    with ``expert_targets`` (``--groups one``) the experts' scheme names them by those patterns."""
     by_key: dict[tuple, list[str]] = {}
     for p in plans:
         if p.how == "packed":
             g = ckpt.info(p.name).group_size
-            by_key.setdefault((p.container, p.symmetric, g), []).append(p.name.removesuffix(".weight"))
+            own = expert_targets is not None and p.expert
+            by_key.setdefault((p.container, p.symmetric, g, own), []).append(p.name.removesuffix(".weight"))
     groups = {}
-    for i, ((c, sym, g), targets) in enumerate(
-        sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][2] or 0))
+    # dense modules' schemes first: transformers' get_dense_scheme takes the first without expert targets
+    for i, ((c, sym, g, own), targets) in enumerate(
+        sorted(by_key.items(), key=lambda kv: (kv[0][3], -kv[0][0], kv[0][2] or 0))
     ):
         weights = {
             "num_bits": c,
@@ -306,7 +361,7 @@ def _config_groups(ckpt, plans: list[_Plan]) -> dict:
             "observer": "minmax",
         }
         groups[f"group_{i}"] = {
-            "targets": targets,
+            "targets": list(expert_targets) if own else targets,
             "weights": weights,
             "input_activations": None,
             "output_activations": None,
@@ -315,8 +370,31 @@ def _config_groups(ckpt, plans: list[_Plan]) -> dict:
     return groups
 
 
-def _linear_modules(cfg: dict, path) -> set[str]:
-    """Names of the ``nn.Linear`` modules of the config's model class, built on the meta device."""
+@dataclass(frozen=True)
+class _Modules:
+    """What transformers' model class makes of a checkpoint's weights."""
+
+    linear: set[str]
+    """Names of its ``nn.Linear`` modules."""
+    experts: tuple[str, ...]
+    """Source patterns of per-expert 2-D weights (``.experts.*.w1.weight``) that its conversion
+    mapping merges into fused experts, the dequantize step first: each is packed like a linear weight."""
+
+    def expert(self, name: str) -> bool:
+        return any(re.search(_pattern_regex(p) + "$", name) for p in self.experts)
+
+    def expert_targets(self) -> list[str]:
+        """compressed-tensors ``re:`` targets naming the expert modules."""
+        return [f"re:.*{_pattern_regex(p.removesuffix('.weight'))}$" for p in self.experts]
+
+
+def _pattern_regex(pattern: str) -> str:
+    """A transformers conversion pattern (``*`` for an expert's number) as a regular expression."""
+    return re.escape(pattern).replace(r"\*", r"\d+")
+
+
+def _modules(cfg: dict, path) -> _Modules:
+    """The config's model class, built on the meta device: its linear layers and expert weights."""
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingDependencyError(
@@ -338,7 +416,28 @@ def _linear_modules(cfg: dict, path) -> set[str]:
         raise UnsupportedModelError(
             path, f"transformers cannot build model type {cfg.get('model_type')!r}: {first}"
         ) from None
-    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return _Modules(linear, _expert_patterns(model))
+
+
+def _expert_patterns(model) -> tuple[str, ...]:
+    """Source patterns of the model's weight converters that merge one ``.weight`` per expert
+    (``mlp.experts.*.gate_proj.weight``): the ones transformers' compressed-tensors loader
+    decompresses expert by expert (``HfQuantizer.update_weight_conversions``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    out = []
+    for conv in get_model_conversion_mapping(model, add_legacy=False):
+        sources = getattr(conv, "_original_source_patterns", None) or []
+        if isinstance(conv, WeightConverter) and all(_per_expert(s) for s in sources):
+            out += sources
+    return tuple(out)
+
+
+def _per_expert(pattern: str) -> bool:
+    """One ``.weight`` per expert: transformers finds the experts' scheme by ``experts`` in its targets."""
+    return pattern.endswith(".weight") and ".experts.*." in pattern
 
 
 def _shard_bytes(text: str) -> int:
@@ -554,13 +653,15 @@ def _result(out: Path, ckpt, prep: _Prepared, shards, inexact: list[str]) -> Con
         details["plan_bits_per_weight"] = bpw
         summary += f"; {prep.budget}: {bpw:.3f} bits per quantized weight as matq stores them"
     warnings = []
-    if details["dequantized"] and prep.opts.layout != "dense":
-        names = details["dequantized"]
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        warnings.append(
-            f"stored {len(names)} quantized tensor(s) dequantized (not a linear layer's weight, or no exact "
-            f"container): {', '.join(names[:3])}{more}"
-        )
+    if prep.opts.layout != "dense":
+        by_why: dict[str, list[str]] = {}
+        for p in quantized:
+            if p.how == "float":
+                by_why.setdefault(p.why or DENSE_OTHER, []).append(p.name)
+        for why, names in by_why.items():
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            named = ", ".join(names[:3])
+            warnings.append(f"stored {len(names)} quantized tensor(s) dequantized ({why}): {named}{more}")
     return ConvertResult(out, summary, details, warnings)
 
 

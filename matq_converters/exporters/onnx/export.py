@@ -49,6 +49,7 @@ from matq_converters.registry import (
     typed_options,
 )
 from matq_format import __version__ as MATQ_VERSION
+from matq_format import numerics
 from matq_format import progress as steps
 from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
 from matq_format.plans import resolve_plan
@@ -120,8 +121,9 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
     if isinstance(spec, str) and spec.startswith(BUDGET_PREFIX):
         prep.budget = spec
     for name, bits in widths.items():
-        if len(ckpt.info(name).shape) == 2:
-            prep.shapes[name] = tuple(ckpt.info(name).shape)
+        info = ckpt.info(name)
+        if len(info.shape) == 2 or (info.stacked and len(info.shape) == 3):
+            prep.shapes[name] = (info.rows, info.cols)
             ep = options.extra_precision and bits < ckpt.code_bits
             prep.plans[name] = p = plan_weight(ckpt, name, bits, ep, opts.layout, opts.exact)
             if opts.exact and not p.exact:
@@ -145,7 +147,7 @@ def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, in
     for name in names:
         info = ckpt.info(name)
         cost[name] = {
-            r: stored_bits(plan_weight(ckpt, name, r, ep and r < c, opts.layout, opts.exact), info.shape)
+            r: stored_bits(plan_weight(ckpt, name, r, ep and r < c, opts.layout, opts.exact), (info.rows, info.cols))
             for r in range(2, info.max_width(c) + 1)
         }
     total = sum(ckpt.info(n).numel for n in names)
@@ -211,7 +213,9 @@ def export_onnx(
             _build_float(ckpt, prep, work)
         with steps.stage("onnx: find each weight in the graph", n, "tensor") as advance:
             found = _slice_index(ckpt, prep, advance)
-        targets = onnx_graph.find_slices(work / "float", found)
+        targets = {i: onnx_graph.Part(n) for i, n in onnx_graph.find_slices(work / "float", found).items()}
+        targets.update(_row_blocks(ckpt, prep, work / "float", targets))
+        targets = _whole_moe_nodes(prep, work / "float", targets)
         files = ["model.onnx", onnx_graph.DATA_NAME, *_side_file_names(ckpt, prep, work)]
         with steps.stage("onnx: write the quantized graph"):
             done = onnx_graph.rewrite(
@@ -227,7 +231,8 @@ def export_onnx(
 
 def _build_float(ckpt, prep: _Prepared, work: Path) -> None:
     if prep.family == "decoder":
-        onnx_source.build_decoder(work / "hf", work / "float", work / "builder.log", ckpt.path)
+        arch = (ckpt.config.get("architectures") or ["?"])[0]
+        onnx_source.build_decoder(work / "hf", work / "float", work / "builder.log", ckpt.path, arch)
     else:
         onnx_source.build_encoder(work / "hf", work / "float")
 
@@ -238,24 +243,70 @@ def _slice_index(ckpt, prep: _Prepared, progress) -> dict[str, str]:
     for name in ckpt.tensor_names():
         p = prep.plans.get(name)
         if p is not None:
-            index.setdefault(onnx_graph.digest(ckpt.dequantize(name, p.bits, p.ep).T), name)
+            w = ckpt.dequantize(name, p.bits, p.ep)
+            w = np.moveaxis(w, ckpt.info(name).in_axis, -1) if w.ndim == 3 else w.T  # as the graph holds it
+            index.setdefault(onnx_graph.digest(w), name)
         if progress:
             progress(1)
     return index
 
 
-def _encode(ckpt, prep: _Prepared, name: str) -> onnx_graph.Encoded | None:
-    """One weight's initializers, from its codes, scales and zero points."""
+def _whole_moe_nodes(prep: _Prepared, folder: Path, targets: dict) -> dict:
+    """Expert weights only of MoE nodes that become QMoE whole: every weight found and planned in
+    one container with one block (the operator has one ``block_size``); other nodes stay float."""
+    import onnx
+
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    drop = set()
+    for weights in onnx_graph.moe_weights(model).values():
+        plans = [prep.plans[targets[w].tensor] if w in targets else None for w in weights]
+        kinds = {(p.container, p.block) for p in plans if p is not None}
+        if None in plans or len(kinds) != 1 or None in next(iter(kinds)):
+            drop.update(weights)
+    return {i: p for i, p in targets.items() if i not in drop}
+
+
+def _row_blocks(ckpt, prep: _Prepared, folder: Path, found: dict[str, onnx_graph.Part]) -> dict:
+    """The planned weights no initializer equals whole, found as blocks of rows (a fused Q/K/V or
+    gate/up weight the graph's producer split); only those tensors' rows are indexed."""
+    held = {p.tensor for p in found.values()}
+    missing = [n for n in prep.plans if n not in held and not ckpt.info(n).stacked]
+    if not missing:
+        return {}
+    first_rows: dict[str, list[tuple[str, int]]] = {}
+    for name in missing:
+        w = _slice(ckpt, prep, name)
+        for i in range(w.shape[0]):
+            first_rows.setdefault(onnx_graph.digest(w[i]), []).append((name, i))
+    return onnx_graph.find_row_blocks(folder, set(found), first_rows, lambda n: _slice(ckpt, prep, n))
+
+
+def _slice(ckpt, prep: _Prepared, name: str) -> np.ndarray:
+    p = prep.plans[name]
+    return ckpt.dequantize(name, p.bits, p.ep)
+
+
+def _encode(ckpt, prep: _Prepared, part: onnx_graph.Part) -> onnx_graph.Encoded | None:
+    """One weight's initializers (or a block of its rows'), from its codes, scales and zero points."""
+    name = part.tensor
     p = prep.plans[name]
     if p.container is None:
         return None
     k = ckpt.sliced_codes(name, p.bits, p.ep)
     s, z, g = ckpt.scale(name), ckpt.zero(name), ckpt.info(name).group_size
+    if part.rows is not None:
+        a, b = part.rows
+        k, s, z = k[a:b], s[a:b], z[a:b]
+    stack = None
+    if k.ndim == 3:  # experts: their matrix view [experts*out, in], reshaped to QMoE's [experts, out, ...]
+        axis = ckpt.info(name).in_axis
+        stack = (k.shape[0], k.shape[3 - axis])
+        k, s, z = (numerics.as_matrix(x, axis) for x in (k, s, z))
     if prep.opts.layout == "matmulnbits":
         arrays = matmulnbits_inputs(p, k, s, z, ckpt.code_bits, g)
     else:
         arrays = qdq_inputs(p, k, s, z, ckpt.code_bits)
-    return onnx_graph.Encoded(p, arrays, tuple(k.shape), prep.opts.layout, ACCURACY[prep.opts.accuracy])
+    return onnx_graph.Encoded(p, arrays, tuple(k.shape), prep.opts.layout, ACCURACY[prep.opts.accuracy], stack)
 
 
 def _metadata(ckpt, prep: _Prepared, files: list[str]) -> dict[str, str]:
@@ -293,10 +344,19 @@ def _side_files(ckpt, prep: _Prepared, work: Path, tmp: Path) -> None:
         (tmp / rel).write_bytes(data)
 
 
+def _covered(prep: _Prepared, parts) -> set[str]:
+    """The tensors whose every row the replaced initializers hold."""
+    rows: dict[str, set[int]] = {}
+    for part in parts:
+        start, stop = part.rows or (0, prep.shapes[part.tensor][0])
+        rows.setdefault(part.tensor, set()).update(range(start, stop))
+    return {n for n, r in rows.items() if len(r) == prep.shapes[n][0]}
+
+
 def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResult:
-    quantized = set(done.replaced.values())
+    quantized = _covered(prep, done.replaced.values())
     floats = {
-        n: p.reason or "not a MatMul weight in the graph"
+        n: p.reason or "not a MatMul weight in the graph, or its MoE node's other weights stay float"
         for n, p in sorted(prep.plans.items())
         if n not in quantized
     }

@@ -4,6 +4,9 @@
 Which initializer holds which checkpoint tensor is found by content, not by name: the float graph
 was made from the dequantized slice, so an initializer equal bit for bit to a slice's transposed
 weights is that slice (whatever the graph's producer named it, and only if it did not change it).
+A graph producer that splits a fused weight (Phi-3's ``qkv_proj`` into Q, K and V MatMuls) leaves
+initializers that are each a block of a slice's rows: :func:`find_row_blocks` finds those by the
+content of their first row, then checks the whole block.
 Initializers stream from the float model's external data to the new one, one at a time.
 """
 
@@ -39,6 +42,14 @@ def digest(weight_t: np.ndarray) -> str:
     return hashlib.sha256(a.tobytes()).hexdigest() + str(a.shape)
 
 
+@dataclass(frozen=True)
+class Part:
+    """A checkpoint tensor, or the block ``rows`` (start, stop) of its rows, that an initializer holds."""
+
+    tensor: str
+    rows: tuple[int, int] | None = None
+
+
 @dataclass
 class Encoded:
     """One weight's new inputs, as ``onnx_weights`` made them, and how the node uses them."""
@@ -50,6 +61,8 @@ class Encoded:
     layout: str = "matmulnbits"
     accuracy_level: int = 1
     """MatMulNBits' compute type: 1 (float32, exact) or 4 (int8 activations)."""
+    stack: tuple[int, int] | None = None
+    """Experts (QMoE): ``(experts, out)``, ``shape`` being their matrix view ``[experts*out, in]``."""
 
 
 class ExternalData:
@@ -134,22 +147,65 @@ def matmul_weights(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
+MOE_WEIGHTS = {2: 2, 4: 5, 6: 8}
+"""``com.microsoft.MoE`` input slot of fc1, fc2, fc3 weights -> the slot of QMoE's (scales follow)."""
+QMOE_ZERO_POINTS = {2: 11, 4: 12, 6: 13}
+"""MoE weight slot -> the QMoE slot of its zero points."""
+
+
+def moe_weights(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """MoE node name -> its float 3-D expert weight initializers ``[experts, out, in]`` (fc1, fc2, fc3)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MoE" and n.domain == MS_DOMAIN:
+            names = [n.input[i] for i in MOE_WEIGHTS if i < len(n.input) and n.input[i]]
+            t = [inits.get(x) for x in names]
+            if all(x is not None and x.data_type == TensorProto.FLOAT and len(x.dims) == 3 for x in t):
+                out[n.name] = names
+    return out
+
+
 def find_slices(folder: Path, index: dict[str, str]) -> dict[str, str]:
-    """Initializer name -> checkpoint tensor, for the MatMul weights of ``folder/model.onnx`` whose
-    content ``index`` knows (read one at a time)."""
+    """Initializer name -> checkpoint tensor, for the MatMul weights (``[in, out]``) and MoE expert
+    weights (``[experts, out, in]``) of ``folder/model.onnx`` whose content ``index`` knows (read
+    one at a time)."""
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     found = {}
-    for name in matmul_weights(model):
+    experts = [w for ws in moe_weights(model).values() for w in ws]
+    for name in [*matmul_weights(model), *experts]:
         key = digest(read_initializer(inits[name], folder))
         if key in index:
             found[name] = index[key]
     return found
 
 
+def find_row_blocks(
+    folder: Path, skip: set[str], first_rows: dict[str, list[tuple[str, int]]], weights: Callable[[str], np.ndarray]
+) -> dict[str, Part]:
+    """Initializer name -> :class:`Part`, for MatMul weights of ``folder/model.onnx`` (but ``skip``)
+    whose rows are a block of a slice's rows: ``first_rows`` maps the digest of one slice row to
+    (tensor, row) and ``weights(tensor)`` gives the slice ``[N, K]`` to check the block against."""
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    found = {}
+    for name in matmul_weights(model):
+        if name in skip:
+            continue
+        w_t = read_initializer(inits[name], folder)
+        for tensor, start in first_rows.get(digest(w_t[:, 0]), []):
+            stop = start + w_t.shape[1]
+            w = weights(tensor)
+            if stop <= w.shape[0] and np.array_equal(w[start:stop], w_t.T):
+                found[name] = Part(tensor, (start, stop))
+                break
+    return found
+
+
 @dataclass
 class Rewrite:
-    """What :func:`rewrite` did: initializer -> checkpoint tensor replaced, and the opsets it needed."""
+    """What :func:`rewrite` did: initializer -> what it held (``targets``' value), and the opsets it needed."""
 
     replaced: dict[str, str] = field(default_factory=dict)
     opset: int = 0
@@ -158,23 +214,37 @@ class Rewrite:
 def rewrite(
     src: Path,
     dst: Path,
-    targets: dict[str, str],
-    encode: Callable[[str], Encoded | None],
+    targets: dict[str, Part],
+    encode: Callable[[Part], Encoded | None],
     metadata: dict[str, str],
 ) -> Rewrite:
     """``src/model.onnx`` with each MatMul on a ``targets`` initializer replaced by its encoding
-    (``encode(tensor)``; None keeps the float MatMul), written to ``dst/model.onnx`` + external data."""
+    (``encode(part)``; None keeps the float MatMul), written to ``dst/model.onnx`` + external data.
+    A MoE node whose every expert weight is a target becomes QMoE; ``encode`` must give them all one
+    container and block (the exporter plans them so)."""
     model = onnx.load(src / "model.onnx", load_external_data=False)
     users = _consumers(model)
     weights = matmul_weights(model)
+    moe_inits = {m: ws for m, ws in moe_weights(model).items() if all(w in targets for w in ws)}
+    moe = {n.name: n for n in model.graph.node if n.name in moe_inits}  # those whose every weight is a target
+    experts = {w for ws in moe_inits.values() for w in ws}
     data = ExternalData(dst)
     done = Rewrite()
     try:
-        new_inits, new_nodes = [], {}
+        new_inits, new_nodes, stored = [], {}, {}
         for t in model.graph.initializer:
             enc = encode(targets[t.name]) if t.name in targets else None
+            if t.name in experts and (enc is None or enc.plan.container is None):
+                raise ValueError(f"{t.name}: a MoE weight planned for QMoE has no container")
             if enc is None or enc.plan.container is None:
                 new_inits.append(data.copy(t, src))
+                continue
+            if t.name in experts:  # the MoE node is rebuilt once all its weights are stored
+                stored[t.name], inits = _store_experts(t.name, enc, data)
+                new_inits += inits
+                if len(users[t.name]) > 1:
+                    new_inits.append(data.copy(t, src))
+                done.replaced[t.name] = targets[t.name]
                 continue
             inputs, inits, dq = _store(t.name, enc, data)
             new_inits += inits
@@ -185,6 +255,8 @@ def rewrite(
             done.replaced[t.name] = targets[t.name]
             if enc.layout == "qdq":
                 done.opset = max(done.opset, QDQ_OPSET[enc.plan.container])
+        for node in moe.values():
+            new_nodes[id(node)] = [_qmoe(node, stored)]
     finally:
         data.close()
     _replace_nodes(model, new_nodes)
@@ -224,6 +296,49 @@ def _store(weight: str, enc: Encoded, data: ExternalData):
         "DequantizeLinear", [q, s, z], [f"{weight}_dequantized"], name=f"{weight}_DQ", **attrs
     )
     return [dq.output[0]], inits, dq
+
+
+def _store_experts(weight: str, enc: Encoded, data: ExternalData):
+    """One stack of experts as QMoE inputs: packed codes ``[E, N, K*c/8]``, scales ``[E, N, K/block]``
+    and, unless the operator's default, packed zero points ``[E, N, ceil(blocks*c/8)]``."""
+    e, n = enc.stack
+    a, c = enc.arrays, enc.plan.container
+    parts = {f"{weight}_Q{c}": a["B"].reshape(e, n, -1), f"{weight}_scales": a["scales"].reshape(e, n, -1)}
+    if "zero_points" in a:
+        parts[f"{weight}_zero_points"] = a["zero_points"].reshape(e, n, -1)
+    names = list(parts) + [""] * (3 - len(parts))
+    return (names, enc), [data.add(k, v) for k, v in parts.items()]
+
+
+def _qmoe(node: onnx.NodeProto, stored: dict) -> onnx.NodeProto:
+    """A float MoE node as ``com.microsoft.QMoE`` on its stored experts (one container and block,
+    which the exporter checked), its other attributes kept."""
+    inputs = [node.input[0], node.input[1]] + [""] * 12
+    encs = []
+    for slot, qslot in MOE_WEIGHTS.items():
+        if slot < len(node.input) and node.input[slot]:
+            (q, s, z), enc = stored[node.input[slot]]
+            inputs[qslot : qslot + 2] = [q, s]
+            inputs[QMOE_ZERO_POINTS[slot]] = z
+            encs.append(enc)
+        if slot + 1 < len(node.input):
+            inputs[MOE_WEIGHTS[slot] + 2] = node.input[slot + 1]  # the bias
+    while inputs[-1] == "":
+        inputs.pop()
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    enc = encs[0]
+    return helper.make_node(
+        "QMoE",
+        inputs,
+        list(node.output),
+        name=f"{node.name}_Q{enc.plan.container}",
+        domain=MS_DOMAIN,
+        **attrs,
+        expert_weight_bits=enc.plan.container,
+        block_size=enc.plan.block,
+        accuracy_level=enc.accuracy_level,
+        weights_prepacked=0,
+    )
 
 
 def _replacement(node: onnx.NodeProto, inputs: list[str], enc: Encoded) -> onnx.NodeProto:

@@ -1,10 +1,11 @@
 """The float ONNX graph an export starts from, made by the tools built for it from a Hugging Face
 folder of the dequantized slice:
 
-- decoders (Llama, Mistral, Qwen2, Gemma 2): onnxruntime-genai's model builder, the tool that makes
-  the graphs its runtime generates with (GroupQueryAttention with a past key/value cache, rotary
-  caches, ``genai_config.json``, tokenizer files). It runs in a subprocess, offline, float32, CPU,
-  with Q, K and V kept apart so each can have its own width.
+- decoders (every architecture onnxruntime-genai's model builder takes for the CPU, read from the
+  builder's own dispatch: :func:`builder_architectures`): the builder makes the graphs its runtime
+  generates with (GroupQueryAttention with a past key/value cache, rotary caches,
+  ``genai_config.json``, tokenizer files). It runs in a subprocess, offline, float32, CPU, with Q, K
+  and V kept apart so each can have its own width.
 - encoders (BERT, e.g. all-MiniLM-L6-v2): ``torch.onnx.export`` of transformers' model, with
   ``input_ids``, ``attention_mask``, ``token_type_ids`` in and ``last_hidden_state`` out.
 
@@ -14,6 +15,10 @@ streams tensor by tensor.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,9 +26,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from matq_converters.registry import UnsupportedModelError
+from matq_converters.registry import MissingDependencyError, UnsupportedModelError
 
-DECODERS = ("llama", "mistral", "qwen2", "gemma2")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model"}
 ENCODERS = ("bert",)
 BUILDER = "onnxruntime_genai.models.builder"
@@ -38,15 +42,62 @@ class BuildError(UnsupportedModelError):
 def family(ckpt) -> str:
     """``decoder`` or ``encoder`` for a checkpoint this export supports; a one-line refusal otherwise."""
     model_type = ckpt.config.get("model_type")
-    if model_type in DECODERS:
-        _check_builder_limits(ckpt)
-        return "decoder"
     if model_type in ENCODERS:
         return "encoder"
-    known = ", ".join(DECODERS + ENCODERS)
+    archs = ckpt.config.get("architectures") or [None]
+    takes = builder_architectures()
+    if archs[0] in takes:
+        _check_builder_limits(ckpt)
+        return "decoder"
     raise UnsupportedModelError(
-        ckpt.path, f"model_type {model_type!r} has no ONNX export here; supported: {known}"
+        ckpt.path,
+        f"architecture {archs[0]!r} (model_type {model_type!r}) has no ONNX export: onnxruntime-genai "
+        f"{_builder_version()}'s model builder does not take it for the CPU; it takes {', '.join(takes)} "
+        f"(and encoders: {', '.join(ENCODERS)})",
     )
+
+
+@functools.cache
+def builder_architectures() -> tuple[str, ...]:
+    """The ``architectures[0]`` values onnxruntime-genai's builder makes a CPU model of, read from its
+    own dispatch (the ``config.architectures[0] == "..."`` branches of ``create_model``) without
+    importing it; a branch that sets another execution provider (Phi-3.5-MoE: CUDA only) is left out."""
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(None, "--to onnx needs onnxruntime-genai; pip install 'matq[onnx]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "builder.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    create = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "create_model")
+    cpu: dict[str, bool] = {}
+    for branch in (n for n in ast.walk(create) if isinstance(n, ast.If)):
+        for name in _dispatched(branch.test):
+            cpu[name] = cpu.get(name, False) or not _sets_other_provider(branch.body)
+    return tuple(sorted(n for n, ok in cpu.items() if ok))
+
+
+def _dispatched(test: ast.expr) -> list[str]:
+    """The names a branch's test compares ``config.architectures[0]`` with."""
+    out = []
+    for cmp in (n for n in ast.walk(test) if isinstance(n, ast.Compare)):
+        if ast.unparse(cmp.left) == "config.architectures[0]" and isinstance(cmp.ops[0], ast.Eq):
+            out += [c.value for c in cmp.comparators if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    return out
+
+
+def _sets_other_provider(body: list[ast.stmt]) -> bool:
+    """Whether a branch's own statements set ``execution_provider`` to something other than the CPU."""
+    for stmt in body:
+        if isinstance(stmt, ast.Assign) and any(ast.unparse(t) == "execution_provider" for t in stmt.targets):
+            if not (isinstance(stmt.value, ast.Constant) and stmt.value.value == "cpu"):
+                return True
+    return False
+
+
+def _builder_version() -> str:
+    try:
+        return importlib.metadata.version("onnxruntime-genai")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def _check_builder_limits(ckpt) -> None:
@@ -67,9 +118,10 @@ def _check_builder_limits(ckpt) -> None:
         )
 
 
-def build_decoder(hf_dir: Path, out: Path, log: Path, source) -> None:
+def build_decoder(hf_dir: Path, out: Path, log: Path, source, arch: str = "") -> None:
     """onnxruntime-genai's builder, float32 for the CPU, into ``out``; its output goes to ``log``,
-    whose last line a failure names (against ``source``, the checkpoint)."""
+    whose last line a failure names with the architecture (against ``source``, the checkpoint): the
+    builder dispatches on more architectures than it can build from transformers' current configs."""
     cmd = [
         sys.executable, "-m", BUILDER,
         "-i", str(hf_dir), "-o", str(out), "-p", "fp32", "-e", "cpu",
@@ -81,7 +133,8 @@ def build_decoder(hf_dir: Path, out: Path, log: Path, source) -> None:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
     if rc != 0 or not (out / "model.onnx").is_file():
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-        raise BuildError(source, f"onnxruntime-genai's builder failed: {lines[-1] if lines else rc}")
+        last = lines[-1] if lines else f"exit status {rc}"
+        raise BuildError(source, f"onnxruntime-genai {_builder_version()}'s builder failed on {arch}: {last}")
 
 
 def build_encoder(hf_dir: Path, out: Path) -> None:

@@ -26,6 +26,9 @@ from matq_converters.exporters.containers import (
 )
 
 CONTAINERS = (2, 4, 8)
+QMOE_CONTAINER = 4
+"""The one container of QMoE experts that onnxruntime's CPU kernel runs in float32 (its block-wise
+8-bit kernel quantizes activations to int8; 2 bits is CUDA only): int2..int4 slices go in it."""
 MIN_BLOCK = 16
 """MatMulNBits' smallest block (a power of two)."""
 CHANNEL_BLOCK = 128
@@ -80,8 +83,10 @@ def plan_weight(ckpt, name: str, bits: int, ep: bool, layout: str, exact: bool) 
     """The smallest container that holds one weight's slice: integer zero points first, then
     (MatMulNBits at 2 and 4 bits, unless ``exact``) float ones; a float MatMul where neither does."""
     info, zero, code_bits = ckpt.info(name), ckpt.zero(name), ckpt.code_bits
-    group, shape = info.group_size, info.shape
-    block = nbits_block(group, shape[1]) if layout == "matmulnbits" else group
+    group = info.group_size
+    if info.stacked:
+        return _plan_experts(ckpt, name, bits, ep, layout)
+    block = nbits_block(group, info.cols) if layout == "matmulnbits" else group
     if layout == "matmulnbits" and block is None:
         why = f"group size {group} has no power-of-two block >= 16"
         return WeightPlan(name, bits, ep, None, None, reason=why, layout=layout)
@@ -96,6 +101,27 @@ def plan_weight(ckpt, name: str, bits: int, ep: bool, layout: str, exact: bool) 
         return WeightPlan(name, bits, ep, loose_c, block, "float", layout=layout)
     why = "no container holds its zero points exactly"
     return WeightPlan(name, bits, ep, None, block, reason=why, layout=layout)
+
+
+def _plan_experts(ckpt, name: str, bits: int, ep: bool, layout: str) -> WeightPlan:
+    """A stack of expert matrices as ``com.microsoft.QMoE`` weights: 4-bit container, blocks along
+    the input features that divide them (the operator's one ``block_size``), integer zero points."""
+    info, code_bits = ckpt.info(name), ckpt.code_bits
+    block = nbits_block(info.group_size, info.cols) if info.group_size else None
+    why = ""
+    if layout != "matmulnbits":
+        why = "experts are quantized as QMoE, with --layout matmulnbits"
+    elif block is None or info.cols % block:
+        why = f"QMoE needs blocks of a power of two >= {MIN_BLOCK} dividing {info.cols} input features"
+    elif bits + ep > QMOE_CONTAINER:
+        why = "QMoE runs only 4-bit experts in float32 on the CPU (its 8-bit kernel quantizes activations)"
+    elif container_bits(ckpt.zero(name), code_bits, bits, ep, (QMOE_CONTAINER,)) is None:
+        why = "no container holds its zero points exactly"
+    if why:
+        return WeightPlan(name, bits, ep, None, block, reason=why, layout=layout)
+    z = ckpt.zero(name) / np.float32(1 << step_exponent(code_bits, bits, ep, QMOE_CONTAINER))
+    zp = "default" if np.all(z == 2 ** (QMOE_CONTAINER - 1)) else "uint8"
+    return WeightPlan(name, bits, ep, QMOE_CONTAINER, block, zp, layout=layout)
 
 
 def _blocks_of(a: np.ndarray, group: int | None, block: int, nblocks: int) -> np.ndarray:
