@@ -48,6 +48,7 @@ def quantize_calibrated(
     progress: Callable[[int], None] | None = None,
     layer_progress: Callable[[int, int], None] | None = None,
     input_axes: Mapping[str, int] | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Write the checkpoint of :func:`~matq_converters.importers.hf.quantize.quantize_hf` with ``calib`` given.
 
@@ -55,7 +56,8 @@ def quantize_calibrated(
     a ``calibration`` record. Text and model are checked before anything is written.
     ``progress(source bytes)`` is called per tensor written, ``layer_progress(done, total)`` per layer.
     ``input_axes`` (``roles.input_axes``) says where a selected fused expert stack keeps its inputs;
-    such stacks are no ``nn.Linear``, so they are quantized without data.
+    such stacks are no ``nn.Linear``, so they are quantized without data. ``threads`` (default:
+    CPUs, at most 8): on the CPU, how many of a layer's matrices GPTQ quantizes at once.
     """
     from matq_converters.importers.hf import calibration as cal
     from matq_converters.importers.hf.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
@@ -122,7 +124,8 @@ def quantize_calibrated(
             codes, scale, zero = quantize_stack(src.read(name), spec, axes.get(name, 1), name=name, path=t.file)
             add(writer, name, codes, scale, zero)
         for name, codes, scale, zero in cal.calibrate_layers(
-            model, text, plans, spec, propagate=propagate, on_layer=layer_progress, nonfinite=nonfinite
+            model, text, plans, spec, propagate=propagate, on_layer=layer_progress, nonfinite=nonfinite,
+            workers=max(1, threads or min(8, os.cpu_count() or 1)),
         ):
             add(writer, name, codes, scale, zero)
     return Path(out)
