@@ -149,3 +149,41 @@ def test_weighted_scale_search():
     codes0 = MW.multiwidth_codes(w, a0, z0, 8, 128, **kw)
     err_0 = np.abs(N.dequantize(codes0, a0, z0, 8, 2, 128) - w)[:, 7].mean()
     assert err_w <= err_0
+
+
+@pytest.mark.parametrize("lambdas", [(4096, 64, 16, 4, 1), (1, 1, 1, 1, 1)])
+def test_windowed_code_search_is_the_exhaustive_one(lambdas):
+    """The per-width search scores a few codes around the full width's nearest and proves (or searches
+    every code for) the rest: its codes are the exhaustive argmin, and that argmin is the exact one
+    (float64) wherever the float32 costs are not within rounding of each other."""
+    from matq_converters.importers.hf.gptq import _Codes
+
+    spec = QuantizeSpec.build(layout="free", widths=(8, 5, 4, 3, 2), lambdas=lambdas)
+    codes = _Codes(spec, torch.device("cpu"), per_width=True)
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 20000, generator=g) * 300 - 20  # past both ends of the codes too
+    drift = torch.tensor([0, 2, 5, 20, 60.0])[:, None]  # narrower widths' targets wander further
+    x = base + torch.randn(5, 20000, generator=g) * drift
+    x = torch.cat([x, x[-1:]]).t().contiguous()
+    got = codes._window(x)
+    assert torch.equal(got, codes._best_of_all(x))
+    lev, lam = codes.search_levels.double(), codes.search_lam.double()[None, :, None]
+    cost = ((x.double()[:, :, None] - lev) ** 2 * lam).sum(1)  # [rows, 2^c], exact enough
+    best = cost.min(1).values
+    chosen = cost.gather(1, got[:, None])[:, 0]
+    assert torch.all(chosen <= best * (1 + 1e-6))
+
+
+def test_hessian_inverse_factor():
+    """U is upper triangular and U^T U is the damped H's inverse (GPTQ's factor, by one Cholesky)."""
+    from matq_converters.importers.hf.gptq import _hinv_cholesky
+
+    x = _correlated(cols=96, n=512).astype(np.float64)
+    h = torch.from_numpy(x.T @ x)
+    h[:, 3] = h[3, :] = 0  # a dead column: H_jj = 1
+    u = _hinv_cholesky(h, 0.01)
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    hd = h.clone()
+    hd[3, 3] = 1
+    hd += 0.01 * torch.diagonal(hd).mean() * torch.eye(96, dtype=torch.float64)
+    np.testing.assert_allclose((u.T @ u @ hd).numpy(), np.eye(96), atol=1e-9)

@@ -50,6 +50,7 @@ def quantize_calibrated(
     layer_progress: Callable[[int, int], None] | None = None,
     input_axes: Mapping[str, int] | None = None,
     width_params: tuple[int, ...] = (),
+    threads: int | None = None,
 ) -> Path:
     """Write the checkpoint of :func:`~matq_converters.importers.hf.quantize.quantize_hf` with ``calib`` given.
 
@@ -59,6 +60,8 @@ def quantize_calibrated(
     ``input_axes`` (``roles.input_axes``) says where a selected fused expert stack keeps its inputs;
     such stacks are no ``nn.Linear``, so they are quantized without data. ``width_params``: widths
     given their own block parameters (spec 10.7), fitted with the calibration's column importance.
+    ``threads`` (default: CPUs, at most 8): on the CPU, how many of a layer's matrices GPTQ
+    quantizes at once.
     """
     from matq_converters.importers.hf import calibration as cal
     from matq_converters.importers.hf.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
@@ -145,6 +148,7 @@ def quantize_calibrated(
             on_layer=layer_progress,
             nonfinite=nonfinite,
             inputs=(lambda n, w, imp: seen.__setitem__(n, (w, imp))) if width_params else None,
+            workers=max(1, threads or min(8, os.cpu_count() or 1)),
         ):
             add(writer, name, codes, scale, zero)
     return Path(out)

@@ -23,7 +23,7 @@ model keeps its layers in ``layers`` (Llama, Mistral, Qwen2, Gemma 2) and BERT-l
 on the selected linears accumulate ``H = X^T X`` (float32 products per batch, summed in float64;
 linears fed the same tensor, as q/k/v and gate/up are, share one H and are quantized as one
 matrix, rows stacked, which is the same as one at a time), :func:`~matq_converters.importers.hf.gptq.gptq_multiwidth`
-quantizes them, their weights are replaced by the int8 (full code width) dequantization, and the
+quantizes them (on the CPU several at once, one thread each: the same bytes as one at a time), their weights are replaced by the int8 (full code width) dequantization, and the
 layer runs again to give the next layer's inputs. Quantized inputs, as GPTQ's sequential mode: each
 layer's H describes the inputs it will see with quantized layers before it, so it compensates their
 error too. The full width, because it is the one slice every width is cut from and the closest to
@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -440,6 +441,34 @@ class _Hessians:
             h.remove()
 
 
+def _gptq_groups(jobs: list[tuple], spec, propagate: str, workers: int) -> list[tuple]:
+    """GPTQ of one layer's matrices ``(W, H, importance)``, the largest first on ``workers`` threads
+    of one torch thread each: their column steps are serial and too small to share out, so the
+    matrices are what goes in parallel. Each matrix's result is what it is alone."""
+    import torch
+
+    from matq_converters.importers.hf.gptq import gptq_multiwidth
+
+    def one(job: tuple, threads: int | None = None) -> tuple:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        W, H, imp = job
+        return gptq_multiwidth(W, H, spec, importance=imp, propagate=propagate)
+
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        return [one(job) for job in jobs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="matq-gptq") as pool:
+            largest = sorted(range(len(jobs)), key=lambda j: -jobs[j][0].numel())
+            running = {j: pool.submit(one, jobs[j], 1) for j in largest}
+            return [running[j].result() for j in range(len(jobs))]
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class LayerPlan:
     """Which selected tensors of one layer GPTQ handles: ``{file tensor name: module-relative path}``."""
@@ -484,16 +513,17 @@ def calibrate_layers(
     on_layer: Callable[[int, int], None] | None = None,
     nonfinite: Callable[[str], Exception] | None = None,
     inputs: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(tensor name, codes, scale, zero)`` for every planned linear, layer by layer.
 
     ``on_layer(done, total)`` is called after each layer. ``nonfinite(name)`` builds the error for
     a weight holding NaN or infinity. ``inputs(name, float weights, column importance)`` receives
-    what the per-width fit needs (spec 10.7) before each tensor is yielded.
+    what the per-width fit needs (spec 10.7) before each tensor is yielded. ``workers``: on the
+    CPU, how many of a layer's matrices (q/k/v, o, gate/up, down) GPTQ quantizes at once, one
+    thread each.
     """
     import torch
-
-    from matq_converters.importers.hf.gptq import gptq_multiwidth
 
     dev = model.device
     needed = [p.index for p in plans if p.linears]
@@ -524,21 +554,24 @@ def calibrate_layers(
                 never = [n for n in lin_names if n not in hess.leader]
                 if never:
                     raise CalibrationModelError(model.src.root, f"{never[0]} was never called by its layer")
+                jobs = []
                 for group in hess.groups():
                     ws = [mods[n].weight.detach().to(torch.float32) for n in group]
                     for n, w in zip(group, ws, strict=True):
                         if not bool(torch.isfinite(w).all()):
                             raise (nonfinite(n) if nonfinite else ValueError(f"{n} holds NaN or infinity"))
-                    W = torch.cat(ws, 0) if len(ws) > 1 else ws[0]
                     H = hess.H[group[0]]
                     imp = torch.diagonal(H) / hess.tokens[group[0]]
-                    codes, scale, zero = gptq_multiwidth(W, H, spec, importance=imp, propagate=propagate)
+                    jobs.append((torch.cat(ws, 0) if len(ws) > 1 else ws[0], H, imp))
+                results = _gptq_groups(jobs, spec, propagate, workers if dev.type == "cpu" else 1)
+                for group, job, (codes, scale, zero) in zip(hess.groups(), jobs, results, strict=True):
                     r0 = 0
-                    for n, w in zip(group, ws, strict=True):
-                        r1 = r0 + w.shape[0]
+                    for n in group:
+                        r1 = r0 + mods[n].weight.shape[0]
                         c, a, z = codes[r0:r1], scale[r0:r1], zero[r0:r1]
                         if inputs is not None:  # before the weight is replaced by its int8 values
-                            inputs(n, w.detach().cpu().numpy().copy(), imp.detach().cpu().numpy())
+                            w = mods[n].weight.detach().to(torch.float32).cpu().numpy().copy()
+                            inputs(n, w, job[2].detach().cpu().numpy())
                         full = numerics.dequantize_codes(
                             c, a, z, spec.code_bits, spec.code_bits, spec.group_size
                         )

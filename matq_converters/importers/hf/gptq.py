@@ -12,8 +12,11 @@ width-r slice of the one set of codes (``numerics.dequantize_codes``):
   target (always, with ``propagate="mean"``) this is ``multiwidth.multiwidth_codes``' exact
   lower-envelope minimiser, looked up with the same breakpoints (``torch.searchsorted`` on the
   device), so the codes equal what numerics gives for the same weights, scale and zero point, bit
-  for bit; otherwise an exhaustive search over the ``2^c`` codes (one small matrix product and an
-  argmin per column), with numerics' tie-break weight on the full width.
+  for bit; otherwise the exact minimiser over the ``2^c`` codes, with numerics' tie-break weight on
+  the full width: each cost summed directly (the expanded form in float32 lost ~16 in costs of
+  ~3e8 and picked a worse code for about one weight in 1,500), scored first for the ``2 * SEARCH_RADIUS
+  + 1`` codes around the full width's nearest, every code only for the rows where a lower bound on
+  the codes outside (each width's levels grow with the code) does not clear the window's best.
 * Error feedback, ``propagate="per-width"`` (the default): one target per width, each passed its own
   width's error ``t_r - w_hat_r`` (divided by the Cholesky diagonal), so each width gets GPTQ's
   compensation for its own rounding, and the code choice trades the widths off per weight.
@@ -34,8 +37,11 @@ width-r slice of the one set of codes (``numerics.dequantize_codes``):
   search (:func:`matq_format.multiwidth.multiwidth_params` with ``importance``, ``objective="multiwidth"``).
   Per channel (``group_size=None``): once per row, from the weights as given.
 * GPTQ's machinery as published: damping ``1%`` of the mean diagonal, the upper Cholesky factor of
-  ``H^-1`` (computed in float64, then used in float32), blocks of 128 columns with the intra-block
-  updates column by column and one matrix product for the columns after the block ("lazy batch").
+  ``H^-1`` (computed in float64 from one Cholesky of the reversed H, then used in float32), blocks
+  of 128 columns, one matrix product for the columns after the block ("lazy batch"); inside a
+  block the same again with sub-blocks of 32 columns (whole groups), column-by-column updates only
+  within a sub-block. That moves 8x less memory than updating the whole block per column, and
+  only changes the order of float sums.
 
 The lambdas set the trade between widths: the int2 error is some 250 times the int8 one, so with
 lambdas 1,1,1 the int2 term dominates and int8 ends far above MinMax's (tiny) int8 error; lambdas
@@ -65,6 +71,9 @@ from matq_format.quantspec import QuantizeSpec
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_DAMP", "gptq_multiwidth", "multiwidth_table"]
 
 DEFAULT_BLOCK_SIZE = 128
+SUB_BLOCK = 32
+"""Columns whose errors are passed on one by one within a block, the rest of the block a sub-block at a
+time (whole groups)."""
 DEFAULT_DAMP = 0.01
 """Damping added to H's diagonal, as a fraction of its mean diagonal (GPTQ's default)."""
 
@@ -111,38 +120,40 @@ def _hinv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     diag[dead] = 1.0
     mean = float(diag.mean()) if diag.numel() else 1.0
     for attempt in range(4):
-        Hd = H.clone()
+        Hd = H.flip(0, 1)
         torch.diagonal(Hd).add_(damp * (10**attempt) * mean)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            # H^-1 by solving against I: 7-15x faster on the CPU than torch.cholesky_inverse (LAPACK
-            # potri; 5 s for 1536 columns on 2 cores), equal to it to ~1e-15 relative in float64
+            # With P the reversal, P H P = L L^T gives H^-1 = U^T U for U = P L^-1 P, upper triangular
+            # with a positive diagonal: the factor, from one Cholesky and one triangular inverse
+            # (GPTQ's Cholesky, inverse and Cholesky again cost twice that: 1 s for 1536 columns on 2 cores).
             eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
-            if int(info) == 0:
-                return U
+            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
     raise ValueError("the Hessian is not positive definite even with 1000x damping")
 
 
 def _group_params(
-    w: torch.Tensor, spec: QuantizeSpec, importance: np.ndarray | None
+    w: torch.Tensor, spec: QuantizeSpec, importance: np.ndarray | None, group_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero per row of one group's weights ``w [rows, g]`` (numerics' formulas)."""
+    """Scale and zero per row of one group's weights ``w [rows, g]`` (numerics' formulas), or with
+    ``group_size`` per row and group of several groups' (``[rows, groups]``)."""
     wn = np.array(w.detach().to("cpu", torch.float32).numpy(), np.float32, order="C")
-    sign = spec.flip_signs(wn, None)
-    a, z = _unsigned_group_params(wn, spec, importance)
-    return (a, z) if sign is None else (a * sign.reshape(-1), z)
+    sign = spec.flip_signs(wn, group_size)
+    a, z = _unsigned_group_params(wn, spec, importance, group_size)
+    if group_size is None:
+        a, z = a.reshape(-1), z.reshape(-1)
+    return (a, z) if sign is None else (a * sign.reshape(a.shape), z)
 
 
 def _unsigned_group_params(
-    wn: np.ndarray, spec: QuantizeSpec, importance: np.ndarray | None
+    wn: np.ndarray, spec: QuantizeSpec, importance: np.ndarray | None, group_size: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     sym = spec.scheme == "symmetric"
     if spec.objective == "minmax":
         a, z = numerics.minmax_params(
             wn,
             spec.code_bits,
-            None,
+            group_size,
             symmetric=sym,
             zero_multiple=spec.zero_multiple,
             scale_dtype=spec.scale_dtype,
@@ -151,7 +162,7 @@ def _unsigned_group_params(
         a, z = multiwidth.multiwidth_params(
             wn,
             spec.code_bits,
-            None,
+            group_size,
             spec.widths,
             spec.lambdas,
             symmetric=sym,
@@ -160,10 +171,32 @@ def _unsigned_group_params(
             extra_precision=spec.extra_precision,
             importance=importance,
         )
-    return a.reshape(-1), z.reshape(-1)
+    return a, z
 
 
 PROPAGATE = ("mean", "per-width")
+SEARCH_RADIUS = 2
+"""Codes either side of the full width's nearest code that the per-width search scores first."""
+SEARCH_MARGIN = 1e-5
+"""Relative margin by which a bound must clear the window's best cost: float sums of a few
+non-negative terms are within 1e-6 of exact, so no code outside can then be as good."""
+_NO_CODES = 1e15
+"""Level range standing for "no codes on this side of the window": any target is far from it."""
+
+
+def _window_tables(levels: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per start s of a window of ``m`` codes: the levels of its codes ``[starts, widths, m]``, and
+    the lowest and highest level of the codes below it and above it ``[starts, widths, 4]``."""
+    n = levels.shape[1]
+    starts = np.arange(n - m + 1)
+    win = np.stack([levels[:, s : s + m] for s in starts])
+    ends = np.full((starts.size, levels.shape[0], 4), _NO_CODES, np.float32)
+    below, above = starts > 0, starts + m < n
+    ends[below, :, 0] = levels[:, 0]
+    ends[below, :, 1] = levels[:, starts[below] - 1].T
+    ends[above, :, 2] = levels[:, starts[above] + m].T
+    ends[above, :, 3] = levels[:, -1]
+    return win, ends
 
 
 class _Codes:
@@ -184,13 +217,25 @@ class _Codes:
             self._search_terms(spec, levels_np, lam_np, dev)
 
     def _search_terms(self, spec: QuantizeSpec, levels_np: np.ndarray, lam_np: np.ndarray, dev) -> None:
-        """The search's objective, expanded: a constant per code and the terms linear in the targets."""
+        """The search's terms (each width's levels and lambda, then the full width's with the tie
+        weight), and per window start the levels of its codes and the range of levels outside it."""
         tie = np.float32(multiwidth.MULTIWIDTH_TIE * lam_np.sum())
         top = numerics.slice_codes_c_scale(np.arange(1 << spec.code_bits), spec.code_bits, spec.code_bits)
-        sq = (lam_np[:, None] * levels_np**2).sum(0) + tie * top.astype(np.float32) ** 2
-        self.search_b = torch.from_numpy(sq.astype(np.float32)).to(dev)  # [2^c]
-        self.search_l = torch.from_numpy((2 * lam_np[:, None] * levels_np).astype(np.float32)).to(dev)
-        self.search_top = torch.from_numpy((2 * tie * top).astype(np.float32)).to(dev)
+        levels = np.vstack([levels_np, top[None].astype(np.float32)])  # [widths + 1, 2^c], each increasing
+        self.search_levels = torch.from_numpy(levels).to(dev)
+        self.search_lam = torch.from_numpy(np.append(lam_np, tie).astype(np.float32)).to(dev)
+        # the full width's term bounds the cost of codes far from its nearest code (_window)
+        full = [i for i, r in enumerate(spec.widths) if r == spec.code_bits]
+        self.anchor = max(full, key=lambda i: lam_np[i]) if full else None
+        n, m = levels.shape[1], 2 * SEARCH_RADIUS + 1
+        if self.anchor is None or n <= m:
+            self.anchor = None
+            return
+        win, ends = _window_tables(levels, m)
+        self.window_levels = torch.from_numpy(win.reshape(win.shape[0], -1)).to(dev)
+        # lowest and highest level below the window, then above it: [starts, (widths + 1) * 2] each
+        self.outside_low = torch.from_numpy(ends[:, :, 0::2].reshape(ends.shape[0], -1).copy()).to(dev)
+        self.outside_high = torch.from_numpy(ends[:, :, 1::2].reshape(ends.shape[0], -1).copy()).to(dev)
 
     def envelope(self, w: torch.Tensor, g: _Groups) -> torch.Tensor:
         """numerics' multi-width codes of ``w`` with the current group's scale and zero."""
@@ -204,8 +249,37 @@ class _Codes:
         if not self.per_width or bool((t == t[0]).all()):  # every width still has the same target
             return self.envelope(t[0], g)
         x = t / g.a + g.z  # [widths, rows] on the c-bit scale
-        cost = self.search_b - x.t() @ self.search_l - x[-1:].t() * self.search_top  # [rows, 2^c] + const
-        return cost.argmin(1)
+        x = torch.cat([x, x[-1:]]).t().contiguous()  # [rows, widths + 1]; the tie's target: the last width's
+        if self.anchor is None:
+            return self._best_of_all(x)
+        return self._window(x)
+
+    def _best_of_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of least cost ``sum_r lambda_r (x_r - S(q, r))^2`` over every code; ties to the lowest."""
+        d = x[:, :, None] - self.search_levels  # [rows, widths + 1, 2^c]
+        return (d * d * self.search_lam[:, None]).sum(1).argmin(1)
+
+    def _window(self, x: torch.Tensor) -> torch.Tensor:
+        """The exhaustive search's codes, scoring first ``SEARCH_RADIUS`` codes either side of the full
+        width's nearest code. Exact: each width's levels grow with the code, so a code below the
+        window costs at least the cost of that width's target to the interval of levels below it
+        (above it likewise); rows where that bound does not clear the window's best by a margin
+        wider than float rounding are searched over every code."""
+        rows, k1 = x.shape
+        lam = self.search_lam[:, None]
+        lo = (x[:, self.anchor].round() - SEARCH_RADIUS).clamp_(0, self.window_levels.shape[0] - 1).long()
+        xx = x[:, :, None]
+        d = self.window_levels.index_select(0, lo).view(rows, k1, -1).sub_(xx)  # [rows, widths + 1, window]
+        best, j = d.square_().mul_(lam).sum(1).min(1)
+        q = lo + j
+        low = self.outside_low.index_select(0, lo).view(rows, k1, 2).sub_(xx).clamp_(min=0)
+        high = (xx - self.outside_high.index_select(0, lo).view(rows, k1, 2)).clamp_(min=0)
+        bound = low.add_(high).square_().mul_(lam).sum(1).amin(1)  # [rows], the lesser of the two sides
+        unsure = ~(bound > best * (1 + SEARCH_MARGIN))
+        if bool(unsure.any()):
+            r = unsure.nonzero()[:, 0]
+            q[r] = self._best_of_all(x[r])
+        return q
 
     def error(self, t: torch.Tensor, q: torch.Tensor, g: _Groups, d: torch.Tensor) -> torch.Tensor:
         """What the column passes on, divided by the Cholesky diagonal ``d``: per width, or the mean."""
@@ -235,22 +309,29 @@ class _Groups:
         bs = _block_size(self.gs, self.cols, block_size)
         return -(-bs // numerics.NEST_BLOCK) * numerics.NEST_BLOCK if self.nest else bs
 
-    def _params_of(self, t: torch.Tensor, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
-        """From the targets ``t [k, c1 - c0, rows]``: one, or their lambda-weighted mean."""
+    def _params_of(
+        self, t: torch.Tensor, c0: int, c1: int, group_size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """From the targets ``t [c1 - c0, k, rows]``: one, or their lambda-weighted mean."""
         lam = self.codes.lam
-        wg = t[0] if t.shape[0] == 1 else (t * lam[:, :, None]).sum(0) / self.codes.lam_total
-        return _group_params(wg.t(), self.spec, self.imp[c0:c1])
+        wg = t[:, 0] if t.shape[1] == 1 else (t * lam[None]).sum(1) / self.codes.lam_total
+        return _group_params(wg.t(), self.spec, self.imp[c0:c1], group_size)
 
     def _nest_params(self, t: torch.Tensor, c0: int) -> None:
         """gguf layout: at a super-block's first column, the parameters of its groups from the
-        targets as they are now (static groups), scales nested (numerics.nest_scales)."""
-        gs = self.gs
-        per = [
-            self._params_of(t[:, j : j + gs], c0 + j, c0 + j + gs) for j in range(0, numerics.NEST_BLOCK, gs)
-        ]
-        a = numerics.nest_scales(np.stack([p[0] for p in per], 1), numerics.NEST_BLOCK, gs)
-        for i, (_, z) in enumerate(per):
-            self.nested[c0 + i * gs] = (a[:, i], z)
+        targets as they are now (static groups), scales nested (numerics.nest_scales). One search
+        for all its groups, unless a group's importance is flat (the search then weighs it as
+        unweighted, which one search over unequal columns would not)."""
+        gs, nb = self.gs, numerics.NEST_BLOCK
+        imp = self.imp[c0 : c0 + nb].reshape(-1, gs)
+        if bool((imp == imp[:, :1]).all(1).any()) and not bool((imp == imp[0, 0]).all()):
+            per = [self._params_of(t[j : j + gs], c0 + j, c0 + j + gs) for j in range(0, nb, gs)]
+            a, z = np.stack([p[0] for p in per], 1), np.stack([p[1] for p in per], 1)
+        else:
+            a, z = self._params_of(t[:nb], c0, c0 + nb, gs)
+        a = numerics.nest_scales(a, nb, gs)
+        for i in range(a.shape[1]):
+            self.nested[c0 + i * gs] = (a[:, i], z[:, i])
 
     def set(self, t: torch.Tensor, c0: int, c1: int) -> None:
         """Parameters of the group of columns c0..c1-1 from targets ``t [k, c1 - c0, rows]``."""
@@ -264,10 +345,10 @@ class _Groups:
     def at_column(self, T1: torch.Tensor, i: int, col: int) -> None:
         """At a (super-)group's first column ``col`` (``i`` in the block ``T1``), set its parameters."""
         if self.nest and col % numerics.NEST_BLOCK == 0:
-            self._nest_params(T1[:, i : i + numerics.NEST_BLOCK], col)
+            self._nest_params(T1[i : i + numerics.NEST_BLOCK], col)
         if self.gs is not None and col % self.gs == 0:
             g1 = min(col + self.gs, self.cols)
-            self.set(T1[:, i : i + (g1 - col)], col, g1)
+            self.set(T1[i : i + (g1 - col)], col, g1)
 
 
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, spec: QuantizeSpec, propagate: str) -> None:
@@ -320,50 +401,62 @@ def gptq_multiwidth(
     codes = _Codes(spec, dev, per_width)
     groups = _Groups(spec, _importance(H, importance), rows, cols, codes, dev)
     U = _hinv_cholesky(H.to(dev), damp).to(torch.float32)
-    # Targets [k, cols, rows], transposed so that input column j is row j (contiguous steps): one
-    # target for "mean", one per width for "per-width".
+    # Targets [cols, k, rows], transposed so that input column j is T[j] (contiguous steps, and
+    # the lazy batch one matrix product): one target for "mean", one per width for "per-width".
     k = len(spec.widths) if per_width else 1
-    T = W.detach().to(dev, torch.float32).t().contiguous().unsqueeze(0).repeat(k, 1, 1)
+    T = W.detach().to(dev, torch.float32).t().contiguous().unsqueeze(1).repeat(1, k, 1)
     if groups.gs is None:  # one scale per row, from the weights as given
         groups.set(T, 0, cols)
-    Qt = _sweep(T, U, codes, groups, groups.block_size(block_size))
+    Qt = _sweep(T, U, codes, groups, groups.block_size(block_size), _block_size(groups.gs, cols, SUB_BLOCK))
     return Qt.t().contiguous().cpu().numpy(), groups.scale, groups.zero
 
 
-def _sweep(T: torch.Tensor, U: torch.Tensor, codes: _Codes, groups: _Groups, bs: int) -> torch.Tensor:
-    """GPTQ's lazy-batch sweep over blocks of ``bs`` columns; the codes ``[cols, rows]``."""
-    k, cols, rows = T.shape
+def _sweep(T: torch.Tensor, U: torch.Tensor, codes: _Codes, groups: _Groups, bs: int, ib: int) -> torch.Tensor:
+    """GPTQ's lazy-batch sweep over blocks of ``bs`` columns, each in sub-blocks of ``ib``; the codes
+    ``[cols, rows]``."""
+    cols, k, rows = T.shape
     Qt = torch.empty((cols, rows), dtype=torch.uint8, device=T.device)
     threads = torch.get_num_threads()
     try:
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            if codes.on_cpu:  # one thread for the column steps: their ops are too small to share
-                torch.set_num_threads(1)
-            Err1 = _sweep_block(T[:, i1:i2].clone(), U[i1:i2, i1:i2], i1, Qt, codes, groups)
-            torch.set_num_threads(threads)
+            Err1 = _sweep_block(T[i1:i2], U[i1:i2, i1:i2], i1, Qt, codes, groups, ib)
             if i2 < cols:
-                for j in range(k):
-                    T[j, i2:].addmm_(U[i1:i2, i2:].t(), Err1[j], alpha=-1)
+                _update(T[i2:], U[i1:i2, i2:], Err1)
     finally:
         torch.set_num_threads(threads)
     return Qt
 
 
+def _update(T: torch.Tensor, U: torch.Tensor, Err: torch.Tensor) -> None:
+    """The lazy batch: ``T -= U^T Err`` for every target at once (``[cols, k, rows]``: one product)."""
+    T.view(T.shape[0], -1).addmm_(U.t(), Err.view(Err.shape[0], -1), alpha=-1)
+
+
 def _sweep_block(
-    T1: torch.Tensor, U1: torch.Tensor, i1: int, Qt: torch.Tensor, codes: _Codes, groups: _Groups
+    T1: torch.Tensor, U1: torch.Tensor, i1: int, Qt: torch.Tensor, codes: _Codes, groups: _Groups, ib: int
 ) -> torch.Tensor:
-    """One block's column steps: codes into ``Qt``, each column's error onto the block's later
-    columns of ``T1``; returns the errors, for the columns after the block."""
+    """One block's column steps, in place on ``T1``: codes into ``Qt``; each column's error onto the
+    later columns of its sub-block at once, onto the block's later sub-blocks a sub-block at a time
+    (what a rank-1 update of the whole block per column costs in memory traffic is most of the sweep).
+    Returns the errors, for the columns after the block."""
     Err1 = torch.empty_like(T1)
-    for i in range(T1.shape[1]):
-        col = i1 + i
-        groups.at_column(T1, i, col)
-        t = T1[:, i]  # [k, rows]
-        q = codes.choose(t, groups)
-        Qt[col] = q.to(torch.uint8)
-        err = codes.error(t, q, groups, U1[i, i])
-        for j in range(T1.shape[0]):
-            T1[j, i:].addr_(U1[i, i:], err[j], alpha=-1)
-        Err1[:, i] = err
+    n = T1.shape[0]
+    threads = torch.get_num_threads()
+    for j1 in range(0, n, ib):
+        j2 = min(j1 + ib, n)
+        if codes.on_cpu:  # one thread for the column steps: their ops are too small to share
+            torch.set_num_threads(1)
+        for i in range(j1, j2):
+            col = i1 + i
+            groups.at_column(T1, i, col)
+            t = T1[i]  # [k, rows]
+            q = codes.choose(t, groups)
+            Qt[col] = q.to(torch.uint8)
+            err = codes.error(t, q, groups, U1[i, i])
+            T1[i:j2].addcmul_(U1[i, i:j2][:, None, None], err, value=-1)
+            Err1[i] = err
+        torch.set_num_threads(threads)
+        if j2 < n:
+            _update(T1[j2:], U1[j1:j2, j2:], Err1[j1:j2])
     return Err1

@@ -201,6 +201,7 @@ def _calibrated(
         calib_seq_len=opts.calib_seq_len,
         device=opts.device,
         propagate=opts.calib_propagate,
+        threads=opts.threads,
         overwrite=overwrite,
         progress=progress,
         layer_progress=layer_progress,
