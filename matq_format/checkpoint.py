@@ -396,7 +396,7 @@ class Checkpoint:
         wp = None if extra_precision or bits >= self.code_bits else self.width_params(name, bits)
         if wp is not None:
             return numerics.dequantize_width(
-                k, wp.d, wp.sc, wp.dmin, wp.mn, bits, wp.spec.group_size, t.in_axis
+                k, wp.d, wp.sc, wp.dmin, wp.mn, bits, wp.spec.group_size, t.in_axis, wp.spec.super_block
             )
         if bits < self.code_bits and not extra_precision and t.width_specs(self.code_bits) and not self._fallback_said:
             self._fallback_said = True

@@ -401,21 +401,22 @@ def dequantize_width(
     bits: int,
     group_size: int,
     input_axis: int = -1,
+    super_block: int = C.WIDTH_SUPER_BLOCK,
 ) -> np.ndarray:
     """A width's own block parameters (spec 10.7): ``w = step * (k - o) - low`` in float32 with
     ``step = d * sc`` and ``low = dmin * mn`` (both exact), ``t = step * (k - o)`` rounded once and
     ``w = t - low`` rounded once, the order ggml's K-quant decoders use. ``d``/``dmin`` are per
-    super-block of 256 columns, ``sc``/``mn`` per sub-group of ``group_size``; no ``dmin``: no minimum."""
+    super-block of ``super_block`` columns, ``sc``/``mn`` per sub-group of ``group_size``; no ``dmin``: no minimum."""
     cols = k.shape[input_axis]
     symmetric = dmin is None
     sc_e = expand_groups(np.asarray(sc), cols, group_size, input_axis)
-    d_e = expand_groups(np.asarray(d, np.float32), cols, C.WIDTH_SUPER_BLOCK, input_axis)
+    d_e = expand_groups(np.asarray(d, np.float32), cols, super_block, input_axis)
     step = d_e * sc_e.astype(np.float32)
     x = (k.astype(np.int32) - width_offset(sc_e, bits, symmetric)).astype(np.float32)
     t = step * x
     if symmetric:
         return t.astype(np.float32)
-    dmin_e = expand_groups(np.asarray(dmin, np.float32), cols, C.WIDTH_SUPER_BLOCK, input_axis)
+    dmin_e = expand_groups(np.asarray(dmin, np.float32), cols, super_block, input_axis)
     mn_e = expand_groups(np.asarray(mn), cols, group_size, input_axis).astype(np.float32)
     return (t - dmin_e * mn_e).astype(np.float32)
 
@@ -471,6 +472,18 @@ def extreme_signs(w: np.ndarray, group_size: int | None) -> np.ndarray:
     """
     lo, hi = group_minmax(w, group_size)
     return np.where(hi > -lo, np.float32(-1), np.float32(1))
+
+
+SIGN_SPAN = 64
+"""Columns per scale sign in rows that are not a multiple of ``NEST_BLOCK``: llama.cpp's Q2_0 block."""
+
+
+def sign_span(cols: int, group_size: int) -> int:
+    """Columns that share one scale sign in the gguf layout: ``SIGN_SPAN`` for groups that tile it in
+    rows no K-quant holds (they export as one-step blocks, Q2_0 at int2), else the group itself."""
+    if cols % NEST_BLOCK and cols % SIGN_SPAN == 0 and SIGN_SPAN % group_size == 0:
+        return SIGN_SPAN
+    return group_size
 
 
 NEST_BLOCK = 256

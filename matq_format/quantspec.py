@@ -107,7 +107,7 @@ class QuantizeSpec:
         when ``w`` holds its groups as rows (``group_size=None`` then), for the gguf layout.
         """
         sym = self.scheme == "symmetric"
-        sign = self.flip_signs(w, group_size)
+        sign = self.flip_signs(w, group_size, cols)
         a, z = self._params_and_codes(w, group_size, out, cols, sym)
         return (a, z) if sign is None else (a * sign, z)
 
@@ -131,15 +131,26 @@ class QuantizeSpec:
         """The gguf layout signs each group's scale (``numerics.extreme_signs``)."""
         return self.layout == "gguf"
 
-    def flip_signs(self, w: np.ndarray, group_size: int | None) -> np.ndarray | None:
+    def flip_signs(self, w: np.ndarray, group_size: int | None, cols: int | None = None) -> np.ndarray | None:
         """With signed scales: ``w`` (a float32 scratch buffer) times each group's
         ``numerics.extreme_signs`` in place, and those signs; else None and ``w`` untouched.
 
         Quantizing the flipped ``w`` with positive scales gives the codes of ``w`` with the scales
-        times the signs, so every parameter search runs unchanged on the flipped weights."""
+        times the signs, so every parameter search runs unchanged on the flipped weights. Rows that
+        no K-quant tiles share one sign per ``numerics.sign_span`` columns (Q2_0's block of 64), so
+        that a width's one step per block (spec 10.7) does not straddle two signs.
+        ``cols``: the row length when ``w`` holds one group per row."""
         if not self.signed_scales:
             return None
-        sign = numerics.extreme_signs(w, group_size)
+        n = w.shape[1] if cols is None else cols
+        span = numerics.sign_span(n, group_size or w.shape[1])
+        if group_size is None and cols is not None and span > w.shape[1] and w.shape[0] % (span // w.shape[1]) == 0:
+            sign = numerics.extreme_signs(w.reshape(-1, span), None)  # consecutive rows are one row's groups
+            sign = np.repeat(sign, span // w.shape[1], axis=0)
+        elif group_size is not None and span > group_size:
+            sign = np.repeat(numerics.extreme_signs(w, span), span // group_size, axis=1)
+        else:
+            sign = numerics.extreme_signs(w, group_size)
         w *= numerics.expand_groups(sign, w.shape[1], group_size)
         return sign
 

@@ -18,9 +18,14 @@ class WidthSpec:
     bits: int
     group_size: int
     minimum: bool
+    super_block: int = C.WIDTH_SUPER_BLOCK
+    """Columns per ``d``/``dmin``: 256 (K-quant shape), or ``group_size`` (one ``d`` per group, ``sc`` a sign)."""
 
     def to_json(self) -> dict:
-        return {"group_size": self.group_size, "min": self.minimum}
+        rec = {"group_size": self.group_size, "min": self.minimum}
+        if self.super_block != C.WIDTH_SUPER_BLOCK:
+            rec["super_block"] = self.super_block
+        return rec
 
     def parts(self) -> tuple[str, ...]:
         return ("d", "sc", "dmin", "mn") if self.minimum else ("d", "sc")
@@ -48,8 +53,8 @@ def part_dtype(part: str) -> str:
 
 
 def part_shape(spec: WidthSpec, part: str, shape: tuple[int, ...], input_axis: int) -> tuple[int, ...]:
-    """Super-block parameters (``d``, ``dmin``) per 256 columns, sub-group ones per ``group_size``."""
-    block = C.WIDTH_SUPER_BLOCK if part in ("d", "dmin") else spec.group_size
+    """Super-block parameters (``d``, ``dmin``) per ``super_block`` columns, sub-group ones per ``group_size``."""
+    block = spec.super_block if part in ("d", "dmin") else spec.group_size
     return param_shape(shape, block, input_axis)
 
 
@@ -61,15 +66,21 @@ def parse_record(value, code_bits: int) -> dict[int, WidthSpec]:
     for key, rec in value.items():
         if not (isinstance(key, str) and key.isdigit() and key == str(int(key)) and 1 <= int(key) < code_bits):
             raise ValueError(f"{C.EXT_WIDTH_PARAMS}: width {key!r} is not a decimal width in 1..{code_bits - 1}")
-        if not isinstance(rec, dict) or set(rec) - {"group_size", "min"}:
-            raise ValueError(f"{C.EXT_WIDTH_PARAMS}[{key}] must hold only 'group_size' and 'min'")
-        g, m = rec.get("group_size"), rec.get("min")
-        if not (isinstance(g, int) and not isinstance(g, bool) and g > 0 and C.WIDTH_SUPER_BLOCK % g == 0):
-            raise ValueError(f"{C.EXT_WIDTH_PARAMS}[{key}]: group_size {g!r} must divide {C.WIDTH_SUPER_BLOCK}")
+        if not isinstance(rec, dict) or set(rec) - {"group_size", "min", "super_block"}:
+            raise ValueError(f"{C.EXT_WIDTH_PARAMS}[{key}] must hold only 'group_size', 'min' and 'super_block'")
+        g, m, sb = rec.get("group_size"), rec.get("min"), rec.get("super_block", C.WIDTH_SUPER_BLOCK)
+        if not (_positive(sb) and C.WIDTH_SUPER_BLOCK % sb == 0):
+            raise ValueError(f"{C.EXT_WIDTH_PARAMS}[{key}]: super_block {sb!r} must divide {C.WIDTH_SUPER_BLOCK}")
+        if not (_positive(g) and sb % g == 0):
+            raise ValueError(f"{C.EXT_WIDTH_PARAMS}[{key}]: group_size {g!r} must divide super_block {sb}")
         if not isinstance(m, bool):
             raise ValueError(f"{C.EXT_WIDTH_PARAMS}[{key}]: 'min' must be true or false")
-        out[int(key)] = WidthSpec(int(key), g, m)
+        out[int(key)] = WidthSpec(int(key), g, m, sb)
     return out
+
+
+def _positive(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def record(specs: dict[int, WidthSpec]) -> dict:

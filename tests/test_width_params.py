@@ -76,9 +76,12 @@ def test_a_1_1_reader_refuses_width_params_and_the_marker_is_required():
     [
         ({"8": {"group_size": 16, "min": True}}, "not a decimal width"),
         ({"02": {"group_size": 16, "min": True}}, "not a decimal width"),
-        ({"2": {"group_size": 24, "min": True}}, "must divide 256"),
+        ({"2": {"group_size": 24, "min": True}}, "must divide super_block 256"),
+        ({"2": {"group_size": 64, "min": False, "super_block": 32}}, "must divide super_block 32"),
+        ({"2": {"group_size": 16, "min": False, "super_block": 48}}, "super_block 48 must divide 256"),
+        ({"2": {"group_size": 16, "min": False, "super_block": True}}, "super_block True must divide"),
         ({"2": {"group_size": 16, "min": 1}}, "'min' must be true or false"),
-        ({"2": {"group_size": 16, "min": True, "x": 1}}, "only 'group_size' and 'min'"),
+        ({"2": {"group_size": 16, "min": True, "x": 1}}, "only 'group_size', 'min' and 'super_block'"),
         ({}, "non-empty"),
     ],
 )
@@ -164,9 +167,9 @@ def test_folder_form_keeps_each_width_in_its_own_file_and_a_partial_view_falls_b
     np.testing.assert_array_equal(part.dequantize(NAME, 3), mf.open(GOLDEN).dequantize(NAME, 3))
 
 
-def _grid(w: np.ndarray, symmetric: bool, group: int = 32):
+def _grid(w: np.ndarray, symmetric: bool, group: int = 32, sign_span: int = 32):
     if symmetric:
-        sign = N.extreme_signs(w, group)
+        sign = np.repeat(N.extreme_signs(w, sign_span), sign_span // group, axis=1)
         a, z = N.minmax_params(w * np.repeat(sign, group, 1), 8, group, symmetric=True)
         a = a * sign
     else:
@@ -239,6 +242,63 @@ def test_gguf_rows_not_multiple_of_256_keep_the_width_values(tmp_path):
     assert B.rel_rms_error(enc, own) < B.rel_rms_error(enc, shared)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(
+    "bits, shape, qtype",
+    [
+        (2, (64, False), "Q2_0"), (3, (32, False), "Q4_0"), (4, (32, False), "Q4_0"), (5, (32, False), "Q5_0"),
+        (2, (32, True), "Q4_1"), (4, (32, True), "Q4_1"), (5, (32, True), "Q5_1"),
+    ],
+)
+def test_gguf_block_shapes_decode_to_dequantize_width(bits, shape, qtype, symmetric):
+    """One ``d`` per group (``super_block`` = ``group_size``) on 576-column rows: ggml's block types
+    decode to ``numerics.dequantize_width`` bit for bit (gguf-py's decoders); Q2_0, which gguf-py
+    cannot decode, through ggml's formula, equal as values (its zero level's sign may differ)."""
+    gguf = pytest.importorskip("gguf")
+    from matq_converters.exporters.gguf import blocks as B
+
+    rng = np.random.default_rng(bits + 10 * symmetric)
+    w = (rng.standard_normal((8, 576)) * rng.uniform(0.001, 0.1, (8, 1))).astype(np.float32)
+    q, a, z = _grid(w, symmetric, sign_span=64)
+    k = N.slice_codes(q, 8, bits)
+    p = fit_width(w, k, WidthSpec(bits, shape[0], shape[1], shape[0]), rng.uniform(0.5, 2.0, 576))
+    assert set(np.unique(np.abs(p.sc))) <= {0, 1}
+    sl = B.Slice(k, a, z, 8, bits, 32, False, p)
+    enc = B.encode_compact(sl)
+    assert enc.qtype.name == qtype and enc.exact
+    want = sl.dequantize()
+    if qtype == "Q2_0":
+        np.testing.assert_array_equal(B.decode(enc), want)
+        assert B.bits_per_weight(enc.qtype) == 2.25
+        shared = N.dequantize_codes(k, a, z, 8, bits, 32)
+        err = lambda v: float(np.sum((v - w).astype(np.float64) ** 2))  # noqa: E731
+        assert err(want) <= err(shared) * (1.1 if symmetric else 2.0)
+    else:
+        got = gguf.quants.dequantize(enc.data, enc.qtype)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_fit_picks_the_shape_of_the_row_length():
+    """256-multiples keep the K-quant shape (int2 takes Q2_0 only at no more error); other rows the block shape."""
+    from matq_converters.importers.hf.widthfit import fit_tensor, weighted_error
+
+    rng = np.random.default_rng(5)
+    for cols in (512, 576):
+        w = (rng.standard_normal((16, cols)) * 0.02).astype(np.float32)
+        q, _, _ = _grid(w, True, sign_span=64)
+        got = fit_tensor(w, q, 8, (2, 3, 4, 5), True)
+        if cols == 576:
+            assert {r: (p.spec.group_size, p.spec.super_block) for r, p in got.items()} == {
+                2: (64, 64), 3: (32, 32), 4: (32, 32), 5: (32, 32)
+            }
+        else:
+            assert [got[r].spec.super_block for r in (3, 4, 5)] == [256] * 3
+            k = N.slice_codes(q, 8, 2)
+            h = np.ones(cols, np.float32)
+            k_err = weighted_error(w, k, fit_width(w, k, spec_for(2, True)), h)
+            assert weighted_error(w, k, got[2], h) <= k_err
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     from tiny_models import tiny_hf_model
@@ -262,9 +322,28 @@ def test_quantize_gguf_layout_fits_2_3_4_by_default(tiny_llama):
     }
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_320(tmp_path_factory):
+    """ffn_down rows of 320 columns: no K-quant tiles them, so its widths take the block shapes."""
+    from tiny_models import tiny_hf_model
+
+    from matq_converters.importers.hf.quantize import quantize_hf
+
+    base = tmp_path_factory.mktemp("widths320")
+    hf = tiny_hf_model("llama", base / "hf", seed=1, intermediate=320)
+    quantize_hf(hf, base / "ck", layers="linear")
+    return hf, mf.open(base / "ck")
+
+
 @pytest.mark.llama_cpp
-@pytest.mark.parametrize("bits, qtype", [(2, "Q2_K"), (3, "Q3_K"), (4, "Q4_K")])
-def test_llama_cpp_runs_the_width_blocks_as_transformers_runs_the_reader(tiny_llama, tmp_path, bits, qtype):
+@pytest.mark.parametrize(
+    "model, bits, qtypes",
+    [
+        ("tiny_llama", 2, {"Q2_K"}), ("tiny_llama", 3, {"Q3_K"}), ("tiny_llama", 4, {"Q4_K"}),
+        ("tiny_llama_320", 2, {"Q2_K", "Q2_0"}), ("tiny_llama_320", 4, {"Q4_K", "Q4_0"}),
+    ],
+)
+def test_llama_cpp_runs_the_width_blocks_as_transformers_runs_the_reader(request, tmp_path, model, bits, qtypes):
     pytest.importorskip("llama_cpp")
     import torch
     from gguf_helpers import SAMPLE, hf_model_on_matq, llama_cpp_model
@@ -273,7 +352,7 @@ def test_llama_cpp_runs_the_width_blocks_as_transformers_runs_the_reader(tiny_ll
     from matq_converters import registry
     from matq_converters.registry import ConvertOptions
 
-    hf, ckpt = tiny_llama
+    hf, ckpt = request.getfixturevalue(model)
     ids = AutoTokenizer.from_pretrained(hf)(SAMPLE).input_ids
     with torch.no_grad():
         ref = hf_model_on_matq(hf, ckpt, bits, False)(torch.tensor([ids])).logits[0].float().numpy()
@@ -289,9 +368,9 @@ def test_llama_cpp_runs_the_width_blocks_as_transformers_runs_the_reader(tiny_ll
         return res, float(d.mean()), float(d.max()), float(np.corrcoef(got.ravel(), ref.ravel())[0, 1])
 
     res, mean, worst, corr = run()
-    assert {res.details["types"][n] for n in res.details["widths"]} == {qtype}
+    assert {res.details["types"][n] for n in res.details["widths"]} == qtypes
     assert res.details["exact_tensors"] == res.details["quantized_tensors"]
-    # llama.cpp quantizes activations (Q8_K) for K-quant matmuls; the same values as F32 must agree to 0.01
+    # llama.cpp quantizes activations (Q8_K, Q8_0) for its matmuls; the same values as F32 must agree to 0.01
     assert mean <= 0.06 and worst <= 0.5 and corr >= 0.995, (mean, worst, corr)
     _, mean, worst, corr = run(types=["F32"])
     assert worst <= 0.01 and corr >= 0.99999, (mean, worst, corr)

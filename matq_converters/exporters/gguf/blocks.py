@@ -59,7 +59,9 @@ class Slice:
     def dequantize(self) -> np.ndarray:
         p = self.width
         if p is not None:
-            return N.dequantize_width(self.k, p.d, p.sc, p.dmin, p.mn, self.bits, p.spec.group_size)
+            return N.dequantize_width(
+                self.k, p.d, p.sc, p.dmin, p.mn, self.bits, p.spec.group_size, super_block=p.spec.super_block
+            )
         return N.dequantize_codes(self.k, self.scale, self.zero, self.code_bits, self.bits, self.group_size)
 
 
@@ -157,28 +159,42 @@ def encode_compact(sl: Slice) -> Encoded:
     return enc or refit(sl.dequantize(), target)
 
 
-# --- a width's own block parameters (spec 10.7) as the K-quant of its shape, exactly ----------------
+# --- a width's own block parameters (spec 10.7) as the ggml type of its shape, exactly -------------
+_WIDTH_K = {(2, 16, True): T.Q2_K, (4, 32, True): T.Q4_K, (5, 32, True): T.Q5_K, (3, 16, False): T.Q3_K}
+"""K-quant shapes (super-blocks of 256): width, sub-group, minimum."""
+_WIDTH_BLOCK = {(2, 64, False): T.Q2_0, (3, 32, False): T.Q4_0, (4, 32, False): T.Q4_0, (5, 32, False): T.Q5_0}
+"""Block shapes (one ``d`` per group, ``sc`` a sign) without a minimum; with one, groups of 32 of
+widths 2 to 4 are Q4_1 and of width 5 Q5_1."""
+
+
 def width_type(sl: Slice) -> T | None:
-    """The K-quant that holds a slice's own block parameters exactly, or None: Q2_K, Q4_K, Q5_K for
-    widths 2, 4, 5 with a minimum (sub-groups of 16, 32, 32), Q3_K for width 3 without one (16)."""
+    """The ggml type that holds a slice's own block parameters exactly, or None: Q2_K, Q3_K, Q4_K,
+    Q5_K for the K-quant shapes (:data:`_WIDTH_K`), Q2_0, Q4_0, Q5_0, Q4_1, Q5_1 for the block shapes."""
     p = sl.width
-    if p is None or sl.extra_precision or sl.k.shape[-1] % QK_K:
+    if p is None or sl.extra_precision or sl.k.shape[-1] % p.spec.super_block:
         return None
     shape = (sl.bits, p.spec.group_size, p.spec.minimum)
-    qtype = {(2, 16, True): T.Q2_K, (4, 32, True): T.Q4_K, (5, 32, True): T.Q5_K, (3, 16, False): T.Q3_K}.get(shape)
+    if p.spec.super_block == p.spec.group_size:
+        if p.spec.minimum:
+            return {2: T.Q4_1, 3: T.Q4_1, 4: T.Q4_1, 5: T.Q5_1}.get(sl.bits) if p.spec.group_size == 32 else None
+        return _WIDTH_BLOCK.get(shape)
+    qtype = _WIDTH_K.get(shape) if p.spec.super_block == QK_K else None
     if qtype == T.Q2_K and (np.abs(p.sc.astype(np.int32)).max(initial=0) > 15 or p.mn.max(initial=0) > 15):
         return None  # Q2_K's sub-block integers have 4 bits
     return qtype
 
 
 def encode_width(sl: Slice) -> Encoded | None:
-    """A slice with its own parameters as its K-quant (:func:`width_type`), decoding bit for bit to
-    ``numerics.dequantize_width``: ``d*|sc|`` and ``dmin*mn`` are exact products as ggml forms them,
-    a negative ``sc`` stores the reversed level ``2^r - 1 - k``, so ggml's ``dl*level - ml`` is the
-    same two roundings. None when no K-quant holds it."""
+    """A slice with its own parameters as its ggml type (:func:`width_type`), decoding to
+    ``numerics.dequantize_width``. K-quants: ``d*|sc|`` and ``dmin*mn`` are exact products as ggml
+    forms them, a negative ``sc`` stores the reversed level ``2^r - 1 - k``, so ggml's
+    ``dl*level - ml`` is the same two roundings (bit for bit). Block types: see :func:`_encode_block`.
+    None when no type holds it."""
     qtype = width_type(sl)
     if qtype is None:
         return None
+    if sl.width.spec.super_block == sl.width.spec.group_size:
+        return _encode_block(sl, qtype)
     p, rows = sl.width, sl.k.shape[0]
     g = p.spec.group_size
     sc = p.sc.astype(np.int32)
@@ -194,6 +210,30 @@ def encode_width(sl: Slice) -> Encoded | None:
     dmin = p.dmin.reshape(-1)
     pack = {T.Q2_K: _pack_q2_k, T.Q4_K: _pack_q4_k, T.Q5_K: _pack_q5_k}[qtype]
     return Encoded(qtype, pack(lv, d, dmin, mag, mn).reshape(rows, -1), True)
+
+
+def _encode_block(sl: Slice, qtype: T) -> Encoded:
+    """One ``d`` per group. Q4_0/Q5_0 (``d'*(q - z)``): ``d' = d*sc``, ``q = k - o + z``, bit for bit.
+    Q4_1/Q5_1 (``d'*q + m``): ``m = -dmin*mn``, a negative ``sc`` the reversed level, bit for bit
+    (``t + (-low)`` is ``t - low``). Q2_0 (``d'*(q - 1)``) puts its zero on level 1 of 0..3, the
+    nested int2 codes on 2: ``q = 3 - k``, ``d' = -d*sc``, equal values, though a zero level is
+    ``-0.0`` where the spec's is ``+0.0`` (or the reverse); a group whose step is 0 keeps the sign."""
+    p, rows = sl.width, sl.k.shape[0]
+    g = p.spec.group_size
+    k = sl.k.astype(np.int32)
+    step = (p.d.astype(np.float32) * p.sc.astype(np.float32)).reshape(-1)
+    if qtype == T.Q2_0:
+        kb = _blocks(k, g)
+        lv = np.where((step == 0)[:, None], np.maximum(kb - 1, 0), 3 - kb)
+        return Encoded(qtype, _pack_q2_0(lv, np.where(step == 0, np.float32(0), -step)).reshape(rows, -1), True)
+    if not p.spec.minimum:
+        lv = _blocks(k - (1 << (sl.bits - 1)), g)
+        return Encoded(qtype, _BLOCK32[qtype](lv, step).reshape(rows, -1), True)
+    top = N.code_max(sl.bits)
+    lv = _blocks(np.where(np.repeat(p.sc, g, axis=1) < 0, top - k, k), g)
+    m = -(p.dmin.astype(np.float32) * p.mn.astype(np.float32)).reshape(-1)
+    pack = _pack_q4_1 if qtype == T.Q4_1 else _pack_q5_1
+    return Encoded(qtype, pack(lv, np.abs(step), m).reshape(rows, -1), True)
 
 
 def _refit_width(sl: Slice, allowed: tuple[T, ...] | None) -> Encoded:
@@ -247,7 +287,18 @@ def decode(enc: Encoded) -> np.ndarray:
 
     if enc.qtype in (T.F16, T.F32):
         return np.asarray(enc.data, np.float32)
+    if enc.qtype == T.Q2_0:
+        return decode_q2_0(enc.data)
     return gguf.quants.dequantize(enc.data, enc.qtype)
+
+
+def decode_q2_0(data: np.ndarray) -> np.ndarray:
+    """ggml's ``dequantize_row_q2_0`` (``(q - 1) * d`` in float32), which the pinned gguf-py lacks."""
+    rows = data.shape[0]
+    b = np.asarray(data, np.uint8).reshape(-1, 18)
+    d = b[:, :2].copy().view("<f2").astype(np.float32)
+    q = (b[:, 2:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    return ((q.reshape(-1, 64).astype(np.int32) - 1).astype(np.float32) * d).reshape(rows, -1)
 
 
 def rel_rms_error(enc: Encoded, target: np.ndarray) -> float:
@@ -449,6 +500,12 @@ def _pack_q5_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
     qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
     qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
     return np.concatenate([_f16(d), qh, qs], axis=1)
+
+
+def _pack_q2_0(lv: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """ggml's block_q2_0: fp16 ``d``, 64 levels of 2 bits, four to a byte, first in the low bits."""
+    q = _u8(lv).reshape(lv.shape[0], -1, 4)
+    return np.concatenate([_f16(d), q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)], axis=1)
 
 
 _BLOCK32 = {T.Q8_0: _pack_q8_0, T.Q5_0: _pack_q5_0, T.Q4_0: _pack_q4_0}

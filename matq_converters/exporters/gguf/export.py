@@ -63,6 +63,7 @@ _FILE_TYPES = {
     "Q5_0": "MOSTLY_Q5_0",
     "Q5_1": "MOSTLY_Q5_1",
     "Q8_0": "MOSTLY_Q8_0",
+    "Q2_0": "MOSTLY_Q2_0",
     "Q2_K": "MOSTLY_Q2_K",
     "Q3_K": "MOSTLY_Q3_K_S",
     "Q4_K": "MOSTLY_Q4_K_S",
