@@ -116,6 +116,7 @@ def test_every_type_decodes_to_the_numerics_reference(seed, rows, cols, group, s
             continue
         got = decode(enc)
         assert bits_equal(got, reference(sl, qtype)), qtype.name
+        assert bits_equal(B.decode(enc), got), qtype.name  # decoded from the levels, bytes not unpacked
         if enc.exact:
             assert bits_equal(got, sl.dequantize()), qtype.name
 
@@ -499,6 +500,7 @@ def test_nested_k_types_decode_to_their_reference(seed, group, sym, width, neste
             continue
         got = decode(enc)
         assert bits_equal(got, nested_reference(sl, qtype)), qtype.name
+        assert bits_equal(B.decode(enc), got), qtype.name
         if enc.exact:
             assert bits_equal(got, sl.dequantize()), qtype.name
         elif nested and sym:  # symmetric zero points nest too (z = 128 on every grid)

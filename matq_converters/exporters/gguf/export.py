@@ -397,8 +397,8 @@ class _Encoder:
         k, a, z = (np.concatenate([getattr(p, f) for p, _ in parts])[idx] for f in ("k", "scale", "zero"))
         sl = B.Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision)
         enc = self._encoded(sl)
-        if not enc.exact:
-            self.tally.refit[name] = B.rel_rms_error(enc, sl.dequantize())
+        if not enc.exact:  # the slice's floats, already in hand: sl.dequantize() bit for bit
+            self.tally.refit[name] = B.rel_rms_error(enc, floats[idx])
         self.tally.quantized += 1
         self.tally.exact += enc.exact
         self.tally.q_bits += enc.data.nbytes * 8
