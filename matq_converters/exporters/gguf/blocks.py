@@ -218,11 +218,10 @@ def _decode_levels(levels: np.ndarray, step: np.ndarray, low: np.ndarray | None)
 
 def rel_rms_error(enc: Encoded, target: np.ndarray) -> float:
     """sqrt(sum (decoded - target)^2 / sum target^2): how far an inexact encoding is from its slice."""
-    t = np.array(target, np.float64)
-    diff = decode(enc).astype(np.float64)
-    diff -= t
-    num = float(np.sum(np.square(diff, out=diff)))
-    den = float(np.sum(np.square(t, out=t)))
+    t = np.asarray(target, np.float32)
+    sq = np.subtract(decode(enc), t, dtype=np.float64)  # float64 throughout, one array at a time
+    num = float(np.sum(np.square(sq, out=sq)))
+    den = float(np.sum(np.square(t, out=sq, dtype=np.float64)))
     return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
 
 
