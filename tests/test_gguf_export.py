@@ -625,6 +625,30 @@ def test_convert_plans_a_budget_once_and_export_gguf_plans_for_itself(models, tm
     assert lib.path.read_bytes() == cli_out.read_bytes()
 
 
+def test_the_vocabulary_is_built_once(models, tmp_path, monkeypatch):
+    """llama.cpp's converter builds a vocabulary in Python (10 s of CPU for Gemma 3's 262k tokens):
+    ``matq convert`` builds it once, when planning, and writes the keys it made then."""
+    from matq_converters.exporters.gguf import converter
+
+    _, hf, cks = models
+    conv = converter.load()
+    cls = conv.get_model_class("Gemma2ForCausalLM", mmproj=False)
+    calls = []
+    set_vocab = cls.set_vocab
+    monkeypatch.setattr(cls, "set_vocab", lambda self: calls.append(1) or set_vocab(self))
+    out = tmp_path / "g.gguf"
+    r = CliRunner().invoke(cli, ["convert", str(cks["gemma2"].root), "--to", "gguf", "--bits", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1
+    own = cls(hf["gemma2"], gguf.LlamaFileType.ALL_F32, tmp_path / "own.gguf")  # llama.cpp's, built apart
+    set_vocab(own)
+    want = {k: v.value for k, v in own.gguf_writer.kv_data[0].items() if k.startswith("tokenizer.")}
+    got = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items() if k.startswith("tokenizer.")}
+    assert list(got) == list(want)
+    assert got["tokenizer.ggml.tokens"] == [t.decode() for t in want["tokenizer.ggml.tokens"]]
+    assert np.array_equal(np.float32(got["tokenizer.ggml.scores"]), np.float32(want["tokenizer.ggml.scores"]))
+
+
 def file_bits_per_weight(path: Path) -> float:
     """Bits per weight as llama.cpp reports them: every tensor's bytes over every tensor's elements."""
     tensors = gguf.GGUFReader(path).tensors

@@ -48,6 +48,7 @@ MODELS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 """Family: transformers' config class and the model class built from it (causal LM; BERT masked LM)."""
 
@@ -318,6 +319,13 @@ FAMILIES = {
     "Mixtral": ("mixtral", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "Qwen3-MoE": ("qwen3_moe", "qwen2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
+    # experts fused 3-D ([experts, in, 2 * ffn], gate and up interleaved), attention sinks, alternating
+    # sliding-window layers; YaRN's context sized to the tiny model
+    "gpt-oss": ("gpt_oss", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                                          layer_types=["sliding_attention", "full_attention"], pad_token_id=None,
+                                          rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=2.0,
+                                                               original_max_position_embeddings=128, beta_fast=32.0,
+                                                               beta_slow=1.0, truncate=False))),
 }
 """The GGUF coverage matrix (tests/test_gguf_families.py): one tiny model per family."""
 

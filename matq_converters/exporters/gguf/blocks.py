@@ -60,6 +60,15 @@ class Slice:
         return N.dequantize_codes(self.k, self.scale, self.zero, self.code_bits, self.bits, self.group_size)
 
 
+def checkpoint_slice(ckpt, name: str, bits: int, extra_precision: bool) -> Slice:
+    """A checkpoint tensor at one width; a stack of matrices (spec 10.5) as one matrix of its rows
+    along the input axis, the only rows along which a GGUF block can keep its grid."""
+    t = ckpt.info(name)
+    k, a, z = ckpt.sliced_codes(name, bits, extra_precision), ckpt.scale(name), ckpt.zero(name)
+    k, a, z = (np.ascontiguousarray(N.as_matrix(x, t.in_axis)) for x in (k, a, z))
+    return Slice(k, a, z, ckpt.code_bits, bits, t.group_size, extra_precision)
+
+
 @dataclass(frozen=True)
 class Encoded:
     qtype: T
