@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf_helpers import hf_tensors, to_matq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_hf_model
+from tiny_models import family_model, tiny_hf_model
 
 import matq_format as mf
 from matq_cli.main import cli
@@ -647,6 +647,27 @@ def test_the_vocabulary_is_built_once(models, tmp_path, monkeypatch):
     assert list(got) == list(want)
     assert got["tokenizer.ggml.tokens"] == [t.decode() for t in want["tokenizer.ggml.tokens"]]
     assert np.array_equal(np.float32(got["tokenizer.ggml.scores"]), np.float32(want["tokenizer.ggml.scores"]))
+
+
+def test_fused_experts_are_written_from_their_codes(tmp_path):
+    """gpt-oss fuses its experts (``[experts, in, 2 * ffn]``, gate and up interleaved); llama.cpp's
+    converter transposes and splits them. Each GGUF expert row is found among the stack's rows along
+    its input axis, and written as their codes: every expert decodes to its slice, bit for bit."""
+    hf = family_model("gpt-oss", tmp_path / "hf")
+    r = CliRunner().invoke(cli, ["quantize", str(hf), "-o", str(tmp_path / "ck"), "--layers", "linear"])
+    assert r.exit_code == 0, r.output
+    ckpt = mf.open(tmp_path / "ck")
+    res = export(ckpt, tmp_path / "x.gguf", bits=4)
+    assert res.details["exact_tensors"] == res.details["quantized_tensors"] == 14
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    for layer in range(2):
+        fused = ckpt.dequantize(f"model.layers.{layer}.mlp.experts.gate_up_proj", 4).transpose(0, 2, 1)
+        down = ckpt.dequantize(f"model.layers.{layer}.mlp.experts.down_proj", 4).transpose(0, 2, 1)
+        for name, want in (("gate", fused[:, ::2]), ("up", fused[:, 1::2]), ("down", down)):
+            t = got[f"blk.{layer}.ffn_{name}_exps.weight"]
+            assert t.tensor_type not in (T.F32, T.F16), name
+            decoded = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            assert bits_equal(decoded, want), (layer, name)
 
 
 def file_bits_per_weight(path: Path) -> float:
