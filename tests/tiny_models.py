@@ -320,12 +320,11 @@ FAMILIES = {
     "Qwen3-MoE": ("qwen3_moe", "qwen2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
     # experts fused 3-D ([experts, in, 2 * ffn], gate and up interleaved), attention sinks, alternating
-    # sliding-window layers; YaRN's context sized to the tiny model
+    # sliding-window layers; plain RoPE: with gpt-oss's YaRN (factor 2 over 128 positions, truncate
+    # false) llama.cpp 0.3.36's own F32 conversion is 2.75 sigma (max) from transformers 5.25
     "gpt-oss": ("gpt_oss", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
                                           layer_types=["sliding_attention", "full_attention"], pad_token_id=None,
-                                          rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=2.0,
-                                                               original_max_position_embeddings=128, beta_fast=32.0,
-                                                               beta_slow=1.0, truncate=False))),
+                                          rope_parameters=dict(rope_type="default", rope_theta=150000.0))),
 }
 """The GGUF coverage matrix (tests/test_gguf_families.py): one tiny model per family."""
 

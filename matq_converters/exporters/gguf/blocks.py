@@ -304,21 +304,48 @@ def fit_nested(sl: Slice, qtype: T) -> Fit | None:
     if split is None or np.any(split[0] != s):
         return None  # no minimum: z must lie on the r-bit grid
     zq = split[1]
-    levels = None
     if np.any(-zq < lo) or np.any(sl.max_level - zq > hi):  # the codes, not the grid, must fit then
-        levels = sl.k.astype(np.int32) - N.expand_groups(zq, cols, sl.group_size)
-        if levels.min(initial=0) < lo or levels.max(initial=0) > hi:
+        kg = _grouped(sl.k, sl.group_size)
+        if kg is None:
+            kg = (sl.k.astype(np.int32) - N.expand_groups(zq, cols, sl.group_size))[:, :, None]
+            zq0 = 0
+        else:
+            zq0 = zq
+        if np.any(kg.min(axis=2) - zq0 < lo) or np.any(kg.max(axis=2) - zq0 > hi):
             return None
     step = _per_block(sl.scale * np.float32(1 << s), cols, sl.group_size, sub).reshape(-1, QK_K // sub)
     d, sc = G.fp16_times_ints(step, max_mult)
     exact = bool(np.all(d[:, None].astype(np.float64) * sc == step.astype(np.float64)))
 
     def make_signed() -> Encoded:
-        lv = sl.k.astype(np.int32) - N.expand_groups(zq, cols, sl.group_size) if levels is None else levels
+        lv = _levels(sl, zq)
         data = (_pack_q3_k if qtype == T.Q3_K else _pack_q6_k)(_blocks(lv, QK_K), d, sc).reshape(rows, -1)
         return Encoded(qtype, data, exact, (lv, _times(d[:, None], sc), None))
 
     return Fit(qtype, exact, make_signed)
+
+
+def _grouped(k: np.ndarray, group_size: int | None) -> np.ndarray | None:
+    """``[rows, cols]`` as ``[rows, groups, weights]`` (one group per row without groups), so that
+    per-group parameters broadcast without per-weight copies; None for a partial last group."""
+    rows, cols = k.shape
+    if group_size is not None and cols % group_size:
+        return None
+    return k.reshape(rows, 1 if group_size is None else cols // group_size, -1)
+
+
+def _levels(sl: Slice, zq: np.ndarray, mult: np.ndarray | None = None) -> np.ndarray:
+    """Signed levels ``k * mult - zq`` of the offset-free types, per-group integers ``[rows, groups]``."""
+    rows, cols = sl.k.shape
+    k = _grouped(sl.k.astype(np.int32), sl.group_size)
+    if k is None:
+        k = sl.k.astype(np.int32)
+        if mult is not None:
+            k = k * N.expand_groups(mult, cols, sl.group_size)
+        return k - N.expand_groups(zq, cols, sl.group_size)
+    if mult is not None:
+        k = k * mult[:, :, None]
+    return (k - zq[:, :, None]).reshape(rows, cols)
 
 
 def _times(d: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -408,9 +435,7 @@ def _signed(sl: Slice, qtype: T) -> Fit | None:
     rows, cols = sl.k.shape
 
     def make() -> Encoded:
-        levels = sl.k.astype(np.int32) * N.expand_groups(mult, cols, sl.group_size) - N.expand_groups(
-            zq, cols, sl.group_size
-        )
+        levels = _levels(sl, zq, mult)
         if qtype in _BLOCK32:
             db = _per_block(d, cols, sl.group_size, 32)
             data = _BLOCK32[qtype](_blocks(levels, 32), db)
