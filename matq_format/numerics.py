@@ -364,8 +364,11 @@ def dequantize_codes(
     cols = k.shape[input_axis]
     a = expand_groups(np.asarray(scale, np.float32), cols, group_size, input_axis)
     z = expand_groups(np.asarray(zero, np.float32), cols, group_size, input_axis)
-    kf = k.astype(np.float32) * np.float32(1 << (code_bits - bits))
-    return (a * (kf - z)).astype(np.float32)
+    w = k.astype(np.float32)  # the same float32 operations, in place
+    w *= np.float32(1 << (code_bits - bits))
+    w -= z
+    w *= a
+    return w
 
 
 def dequantize(

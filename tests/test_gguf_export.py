@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 from gguf_helpers import hf_tensors, to_matq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_hf_model
+from tiny_models import family_model, tiny_hf_model
 
 import matq_format as mf
 from matq_cli.main import cli
@@ -116,6 +116,7 @@ def test_every_type_decodes_to_the_numerics_reference(seed, rows, cols, group, s
             continue
         got = decode(enc)
         assert bits_equal(got, reference(sl, qtype)), qtype.name
+        assert bits_equal(B.decode(enc), got), qtype.name  # decoded from the levels, bytes not unpacked
         if enc.exact:
             assert bits_equal(got, sl.dequantize()), qtype.name
 
@@ -499,6 +500,7 @@ def test_nested_k_types_decode_to_their_reference(seed, group, sym, width, neste
             continue
         got = decode(enc)
         assert bits_equal(got, nested_reference(sl, qtype)), qtype.name
+        assert bits_equal(B.decode(enc), got), qtype.name
         if enc.exact:
             assert bits_equal(got, sl.dequantize()), qtype.name
         elif nested and sym:  # symmetric zero points nest too (z = 128 on every grid)
@@ -621,6 +623,51 @@ def test_convert_plans_a_budget_once_and_export_gguf_plans_for_itself(models, tm
     assert len(calls) == 2
     assert lib.path == tmp_path / "lib.gguf" and 0 < lib.details["file_bits_per_weight"] <= 5.0
     assert lib.path.read_bytes() == cli_out.read_bytes()
+
+
+def test_the_vocabulary_is_built_once(models, tmp_path, monkeypatch):
+    """llama.cpp's converter builds a vocabulary in Python (10 s of CPU for Gemma 3's 262k tokens):
+    ``matq convert`` builds it once, when planning, and writes the keys it made then."""
+    from matq_converters.exporters.gguf import converter
+
+    _, hf, cks = models
+    conv = converter.load()
+    cls = conv.get_model_class("Gemma2ForCausalLM", mmproj=False)
+    calls = []
+    set_vocab = cls.set_vocab
+    monkeypatch.setattr(cls, "set_vocab", lambda self: calls.append(1) or set_vocab(self))
+    out = tmp_path / "g.gguf"
+    r = CliRunner().invoke(cli, ["convert", str(cks["gemma2"].root), "--to", "gguf", "--bits", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1
+    own = cls(hf["gemma2"], gguf.LlamaFileType.ALL_F32, tmp_path / "own.gguf")  # llama.cpp's, built apart
+    set_vocab(own)
+    want = {k: v.value for k, v in own.gguf_writer.kv_data[0].items() if k.startswith("tokenizer.")}
+    got = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items() if k.startswith("tokenizer.")}
+    assert list(got) == list(want)
+    assert got["tokenizer.ggml.tokens"] == [t.decode() for t in want["tokenizer.ggml.tokens"]]
+    assert np.array_equal(np.float32(got["tokenizer.ggml.scores"]), np.float32(want["tokenizer.ggml.scores"]))
+
+
+def test_fused_experts_are_written_from_their_codes(tmp_path):
+    """gpt-oss fuses its experts (``[experts, in, 2 * ffn]``, gate and up interleaved); llama.cpp's
+    converter transposes and splits them. Each GGUF expert row is found among the stack's rows along
+    its input axis, and written as their codes: every expert decodes to its slice, bit for bit."""
+    hf = family_model("gpt-oss", tmp_path / "hf")
+    r = CliRunner().invoke(cli, ["quantize", str(hf), "-o", str(tmp_path / "ck"), "--layers", "linear"])
+    assert r.exit_code == 0, r.output
+    ckpt = mf.open(tmp_path / "ck")
+    res = export(ckpt, tmp_path / "x.gguf", bits=4)
+    assert res.details["exact_tensors"] == res.details["quantized_tensors"] == 14
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    for layer in range(2):
+        fused = ckpt.dequantize(f"model.layers.{layer}.mlp.experts.gate_up_proj", 4).transpose(0, 2, 1)
+        down = ckpt.dequantize(f"model.layers.{layer}.mlp.experts.down_proj", 4).transpose(0, 2, 1)
+        for name, want in (("gate", fused[:, ::2]), ("up", fused[:, 1::2]), ("down", down)):
+            t = got[f"blk.{layer}.ffn_{name}_exps.weight"]
+            assert t.tensor_type not in (T.F32, T.F16), name
+            decoded = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            assert bits_equal(decoded, want), (layer, name)
 
 
 def file_bits_per_weight(path: Path) -> float:

@@ -348,11 +348,12 @@ FAMILIES = {
     "Qwen3-MoE": Family("qwen3_moe", "qwen2", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
                         12, 4),
-    # experts fused on disk as [experts, in, out]; YaRN's factor is the context over the original one
-    "gpt-oss": Family("gpt_oss", "llama3", dict(
-        num_local_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
-        sliding_window=128, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
-                                                 beta_slow=1.0, truncate=False, original_max_position_embeddings=8)),
+    # experts fused 3-D ([experts, in, 2 * ffn], gate and up interleaved), attention sinks, alternating
+    # sliding-window layers; plain RoPE: with gpt-oss's YaRN (factor 2 over 128 positions, truncate
+    # false) llama.cpp 0.3.36's own F32 conversion is 2.75 sigma (max) from transformers 5.25
+    "gpt-oss": Family("gpt_oss", "llama3", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                                                layer_types=["sliding_attention", "full_attention"], pad_token_id=None,
+                                                rope_parameters=dict(rope_type="default", rope_theta=150000.0)),
         2, 4),
 }
 """One tiny model per family: the GGUF coverage matrix (tests/test_gguf_families.py), the table of

@@ -3,12 +3,15 @@
 A width-r slice ``w = alpha * (k * 2^s - z)`` already sits on an integer grid. Each ggml type below
 takes those integers as its levels and its block parameters from :mod:`.params` (which also
 defines their fp16 rounding); this module only checks which types can hold a grid and packs
-the bytes in ggml's layout (``gguf.quants`` decodes them). Types are tried smallest first.
+the bytes in ggml's layout (``gguf.quants`` decodes them). Types are tried smallest first, each
+judged from the slice's per-group parameters (:class:`Fit`); only the one chosen touches the
+per-weight codes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -65,6 +68,19 @@ class Slice:
         return N.dequantize_codes(self.k, self.scale, self.zero, self.code_bits, self.bits, self.group_size)
 
 
+def checkpoint_slice(ckpt, name: str, bits: int, extra_precision: bool) -> Slice:
+    """A checkpoint tensor at one width; a stack of matrices (spec 10.5) as one matrix of its rows
+    along the input axis, the only rows along which a GGUF block can keep its grid."""
+    t = ckpt.info(name)
+    k, a, z = ckpt.sliced_codes(name, bits, extra_precision), ckpt.scale(name), ckpt.zero(name)
+    k, a, z = (np.ascontiguousarray(N.as_matrix(x, t.in_axis)) for x in (k, a, z))
+    own = None if extra_precision or bits >= ckpt.code_bits else ckpt.width_params(name, bits)
+    if own is not None and t.stacked:  # its parameters folded into the same rows (spec 10.7 on 10.5)
+        own = replace(own, **{f: None if v is None else np.ascontiguousarray(N.as_matrix(v, t.in_axis))
+                              for f, v in (("d", own.d), ("sc", own.sc), ("dmin", own.dmin), ("mn", own.mn))})
+    return Slice(k, a, z, ckpt.code_bits, bits, t.group_size, extra_precision, own)
+
+
 @dataclass(frozen=True)
 class Encoded:
     qtype: T
@@ -72,6 +88,18 @@ class Encoded:
     """uint8 ``[rows, bytes per row]`` for block types, float16/float32 ``[rows, cols]`` otherwise."""
     exact: bool
     """Decodes bit-identically to ``numerics.dequantize_codes`` (F16/F32 are chosen only when exact)."""
+    levels: tuple | None = field(default=None, compare=False, repr=False)
+    """``(levels, step, low)`` that ggml decodes ``data`` to (:func:`decode`), kept from packing."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A type that holds a slice's grid, and whether exactly: decided from the per-group parameters
+    alone, so that trying a type costs little; ``make`` packs the bytes (for the type chosen)."""
+
+    qtype: T
+    exact: bool
+    make: Callable[[], Encoded]
 
 
 def fits_layout(qtype: T, cols: int, group_size: int | None) -> bool:
@@ -144,19 +172,19 @@ def encode_compact(sl: Slice) -> Encoded:
     for qtype in candidates:
         if bits_per_weight(qtype) > budget:
             break
-        enc = encode_as(sl, qtype) or encode_nested(sl, qtype)
-        if enc is not None and enc.exact:
-            return enc
+        fit = fit_as(sl, qtype) or fit_nested(sl, qtype)
+        if fit is not None and fit.exact:
+            return fit.make()
     # not exact: the same levels with rounded parameters where the type holds them, else the values
     if target in (T.F16, T.F32):
         return refit(sl.dequantize(), target)
-    enc = encode_as(sl, target) or encode_nested(sl, target)
-    if enc is None and bits <= LEVELS_OVER_SIZE:  # keep the levels one type up rather than move them
+    fit = fit_as(sl, target) or fit_nested(sl, target)
+    if fit is None and bits <= LEVELS_OVER_SIZE:  # keep the levels one type up rather than move them
         for qtype in candidates[candidates.index(target) + 1 :]:
-            enc = encode_as(sl, qtype) or encode_nested(sl, qtype)
-            if enc is not None:
+            fit = fit_as(sl, qtype) or fit_nested(sl, qtype)
+            if fit is not None:
                 break
-    return enc or refit(sl.dequantize(), target)
+    return fit.make() if fit is not None else refit(sl.dequantize(), target)
 
 
 # --- a width's own block parameters (spec 10.7) as the ggml type of its shape, exactly -------------
@@ -282,11 +310,14 @@ def _refit_signed_k(w: np.ndarray, qtype: T) -> np.ndarray:
 
 
 def decode(enc: Encoded) -> np.ndarray:
-    """What ggml's decoder returns for an encoding (gguf-py's reference dequantizers)."""
+    """What ggml's decoder returns for an encoding (gguf-py's reference dequantizers); for one packed
+    here, the same float32 operations on its levels, without unpacking the bytes."""
     import gguf
 
     if enc.qtype in (T.F16, T.F32):
         return np.asarray(enc.data, np.float32)
+    if enc.levels is not None:
+        return _decode_levels(*enc.levels).reshape(enc.data.shape[0], -1)
     if enc.qtype == T.Q2_0:
         return decode_q2_0(enc.data)
     return gguf.quants.dequantize(enc.data, enc.qtype)
@@ -301,26 +332,45 @@ def decode_q2_0(data: np.ndarray) -> np.ndarray:
     return ((q.reshape(-1, 64).astype(np.int32) - 1).astype(np.float32) * d).reshape(rows, -1)
 
 
+def _decode_levels(levels: np.ndarray, step: np.ndarray, low: np.ndarray | None) -> np.ndarray:
+    """ggml's decode ``step * level - low`` (float32; ``+ m`` is ``- (-m)``), one step and low per run
+    of ``levels.size // step.size`` weights."""
+    x = levels.reshape(step.size, -1).astype(np.float32)
+    x *= step.reshape(-1, 1)
+    if low is not None:
+        x -= low.reshape(-1, 1)
+    return x
+
+
 def rel_rms_error(enc: Encoded, target: np.ndarray) -> float:
     """sqrt(sum (decoded - target)^2 / sum target^2): how far an inexact encoding is from its slice."""
-    t = np.asarray(target, np.float64)
-    diff = decode(enc).astype(np.float64) - t
-    den = float(np.sum(t * t))
-    return float(np.sqrt(np.sum(diff * diff) / den)) if den else float(np.sqrt(np.sum(diff * diff)))
+    t = np.asarray(target, np.float32)
+    sq = np.subtract(decode(enc), t, dtype=np.float64)  # float64 throughout, one array at a time
+    num = float(np.sum(np.square(sq, out=sq)))
+    den = float(np.sum(np.square(t, out=sq, dtype=np.float64)))
+    return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
 
 
 def encode_as(sl: Slice, qtype: T) -> Encoded | None:
     """Encode as ``qtype``, or None when that type cannot hold this grid (levels, layout, fp16 range)."""
-    rows, cols = sl.k.shape
-    if not fits_layout(qtype, cols, sl.group_size):
+    if not fits_layout(qtype, sl.k.shape[1], sl.group_size):
         return None
-    if qtype in (T.F16, T.F32):
-        w = sl.dequantize()
-        if qtype == T.F32:
-            return Encoded(T.F32, w, True)
-        with np.errstate(over="ignore"):
-            h = w.astype(np.float16)
-        return Encoded(T.F16, h, True) if np.array_equal(h.astype(np.float32), w) else None
+    if qtype not in (T.F16, T.F32):
+        fit = fit_as(sl, qtype)
+        return None if fit is None else fit.make()
+    w = sl.dequantize()
+    if qtype == T.F32:
+        return Encoded(T.F32, w, True)
+    with np.errstate(over="ignore"):
+        h = w.astype(np.float16)
+    return Encoded(T.F16, h, True) if np.array_equal(h.astype(np.float32), w) else None
+
+
+def fit_as(sl: Slice, qtype: T) -> Fit | None:
+    """Whether (and how exactly) block type ``qtype`` holds the slice's grid, its bytes not yet packed;
+    None when it cannot (levels, layout, fp16 range)."""
+    if qtype in (T.F16, T.F32) or not fits_layout(qtype, sl.k.shape[1], sl.group_size):
+        return None
     if qtype in _AFFINE:
         return _affine(sl, qtype)
     if qtype in _KQUANT:
@@ -329,6 +379,12 @@ def encode_as(sl: Slice, qtype: T) -> Encoded | None:
 
 
 def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
+    """:func:`fit_nested`, packed."""
+    fit = fit_nested(sl, qtype)
+    return None if fit is None else fit.make()
+
+
+def fit_nested(sl: Slice, qtype: T) -> Fit | None:
     """A K type for a slice whose groups are smaller than its 256-weight super-blocks: each sub-block
     (16 or 32 weights, inside one group) takes its group's step and minimum, stored as integer
     multiples of one fp16 value per super-block (``ggml_params.fp16_times_ints``). Exact where the
@@ -351,26 +407,67 @@ def encode_nested(sl: Slice, qtype: T) -> Encoded | None:
             and np.all(dmin[:, None].astype(np.float64) * mn == per(low).astype(np.float64))
             and np.all(sl.zero == np.rint(sl.zero))
         )
-        lv = _blocks(sl.k, QK_K)
-        if qtype == T.Q2_K:
-            data = _pack_q2_k(lv, d, dmin, sc, mn)
-        else:
-            data = (_pack_q4_k if qtype == T.Q4_K else _pack_q5_k)(lv, d, dmin, sc, mn)
-        return Encoded(qtype, data.reshape(rows, -1), exact)
+
+        def make() -> Encoded:
+            lv = _blocks(sl.k, QK_K)
+            pack = {T.Q2_K: _pack_q2_k, T.Q4_K: _pack_q4_k, T.Q5_K: _pack_q5_k}[qtype]
+            data = pack(lv, d, dmin, sc, mn).reshape(rows, -1)
+            return Encoded(qtype, data, exact, (sl.k, _times(d[:, None], sc), _times(dmin[:, None], mn)))
+
+        return Fit(qtype, exact, make)
     lo, hi, max_mult = _SIGNED[qtype]
     s = sl.code_bits - sl.bits
     split = G.ggml_zero_split(sl.zero, s)
     if split is None or np.any(split[0] != s):
         return None  # no minimum: z must lie on the r-bit grid
     zq = split[1]
-    levels = sl.k.astype(np.int32) - N.expand_groups(zq, cols, sl.group_size)
-    if levels.min(initial=0) < lo or levels.max(initial=0) > hi:
-        return None
+    if np.any(-zq < lo) or np.any(sl.max_level - zq > hi):  # the codes, not the grid, must fit then
+        kg = _grouped(sl.k, sl.group_size)
+        if kg is None:
+            kg = (sl.k.astype(np.int32) - N.expand_groups(zq, cols, sl.group_size))[:, :, None]
+            zq0 = 0
+        else:
+            zq0 = zq
+        if np.any(kg.min(axis=2) - zq0 < lo) or np.any(kg.max(axis=2) - zq0 > hi):
+            return None
     step = _per_block(sl.scale * np.float32(1 << s), cols, sl.group_size, sub).reshape(-1, QK_K // sub)
     d, sc = G.fp16_times_ints(step, max_mult)
     exact = bool(np.all(d[:, None].astype(np.float64) * sc == step.astype(np.float64)))
-    pack = _pack_q3_k if qtype == T.Q3_K else _pack_q6_k
-    return Encoded(qtype, pack(_blocks(levels, QK_K), d, sc).reshape(rows, -1), exact)
+
+    def make_signed() -> Encoded:
+        lv = _levels(sl, zq)
+        data = (_pack_q3_k if qtype == T.Q3_K else _pack_q6_k)(_blocks(lv, QK_K), d, sc).reshape(rows, -1)
+        return Encoded(qtype, data, exact, (lv, _times(d[:, None], sc), None))
+
+    return Fit(qtype, exact, make_signed)
+
+
+def _grouped(k: np.ndarray, group_size: int | None) -> np.ndarray | None:
+    """``[rows, cols]`` as ``[rows, groups, weights]`` (one group per row without groups), so that
+    per-group parameters broadcast without per-weight copies; None for a partial last group."""
+    rows, cols = k.shape
+    if group_size is not None and cols % group_size:
+        return None
+    return k.reshape(rows, 1 if group_size is None else cols // group_size, -1)
+
+
+def _levels(sl: Slice, zq: np.ndarray, mult: np.ndarray | None = None) -> np.ndarray:
+    """Signed levels ``k * mult - zq`` of the offset-free types, per-group integers ``[rows, groups]``."""
+    rows, cols = sl.k.shape
+    k = _grouped(sl.k.astype(np.int32), sl.group_size)
+    if k is None:
+        k = sl.k.astype(np.int32)
+        if mult is not None:
+            k = k * N.expand_groups(mult, cols, sl.group_size)
+        return k - N.expand_groups(zq, cols, sl.group_size)
+    if mult is not None:
+        k = k * mult[:, :, None]
+    return (k - zq[:, :, None]).reshape(rows, cols)
+
+
+def _times(d: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """A block's fp16 value times its integer multiplier, in float32 as ggml's decoder takes it."""
+    return np.asarray(d, np.float32) * np.asarray(n).astype(np.float32)
 
 
 # --- parameter choice ------------------------------------------------------------------------------
@@ -385,7 +482,7 @@ def _blocks(levels: np.ndarray, block: int) -> np.ndarray:
     return levels.reshape(-1, block)
 
 
-def _affine(sl: Slice, qtype: T) -> Encoded | None:
+def _affine(sl: Slice, qtype: T) -> Fit | None:
     if sl.max_level > _AFFINE[qtype]:
         return None
     d, m = G.ggml_affine_params(sl.scale, sl.zero, sl.code_bits, sl.bits)
@@ -393,13 +490,17 @@ def _affine(sl: Slice, qtype: T) -> Encoded | None:
         return None
     exact = bool(G.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, d, -m.astype(np.float64)).all())
     rows, cols = sl.k.shape
-    db, mb = (_per_block(x, cols, sl.group_size, 32) for x in (d, m))
-    lv = _blocks(sl.k, 32)
-    data = _pack_q4_1(lv, db, mb) if qtype == T.Q4_1 else _pack_q5_1(lv, db, mb)
-    return Encoded(qtype, data.reshape(rows, -1), exact)
+
+    def make() -> Encoded:
+        db, mb = (_per_block(x, cols, sl.group_size, 32) for x in (d, m))
+        lv = _blocks(sl.k, 32)
+        data = _pack_q4_1(lv, db, mb) if qtype == T.Q4_1 else _pack_q5_1(lv, db, mb)
+        return Encoded(qtype, data.reshape(rows, -1), exact, (sl.k, db, -mb))
+
+    return Fit(qtype, exact, make)
 
 
-def _kquant(sl: Slice, qtype: T) -> Encoded | None:
+def _kquant(sl: Slice, qtype: T) -> Fit | None:
     top, max_mult = _KQUANT[qtype]
     if sl.max_level > top:
         return None
@@ -410,19 +511,23 @@ def _kquant(sl: Slice, qtype: T) -> Encoded | None:
     low = dmin.astype(np.float64) * mn
     exact = bool(G.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step, low).all())
     rows, cols = sl.k.shape
-    per = lambda x: _per_block(x, cols, sl.group_size, QK_K)  # noqa: E731
-    db, scb, dminb, mnb = per(d), per(sc), per(dmin), per(mn)
-    lv = _blocks(sl.k, QK_K)
-    if qtype == T.Q2_K:
-        data = _pack_q2_k(lv, db, dminb, _sub(scb, 16), _sub(mnb, 16))
-    elif qtype == T.Q4_K:
-        data = _pack_q4_k(lv, db, dminb, _sub(scb, 8), _sub(mnb, 8))
-    else:
-        data = _pack_q5_k(lv, db, dminb, _sub(scb, 8), _sub(mnb, 8))
-    return Encoded(qtype, data.reshape(rows, -1), exact)
+
+    def make() -> Encoded:
+        per = lambda x: _per_block(x, cols, sl.group_size, QK_K)  # noqa: E731
+        db, scb, dminb, mnb = per(d), per(sc), per(dmin), per(mn)
+        lv = _blocks(sl.k, QK_K)
+        if qtype == T.Q2_K:
+            data = _pack_q2_k(lv, db, dminb, _sub(scb, 16), _sub(mnb, 16))
+        elif qtype == T.Q4_K:
+            data = _pack_q4_k(lv, db, dminb, _sub(scb, 8), _sub(mnb, 8))
+        else:
+            data = _pack_q5_k(lv, db, dminb, _sub(scb, 8), _sub(mnb, 8))
+        return Encoded(qtype, data.reshape(rows, -1), exact, (sl.k, _times(db, scb), _times(dminb, mnb)))
+
+    return Fit(qtype, exact, make)
 
 
-def _signed(sl: Slice, qtype: T) -> Encoded | None:
+def _signed(sl: Slice, qtype: T) -> Fit | None:
     lo, hi, max_mult = _SIGNED[qtype]
     s = sl.code_bits - sl.bits
     split = G.ggml_zero_split(sl.zero, s)
@@ -445,17 +550,22 @@ def _signed(sl: Slice, qtype: T) -> Encoded | None:
         return None
     exact = bool(G.ggml_exact(sl.scale, sl.zero, sl.code_bits, sl.bits, step).all())
     rows, cols = sl.k.shape
-    levels = sl.k.astype(np.int32) * N.expand_groups(mult, cols, sl.group_size) - N.expand_groups(
-        zq, cols, sl.group_size
-    )
-    if qtype in _BLOCK32:
-        data = _BLOCK32[qtype](_blocks(levels, 32), _per_block(d, cols, sl.group_size, 32))
-    else:
-        db = _per_block(d, cols, sl.group_size, QK_K)
-        scb = _sub(_per_block(sc, cols, sl.group_size, QK_K), 16)
-        lv = _blocks(levels, QK_K)
-        data = _pack_q3_k(lv, db, scb) if qtype == T.Q3_K else _pack_q6_k(lv, db, scb)
-    return Encoded(qtype, data.reshape(rows, -1), exact)
+
+    def make() -> Encoded:
+        levels = _levels(sl, zq, mult)
+        if qtype in _BLOCK32:
+            db = _per_block(d, cols, sl.group_size, 32)
+            data = _BLOCK32[qtype](_blocks(levels, 32), db)
+            step = db
+        else:
+            db = _per_block(d, cols, sl.group_size, QK_K)
+            scb = _per_block(sc, cols, sl.group_size, QK_K)
+            lv = _blocks(levels, QK_K)
+            data = _pack_q3_k(lv, db, _sub(scb, 16)) if qtype == T.Q3_K else _pack_q6_k(lv, db, _sub(scb, 16))
+            step = _times(db, scb)
+        return Encoded(qtype, data.reshape(rows, -1), exact, (levels, step, None))
+
+    return Fit(qtype, exact, make)
 
 
 def _sub(p: np.ndarray, n: int) -> np.ndarray:

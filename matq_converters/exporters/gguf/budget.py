@@ -27,7 +27,8 @@ def file_budget_plan(
 ) -> dict[str, int]:
     """{quantized tensor: width} for a file of at most ``budget`` bits per weight; ``dense``: the
     file's other tensors as (name, bits they take, weights). The smallest width of every tensor is
-    encoded first, so a budget below the smallest file is refused before the rest of the search."""
+    encoded first (its size only), so a budget below the smallest file is refused before the rest of
+    the search, which reads each tensor's reference weights once."""
     c = ckpt.code_bits
     fixed = sum(bits for _, bits, _ in dense)
     total = float(sum(n for _, _, n in dense)) + sum(ckpt.info(n).numel for n in quantized)
@@ -38,14 +39,16 @@ def file_budget_plan(
     # (bytes * 8 / weights) admits a file of exactly those bytes
     with progress.stage(f"budget:{budget:g}: the smallest width of each tensor", len(quantized), "tensor") as done:
         for name in quantized:
-            _encode(ckpt, name, widths[name][:1], widths[name][-1], extra_precision, err, cost)
+            r = widths[name][0]
+            sl = B.checkpoint_slice(ckpt, name, r, extra_precision and r < c)
+            cost[name][r] = 8.0 * B.encode_compact(sl).data.nbytes
             done(1)
     least = sum(cost[n][widths[n][0]] for n in quantized)
     if least > room:
         _too_small(ckpt, budget, (least + fixed) / total)
-    with progress.stage(f"budget:{budget:g}: every other width", len(quantized), "tensor") as done:
+    with progress.stage(f"budget:{budget:g}: every width", len(quantized), "tensor") as done:
         for name in quantized:
-            _encode(ckpt, name, widths[name][1:], widths[name][-1], extra_precision, err, cost)
+            _encode(ckpt, name, widths[name], extra_precision, err, cost)
             done(1)
     try:
         return cheapest_within(err, cost, room)
@@ -53,17 +56,13 @@ def file_budget_plan(
         _too_small(ckpt, budget, (exc.minimum + fixed) / total)
 
 
-def _encode(ckpt, name: str, rs: list[int], top: int, extra_precision: bool, err: dict, cost: dict) -> None:
+def _encode(ckpt, name: str, rs: list[int], extra_precision: bool, err: dict, cost: dict) -> None:
     """The compact encodings of ``name`` at widths ``rs``: their bits, and their squared error to the
-    widest slice its planes serve (``top``)."""
-    info, c = ckpt.info(name), ckpt.code_bits
-    ref = ckpt.dequantize(name, top).astype(np.float64)
-    scale, zero = ckpt.scale(name), ckpt.zero(name)
+    widest slice its planes serve (the last of ``rs``)."""
+    c = ckpt.code_bits
+    ref = B.checkpoint_slice(ckpt, name, rs[-1], False).dequantize().astype(np.float64)
     for r in rs:
-        ep = extra_precision and r < c
-        own = None if ep or r >= c else ckpt.width_params(name, r)
-        k = ckpt.sliced_codes(name, r, ep)
-        enc = B.encode_compact(B.Slice(k, scale, zero, c, r, info.group_size, ep, own))
+        enc = B.encode_compact(B.checkpoint_slice(ckpt, name, r, extra_precision and r < c))
         d = B.decode(enc) - ref
         err[name][r] = float(np.sum(d * d))
         cost[name][r] = 8.0 * enc.data.nbytes

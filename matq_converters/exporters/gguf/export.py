@@ -32,6 +32,7 @@ from matq_converters.registry import (
     typed_options,
 )
 from matq_format import __version__ as MATQ_VERSION
+from matq_format import numerics as N
 from matq_format.budget import BUDGET_PREFIX, parse_budget
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
@@ -96,6 +97,8 @@ class _Prepared:
     allowed: tuple | None
     opts: GGUFOptions
     model_name: str
+    vocab: view.Vocab
+    """The vocabulary's keys, built by llama.cpp's converter once, when planning."""
 
     def quantized(self, o: view.Output) -> bool:
         return bool(o.sources) and o.sources[0] in self.widths
@@ -130,13 +133,13 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     names = ckpt.tensor_names()  # config values that size work, bounded by the tensors present
     hfconfig.check(cfg, ((n, ckpt.info(n).shape) for n in names), ckpt.root / "config.json", UnsupportedModelError)
     name = str(ckpt.source.get("model") or cfg.get("_name_or_path") or ckpt.root.name)
-    arch, outputs = view.plan(ckpt, root, name, opts.tokenizer_pre)
+    arch, outputs, vocab = view.plan(ckpt, root, name, opts.tokenizer_pre)
     _check_outputs(ckpt, outputs)
     if budget is not None:
         widths = _budget_widths(ckpt, outputs, budget, options.extra_precision, opts.outtype)
     widths = {n: widths[n] for n in ckpt.quantized_names()}
     _check_shared_widths(ckpt, outputs, widths)
-    return _Prepared(arch, outputs, widths, allowed, opts, name)
+    return _Prepared(arch, outputs, widths, allowed, opts, name, vocab)
 
 
 def _check_outputs(ckpt, outputs: list[view.Output]) -> None:
@@ -256,7 +259,7 @@ def export_gguf(
     ):
         prep = _prepare(ckpt, options, root) if planned is None else planned
         enc = _Encoder(ckpt, prep, options, progress)
-        with view.run(ckpt, root, o.tmp, enc.load, enc.encode, prep.model_name, prep.opts.tokenizer_pre) as m:
+        with view.run(ckpt, root, o.tmp, enc.load, enc.encode, prep.model_name, prep.vocab) as m:
             _add_matq_keys(m.gguf_writer, ckpt, prep, options, enc.tally)
             view.write(m, enc.tally.file_type(), ckpt.path)
             kv = m.gguf_writer.kv_data[0]
@@ -347,7 +350,10 @@ class _Encoder:
         self.extra_precision = bool(options.extra_precision)
         self.outputs = {o.name: o for o in prep.outputs}
         self.slices: dict[str, tuple] = {}
-        """Quantized sources served and not yet written: name -> (Slice, its floats)."""
+        """Quantized sources served and not yet written: name -> (Slice, its floats), in rows along
+        the input axis (a stack of matrices as one matrix: ``numerics.as_matrix``)."""
+        self.uses = Counter(s for o in prep.outputs for s in o.sources)
+        """Outputs each source is still to be written in (gpt-oss's gate_up_proj makes two)."""
         self.width = options.bits or (8 if min(prep.widths.values(), default=ckpt.code_bits) >= 7 else 6)
         exact_source = prep.opts.outtype == "auto" and prep.opts.exact
         self.outtype = "source" if exact_source else prep.opts.outtype
@@ -355,22 +361,32 @@ class _Encoder:
     def load(self, name: str) -> np.ndarray:
         if name not in self.prep.widths:
             return self.ckpt.dequantize(name)
-        sl = self._slice(name)
-        x = sl.dequantize()
-        self.slices[name] = (sl, x.copy())  # a copy: the converter's own use cannot change it
+        sl, rows = self._served(name)
+        t = self.ckpt.info(name)
+        x = N.from_matrix(rows, t.shape, t.in_axis)
+        # a copy: the converter's own use cannot change it
+        self.slices[name] = (sl, rows.copy() if np.shares_memory(x, rows) else rows)
         return x
 
-    def _slice(self, name: str):
+    def _served(self, name: str) -> tuple:
         from matq_converters.exporters.gguf import blocks as B
 
-        ck, r = self.ckpt, self.prep.widths[name]
-        ep = self.extra_precision and r < ck.code_bits
-        k = ck.sliced_codes(name, r, ep)
-        own = None if ep or r >= ck.code_bits else ck.width_params(name, r)
-        return B.Slice(k, ck.scale(name), ck.zero(name), ck.code_bits, r, ck.info(name).group_size, ep, own)
+        r = self.prep.widths[name]
+        sl = B.checkpoint_slice(self.ckpt, name, r, self.extra_precision and r < self.ckpt.code_bits)
+        return sl, sl.dequantize()
+
+    def _part(self, name: str) -> tuple:
+        """A source's slice and floats, kept until the last output computed from it is written."""
+        self.uses[name] -= 1
+        part = self.slices.get(name) or self._served(name)
+        if self.uses[name] <= 0:
+            self.slices.pop(name, None)
+        return part
 
     def encode(self, name: str, x: np.ndarray, sources: tuple[str, ...]):
         o = self.outputs.get(name) or view.Output(name, x.shape, sources, False)
+        sources = o.sources  # the plan's: once a tensor shared by two outputs (gpt-oss's gate_up_proj)
+        # is computed for the first, the second's lazy graph no longer reaches the checkpoint
         if sources and sources[0] in self.prep.widths:
             qtype, data = self._quantized(name, x, sources)
         else:
@@ -385,7 +401,7 @@ class _Encoder:
         from matq_converters.exporters.gguf import blocks as B
         from matq_converters.exporters.gguf.match import rows_of
 
-        parts = [self.slices.pop(s, None) or self._served(s) for s in sources]
+        parts = [self._part(s) for s in sources]
         cols = x.shape[-1]
         floats = np.concatenate([f.reshape(-1, cols) for _, f in parts]) if len(parts) > 1 else parts[0][1]
         idx = rows_of(np.ascontiguousarray(x.reshape(-1, cols), np.float32), floats)
@@ -399,17 +415,13 @@ class _Encoder:
         k, a, z = (np.concatenate([getattr(p, f) for p, _ in parts])[idx] for f in ("k", "scale", "zero"))
         sl = B.Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision, _own_rows(parts, idx))
         enc = self._encoded(sl)
-        if not enc.exact:
-            self.tally.refit[name] = B.rel_rms_error(enc, sl.dequantize())
+        if not enc.exact:  # the slice's floats, already in hand: sl.dequantize() bit for bit
+            self.tally.refit[name] = B.rel_rms_error(enc, floats[idx])
         self.tally.quantized += 1
         self.tally.exact += enc.exact
         self.tally.q_bits += enc.data.nbytes * 8
         self.tally.q_weights += k.size
         return enc.qtype, enc.data.reshape(*x.shape[:-1], -1)
-
-    def _served(self, name: str) -> tuple:
-        sl = self._slice(name)
-        return sl, sl.dequantize()
 
     def _encoded(self, sl):
         from matq_converters.exporters.gguf import blocks as B

@@ -5,7 +5,9 @@ lazily (a quantized one as its slice, dequantized): its own code then names the 
 writes the hyper-parameters and vocabulary and applies its transforms. Its writer's ``add_tensor``
 is where matq takes over: :func:`plan` only records what would be written (nothing is computed),
 :func:`run` hands each tensor, with the checkpoint tensors it was computed from, to a callback that
-encodes it. One tensor is in memory at a time, as in the converter's own lazy mode.
+encodes it. One tensor is in memory at a time, as in the converter's own lazy mode. The vocabulary
+is built once, by the plan (llama.cpp builds it in Python: 10 s of CPU for Gemma 3's 262k tokens),
+and the run writes the keys the plan recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from matq_format.errors import MatqError
 
 Loader = Callable[[str], np.ndarray]
 """Checkpoint tensor name -> its float weights, as the converter should see them."""
+Vocab = tuple
+"""The keys the converter's ``set_vocab`` wrote, in order: ``((key, gguf.GGUFValue), ...)``."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,9 @@ class _Source:
     name: str
 
 
-def plan(ckpt, root: Path, model_name: str, pre: str | None) -> tuple[str, list[Output]]:
-    """The GGUF architecture and every tensor the file will hold; the converter also writes the
-    hyper-parameters and vocabulary here (then discarded), so every refusal comes before writing."""
+def plan(ckpt, root: Path, model_name: str, pre: str | None) -> tuple[str, list[Output], Vocab]:
+    """The GGUF architecture, every tensor the file will hold, and the vocabulary's keys; the converter
+    also writes the hyper-parameters here (then discarded), so every refusal comes before writing."""
     import gguf
 
     def never(name: str) -> np.ndarray:
@@ -64,9 +68,10 @@ def plan(ckpt, root: Path, model_name: str, pre: str | None) -> tuple[str, list[
 
         m.gguf_writer.add_tensor = record
         _prepare(m, ckpt)
+        vocab = _recording_vocab(m)
         with _refusals(ckpt.path):
             m.prepare_metadata(vocab_only=False)
-        return gguf.MODEL_ARCH_NAMES[m.model_arch], outputs
+        return gguf.MODEL_ARCH_NAMES[m.model_arch], outputs, tuple(vocab)
 
 
 Encode = Callable[[str, np.ndarray, tuple[str, ...]], tuple[object, np.ndarray]]
@@ -74,12 +79,13 @@ Encode = Callable[[str, np.ndarray, tuple[str, ...]], tuple[object, np.ndarray]]
 
 
 @contextlib.contextmanager
-def run(ckpt, root: Path, out: Path, load: Loader, encode: Encode, model_name: str, pre: str | None):
-    """Yields the converter's model with its tensors encoded into its writer (``use_temp_file``);
-    the caller adds keys, sets ``ftype``, then calls :func:`write`."""
+def run(ckpt, root: Path, out: Path, load: Loader, encode: Encode, model_name: str, vocab: Vocab):
+    """Yields the converter's model with its tensors encoded into its writer (``use_temp_file``) and
+    ``vocab`` (:func:`plan`'s) for its vocabulary; the caller adds keys, sets ``ftype``, then calls
+    :func:`write`."""
     import gguf
 
-    with _model(ckpt, root, gguf.LlamaFileType.ALL_F32, load, model_name, pre, out) as m:
+    with _model(ckpt, root, gguf.LlamaFileType.ALL_F32, load, model_name, None, out) as m:
         add = m.gguf_writer.add_tensor
 
         def encoded(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
@@ -91,6 +97,7 @@ def run(ckpt, root: Path, out: Path, load: Loader, encode: Encode, model_name: s
 
         m.gguf_writer.add_tensor = encoded
         _prepare(m, ckpt)
+        m.set_vocab = lambda: m.gguf_writer.kv_data[0].update(vocab)
         yield m
 
 
@@ -131,6 +138,22 @@ def _model(ckpt, root: Path, ftype, load: Loader, model_name: str, pre: str | No
             yield m
     finally:
         quiet.setLevel(level)
+
+
+def _recording_vocab(m) -> list:
+    """The keys ``m.set_vocab`` writes (new, or replaced), recorded as it runs. It is the last step of
+    the converter's ``prepare_metadata``: nothing after it reads what else it may change."""
+    kv = m.gguf_writer.kv_data[0]
+    got: list = []
+    vocab = m.set_vocab
+
+    def set_vocab() -> None:
+        before = dict(kv)
+        vocab()
+        got.extend((k, v) for k, v in kv.items() if before.get(k) is not v)
+
+    m.set_vocab = set_vocab
+    return got
 
 
 def _named(root: Path, model_name: str) -> Path:
