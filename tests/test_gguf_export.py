@@ -735,7 +735,8 @@ def test_gguf_layout_checkpoint_is_exact_at_every_width(models, tmp_path):
     base, hf, _ = models
     ck = mf.open(
         quantize_hf(
-            hf["llama"], tmp_path / "ck", layers="linear", layout="gguf", group_size=32, scheme="symmetric"
+            hf["llama"], tmp_path / "ck", layers="linear", layout="gguf", group_size=32, scheme="symmetric",
+            width_params=(),  # the shared grid; each width's own parameters: tests/test_width_params.py
         )
     )
     assert ck.source["layout"] == "gguf"
