@@ -5,7 +5,8 @@ Each quantized tensor may take any width its planes serve (int5 and int7 too: in
 costs its block type's bytes, and Q5_0/Q5_K sit between int4's and int6's types); its cost at a width is the size of what
 the compact export writes for it (``gguf_blocks.encode_compact``, encoded here once per width), its
 error the squared distance of that encoding's decoded weights to the checkpoint's full-width
-weights. Unquantized tensors cost what they will take in the
+weights, weighted per input feature by the importance a calibrated checkpoint keeps
+(:class:`matq_format.budget.ErrorWeights`). Unquantized tensors cost what they will take in the
 file. :func:`matq_format.budget.cheapest_within` then spends the budget.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 from matq_converters.exporters.gguf import blocks as B
 from matq_converters.registry import ConvertOptionError
 from matq_format import progress
-from matq_format.budget import BudgetTooSmall, cheapest_within
+from matq_format.budget import BudgetTooSmall, ErrorWeights, cheapest_within
 from matq_format.numerics import planes_needed
 
 
@@ -34,18 +35,20 @@ def file_budget_plan(
     widths = {n: _widths(c, ckpt.info(n).planes) for n in quantized}
     err: dict[str, dict[int, float]] = {n: {} for n in quantized}
     cost: dict[str, dict[int, float]] = {n: {} for n in quantized}
+    weights = ErrorWeights(ckpt, quantized)
     room = budget * total * (1 + 1e-12) - fixed  # a budget given as another file's bits per weight
     # (bytes * 8 / weights) admits a file of exactly those bytes
-    with progress.stage(f"budget:{budget:g}: the smallest width of each tensor", len(quantized), "tensor") as done:
+    title = f"budget:{budget:g}: the smallest width of each tensor ({weights.note})"
+    with progress.stage(title, len(quantized), "tensor") as done:
         for name in quantized:
-            _encode(ckpt, name, widths[name][:1], widths[name][-1], extra_precision, err, cost)
+            _encode(ckpt, name, widths[name][:1], widths[name][-1], extra_precision, weights, err, cost)
             done(1)
     least = sum(cost[n][widths[n][0]] for n in quantized)
     if least > room:
         _too_small(ckpt, budget, (least + fixed) / total)
     with progress.stage(f"budget:{budget:g}: every other width", len(quantized), "tensor") as done:
         for name in quantized:
-            _encode(ckpt, name, widths[name][1:], widths[name][-1], extra_precision, err, cost)
+            _encode(ckpt, name, widths[name][1:], widths[name][-1], extra_precision, weights, err, cost)
             done(1)
     try:
         return cheapest_within(err, cost, room)
@@ -53,9 +56,11 @@ def file_budget_plan(
         _too_small(ckpt, budget, (exc.minimum + fixed) / total)
 
 
-def _encode(ckpt, name: str, rs: list[int], top: int, extra_precision: bool, err: dict, cost: dict) -> None:
-    """The compact encodings of ``name`` at widths ``rs``: their bits, and their squared error to the
-    widest slice its planes serve (``top``)."""
+def _encode(
+    ckpt, name: str, rs: list[int], top: int, extra_precision: bool, weights: ErrorWeights, err: dict, cost: dict
+) -> None:
+    """The compact encodings of ``name`` at widths ``rs``: their bits, and their (weighted) squared
+    error to the widest slice its planes serve (``top``)."""
     info, c = ckpt.info(name), ckpt.code_bits
     ref = ckpt.dequantize(name, top).astype(np.float64)
     scale, zero = ckpt.scale(name), ckpt.zero(name)
@@ -64,8 +69,7 @@ def _encode(ckpt, name: str, rs: list[int], top: int, extra_precision: bool, err
         own = None if ep or r >= c else ckpt.width_params(name, r)
         k = ckpt.sliced_codes(name, r, ep)
         enc = B.encode_compact(B.Slice(k, scale, zero, c, r, info.group_size, ep, own))
-        d = B.decode(enc) - ref
-        err[name][r] = float(np.sum(d * d))
+        err[name][r] = weights.error(name, B.decode(enc) - ref)
         cost[name][r] = 8.0 * enc.data.nbytes
 
 
