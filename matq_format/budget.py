@@ -2,7 +2,8 @@
 
 Shared by ``budget:BITS`` plans in matq's own storage bits (:mod:`matq_format.plans`) and in the
 bits of an exported file (``matq convert --to gguf|onnx --plan budget:BITS``), which all read the
-spec with :func:`parse_budget`.
+spec with :func:`parse_budget`. The error of every option is :class:`ErrorWeights`'s: weighted by
+the importance a calibrated checkpoint keeps (spec 10.8), so all three spend bits alike.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping
 
+import numpy as np
+
 from .errors import PlanError
+from .numerics import weighted_sq_error
 
 BUDGET_PREFIX = "budget:"
 
@@ -21,6 +25,36 @@ class BudgetTooSmall(ValueError):
     def __init__(self, minimum: float):
         super().__init__(f"the cheapest choice costs {minimum}")
         self.minimum = minimum
+
+
+class ErrorWeights:
+    """What each tensor's option errors are weighted by: its importance (spec 10.8) when the
+    checkpoint keeps one, making an error the expected squared output error of the layer on the
+    calibration activations (comparable across tensors, as llama.cpp's imatrix-weighted error).
+    A tensor without one, beside tensors with one, gets the mean of all kept importances (its
+    inputs unknown, the typical input); with none kept, errors are plain squared distances."""
+
+    def __init__(self, ckpt, names: list[str]):
+        self.ckpt = ckpt
+        self.kept = [n for n in names if ckpt.has_importance(n)]
+        self.total = len(names)
+        imps = [ckpt.importance(n) for n in self.kept]
+        self.mean = sum(float(np.sum(a, dtype=np.float64)) for a in imps) / max(sum(a.size for a in imps), 1)
+
+    def error(self, name: str, d: np.ndarray) -> float:
+        """The error of an option whose decoded weights differ from the reference by ``d``."""
+        info = self.ckpt.info(name)
+        imp = self.ckpt.importance(name)
+        if imp is None and self.kept:
+            imp = np.full(info.importance_shape, self.mean, np.float32)
+        return weighted_sq_error(d, imp, info.in_axis)
+
+    @property
+    def note(self) -> str:
+        """How errors are weighed, said once in the step's title."""
+        if not self.kept:
+            return "plain squared errors: the checkpoint keeps no importance (matq quantize --calib keeps it)"
+        return f"errors weighted by importance ({len(self.kept)} of {self.total} tensors keep one)"
 
 
 def parse_budget(spec: str) -> float:

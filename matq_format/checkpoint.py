@@ -40,7 +40,7 @@ from .safefs import allowed_roots, check_file, open_regular, parse_json
 from .widths import WidthParams, check_values, part_name
 
 UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset(
-    {C.EXT_SIGNED_SCALES, C.EXT_STACKED, C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS}
+    {C.EXT_SIGNED_SCALES, C.EXT_STACKED, C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS, C.EXT_IMPORTANCE}
 )
 
 
@@ -121,13 +121,18 @@ class Checkpoint:
                 le = listed.get(ename)
                 if le is None or le["file"] != fname:
                     raise HeaderError(h.path, f"entry {ename!r} is not listed in the manifest for this file")
+        # Extension entries (5.6) are outside the entry set: checked here if known, else ignored.
+        ext = [e for e, rec in listed.items() if C.ENTRY_EXTENSION_KEY in rec]
+        self._importance: dict[str, str] = {}
+        for ename in ext:
+            self._extension_entry(ename, listed[ename])
         # Expected entries are made one at a time, never all at once: a checkpoint may have millions.
         n = 0
         for ename, _, _ in self._expected_entries():
-            if ename not in listed:
+            if ename not in listed or C.ENTRY_EXTENSION_KEY in listed[ename]:
                 self._entries_mismatch()
             n += 1
-        if n != len(listed):  # the expected names are distinct and all listed: so some listed are extra
+        if n != len(listed) - len(ext):  # expected names are distinct and all listed: some are extra
             self._entries_mismatch()
         for ename, dtype, shape in self._expected_entries():
             fname = listed[ename]["file"]
@@ -160,9 +165,33 @@ class Checkpoint:
             for _, ename, dtype, shape in t.width_entries(self.code_bits):
                 yield ename, dtype, shape
 
+    def _extension_entry(self, ename: str, rec: dict) -> None:
+        """An entry of an extension (5.6): ``matq.importance``'s are checked (10.8), an unknown
+        extension's are left alone, as long as they name a tensor of this checkpoint."""
+        tensor, _, part = ename.partition(C.ENTRY_SEP)
+        ext = rec[C.ENTRY_EXTENSION_KEY]
+        if tensor not in self._infos or not part:
+            raise HeaderError(self.path, f"entry {ename!r} of extension {ext} names no tensor of this checkpoint")
+        if ext not in UNDERSTOOD_EXTENSIONS:
+            return
+        t = self._infos[tensor]
+        if ext != C.EXT_IMPORTANCE or part != C.IMPORTANCE_SUFFIX or not t.quantized:
+            raise HeaderError(self.path, f"entry {ename!r}: {ext} defines no such entry")
+        if rec["file"] != C.BASE_FILENAME:
+            raise HeaderError(self.path, f"entry {ename!r} must live in the base file, not {rec['file']!r}")
+        e = self._headers[C.BASE_FILENAME].entries.get(ename)
+        if e is None:
+            raise HeaderError(self.path, f"entry {ename!r} is missing")
+        if e.dtype not in C.IMPORTANCE_DTYPES or e.shape != t.importance_shape:
+            raise HeaderError(
+                self.path,
+                f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected F16 or F32 {list(t.importance_shape)}",
+            )
+        self._importance[tensor] = ename
+
     def _entries_mismatch(self) -> NoReturn:
         expected = {e for e, _, _ in self._expected_entries()}
-        listed = set(self.manifest["entries"])
+        listed = {e for e, rec in self.manifest["entries"].items() if C.ENTRY_EXTENSION_KEY not in rec}
         extra = sorted(listed - expected)[:3]
         missing = sorted(expected - listed)[:3]
         raise HeaderError(
@@ -287,6 +316,26 @@ class Checkpoint:
                 f"{name}: zero points must be finite and within the code range",
             )
         return z
+
+    def importance(self, name: str, *, as_stored: bool = False) -> np.ndarray | None:
+        """float32 per-input-feature importance (10.8: mean squared calibration activation, shape
+        ``importance_shape``), or None when the checkpoint keeps none for ``name``. ``as_stored``:
+        in its stored dtype (float16 for F16), for copies that keep it bit for bit."""
+        ename = self._importance.get(name)
+        if ename is None:
+            self.info(name)
+            return None
+        t = self._infos[name]
+        dtype = self._headers[C.BASE_FILENAME].entries[ename].dtype
+        stored = dtypes.from_bytes(self._raw(ename), dtype, t.importance_shape)
+        a = stored.astype(np.float32)
+        if not np.all(np.isfinite(a)) or a.min(initial=0) < 0:
+            raise BadParameterError(self.path, f"{name}: importance must be finite and not negative")
+        return np.array(stored) if as_stored else a
+
+    def has_importance(self, name: str) -> bool:
+        """Whether the checkpoint keeps ``name``'s importance (10.8)."""
+        return name in self._importance
 
     def plane(self, name: str, k: int) -> np.ndarray:
         """Packed bit-plane k of a quantized tensor (memory-mapped, CRC-checked)."""
@@ -518,6 +567,7 @@ class Checkpoint:
             self.zero(name)
             for r in self.info(name).width_specs(self.code_bits):
                 self.width_params(name, r)
+            self.importance(name)
         self._check_carried_total()
         for rel in self.manifest.get("carried", {}):  # one at a time: each checked, then dropped
             self.read_carried(rel)

@@ -58,9 +58,16 @@ SCALE_SUFFIX = "scale"
 ZERO_SUFFIX = "zero"
 WIDTH_SUFFIX = "w{r}.{p}"
 """Part naming a width's block parameter ``p`` (spec 10.7): ``fc.weight@w2.d``."""
+IMPORTANCE_SUFFIX = "importance"
+"""Part naming a tensor's per-input-feature importance (spec 10.8): ``fc.weight@importance``."""
 ENTRY_RE = re.compile(
-    r"^(?P<tensor>.+)@(?P<part>plane(?P<k>[0-9]|1[0-5])|scale|zero|w(?P<r>[1-9]|1[0-6])\.(?P<p>d|sc|dmin|mn))$"
+    r"^(?P<tensor>.+)@(?P<part>plane(?P<k>[0-9]|1[0-5])|scale|zero|w(?P<r>[1-9]|1[0-6])\.(?P<p>d|sc|dmin|mn)"
+    r"|importance)$"
 )
+ENTRY_EXTENSION_KEY = "extension"
+"""Entry record key (1.2, spec 5.6): the extension an entry belongs to. A reader that does not
+implement that extension leaves the entry out of the entry-set check (unless it is in
+``must_understand``, which the reader already refused)."""
 
 # --- codes -----------------------------------------------------------------------------------
 MIN_CODE_BITS = 2
@@ -126,6 +133,11 @@ EXT_WIDTH_PARAMS = "matq.width_params"
 """Extension (spec 10.7, version 1.2): a width r of a quantized tensor may carry its own two-level
 block parameters, refitted to its nested codes, in a file of their own. Always in
 ``must_understand`` when present (a reader that ignored them would find entries it cannot place)."""
+EXT_IMPORTANCE = "matq.importance"
+"""Extension (spec 10.8, version 1.2): a quantized tensor's per-input-feature importance (mean squared
+calibration activation), an entry ``t@importance`` in the base file. Never in ``must_understand``:
+it changes no value a reader returns."""
+IMPORTANCE_DTYPES = ("F16", "F32")
 WIDTH_SUPER_BLOCK = 256
 """Columns per super-block of per-width parameters: one fp16 ``d`` (and ``dmin``) each, as K-quants."""
 WIDTH_SC_AFFINE = 63

@@ -17,7 +17,7 @@ from . import constants as C
 from .container import gc_paused, strict_json
 from .dtypes import cast_exact
 from .errors import HeaderError, LimitError, UnsupportedVersionError
-from .numerics import code_max, n_groups, param_shape, planes_needed
+from .numerics import code_max, importance_shape, n_groups, param_shape, planes_needed
 from .widths import WidthSpec, parse_record, part_dtype, part_name, part_shape
 
 
@@ -88,6 +88,11 @@ class TensorInfo:
     def param_shape(self) -> tuple[int, ...]:
         """Shape of the scale and zero entries: ``[rows, groups]`` for a matrix (section 6, 10.5)."""
         return param_shape(self.shape, self.group_size, self.in_axis)
+
+    @property
+    def importance_shape(self) -> tuple[int, ...]:
+        """Shape of the ``@importance`` entry (10.8): the shape without the output axis."""
+        return importance_shape(self.shape, self.in_axis)
 
     def width_specs(self, code_bits: int) -> dict[int, WidthSpec]:
         """The widths that carry their own block parameters (spec 10.7), by width; {} if none."""
@@ -355,6 +360,9 @@ def parse_manifest(
             raise HeaderError(path, f"entry {ename!r} needs 'file' and 'crc32'")
         if len(e["crc32"]) != 8 or not _CRC_RE.fullmatch(e["crc32"]):
             raise HeaderError(path, f"entry {ename!r} has a malformed crc32")
+        ext_name = e.get(C.ENTRY_EXTENSION_KEY)
+        if ext_name is not None and not (isinstance(ext_name, str) and C.EXTENSION_NAME_RE.match(ext_name)):
+            raise HeaderError(path, f"entry {ename!r}: {C.ENTRY_EXTENSION_KEY} must be an extension name")
         fname = fnames.get(e["file"])
         if fname is None:
             raise HeaderError(

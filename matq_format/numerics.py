@@ -130,6 +130,27 @@ def from_matrix(m: np.ndarray, shape: tuple[int, ...], input_axis: int = -1) -> 
     return np.ascontiguousarray(np.moveaxis(m.reshape(moved), -1, axis))
 
 
+def importance_shape(shape: tuple[int, ...], input_axis: int = -1) -> tuple[int, ...]:
+    """Shape of a tensor's importance (spec 10.8): its shape without the output axis (the other of
+    the last two), so ``[cols]`` for a matrix and ``[experts, cols]`` for a stack of them."""
+    n = len(shape)
+    out_axis = n - 1 if input_axis % n == n - 2 else n - 2
+    return tuple(d for i, d in enumerate(shape) if i != out_axis)
+
+
+def weighted_sq_error(d: np.ndarray, importance: np.ndarray | None, input_axis: int = -1) -> float:
+    """The error of an encoding, ``d`` = decoded - reference: ``sum importance[col] * d^2`` over every
+    element, i.e. the expected squared output error of the layer on the activations the importance
+    came from (llama.cpp's imatrix-weighted error), comparable across tensors. Without importance,
+    the plain ``sum d^2``. float64 sums."""
+    d = np.asarray(d, np.float64)
+    if importance is None:
+        return float(np.dot(d.ravel(), d.ravel()))
+    sq = np.moveaxis(d * d, input_axis, -1)  # [..., out, in]
+    per_col = sq.sum(axis=-2)  # [..., in]: the importance's own shape
+    return float(np.dot(per_col.ravel(), np.asarray(importance, np.float64).ravel()))
+
+
 def round_scale(alpha: np.ndarray, dtype: str) -> np.ndarray:
     """Round scales to the stored dtype, upward so the rounded scale still covers the range."""
     alpha = np.asarray(alpha, dtype=np.float32)

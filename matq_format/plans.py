@@ -20,7 +20,7 @@ import numpy as np
 
 from . import constants as C
 from . import numerics, progress
-from .budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
+from .budget import BUDGET_PREFIX, BudgetTooSmall, ErrorWeights, cheapest_within, parse_budget
 from .errors import PlanError, WidthError
 from .safefs import read_bounded
 
@@ -201,7 +201,8 @@ def summarize(ckpt, plan: dict[str, int], extra_precision: bool = False) -> Plan
 
 def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
     """Greedy: start every tensor at the narrowest width, then buy the upgrade with the best error
-    reduction per bit until the budget is spent. Error = squared distance to the full-width weights.
+    reduction per bit until the budget is spent. Error = squared distance to the full-width weights,
+    weighted by the importance a calibrated checkpoint keeps (:class:`ErrorWeights`).
     The sizes are counted first: a budget below the narrowest plan is refused before any tensor is
     dequantized."""
     budget = parse_budget(text)
@@ -219,13 +220,11 @@ def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
     if least > budget * total_w:
         raise PlanError(text, f"budget {budget} is below the narrowest plan ({least / total_w:.3f} bits per weight)")
     err: dict[str, dict[int, float]] = {}
-    with progress.stage(f"{text}: slicing error of each width", len(names), "tensor") as advance:
+    weights = ErrorWeights(ckpt, names)
+    with progress.stage(f"{text}: slicing error of each width ({weights.note})", len(names), "tensor") as advance:
         for n in names:
             ref = ckpt.dequantize(n, widths[n][-1])
-            err[n] = {}
-            for r in widths[n]:
-                d = ckpt.dequantize(n, r, extra_precision and r < c) - ref
-                err[n][r] = float(np.dot(d.ravel(), d.ravel()))
+            err[n] = {r: weights.error(n, ckpt.dequantize(n, r, extra_precision and r < c) - ref) for r in widths[n]}
             advance(1)
     try:
         return cheapest_within(err, cost, budget * total_w)

@@ -81,6 +81,7 @@ def slice_checkpoint(
                 extras=t.extras,
                 input_axis=t.input_axis,
                 width_params=_kept_widths(ckpt, name, widths[name]),
+                importance=ckpt.importance(name, as_stored=True),  # spec 10.8: kept whatever the width
             )
             if progress:
                 progress(1)

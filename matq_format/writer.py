@@ -173,6 +173,7 @@ class _Planned(NamedTuple):
     shape: tuple[int, ...]
     nbytes: int
     plane: int | str | None = None
+    extension: str | None = None  # an extension entry's record names its extension (spec 5.6)
 
 
 @dataclass
@@ -258,6 +259,7 @@ class CheckpointWriter:
         self._entries: dict[str, dict] = {}
         self._carried: dict[str, dict] = {}
         self._closed = False
+        self._importance_kept = False
         if carry_from is not None:
             try:
                 self._carry(carry_from)
@@ -335,6 +337,7 @@ class CheckpointWriter:
         keep_bits: int | None = None,
         input_axis: int | None = None,
         width_params: dict[int, WidthParams] | None = None,
+        importance: np.ndarray | None = None,
     ) -> None:
         """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point (an array,
         or one integer for the whole tensor: spec 10.6).
@@ -368,6 +371,7 @@ class CheckpointWriter:
             extra_precision=extra_precision,
             input_axis=input_axis,
             width_params=width_params,
+            importance=importance,
         )
 
     def add_quantized_planes(
@@ -387,6 +391,7 @@ class CheckpointWriter:
         extras: dict | None = None,
         input_axis: int | None = None,
         width_params: dict[int, WidthParams] | None = None,
+        importance: np.ndarray | None = None,
     ) -> None:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint.
 
@@ -394,7 +399,9 @@ class CheckpointWriter:
         ``matq.stacked`` in ``must_understand`` and makes the checkpoint version 1.1; a constant zero
         point (10.6: ``zero`` an integer, or an array of one integer with ``constant_zero``) lists
         ``matq.constant_zero`` and ``width_params`` (10.7, one file per width) list
-        ``matq.width_params``; either makes it 1.2."""
+        ``matq.width_params``; either makes it 1.2. ``importance`` (10.8: per input feature, shape
+        ``importance_shape``, finite and not negative) is kept as ``t@importance`` and makes it 1.2
+        without entering ``must_understand``."""
         self._check_name(name)
         extras = dict(extras or {})
         extras.pop(C.EXT_WIDTH_PARAMS, None)
@@ -444,6 +451,7 @@ class CheckpointWriter:
                 raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
         plane_file = {k: None if self.single_file else k for k in arrays}
         wide = self._width_arrays(info, width_params or {})
+        imp = None if importance is None else self._importance(info, importance)
         planned = [
             *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
             _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, pshape, s_arr.nbytes),
@@ -451,6 +459,9 @@ class CheckpointWriter:
         if z_arr is not None:
             planned.append(_Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, pshape, z_arr.nbytes))
         planned += [_Planned(e, dt, a.shape, a.nbytes, f) for e, dt, a, f in wide]
+        if imp is not None:
+            ename = entry_name(name, C.IMPORTANCE_SUFFIX)
+            planned.append(_Planned(ename, imp[0], imp[1].shape, imp[1].nbytes, None, C.EXT_IMPORTANCE))
         self._charge(info, planned)
         self._require(C.EXT_STACKED, info.stacked)
         self._require(C.EXT_CONSTANT_ZERO, info.zero_point is not None)
@@ -462,7 +473,27 @@ class CheckpointWriter:
             self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
         for e, dt, a, f in wide:
             self._write_width(f, e, a, dt)
+        if imp is not None:
+            ename = entry_name(name, C.IMPORTANCE_SUFFIX)
+            self._write_base(ename, imp[1], imp[0])
+            self._entries[ename][C.ENTRY_EXTENSION_KEY] = C.EXT_IMPORTANCE
+            self._importance_kept = True
         self._tensors[name] = info
+
+    def _importance(self, info: TensorInfo, importance: np.ndarray) -> tuple[str, np.ndarray]:
+        """(dtype, array) of a tensor's importance as stored (spec 10.8): F16 if given as float16,
+        else F32; its shape ``importance_shape``, every value finite and not negative."""
+        a = np.asarray(importance)
+        if a.shape != info.importance_shape:
+            raise WriterError(
+                self.out, f"{info.name}: importance has shape {list(a.shape)}, expected {list(info.importance_shape)}"
+            )
+        dtype = "F16" if a.dtype == np.float16 else "F32"
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = a.astype(dtypes.np_dtype(dtype))
+        if not np.all(np.isfinite(stored)) or stored.min(initial=0) < 0:
+            raise WriterError(self.out, f"{info.name}: importance must be finite and not negative")
+        return dtype, _little_endian_c(stored)
 
     def _scales(self, name: str, scale: np.ndarray, scale_dtype: str) -> np.ndarray:
         """The scales as stored: finite, non-zero, negative only with the extension."""
@@ -609,10 +640,12 @@ class CheckpointWriter:
         }
 
     def _version(self) -> str:
-        """The lowest version this checkpoint needs: 1.2 once it holds a constant zero point (10.6) or
-        per-width parameters (10.7), 1.1 once it holds a stacked tensor (10.5), else 1.0."""
+        """The lowest version this checkpoint needs: 1.2 once it holds a constant zero point (10.6),
+        per-width parameters (10.7) or an importance (10.8: earlier readers refuse its entry), 1.1
+        once it holds a stacked tensor (10.5), else 1.0."""
         must = self.must_understand
-        minor = 2 if {C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS} & set(must) else 1 if C.EXT_STACKED in must else 0
+        needs_2 = self._importance_kept or {C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS} & set(must)
+        minor = 2 if needs_2 else 1 if C.EXT_STACKED in must else 0
         return f"{C.FORMAT_VERSION[0]}.{minor}"
 
     def _base_metadata(self, manifest_text: str, crc: str) -> dict[str, str]:
@@ -657,7 +690,11 @@ class CheckpointWriter:
             raise WriterError(self.out, f"{name}: extras must be plain JSON: {exc}") from None
         records = self._header_records(entries)
         self._check_entry_counts(name, records, len(entries))
-        files = {e.name: {"file": self._file_name(e.plane), "crc32": "0" * 8} for e in entries}
+        files = {
+            e.name: {"file": self._file_name(e.plane), "crc32": "0" * 8}
+            | ({C.ENTRY_EXTENSION_KEY: e.extension} if e.extension else {})
+            for e in entries
+        }
         manifest = _escaped_bytes(tensor + _members(files))
         added = {plane: len(_members(recs).encode("utf-8")) for plane, recs in records.items()}
         b = self._budget

@@ -92,6 +92,35 @@ def test_checkpoint_verifies_and_records_the_calibration(built, texts):
             np.testing.assert_array_equal(ckpt.dequantize(name), plain.dequantize(name))
 
 
+def test_checkpoint_keeps_each_linears_input_importance(model, built, texts):
+    """Spec 10.8: every calibrated linear keeps mean x^2 per input feature; layer 0's equals what the
+    float model in transformers feeds it on the same token sequences (later layers see the quantized
+    layers before them). A data-free checkpoint keeps none."""
+    import transformers as tf
+
+    from matq_converters.importers.hf.calibration import load_calibration_text
+
+    calib, _ = texts
+    ckpt = mf.open(built["gptq"])
+    assert all(ckpt.has_importance(n) for n in ckpt.quantized_names())
+    assert not any(mf.open(built["minmax"]).has_importance(n) for n in ckpt.quantized_names())
+    m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    seqs = torch.from_numpy(load_calibration_text(tf.AutoTokenizer.from_pretrained(model), calib, 128, 4096).tokens)
+    seen = {}
+    for name in ("q_proj", "down_proj"):
+        mod = getattr(m.model.layers[0].self_attn if name == "q_proj" else m.model.layers[0].mlp, name)
+        mod.register_forward_pre_hook(lambda _, a, n=name: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        m(input_ids=seqs)
+    for name, part in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+        x = torch.cat(seen[name]).double()
+        want = (x * x).mean(0).numpy()
+        got = ckpt.importance(f"model.layers.0.{part}.{name}.weight")
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    k = ckpt.importance("model.layers.1.self_attn.k_proj.weight")
+    np.testing.assert_array_equal(k, ckpt.importance("model.layers.1.self_attn.q_proj.weight"))  # one input
+
+
 def test_deterministic_bytes(built):
     """The same bytes again, whether a layer's matrices are quantized one at a time or two at once."""
     a, b = built["gptq"], built["gptq2"]

@@ -68,6 +68,11 @@ def _summary_lines(d: dict) -> list[str]:
                 for r, b in d["bytes_per_width"].items()
             )
         )
+    if s["importance_tensors"]:  # spec 10.8: what the budgets weigh errors by
+        lines.append(
+            f"importance: kept for {s['importance_tensors']} of {s['quantized_tensors']} quantized tensors "
+            "(from calibration; budgets weigh each tensor's error by it)"
+        )
     cs = d["checksums"]
     lines.append(
         f"checksums: {cs['checked']} of {cs['entries']} entries read and checked"
@@ -98,7 +103,8 @@ def _tensor_line(t: dict) -> str:
         share = "  extra bucket " + " ".join(f"int{r}:{v:.2%}" for r, v in t["extra_bucket_share"].items())
     widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
     zero = f" z={t['zero_point']}" if t.get("zero_point") is not None else ""  # one for the tensor (10.6)
-    return f"{printable(t['name'])}  from {t['dtype']} [{shape}] {g} {t['scheme']}{zero}{ep}  {widths}{share}"
+    imp = "  importance" if t.get("importance") else ""  # kept from calibration (10.8)
+    return f"{printable(t['name'])}  from {t['dtype']} [{shape}] {g} {t['scheme']}{zero}{ep}{imp}  {widths}{share}"
 
 
 @click.command(

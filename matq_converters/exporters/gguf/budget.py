@@ -5,7 +5,8 @@ Each quantized tensor may take any width its planes serve (int5 and int7 too: in
 costs its block type's bytes, and Q5_0/Q5_K sit between int4's and int6's types); its cost at a width is the size of what
 the compact export writes for it (``gguf_blocks.encode_compact``, encoded here once per width), its
 error the squared distance of that encoding's decoded weights to the checkpoint's full-width
-weights. Unquantized tensors cost what they will take in the
+weights, weighted per input feature by the importance a calibrated checkpoint keeps
+(:class:`matq_format.budget.ErrorWeights`). Unquantized tensors cost what they will take in the
 file. :func:`matq_format.budget.cheapest_within` then spends the budget.
 """
 
@@ -17,8 +18,9 @@ import numpy as np
 
 from matq_converters.exporters.gguf import blocks as B
 from matq_converters.registry import ConvertOptionError
+from matq_format import numerics as N
 from matq_format import progress
-from matq_format.budget import BudgetTooSmall, cheapest_within
+from matq_format.budget import BudgetTooSmall, ErrorWeights, cheapest_within
 from matq_format.numerics import planes_needed
 
 
@@ -35,9 +37,11 @@ def file_budget_plan(
     widths = {n: _widths(c, ckpt.info(n).planes) for n in quantized}
     err: dict[str, dict[int, float]] = {n: {} for n in quantized}
     cost: dict[str, dict[int, float]] = {n: {} for n in quantized}
+    weights = ErrorWeights(ckpt, quantized)
     room = budget * total * (1 + 1e-12) - fixed  # a budget given as another file's bits per weight
     # (bytes * 8 / weights) admits a file of exactly those bytes
-    with progress.stage(f"budget:{budget:g}: the smallest width of each tensor", len(quantized), "tensor") as done:
+    title = f"budget:{budget:g}: the smallest width of each tensor ({weights.note})"
+    with progress.stage(title, len(quantized), "tensor") as done:
         for name in quantized:
             r = widths[name][0]
             sl = B.checkpoint_slice(ckpt, name, r, extra_precision and r < c)
@@ -48,7 +52,7 @@ def file_budget_plan(
         _too_small(ckpt, budget, (least + fixed) / total)
     with progress.stage(f"budget:{budget:g}: every width", len(quantized), "tensor") as done:
         for name in quantized:
-            _encode(ckpt, name, widths[name], extra_precision, err, cost)
+            _encode(ckpt, name, widths[name], extra_precision, weights, err, cost)
             done(1)
     try:
         return cheapest_within(err, cost, room)
@@ -56,15 +60,14 @@ def file_budget_plan(
         _too_small(ckpt, budget, (exc.minimum + fixed) / total)
 
 
-def _encode(ckpt, name: str, rs: list[int], extra_precision: bool, err: dict, cost: dict) -> None:
-    """The compact encodings of ``name`` at widths ``rs``: their bits, and their squared error to the
-    widest slice its planes serve (the last of ``rs``)."""
-    c = ckpt.code_bits
+def _encode(ckpt, name: str, rs: list[int], extra_precision: bool, weights: ErrorWeights, err: dict, cost: dict) -> None:
+    """The compact encodings of ``name`` at widths ``rs``: their bits, and their (importance-weighted)
+    squared error to the widest slice its planes serve (the last of ``rs``)."""
+    t, c = ckpt.info(name), ckpt.code_bits
     ref = B.checkpoint_slice(ckpt, name, rs[-1], False).dequantize().astype(np.float64)
     for r in rs:
         enc = B.encode_compact(B.checkpoint_slice(ckpt, name, r, extra_precision and r < c))
-        d = B.decode(enc) - ref
-        err[name][r] = float(np.sum(d * d))
+        err[name][r] = weights.error(name, N.from_matrix(B.decode(enc) - ref, t.shape, t.in_axis))
         cost[name][r] = 8.0 * enc.data.nbytes
 
 

@@ -51,7 +51,7 @@ from matq_converters.registry import (
 from matq_format import __version__ as MATQ_VERSION
 from matq_format import numerics
 from matq_format import progress as steps
-from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget
+from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, ErrorWeights, cheapest_within, parse_budget
 from matq_format.plans import resolve_plan
 from matq_format.publish import FILES_KEY, AtomicOutput, OutputKind, files_record, read_files_record
 from matq_format.safefs import allowed_roots, check_file, read_bounded
@@ -136,7 +136,8 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
 
 def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, int]:
     """``budget:BITS`` in the file's bits per quantized weight (codes, scales and zero points, as
-    stored in this layout): a width per weight, for the least squared error to its full width. Widths
+    stored in this layout): a width per weight, for the least squared error to its full width (weighted by the kept importance:
+:class:`ErrorWeights`). Widths
     in the same container cost the same, so the search leaves the narrower one out. The sizes are
     counted first: a budget below the smallest file is refused before any weight is dequantized."""
     budget = parse_budget(spec)
@@ -156,13 +157,11 @@ def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, in
         raise ConvertOptionError(
             ckpt.path, f"{spec} is below the smallest this checkpoint makes ({least / total:.3f} bits per weight)"
         )
-    with steps.stage(f"{spec}: slicing error of each width", len(names), "tensor") as advance:
+    weights = ErrorWeights(ckpt, names)
+    with steps.stage(f"{spec}: slicing error of each width ({weights.note})", len(names), "tensor") as advance:
         for name in names:
             ref = ckpt.dequantize(name, max(cost[name]))
-            err[name] = {}
-            for r in cost[name]:
-                d = ckpt.dequantize(name, r, ep and r < c) - ref
-                err[name][r] = float(np.dot(d.ravel(), d.ravel()))
+            err[name] = {r: weights.error(name, ckpt.dequantize(name, r, ep and r < c) - ref) for r in cost[name]}
             advance(1)
     try:
         return cheapest_within(err, cost, budget * total)

@@ -10,8 +10,9 @@ as stored. The output is an ordinary matq checkpoint from the same writer; the m
 ``source`` records the calibration (text name, files, bytes, sha256, tokens, sequence length,
 device, GPTQ block size and damping).
 
-The per-column importance (``diag(H)``, mean ``x_j^2`` over the calibration tokens) is not stored:
-the format has no entry for it; an extension would be a spec question.
+Each calibrated linear keeps its per-column importance (``diag(H)``: mean ``x_j^2`` over the
+calibration tokens) as ``t@importance`` (spec 10.8), so that convert-time budgets weigh each
+tensor's error by what its inputs carry. Tensors quantized without data keep none.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def quantize_calibrated(
     def add(writer, name, codes, scale, zero) -> None:
         t = src.tensors[name]
         wp = None
+        w, imp = seen.pop(name, None) or (None, None)
         if width_params:
-            w, imp = seen.pop(name, None) or (src.read(name), None)
+            w = src.read(name) if w is None else w
             try:
                 wp = fit_tensor(
                     w, codes, spec.code_bits, width_params, spec.scheme == "symmetric", axes.get(name, 1), imp, name
@@ -121,6 +123,7 @@ def quantize_calibrated(
             dtype=t.dtype,
             input_axis=axes.get(name, 1),
             width_params=wp,
+            importance=imp,
             **spec.entry_options(),
         )
         if progress is not None:
@@ -147,7 +150,7 @@ def quantize_calibrated(
             propagate=propagate,
             on_layer=layer_progress,
             nonfinite=nonfinite,
-            inputs=(lambda n, w, imp: seen.__setitem__(n, (w, imp))) if width_params else None,
+            inputs=lambda n, w, imp: seen.__setitem__(n, (w if width_params else None, imp)),
             workers=max(1, threads or min(8, os.cpu_count() or 1)),
         ):
             add(writer, name, codes, scale, zero)
