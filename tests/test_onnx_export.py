@@ -212,7 +212,7 @@ def test_minilm_hidden_states(tmp_path):
 
 
 # --- every family of the coverage matrix the builder takes ------------------------------------------
-DECODER_FAMILIES = sorted(f for f, (model_type, _, _) in FAMILIES.items() if model_type != "bert")
+DECODER_FAMILIES = sorted(f for f, fam in FAMILIES.items() if fam.model_type != "bert")
 FAMILY_FIELDS = {"Phi-3": dict(original_max_position_embeddings=256, num_key_value_heads=4)}
 """Phi-3-mini-4k's config has ``max_position_embeddings == original_max_position_embeddings`` (the
 builder takes a difference for LongRoPE) and as many KV heads as heads; the tiny models' 256
