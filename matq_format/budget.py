@@ -28,25 +28,26 @@ class BudgetTooSmall(ValueError):
 
 
 class ErrorWeights:
-    """What each tensor's option errors are weighted by: its importance (spec 10.8) when the
-    checkpoint keeps one, making an error the expected squared output error of the layer on the
-    calibration activations (comparable across tensors, as llama.cpp's imatrix-weighted error).
-    A tensor without one, beside tensors with one, gets the mean of all kept importances (its
-    inputs unknown, the typical input); with none kept, errors are plain squared distances."""
+    """What each tensor's option errors are weighted by: its importance (spec 10.8) scaled to a mean
+    of 1, so it says which columns of that tensor matter (an error in a column with large inputs
+    counts more) while tensors are compared by their weights' squared error. Absolute importance
+    (the layer's expected output error) was measured worse: on SmolLM2-135M the budget:6.165 file's
+    KLD went from 0.0759 to 0.0964, as late layers' large residual activations bought them the bits
+    that early layers, whose errors pass through every later one, needed; scaled, 0.0757. With no
+    importance kept, or for a tensor without one, errors are plain squared distances."""
 
     def __init__(self, ckpt, names: list[str]):
         self.ckpt = ckpt
         self.kept = [n for n in names if ckpt.has_importance(n)]
         self.total = len(names)
-        imps = [ckpt.importance(n) for n in self.kept]
-        self.mean = sum(float(np.sum(a, dtype=np.float64)) for a in imps) / max(sum(a.size for a in imps), 1)
 
     def error(self, name: str, d: np.ndarray) -> float:
         """The error of an option whose decoded weights differ from the reference by ``d``."""
         info = self.ckpt.info(name)
         imp = self.ckpt.importance(name)
-        if imp is None and self.kept:
-            imp = np.full(info.importance_shape, self.mean, np.float32)
+        if imp is not None:
+            mean = float(np.mean(imp, dtype=np.float64))
+            imp = np.asarray(imp, np.float64) / mean if mean > 0 else None
         return weighted_sq_error(d, imp, info.in_axis)
 
     @property
@@ -54,7 +55,7 @@ class ErrorWeights:
         """How errors are weighed, said once in the step's title."""
         if not self.kept:
             return "plain squared errors: the checkpoint keeps no importance (matq quantize --calib keeps it)"
-        return f"errors weighted by importance ({len(self.kept)} of {self.total} tensors keep one)"
+        return f"errors weighted by each tensor's importance across its columns ({len(self.kept)} of {self.total} tensors keep one)"
 
 
 def parse_budget(spec: str) -> float:

@@ -176,49 +176,52 @@ def test_stacked_importance_is_one_vector_per_matrix(tmp_path, rng):
     assert numerics.weighted_sq_error(d, imp, 1) == pytest.approx(want, rel=1e-12)
 
 
-def _two_tensors(tmp_path, rng, *, with_importance: bool):
-    """``small.weight`` has weights a tenth of ``large.weight``'s (a tenth of the plain error at
-    every width) but inputs 1,000 times as large in squared size: it matters ten times more."""
-    big = rng.standard_normal((ROWS, COLS)).astype(np.float32)
-    small = rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.1
-    imp = {"small.weight": np.full(COLS, 1000.0), "large.weight": np.full(COLS, 1.0)}
+def _mirror_tensors(tmp_path, rng, *, with_importance: bool, flip: bool = False):
+    """``a.weight`` and ``b.weight`` hold the same weights: large in the first half of the columns,
+    tiny in the second, so a narrow width's error sits in the first half. ``a``'s inputs are large
+    there and ``b``'s in the second half (``flip`` swaps them): ``a``'s error matters, ``b``'s hardly."""
+    w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    w[:, COLS // 2 :] *= 0.01
+    hi = np.r_[np.full(COLS // 2, 10.0), np.full(COLS // 2, 0.1)].astype(np.float32)
+    imp = {"a.weight": hi, "b.weight": hi[::-1].copy()}
+    if flip:
+        imp = {"a.weight": imp["b.weight"], "b.weight": imp["a.weight"]}
     return mf.open(
         _write(
-            tmp_path / f"ck{with_importance}",
-            {n: (wt, imp[n] if with_importance else None) for n, wt in (("small.weight", small), ("large.weight", big))},
+            tmp_path / f"ck{with_importance}{flip}",
+            {n: (w, imp[n] if with_importance else None) for n in ("a.weight", "b.weight")},
         )
     )
 
 
-def test_importance_gives_the_bits_to_the_tensor_whose_inputs_are_large(tmp_path, rng):
-    """Room for one tensor at int4 and the other at int2: plain error upgrades the tensor of large
-    weights; importance-weighted error the one of large inputs, whose output error is larger."""
-    plain = _two_tensors(tmp_path, rng, with_importance=False)
-    weighted = _two_tensors(tmp_path, rng, with_importance=True)
+def test_importance_gives_the_bits_to_the_tensor_whose_errors_fall_on_large_inputs(tmp_path, rng):
+    """Room for one tensor at int4 and the other at int2. Plain errors give both the same width; with
+    importance the tensor whose error columns carry large inputs is upgraded, and swapping the
+    importance vectors swaps the choice."""
     b4 = numerics.bits_per_weight(4, ROWS, COLS, G, 2, 0, 0.0)
     b2 = numerics.bits_per_weight(2, ROWS, COLS, G, 2, 0, 0.0)
     spec = f"budget:{(b4 + b2) / 2 + 1e-6}"
-    assert resolve_plan(spec, plain) == {"small.weight": 2, "large.weight": 4}
-    assert resolve_plan(spec, weighted) == {"small.weight": 4, "large.weight": 2}
+    plain = resolve_plan(spec, _mirror_tensors(tmp_path, rng, with_importance=False))
+    assert plain["a.weight"] == plain["b.weight"]  # the same weights, the same choice
+    rng2 = np.random.default_rng(23)
+    assert resolve_plan(spec, _mirror_tensors(tmp_path, rng2, with_importance=True)) == {"a.weight": 4, "b.weight": 2}
+    rng3 = np.random.default_rng(23)
+    flipped = _mirror_tensors(tmp_path, rng3, with_importance=True, flip=True)
+    assert resolve_plan(spec, flipped) == {"a.weight": 2, "b.weight": 4}
 
 
 def test_gguf_budget_weighs_errors_by_importance(tmp_path, rng):
-    """The GGUF file budget takes the same turn: with importance, the tensor of large inputs gets
-    the wider type; without, the tensor of large weights."""
+    """The GGUF file budget takes the same turn, and the turn follows the importance vectors."""
     from matq_converters.exporters.gguf.budget import file_budget_plan
 
-    names = ["small.weight", "large.weight"]
+    names = ["a.weight", "b.weight"]
     got = {}
-    for flag in (False, True):
-        ck = _two_tensors(tmp_path, rng, with_importance=flag)
-        lo = file_budget_plan(ck, names, (), 100.0, False)  # every tensor at its widest
-        assert set(lo.values()) == {8}
-        # Q4_K for one, Q2_K-sized for the other: between the file of all int2 and all int4.
-        both2 = file_budget_plan(ck, names, (), 3.0, False)
-        assert set(both2.values()) <= {2, 3}
-        got[flag] = file_budget_plan(ck, names, (), 3.9, False)
-    assert got[False]["large.weight"] > got[False]["small.weight"]
-    assert got[True]["small.weight"] > got[True]["large.weight"]
+    for flip in (False, True):
+        ck = _mirror_tensors(tmp_path, np.random.default_rng(23), with_importance=True, flip=flip)
+        assert set(file_budget_plan(ck, names, (), 100.0, False).values()) == {8}
+        got[flip] = file_budget_plan(ck, names, (), 3.9, False)
+    assert got[False]["a.weight"] > got[False]["b.weight"]
+    assert got[True]["b.weight"] > got[True]["a.weight"]
 
 
 def test_budget_without_importance_says_so_once(tmp_path, rng):
@@ -238,11 +241,11 @@ def test_budget_without_importance_says_so_once(tmp_path, rng):
             return False
 
     for flag in (False, True):
-        ck = _two_tensors(tmp_path, rng, with_importance=flag)
+        ck = _mirror_tensors(tmp_path, rng, with_importance=flag)
         with progress.listening(_Stage):
             resolve_plan("budget:4", ck)
     assert "plain squared errors: the checkpoint keeps no importance" in seen[0]
-    assert "errors weighted by importance (2 of 2 tensors keep one)" in seen[1]
+    assert "errors weighted by each tensor's importance across its columns (2 of 2 tensors keep one)" in seen[1]
 
 
 def test_manifest_records_stay_plain_json(tmp_path, rng):
