@@ -54,6 +54,10 @@ class QuantizeSpec:
     layout: str = "gguf"
     """``gguf``: symmetric, scales nested in 256-column super-blocks (``numerics.nest_scales``), so
     every width exports exactly to llama.cpp's compact types; ``free``: no constraint."""
+    block_signs: bool = False
+    """gguf layout, rows no K-quant tiles: one scale sign per Q2_0 block of 64 columns
+    (``numerics.sign_span``), which int2's own block parameters in that shape need (spec 10.7);
+    else one sign per group."""
 
     @classmethod
     def build(
@@ -143,7 +147,7 @@ class QuantizeSpec:
         if not self.signed_scales:
             return None
         n = w.shape[1] if cols is None else cols
-        span = numerics.sign_span(n, group_size or w.shape[1])
+        span = numerics.sign_span(n, group_size or w.shape[1]) if self.block_signs else group_size or w.shape[1]
         if group_size is None and cols is not None and span > w.shape[1] and w.shape[0] % (span // w.shape[1]) == 0:
             sign = numerics.extreme_signs(w.reshape(-1, span), None)  # consecutive rows are one row's groups
             sign = np.repeat(sign, span // w.shape[1], axis=0)

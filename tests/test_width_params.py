@@ -307,12 +307,16 @@ def tiny_llama(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("widths")
     hf = tiny_hf_model("llama", base / "hf", seed=1)
-    quantize_hf(hf, base / "ck", layers="linear")
+    quantize_hf(hf, base / "ck", layers="linear", width_params=(2, 3, 4))
     return hf, mf.open(base / "ck")
 
 
-def test_quantize_gguf_layout_fits_2_3_4_by_default(tiny_llama):
-    _, ckpt = tiny_llama
+def test_quantize_fits_the_widths_asked_for_and_none_by_default(tiny_llama, tmp_path):
+    from matq_converters.importers.hf.quantize import quantize_hf
+
+    hf, ckpt = tiny_llama
+    plain = mf.open(quantize_hf(hf, tmp_path / "plain", layers="linear"))
+    assert C.EXT_WIDTH_PARAMS not in plain.manifest["must_understand"]
     assert ckpt.version == "1.2"
     assert set(ckpt.manifest["must_understand"]) == {C.EXT_SIGNED_SCALES, C.EXT_CONSTANT_ZERO, C.EXT_WIDTH_PARAMS}
     name = ckpt.quantized_names()[0]
@@ -331,7 +335,7 @@ def tiny_llama_320(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("widths320")
     hf = tiny_hf_model("llama", base / "hf", seed=1, intermediate=320)
-    quantize_hf(hf, base / "ck", layers="linear")
+    quantize_hf(hf, base / "ck", layers="linear", width_params=(2, 3, 4))
     return hf, mf.open(base / "ck")
 
 

@@ -18,9 +18,8 @@ from matq_converters.registry import option
 from matq_format import constants as C
 from matq_format.quantspec import BY_LAYOUT, LAYOUTS, OBJECTIVES, SLICE_EXACT, QuantizeSpec
 
-__all__ = ["DEFAULT_WIDTH_PARAMS", "FlagText", "HFImportOptions", "flag_texts"]
+__all__ = ["FlagText", "HFImportOptions", "flag_texts"]
 
-DEFAULT_WIDTH_PARAMS = (2, 3, 4)
 """Widths refitted by default in the gguf layout: those llama.cpp writes as Q2_K, Q3_K, Q4_K, where
 a width's own fit gains most; int5 and up gain nothing measurable, and int8 cannot have any."""
 
@@ -169,20 +168,21 @@ class HFImportOptions:
     width_params: tuple[int, ...] | None = _option(
         None,
         "Widths that get their own block parameters, refitted to their nested codes (spec 10.7), e.g. "
-        "2,3,4; 'none' for none (default: 2,3,4 with --layout gguf, where they export as Q2_K, Q3_K and "
-        "Q4_K; none otherwise). Widths below --code-bits only.",
+        "2,3,4 (with --layout gguf they export as Q2_K/Q2_0, Q3_K and Q4_K/Q4_0, bit for bit); default: "
+        "none. Widths below --code-bits only.",
         parse=_widths_or_none,
     )
 
     def own_widths(self) -> tuple[int, ...]:
-        """The widths given their own block parameters: ``width_params``, or the layout's default."""
+        """The widths given their own block parameters: ``width_params`` (none by default: the ONNX
+        export and GPTQ containers hold only the shared grid)."""
         if self.width_params is not None:
             return tuple(sorted(set(self.width_params)))
-        return DEFAULT_WIDTH_PARAMS if self.layout == "gguf" else ()
+        return ()
 
     def spec(self) -> QuantizeSpec:
         """The validated spec (``QuantizeSpec.build``; with ``calib``, the calibrated defaults)."""
-        return QuantizeSpec.build(
+        spec = QuantizeSpec.build(
             code_bits=self.code_bits,
             group_size=self.group_size,
             scheme=self.scheme,
@@ -195,6 +195,7 @@ class HFImportOptions:
             layout=self.layout,
             calibrated=self.calib is not None,
         )
+        return dataclasses.replace(spec, block_signs=2 in self.own_widths()) if spec.signed_scales else spec
 
 
 def flag_texts() -> dict[str, FlagText]:
