@@ -4,15 +4,15 @@ are unchanged; every reader of zero points goes through ``Checkpoint.zero``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from spec_golden import MAKE, SPEC, SPEC_DIR, VALIDATOR
+from spec_golden import after as _after
 from test_format_errors import rewrite_manifest
 
 import matq_format as mf
@@ -24,18 +24,8 @@ from matq_format.errors import HeaderError, UnsupportedVersionError, WriterError
 from matq_format.manifest import RecordError, TensorInfo, check_tensor, parse_manifest
 from matq_format.plans import tensor_bits
 
-SPEC_DIR = Path(__file__).resolve().parents[1] / "spec" / "v1"
-SPEC = (SPEC_DIR / "README.md").read_text(encoding="utf-8")
-VALIDATOR = jsonschema.Draft202012Validator(json.loads((SPEC_DIR / "manifest.schema.json").read_text()))
-_spec = importlib.util.spec_from_file_location("make_example", SPEC_DIR / "example" / "make_example.py")
-MAKE = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(MAKE)
 GOLDEN = SPEC_DIR / "example" / MAKE.CONSTANT_ZERO
 READER_1_1 = frozenset({C.EXT_SIGNED_SCALES, C.EXT_STACKED})
-
-
-def _after(marker: str) -> str:
-    return SPEC[SPEC.index(f"<!-- {marker} -->") :]
 
 
 def _symmetric(w: mf.CheckpointWriter, name: str = "q", rows: int = 4, cols: int = 70, seed: int = 0, **kw):

@@ -4,14 +4,13 @@ rather than misread it, and 1.0 checkpoints unchanged."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pytest
+from spec_golden import MAKE, SPEC_DIR, VALIDATOR
+from spec_golden import after as _after
 
 import matq_format as mf
 from matq_format import constants as C
@@ -19,18 +18,8 @@ from matq_format import numerics
 from matq_format.errors import HeaderError, UnsupportedVersionError
 from matq_format.manifest import parse_manifest
 
-SPEC_DIR = Path(__file__).resolve().parents[1] / "spec" / "v1"
-SPEC = (SPEC_DIR / "README.md").read_text(encoding="utf-8")
-VALIDATOR = jsonschema.Draft202012Validator(json.loads((SPEC_DIR / "manifest.schema.json").read_text()))
-_spec = importlib.util.spec_from_file_location("make_example", SPEC_DIR / "example" / "make_example.py")
-MAKE = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(MAKE)
 STACKED = SPEC_DIR / "example" / MAKE.STACKED
 NAME = "experts.gate_up_proj"
-
-
-def _after(marker: str) -> str:
-    return SPEC[SPEC.index(f"<!-- {marker} -->") :]
 
 
 def test_golden_stacked_example_reads_as_the_spec_says():

@@ -3,15 +3,15 @@ and writer's checks, partial views, the fit, and the exact GGUF K-quant mapping.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import warnings
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pytest
+from spec_golden import MAKE, SPEC_DIR, VALIDATOR
+from spec_golden import after as _after
 
 import matq_format as mf
 from matq_converters.importers.hf.widthfit import fit_width, spec_for
@@ -21,18 +21,8 @@ from matq_format.errors import BadParameterError, HeaderError, UnsupportedVersio
 from matq_format.manifest import parse_manifest
 from matq_format.widths import WidthParams, WidthSpec
 
-SPEC_DIR = Path(__file__).resolve().parents[1] / "spec" / "v1"
-SPEC = (SPEC_DIR / "README.md").read_text(encoding="utf-8")
-VALIDATOR = jsonschema.Draft202012Validator(json.loads((SPEC_DIR / "manifest.schema.json").read_text()))
-_spec = importlib.util.spec_from_file_location("make_example", SPEC_DIR / "example" / "make_example.py")
-MAKE = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(MAKE)
 GOLDEN = SPEC_DIR / "example" / MAKE.WIDTHS
 NAME = "fc.weight"
-
-
-def _after(marker: str) -> str:
-    return SPEC[SPEC.index(f"<!-- {marker} -->") :]
 
 
 def test_golden_widths_example_reads_as_the_spec_says():
