@@ -156,6 +156,24 @@ def test_rows_that_fit_no_block_fall_back_to_exact_floats():
     assert B.encode(sl, allowed=(T.Q2_K,)).qtype == T.F32  # F32 always remains
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0], ids=lambda q: q.name)
+def test_ggml_quantizes_dense_tensors_as_gguf_py_does(qtype):
+    """Dense tensors are refitted by ggml's own ``ggml_quantize_chunk`` where llama-cpp-python is
+    installed (as in CI), by gguf-py's numpy port elsewhere: the bytes must not depend on which.
+    Rows beyond one chunk, an all-zero block and rows of very different scales included."""
+    from matq_converters.exporters.gguf import ggml
+
+    assert ggml.available(), "llama-cpp-python's libggml not found"
+    rng = np.random.default_rng(1)
+    rows = ggml.CHUNK // 96 + 3
+    w = (rng.standard_normal((rows, 96)) * rng.uniform(0, 4, (rows, 1))).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, :5] = [1e-30, -7e4, 3.5, 0.5, -0.5]
+    got = B.refit(w, qtype)
+    assert got.qtype == qtype
+    assert np.array_equal(got.data, gguf.quants.quantize(w, qtype))
+
+
 def test_k_quant_multiplier_makes_products_exact():
     t = np.array([3 * 0.125, 127 * 0.0009765625, 0.0, 1e9], np.float32)
     b, n = G.fp16_times_int(t, 63)

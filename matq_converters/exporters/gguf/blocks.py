@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from matq_converters.exporters.gguf import ggml
 from matq_converters.exporters.gguf import params as G
 from matq_format import numerics as N
 from matq_format.widths import WidthParams
@@ -289,7 +290,13 @@ def refit(w: np.ndarray, qtype: T) -> Encoded:
         return Encoded(qtype, _refit_signed_k(w, qtype), False)
     if qtype in (T.Q2_K, T.Q4_K, T.Q5_K):  # no float quantizer here: the next offset-free type up
         return refit(w, T.Q6_K if w.shape[1] % QK_K == 0 else T.Q8_0)
+    if qtype in _GGML_SAME and ggml.available():
+        return Encoded(qtype, ggml.quantize(w, qtype), False)
     return Encoded(qtype, gguf.quants.quantize(w, qtype), False)
+
+
+_GGML_SAME = frozenset((T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0))
+"""The types gguf-py quantizes as ggml's reference code does, bit for bit: ggml may do it, faster."""
 
 
 def _refit_signed_k(w: np.ndarray, qtype: T) -> np.ndarray:
