@@ -78,7 +78,7 @@ def tied(names: Sequence[str], ties: Iterable[Iterable[str]]) -> list[tuple[str,
     The chooser's items when a file holds several tensors as one: llama.cpp stacks per-expert matrices
     into one GGUF tensor of one block type. matq's own checkpoints (``matq slice``) and ONNX (one
     initializer per checkpoint tensor; QMoE's experts come from one stacked tensor) hold every tensor
-    at its own width, so they do not tie: a finer choice has less error within the same bits."""
+    at its own width, so they do not tie (a finer choice)."""
     parent = {n: n for n in names}
 
     def root(n: str) -> str:

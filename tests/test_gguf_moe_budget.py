@@ -134,3 +134,22 @@ def test_a_plan_file_splitting_one_stack_is_refused(checkpoints, tmp_path):
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert f"{', '.join(experts)} are one GGUF tensor blk.0.ffn_gate_exps.weight; give them one width" in r.output
     assert not out.exists()
+
+
+def test_a_slice_with_widths_per_expert_still_converts_under_a_budget(checkpoints, tmp_path):
+    """``matq slice --plan budget:`` chooses per checkpoint tensor, so one stack's experts may keep
+    different widths; ``--to gguf --plan budget:`` then gives the stack a width all of them serve."""
+    _, ck = checkpoints["Mixtral"]
+    r = CliRunner().invoke(cli, ["slice", str(ck.root), "--plan", "budget:4", "-o", str(tmp_path / "sl")])
+    assert r.exit_code == 0, r.output
+    sl = mf.open(tmp_path / "sl")
+    served = {n: sl.info(n).max_width(sl.code_bits) for n in sl.quantized_names()}
+    out = tmp_path / "sl.gguf"
+    r = _convert(sl, out, "--plan", "budget:3.9", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    stacks = {g: s for g, s in res["sources"].items() if len(s) > 1}
+    assert any(len({served[s] for s in sources}) > 1 for sources in stacks.values())  # not tied by slice
+    for g, sources in stacks.items():
+        assert res["widths"][g] <= min(served[s] for s in sources), g
+    assert _file_bits_per_weight(out) <= 3.9
