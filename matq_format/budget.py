@@ -9,7 +9,7 @@ the importance a calibrated checkpoint keeps (spec 10.8), so all three spend bit
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -70,15 +70,41 @@ def parse_budget(spec: str) -> float:
     return budget
 
 
-def cheapest_within(
-    err: Mapping[str, Mapping[Hashable, float]],
-    cost: Mapping[str, Mapping[Hashable, float]],
-    limit: float,
-) -> dict[str, Hashable]:
-    """Per name, one option of ``err[name]`` (ordered from cheapest to dearest), so that the summed
-    cost stays within ``limit`` and the summed error is small.
+def tied(names: Sequence[str], ties: Iterable[Iterable[str]]) -> list[tuple[str, ...]]:
+    """``names`` in groups that take one option together: names of one tie, or linked through several
+    (a name in two ties joins them), are one group; a name in no tie is a group of its own; names not
+    in ``names`` are left out. Groups come in the order of their first name, names in given order.
 
-    Greedy, as llama.cpp's and MatQuant's mixed-precision searches: every name starts at its
+    The chooser's items when a file holds several tensors as one: llama.cpp stacks per-expert matrices
+    into one GGUF tensor of one block type. matq's own checkpoints (``matq slice``) and ONNX (one
+    initializer per checkpoint tensor; QMoE's experts come from one stacked tensor) hold every tensor
+    at its own width, so they do not tie (a finer choice)."""
+    parent = {n: n for n in names}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = n = parent[parent[n]]
+        return n
+
+    for tie in ties:
+        members = [root(n) for n in tie if n in parent]
+        for m in members[1:]:
+            parent[root(m)] = root(members[0])
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(root(n), []).append(n)
+    return [tuple(g) for g in groups.values()]
+
+
+def cheapest_within(
+    err: Mapping[Hashable, Mapping[Hashable, float]],
+    cost: Mapping[Hashable, Mapping[Hashable, float]],
+    limit: float,
+) -> dict[Hashable, Hashable]:
+    """Per item (a tensor, or a group of :func:`tied` tensors), one option of ``err[item]`` (costs
+    ``cost[item]``), so that the summed cost stays within ``limit`` and the summed error is small.
+
+    Greedy, as llama.cpp's and MatQuant's mixed-precision searches: every item starts at its
     cheapest option, then the upgrade with the largest error reduction per unit of cost is bought
     while it fits. Options that another option beats in both cost and error are never taken (an int7
     and an int8 slice written in the same Q8_0 blocks cost the same). Raises :class:`BudgetTooSmall` (with the minimum) when nothing fits.

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import matq_format as mf
 from matq_format import numerics as N
-from matq_format.budget import parse_budget
+from matq_format.budget import cheapest_within, parse_budget, tied
 from matq_format.errors import MissingPlanesError, PlanError
 from matq_format.plans import layer_index, summarize
 
@@ -292,3 +292,13 @@ def test_cli_rejects_budget_and_extra_precision_at_c(ckpt, tmp_path):
     assert r.exit_code == 1, r.output
     assert r.output.startswith("matq: ") and "extra precision needs a width below the code width 8" in r.output
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_tied_groups_names_linked_through_ties():
+    """A name in two ties joins them; names in no tie stand alone; names outside ``names`` are dropped."""
+    names = ["a", "b", "c", "d", "e"]
+    assert tied(names, [("b", "d"), ("d", "e", "x"), ("c",)]) == [("a",), ("b", "d", "e"), ("c",)]
+    assert tied(names, []) == [(n,) for n in names]
+    err = {("a",): {2: 4.0, 4: 1.0}, ("b", "d"): {2: 9.0, 4: 2.0}}
+    cost = {("a",): {2: 2.0, 4: 4.0}, ("b", "d"): {2: 4.0, 4: 8.0}}
+    assert cheapest_within(err, cost, 10.0) == {("a",): 2, ("b", "d"): 4}  # 7/4 per bit beats 3/2

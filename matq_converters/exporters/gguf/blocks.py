@@ -82,6 +82,26 @@ def checkpoint_slice(ckpt, name: str, bits: int, extra_precision: bool) -> Slice
     return Slice(k, a, z, ckpt.code_bits, bits, t.group_size, extra_precision, own)
 
 
+def stack(slices: list[Slice], order: np.ndarray | None = None) -> Slice:
+    """Slices of one width that llama.cpp's converter writes as one GGUF tensor (per-expert matrices
+    stacked): their rows one after another, then taken in ``order`` (the converter's row order) if
+    given. Their own width parameters (spec 10.7) are kept only where every slice has them, alike."""
+    s0 = slices[0]
+    if len({(s.code_bits, s.bits, s.group_size, s.extra_precision) for s in slices}) > 1:
+        raise ValueError("slices stacked into one tensor differ in code bits, width, group size or extra precision")
+
+    def rows(arrays: list[np.ndarray]) -> np.ndarray:
+        cat = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        return cat if order is None else cat[order]
+
+    k, a, z = (rows([getattr(s, f) for s in slices]) for f in ("k", "scale", "zero"))
+    own = [s.width for s in slices]
+    if any(o is None for o in own) or len({o.spec for o in own}) != 1:
+        return Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision)
+    fields = {f: None if getattr(own[0], f) is None else rows([getattr(o, f) for o in own]) for f in ("d", "sc", "dmin", "mn")}
+    return Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision, replace(own[0], **fields))
+
+
 @dataclass(frozen=True)
 class Encoded:
     qtype: T

@@ -7,7 +7,9 @@ the compact export writes for it (``gguf_blocks.encode_compact``, encoded here o
 error the squared distance of that encoding's decoded weights to the checkpoint's full-width
 weights, weighted per input feature by the importance a calibrated checkpoint keeps
 (:class:`matq_format.budget.ErrorWeights`). Unquantized tensors cost what they will take in the
-file. :func:`matq_format.budget.cheapest_within` then spends the budget.
+file. :func:`matq_format.budget.cheapest_within` then spends the budget. Checkpoint tensors that
+llama.cpp's converter stacks into one GGUF tensor (Mixtral's and Qwen3-MoE's per-expert matrices)
+are one choice: one width, costing their stacked encoding (one block type) and erring their summed error.
 """
 
 from __future__ import annotations
@@ -25,50 +27,72 @@ from matq_format.numerics import planes_needed
 
 
 def file_budget_plan(
-    ckpt, quantized: list[str], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
+    ckpt, groups: list[tuple[str, ...]], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
 ) -> dict[str, int]:
-    """{quantized tensor: width} for a file of at most ``budget`` bits per weight; ``dense``: the
-    file's other tensors as (name, bits they take, weights). The smallest width of every tensor is
-    encoded first (its size only), so a budget below the smallest file is refused before the rest of
-    the search, which reads each tensor's reference weights once."""
-    c = ckpt.code_bits
+    """{quantized tensor: width} for a file of at most ``budget`` bits per weight. ``groups``: the
+    quantized tensors as the file holds them (:func:`matq_format.budget.tied`: per-expert matrices
+    stacked into one GGUF tensor are one group, which takes one width, as a GGUF tensor has one block
+    type); ``dense``: the file's other tensors as (name, bits they take, weights). The smallest width
+    of every group is encoded first (its size only), so a budget below the smallest file is refused
+    before the rest of the search, which reads each tensor's reference weights once."""
     fixed = sum(bits for _, bits, _ in dense)
-    total = float(sum(n for _, _, n in dense)) + sum(ckpt.info(n).numel for n in quantized)
-    widths = {n: _widths(c, ckpt.info(n).planes) for n in quantized}
-    err: dict[str, dict[int, float]] = {n: {} for n in quantized}
-    cost: dict[str, dict[int, float]] = {n: {} for n in quantized}
-    weights = ErrorWeights(ckpt, quantized)
+    total = float(sum(n for _, _, n in dense)) + sum(ckpt.info(n).numel for g in groups for n in g)
+    widths = {g: _shared_widths(ckpt, g) for g in groups}
+    err: dict[tuple[str, ...], dict[int, float]] = {g: {} for g in groups}
+    cost: dict[tuple[str, ...], dict[int, float]] = {g: {} for g in groups}
+    weights = ErrorWeights(ckpt, [n for g in groups for n in g])
     room = budget * total * (1 + 1e-12) - fixed  # a budget given as another file's bits per weight
     # (bytes * 8 / weights) admits a file of exactly those bytes
     title = f"budget:{budget:g}: the smallest width of each tensor ({weights.note})"
-    with progress.stage(title, len(quantized), "tensor") as done:
-        for name in quantized:
-            r = widths[name][0]
-            sl = B.checkpoint_slice(ckpt, name, r, extra_precision and r < c)
-            cost[name][r] = 8.0 * B.encode_compact(sl).data.nbytes
+    with progress.stage(title, len(groups), "tensor") as done:
+        for g in groups:
+            r = widths[g][0]
+            cost[g][r] = 8.0 * B.encode_compact(_slice(ckpt, g, r, extra_precision)).data.nbytes
             done(1)
-    least = sum(cost[n][widths[n][0]] for n in quantized)
+    least = sum(cost[g][widths[g][0]] for g in groups)
     if least > room:
         _too_small(ckpt, budget, (least + fixed) / total)
-    with progress.stage(f"budget:{budget:g}: every width", len(quantized), "tensor") as done:
-        for name in quantized:
-            _encode(ckpt, name, widths[name], extra_precision, weights, err, cost)
+    with progress.stage(f"budget:{budget:g}: every width", len(groups), "tensor") as done:
+        for g in groups:
+            _encode(ckpt, g, widths[g], extra_precision, weights, err[g], cost[g])
             done(1)
     try:
-        return cheapest_within(err, cost, room)
+        choice = cheapest_within(err, cost, room)
     except BudgetTooSmall as exc:
         _too_small(ckpt, budget, (exc.minimum + fixed) / total)
+    return {n: r for g, r in choice.items() for n in g}
 
 
-def _encode(ckpt, name: str, rs: list[int], extra_precision: bool, weights: ErrorWeights, err: dict, cost: dict) -> None:
-    """The compact encodings of ``name`` at widths ``rs``: their bits, and their (importance-weighted)
-    squared error to the widest slice its planes serve (the last of ``rs``)."""
-    t, c = ckpt.info(name), ckpt.code_bits
-    ref = B.checkpoint_slice(ckpt, name, rs[-1], False).dequantize().astype(np.float64)
+def _slice(ckpt, group: tuple[str, ...], r: int, extra_precision: bool) -> B.Slice:
+    """The group at width ``r`` as the file holds it: one tensor of all its rows. Their order does not
+    change the size or the error (every row is encoded apart, in one type chosen for all)."""
+    ep = extra_precision and r < ckpt.code_bits
+    return B.stack([B.checkpoint_slice(ckpt, n, r, ep) for n in group])
+
+
+def _encode(ckpt, group: tuple[str, ...], rs: list[int], ep: bool, weights: ErrorWeights, err: dict, cost: dict) -> None:
+    """The compact encodings of ``group`` at widths ``rs``: their bits, and the (importance-weighted)
+    squared error of each tensor's rows to its slice at the widest of ``rs``, summed over the group."""
+    refs = [B.checkpoint_slice(ckpt, n, rs[-1], False).dequantize().astype(np.float64) for n in group]
     for r in rs:
-        enc = B.encode_compact(B.checkpoint_slice(ckpt, name, r, extra_precision and r < c))
-        err[name][r] = weights.error(name, N.from_matrix(B.decode(enc) - ref, t.shape, t.in_axis))
-        cost[name][r] = 8.0 * enc.data.nbytes
+        enc = B.encode_compact(_slice(ckpt, group, r, ep))
+        got, start, err[r] = B.decode(enc), 0, 0.0
+        for name, ref in zip(group, refs, strict=True):
+            t = ckpt.info(name)
+            err[r] += weights.error(name, N.from_matrix(got[start : start + len(ref)] - ref, t.shape, t.in_axis))
+            start += len(ref)
+        cost[r] = 8.0 * enc.data.nbytes
+
+
+def _shared_widths(ckpt, group: tuple[str, ...]) -> list[int]:
+    """The widths every tensor of ``group`` serves, narrowest first."""
+    c = ckpt.code_bits
+    rs = sorted(set.intersection(*(set(_widths(c, ckpt.info(n).planes)) for n in group)))
+    if not rs:
+        raise ConvertOptionError(
+            ckpt.path, f"{', '.join(group)} are one GGUF tensor but their planes serve no width in common"
+        )
+    return rs
 
 
 def _widths(c: int, planes) -> list[int]:

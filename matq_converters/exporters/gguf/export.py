@@ -33,7 +33,7 @@ from matq_converters.registry import (
 )
 from matq_format import __version__ as MATQ_VERSION
 from matq_format import numerics as N
-from matq_format.budget import BUDGET_PREFIX, parse_budget
+from matq_format.budget import BUDGET_PREFIX, parse_budget, tied
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
@@ -150,6 +150,10 @@ def _check_outputs(ckpt, outputs: list[view.Output]) -> None:
             raise UnsupportedModelError(
                 ckpt.path, f"GGUF tensor {o.name} mixes quantized and unquantized tensors: {', '.join(o.sources)}"
             )
+        if len({ckpt.info(s).group_size for s in o.sources}) > 1:
+            raise UnsupportedModelError(
+                ckpt.path, f"GGUF tensor {o.name} stacks tensors of different group sizes: {', '.join(o.sources)}"
+            )
         if True in kinds and len(o.shape) < 2:
             raise UnsupportedModelError(ckpt.path, f"GGUF tensor {o.name} from {o.sources[0]} is not a matrix")
 
@@ -173,7 +177,8 @@ def _budget_widths(ckpt, outputs: list[view.Output], budget: float, ep: bool, ou
         for o in outputs
         if not any(ckpt.info(s).quantized for s in o.sources)
     )
-    return file_budget_plan(ckpt, ckpt.quantized_names(), dense, budget, ep)
+    groups = tied(ckpt.quantized_names(), (o.sources for o in outputs))  # a GGUF tensor has one block type
+    return file_budget_plan(ckpt, groups, dense, budget, ep)
 
 
 def _file_budget(plan, opts: GGUFOptions) -> float | None:
@@ -411,16 +416,14 @@ class _Encoder:
                 f"llama.cpp's converter writes {name} from {', '.join(sources)} other than by reordering "
                 "their rows; their grid cannot be kept",
             )
-        s0 = parts[0][0]
-        k, a, z = (np.concatenate([getattr(p, f) for p, _ in parts])[idx] for f in ("k", "scale", "zero"))
-        sl = B.Slice(k, a, z, s0.code_bits, s0.bits, s0.group_size, s0.extra_precision, _own_rows(parts, idx))
+        sl = B.stack([p for p, _ in parts], idx)
         enc = self._encoded(sl)
         if not enc.exact:  # the slice's floats, already in hand: sl.dequantize() bit for bit
             self.tally.refit[name] = B.rel_rms_error(enc, floats[idx])
         self.tally.quantized += 1
         self.tally.exact += enc.exact
         self.tally.q_bits += enc.data.nbytes * 8
-        self.tally.q_weights += k.size
+        self.tally.q_weights += sl.k.size
         return enc.qtype, enc.data.reshape(*x.shape[:-1], -1)
 
     def _encoded(self, sl):
@@ -472,18 +475,6 @@ def _add_matq_keys(w, ckpt, prep: _Prepared, options: ConvertOptions, tally: _Ta
     w.add_uint32(KEY_QUANTIZED_TENSORS, tally.quantized)
     if tally.refit:
         w.add_string(KEY_REFIT, json.dumps(tally.refit, sort_keys=True))
-
-
-def _own_rows(parts: list, idx: np.ndarray):
-    """The sources' own width parameters (spec 10.7) in the converter's row order; None unless every
-    source has them, in the same shape."""
-    from dataclasses import replace
-
-    own = [p.width for p, _ in parts]
-    if any(o is None for o in own) or len({o.spec for o in own}) != 1:
-        return None
-    cat = lambda f: None if getattr(own[0], f) is None else np.concatenate([getattr(o, f) for o in own])[idx]  # noqa: E731
-    return replace(own[0], d=cat("d"), sc=cat("sc"), dmin=cat("dmin"), mn=cat("mn"))
 
 
 def _float_slice(sl, outtype: str):
