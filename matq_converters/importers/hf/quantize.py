@@ -20,7 +20,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -264,9 +264,11 @@ def _data_free(
             scale, zero = quantize_stack_planes(
                 src.read(name), spec, planes, selected[name], name=name, path=t.file, pool=pool
             )
-            wp = _own_params(src, name, planes, spec, selected[name], own) if own else None
+            # fitted on a worker while the next tensor is quantized; written once fitted
+            wp = pool.submit(_own_params, src, name, planes, spec, selected[name], own) if own else None
             write = functools.partial(
-                writer.add_quantized_planes,
+                _add_quantized,
+                writer,
                 name,
                 dict(enumerate(planes)),
                 scale,
@@ -279,6 +281,12 @@ def _data_free(
             )
             bufs.written_by(sink.put(write, t.nbytes))
     return out
+
+
+def _add_quantized(writer, name: str, planes: dict, scale, zero, width_params: Future | None = None, **kw) -> None:
+    """``writer.add_quantized_planes`` once the tensor's own width parameters (if any) are fitted."""
+    wp = None if width_params is None else width_params.result()
+    writer.add_quantized_planes(name, planes, scale, zero, width_params=wp, **kw)
 
 
 def _own_params(src: HFSource, name: str, planes: np.ndarray, spec: QuantizeSpec, axis: int, own) -> dict:

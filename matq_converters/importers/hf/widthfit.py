@@ -68,16 +68,14 @@ def fit_tensor(
     h = _importance(importance, wm.shape[1])
     for r in widths:
         k = N.slice_codes(qm, code_bits, r)
-        best = None
+        best, least = None, np.inf
         for spec in candidates(r, symmetric_grid, wm.shape[1]):
             try:
-                p = fit_width(wm, k, spec, h, prepared=True)
+                p, err = _fit(wm, k, spec, h)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
-            if best is None:
-                best = p
-            elif weighted_error(wm, k, p, h) <= weighted_error(wm, k, best, h):
-                best = p
+            if best is None or err <= least:
+                best, least = p, err
         if q.ndim != 2 or input_axis % q.ndim != q.ndim - 1:
             best = _as_tensor(best, q.shape, input_axis)
         out[r] = best
@@ -112,10 +110,16 @@ def fit_width(
     """Width ``spec.bits``'s parameters for float weights ``w`` and their nested codes ``k`` (both
     ``[rows, cols]``), weighting each column by ``importance`` (``[cols]``, default uniform;
     ``prepared``: already scaled by ``_importance``). Raises ValueError when a result is not finite."""
-    rows, cols = w.shape
     if not prepared and not np.all(np.isfinite(w)):
         raise ValueError(f"width {spec.bits}: the refit is not finite (the weights are not)")
-    h = importance if prepared else _importance(importance, cols)
+    return _fit(w, k, spec, importance if prepared else _importance(importance, w.shape[1]))[0]
+
+
+def _fit(w: np.ndarray, k: np.ndarray, spec: WidthSpec, h: np.ndarray) -> tuple[WidthParams, float]:
+    """:func:`fit_width` with scaled importance ``h``, and the weighted squared error of the result,
+    from the same per-sub-group sums (what :func:`weighted_error` computes from the values, without
+    decoding them)."""
+    rows, cols = w.shape
     g, sb = spec.group_size, spec.super_block
     pad = (-cols) % sb
     wp, kp, hp = np.asarray(w, np.float32), k.astype(np.float32), h
@@ -129,9 +133,13 @@ def fit_width(
         smax = 1 if per == 1 else (C.WIDTH_SC_AFFINE if MN_MAX.get(spec.bits, 64) > 15 else 15)
         mmax = 1 if per == 1 else MN_MAX.get(spec.bits, C.WIDTH_SC_AFFINE)
         d, sc, dmin, mn = _fit_affine(sums, top, per, smax, mmax)
+        low = np.repeat(dmin.astype(np.float64), per, axis=1) * mn
     else:
         d, sc = _fit_symmetric(sums, 1 << (spec.bits - 1), per)
         dmin = mn = None
+        low = 0.0
+    step = np.repeat(d.astype(np.float64), per, axis=1) * sc
+    err = _error(sums, step, N.width_offset(sc, spec.bits, not spec.minimum), low)
     nsub, nsup = -(-cols // g), -(-cols // sb)
     out = WidthParams(
         spec,
@@ -142,18 +150,30 @@ def fit_width(
     )
     if not np.all(np.isfinite(out.d)) or (out.dmin is not None and not np.all(np.isfinite(out.dmin))):
         raise ValueError(f"width {spec.bits}: the refit is not finite")
-    return out
+    return out, err
+
+
+def _error(sums, step: np.ndarray, o: np.ndarray, low) -> float:
+    """``sum h (step*(k - o) - low - w)^2`` over every sub-group, expanded in the sums."""
+    sw, sk, skk, swk, sww, sww2 = sums
+    k1 = sk - o * sw
+    k2 = skk - 2 * o * sk + o * o * sw
+    kw = swk - o * sww
+    e = step * step * k2 - 2 * step * kw + sww2 + low * (low * sw - 2 * step * k1 + 2 * sww)
+    return float(np.maximum(e, 0.0).sum())
 
 
 def _sums(w, k, h):
-    """Per row and sub-group (float32 over each group, float64 after): sum h, h*k, h*k^2, h*k*w, h*w."""
+    """Per row and sub-group (float32 over each group, float64 after): sum h, h*k, h*k^2, h*k*w, h*w,
+    h*w^2."""
     hw = w * h
     sw = h.sum(1, dtype=np.float64)[None, :]
     sk = np.einsum("rgj,gj->rg", k, h).astype(np.float64)
     skk = np.einsum("rgj,gj->rg", k * k, h).astype(np.float64)
     swk = np.einsum("rgj,rgj->rg", k, hw).astype(np.float64)
     sww = hw.sum(2, dtype=np.float32).astype(np.float64)
-    return sw, sk, skk, swk, sww
+    sww2 = np.einsum("rgj,rgj->rg", w, hw).astype(np.float64)
+    return sw, sk, skk, swk, sww, sww2
 
 
 def _per_super(x: np.ndarray, per: int) -> np.ndarray:
@@ -164,7 +184,7 @@ def _per_super(x: np.ndarray, per: int) -> np.ndarray:
 def _fit_affine(sums, top: int, per: int, smax: int, mmax: int):
     """Least squares ``w ~ step * (k - o) - low`` per sub-group; a falling sub-group (step < 0)
     takes ``o = 2^r - 1`` and a negative ``sc`` (spec 10.7) so its minimum stays a minimum."""
-    sw, sk, skk, swk, sww = sums
+    sw, sk, skk, swk, sww, _ = sums
     det = sw * skk - sk * sk
     with np.errstate(divide="ignore", invalid="ignore"):  # one level used: no slope (step 0)
         step = np.where(det > 1e-9 * sw * skk, (sw * swk - sk * sww) / det, 0.0)
@@ -189,7 +209,7 @@ def _fit_affine(sums, top: int, per: int, smax: int, mmax: int):
 def _fit_symmetric(sums, o: int, per: int):
     """Least squares ``w ~ step * (k - o)`` per sub-group (Q3_K's and Q2_0/Q4_0's signed levels);
     one sub-group per super-block stores ``d = |step|`` and ``sc`` its sign."""
-    sw, sk, skk, swk, sww = sums
+    sw, sk, skk, swk, sww, _ = sums
     with np.errstate(divide="ignore", invalid="ignore"):
         den = skk - 2 * o * sk + o * o * sw
         step = np.where(den > 0, (swk - o * sww) / den, 0.0)
