@@ -74,6 +74,12 @@ class _Bar(tqdm):
         return d
 
 
+def _units(n: float, unit: str) -> str:
+    """``"1 tensor"``, ``"236 tensors"`` (tqdm's ``it`` stays as it is)."""
+    plural = unit if n == 1 or unit == "it" or unit.endswith("s") else unit + "s"
+    return f"{n:.0f} {plural}"
+
+
 class _Log:
     """A step in a log: quiet unless it lasts ``LOG_AFTER`` seconds; tqdm's few attributes callers use."""
 
@@ -91,7 +97,7 @@ class _Log:
             if not self._said:
                 self._said = True
                 if self.total:
-                    done = f"{self.n:.0f} of {self.total} {self.unit} after {LOG_AFTER:g} s"
+                    done = f"{self.n:.0f} of {_units(self.total, self.unit)} after {LOG_AFTER:g} s"
                 else:
                     done = f"running for {LOG_AFTER:g} s"
                 click.echo(f"matq: {self.desc}: {done} ...", err=True)
@@ -106,7 +112,7 @@ class _Log:
         self._timer.cancel()
         with self._lock:
             if self._said:
-                count = f"{self.n:.0f} {self.unit}, " if self.n else ""
+                count = f"{_units(self.n, self.unit)}, " if self.n else ""
                 click.echo(f"matq: {self.desc}: done, {count}{time.perf_counter() - self.t0:.1f} s", err=True)
             self._said = False
 

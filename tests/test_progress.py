@@ -30,8 +30,8 @@ def test_a_log_hears_of_long_steps_only(monkeypatch, capsys):
         with progress.stage("uncounted") as advance:
             time.sleep(0.3)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "matq: slow: 1 of 4 tensor after 0.05 s ..."
-    assert lines[1].startswith("matq: slow: done, 4 tensor, 0.")
+    assert lines[0] == "matq: slow: 1 of 4 tensors after 0.05 s ..."
+    assert lines[1].startswith("matq: slow: done, 4 tensors, 0.")
     assert lines[2] == "matq: uncounted: running for 0.05 s ..."
     assert lines[3].startswith("matq: uncounted: done, 0.") and len(lines) == 4
 
