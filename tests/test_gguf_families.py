@@ -15,7 +15,10 @@ int4 weights (causal LMs: logits of one text; BERT: mean-pooled embeddings):
   quantization flips some top-k routing choices, in llama.cpp's own file as in matq's).
 A family the pinned llama.cpp cannot run must be refused by ``matq convert`` in one line.
 
-``MATQ_GGUF_FAMILY_TABLE=FILE`` writes the family x result table (docs/export-gguf.md holds it).
+Each family's row must agree with the table committed in docs/export-gguf.md (tests/family_table.py)
+in its structural columns; ``MATQ_GGUF_FAMILY_TABLE=update`` rewrites that table's rows of the
+families run, and the README's summary of it, instead; ``MATQ_GGUF_FAMILY_TABLE=FILE`` writes the
+rows run to FILE.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from family_table import FULL_HEAD, check_row, update
 from gguf_helpers import llama_cpp_model
 from tiny_models import FAMILIES, family_model
 
@@ -96,11 +100,17 @@ def table():
     rows: dict[str, str] = {}
     yield rows
     path = os.environ.get("MATQ_GGUF_FAMILY_TABLE")
-    if path:
-        head = ("| family | GGUF arch | bit-exact / quantized | types (--bits 4) | own F32 max σ | matq F32 "
-                "| own int4 mean / max σ | matq int4 mean / max σ, corr | result |\n"
-                "|---|---|---|---|---|---|---|---|---|\n")
+    if path == "update":
+        update(rows, list(FAMILIES))
+    elif path:
+        head = FULL_HEAD + "\n" + "|---" * 9 + "|\n"
         Path(path).write_text(head + "".join(rows[f] + "\n" for f in FAMILIES if f in rows))
+
+
+def committed(family: str, row: str) -> None:
+    """The row agrees with docs/export-gguf.md's table, unless this run rewrites it."""
+    if os.environ.get("MATQ_GGUF_FAMILY_TABLE") != "update":
+        check_row(family, row)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -119,6 +129,7 @@ def test_family_quantizes_exports_and_runs_in_llama_cpp(family, tmp_path, table)
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "q4.gguf").exists()
         table[family] = f"| {family} | - | - | - | - | - | - | - | refused: {r.output.strip()} |"
+        committed(family, table[family])
         return
     q4 = json.loads(r.output[r.output.index("{"):])
     ckpt = mf.open(tmp_path / "ck")
@@ -171,3 +182,4 @@ def test_family_quantizes_exports_and_runs_in_llama_cpp(family, tmp_path, table)
     )
     assert f32_ok, (family, own, mine)
     assert q4_ok, (family, ownq_, q)
+    committed(family, table[family])

@@ -123,6 +123,23 @@ def test_readme_is_short():
     assert n < 300, f"README.md has {n} lines; move detail into docs/"
 
 
+def test_family_table_is_the_coverage_tests():
+    """The README's families table is made from docs/export-gguf.md's, which tests/test_gguf_families.py
+    writes and checks, and it has a row for every family that test runs, in its order."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import family_table
+    from tiny_models import FAMILIES
+
+    full = family_table.rows(family_table.DOCS)
+    assert list(full) == list(FAMILIES), "docs/export-gguf.md's families are not tiny_models.FAMILIES"
+    text = README.read_text()
+    start, end = family_table.block(text, README)
+    assert text[start:end].strip() == family_table.summary(full), (
+        "README's families table differs from docs/export-gguf.md's: "
+        "run MATQ_GGUF_FAMILY_TABLE=update pytest tests/test_gguf_families.py"
+    )
+
+
 def _prose(text: str) -> str:
     """The text without fenced code blocks and inline code, where brackets are not links."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
