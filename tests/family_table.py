@@ -1,90 +1,138 @@
-"""The GGUF coverage table: tests/test_gguf_families.py's results, between markers in
-docs/export-gguf.md (every column) and README.md (a summary made from it here, never by hand).
+"""The families x targets table: each cell written and checked by the test that checks it.
 
-``MATQ_GGUF_FAMILY_TABLE=update pytest tests/test_gguf_families.py`` rewrites the rows of the
-families it ran in both pages (the others kept; under a lock, so ``-n 2`` workers may share it);
-tests/test_readme.py checks that the README's summary is the docs table's, family for family.
+tests/family_table.json holds, for every family of ``tiny_models.FAMILIES``, one cell per column of
+:data:`COLUMNS` and the GGUF figures row; README.md's table and docs/export-gguf.md's figures are
+rendered from it between markers, never edited by hand. A test calls :func:`record` with the cell its
+run produced: it must equal the committed cell, so the table cannot say what the tests no longer do.
+``MATQ_FAMILY_TABLE=update`` makes :func:`record` rewrite the cell instead, and both pages with it
+(under a lock, so ``-n 2`` workers may share the file). tests/test_readme.py checks the pages.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "export-gguf.md"
+TABLE = Path(__file__).with_suffix(".json")
 README = ROOT / "README.md"
-BEGIN = "<!-- gguf-families: tests/test_gguf_families.py writes this table; do not edit it by hand -->"
-END = "<!-- /gguf-families -->"
-FULL_HEAD = (
+DOCS = ROOT / "docs" / "export-gguf.md"
+COLUMNS = {
+    "quantize": ("`matq quantize --layers linear`", "tests/test_gguf_families.py"),
+    "gguf": ("`--to gguf --bits 4`, run by llama.cpp", "tests/test_gguf_families.py"),
+    "hf": ("`--to hf --bits 4`, run by transformers", "tests/test_gguf_families.py"),
+    "onnx": ("`--to onnx --bits 4`, run by onnxruntime", "tests/test_onnx_export.py"),
+    "trainer": ("`matq train` (torch)", "tests/test_train_families.py"),
+}
+"""Column key -> (heading, the test that writes and checks its cells)."""
+FIGURES = "gguf_figures"
+"""The key of each family's docs/export-gguf.md row (σ figures vary with the CPU: written, not checked)."""
+FIGURES_HEAD = (
     "| family | GGUF arch | bit-exact / quantized | types (--bits 4) | own F32 max σ | matq F32 "
     "| own int4 mean / max σ | matq int4 mean / max σ, corr | result |"
 )
-SUMMARY_HEAD = "| family | `--to gguf` arch | quantized tensors bit-exact | types (`--bits 4`) | in llama.cpp |"
-STRUCTURE = (0, 1, 2, 3, 8)
-"""The columns a run must reproduce exactly (the σ figures vary with the CPU's kernels)."""
+MARKS = {
+    README: ("<!-- families: tests/family_table.py renders tests/family_table.json here; do not edit -->",
+             "<!-- /families -->"),
+    DOCS: ("<!-- gguf-figures: tests/family_table.py renders tests/family_table.json here; do not edit -->",
+           "<!-- /gguf-figures -->"),
+}
+UPDATE = os.environ.get("MATQ_FAMILY_TABLE") == "update"
 
 
-def cells(row: str) -> list[str]:
-    """A Markdown table row's cells, stripped."""
-    return [c.strip() for c in row.strip().strip("|").split("|")]
+def load() -> dict[str, dict]:
+    """The committed table: family -> {column: cell}."""
+    return json.loads(TABLE.read_text())
 
 
-def block(text: str, page: Path) -> tuple[int, int]:
-    """Start and end offsets of the lines between the markers."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise AssertionError(f"{page.name}: not exactly one gguf-families block")
-    start, end = text.index(BEGIN) + len(BEGIN) + 1, text.index(END)
-    return start, end
+def record(family: str, column: str, cell: str | list[str], check: bool = True) -> None:
+    """This run's ``cell``: written under ``MATQ_FAMILY_TABLE=update``, else (``check``) it must be
+    the committed one."""
+    if UPDATE:
+        _update(family, column, cell)
+        return
+    if not check:
+        return
+    committed = load().get(family, {}).get(column)
+    test = COLUMNS[column][1]
+    assert cell == committed, (
+        f"tests/family_table.json says {committed!r} for {family} / {column}, this run {cell!r}: "
+        f"if the change is meant, run MATQ_FAMILY_TABLE=update pytest {test}"
+    )
 
 
-def rows(page: Path = DOCS) -> dict[str, list[str]]:
-    """The table between the markers of ``page``: family -> cells, in the page's order."""
-    text = page.read_text()
-    start, end = block(text, page)
-    lines = [ln for ln in text[start:end].splitlines() if ln.startswith("|")]
-    return {cells(ln)[0]: cells(ln) for ln in lines[2:]}
+def _escape(cell: str) -> str:
+    return cell.replace("|", r"\|")
 
 
-def summary(full: dict[str, list[str]]) -> str:
-    """The README's table, from the docs table's cells."""
-    out = [SUMMARY_HEAD, "|---|---|---|---|---|"]
-    for family, c in full.items():
-        exact, _, quantized = (x.strip() for x in c[2].partition("/"))
-        shown = "-" if not quantized else f"all {quantized}" if exact == quantized else f"{exact} of {quantized}"
-        out.append(f"| {family} | {c[1]} | {shown} | {c[3]} | {c[8]} |")
+def readme_table(table: dict[str, dict]) -> str:
+    """The README's table: a row per family, a column per target."""
+    out = ["| family | " + " | ".join(h for h, _ in COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for family, cells in table.items():
+        out.append(f"| {family} | " + " | ".join(_escape(cells.get(c, "not run")) for c in COLUMNS) + " |")
     return "\n".join(out)
 
 
-def _replace(page: Path, table: str) -> None:
+def figures_table(table: dict[str, dict]) -> str:
+    """docs/export-gguf.md's coverage figures: the GGUF test's row per family."""
+    rows = ["| " + " | ".join(map(_escape, c[FIGURES])) + " |" for c in table.values() if FIGURES in c]
+    return "\n".join([FIGURES_HEAD, "|---" * 9 + "|", *rows])
+
+
+def block(page: Path) -> str:
+    """The text between ``page``'s markers, stripped."""
     text = page.read_text()
-    start, end = block(text, page)
-    tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text(text[:start] + table + "\n" + text[end:])
-    os.replace(tmp, page)
+    begin, end = MARKS[page]
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise AssertionError(f"{page.name}: not exactly one {begin} ... {end} block")
+    return text[text.index(begin) + len(begin):text.index(end)].strip()
 
 
-def update(new: dict[str, str], order: list[str]) -> None:
-    """Merge ``new`` (family -> full row) into docs/export-gguf.md, in ``order``, and rewrite the
-    README's summary from the result."""
-    with open(Path(tempfile.gettempdir()) / "matq-gguf-families.lock", "w") as lock:
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _render(page: Path, table: str) -> None:
+    text = page.read_text()
+    begin, end = MARKS[page]
+    block(page)  # exactly one block
+    _write(page, text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end):])
+
+
+def _update(family: str, column: str, cell: str | list[str]) -> None:
+    """Merge one cell into the JSON, in ``FAMILIES``' order, and render both pages from it."""
+    from tiny_models import FAMILIES
+
+    with open(Path(tempfile.gettempdir()) / "matq-family-table.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = {f: "| " + " | ".join(c) + " |" for f, c in rows(DOCS).items()}
-        merged.update(new)
-        known = [f for f in order if f in merged] + [f for f in merged if f not in order]
-        _replace(DOCS, "\n".join([FULL_HEAD, "|" + "---|" * 9, *(merged[f] for f in known)]))
-        _replace(README, summary(rows(DOCS)))
+        table = load() if TABLE.exists() else {}
+        table.setdefault(family, {})[column] = cell
+        order = [*COLUMNS, FIGURES]
+        table = {f: {c: table[f][c] for c in order if c in table[f]}
+                 for f in [*FAMILIES, *(f for f in table if f not in FAMILIES)] if f in table}
+        _write(TABLE, _dumps(table))
+        render()
 
 
-def check_row(family: str, row: str) -> None:
-    """This run's row for ``family`` agrees with the committed docs table in every structural column."""
-    committed = rows(DOCS).get(family)
-    hint = "run MATQ_GGUF_FAMILY_TABLE=update pytest tests/test_gguf_families.py"
-    assert committed is not None, f"docs/export-gguf.md's family table has no {family} row: {hint}"
-    got = cells(row)
-    for i in STRUCTURE:
-        assert got[i] == committed[i], (
-            f"docs/export-gguf.md says {committed[i]!r} for {family}, this run {got[i]!r}: {hint}"
-        )
+def _dumps(table: dict[str, dict]) -> str:
+    """JSON with a line per cell, so that a diff shows which cells changed."""
+    def dump(x) -> str:
+        return json.dumps(x, ensure_ascii=False)
+
+    families = [
+        f"  {dump(f)}: {{\n" + ",\n".join(f"    {dump(c)}: {dump(v)}" for c, v in cells.items()) + "\n  }"
+        for f, cells in table.items()
+    ]
+    return "{\n" + ",\n".join(families) + "\n}\n"
+
+
+def render() -> None:
+    """Both pages' tables from the committed JSON."""
+    table = load()
+    _render(README, readme_table(table))
+    _render(DOCS, figures_table(table))

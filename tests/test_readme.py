@@ -124,20 +124,21 @@ def test_readme_is_short():
 
 
 def test_family_table_is_the_coverage_tests():
-    """The README's families table is made from docs/export-gguf.md's, which tests/test_gguf_families.py
-    writes and checks, and it has a row for every family that test runs, in its order."""
+    """The README's families x targets table and docs/export-gguf.md's GGUF figures are rendered from
+    tests/family_table.json, whose cells the coverage tests write and check: a row for every family
+    of tiny_models.FAMILIES, in its order, and a cell for every column."""
     sys.path.insert(0, str(Path(__file__).parent))
-    import family_table
+    import family_table as ft
     from tiny_models import FAMILIES
 
-    full = family_table.rows(family_table.DOCS)
-    assert list(full) == list(FAMILIES), "docs/export-gguf.md's families are not tiny_models.FAMILIES"
-    text = README.read_text()
-    start, end = family_table.block(text, README)
-    assert text[start:end].strip() == family_table.summary(full), (
-        "README's families table differs from docs/export-gguf.md's: "
-        "run MATQ_GGUF_FAMILY_TABLE=update pytest tests/test_gguf_families.py"
-    )
+    table = ft.load()
+    assert list(table) == list(FAMILIES), "tests/family_table.json's families are not tiny_models.FAMILIES"
+    for family, cells in table.items():
+        missing = [c for c in [*ft.COLUMNS, ft.FIGURES] if c not in cells]
+        assert not missing, f"tests/family_table.json has no {missing} for {family}: run its tests with MATQ_FAMILY_TABLE=update"
+    hint = "render it: python -c 'import family_table as t; t.render()' in tests/"
+    assert ft.block(ft.README) == ft.readme_table(table), f"README's families table is not tests/family_table.json's: {hint}"
+    assert ft.block(ft.DOCS) == ft.figures_table(table), f"docs/export-gguf.md's figures are not tests/family_table.json's: {hint}"
 
 
 def _prose(text: str) -> str:
