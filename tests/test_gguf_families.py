@@ -14,27 +14,34 @@ int4 weights (causal LMs: logits of one text; BERT: mean-pooled embeddings):
   1.5x + 0.05 sigma, correlation >= 0.99 (or ``ownq``'s: in tiny random MoE models activation
   quantization flips some top-k routing choices, in llama.cpp's own file as in matq's).
 A family the pinned llama.cpp cannot run must be refused by ``matq convert`` in one line.
+The same checkpoint also goes ``--to hf --bits 4``: transformers loads the folder, and its logits
+(BERT: embeddings) are those of the dequantized weights above, bit for bit.
 
-``MATQ_GGUF_FAMILY_TABLE=FILE`` writes the family x result table (docs/export-gguf.md holds it).
+Each family's cells of the families x targets table (quantize, ``--to gguf``, ``--to hf``, and the
+GGUF figures of docs/export-gguf.md) must be the committed ones in tests/family_table.json;
+``MATQ_FAMILY_TABLE=update`` rewrites them instead (tests/family_table.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import os
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from family_table import FIGURES, record
 from gguf_helpers import llama_cpp_model
 from tiny_models import FAMILIES, family_model
 
 import matq_format as mf
 from matq_cli.main import cli
 from matq_converters import registry
+from matq_converters import roles as R
 from matq_converters.registry import ConvertOptions
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]
@@ -91,61 +98,90 @@ def run(path: Path, ids: list[int], embedding: bool) -> np.ndarray:
         llm.close()
 
 
-@pytest.fixture(scope="module")
-def table():
-    rows: dict[str, str] = {}
-    yield rows
-    path = os.environ.get("MATQ_GGUF_FAMILY_TABLE")
-    if path:
-        head = ("| family | GGUF arch | bit-exact / quantized | types (--bits 4) | own F32 max σ | matq F32 "
-                "| own int4 mean / max σ | matq int4 mean / max σ, corr | result |\n"
-                "|---|---|---|---|---|---|---|---|---|\n")
-        Path(path).write_text(head + "".join(rows[f] + "\n" for f in FAMILIES if f in rows))
+def quantize_cell(ckpt: mf.Checkpoint) -> str:
+    """Tensors ``--layers linear`` quantized, by role."""
+    roles = Counter(R.detect(ckpt.config).role(n) for n in ckpt.quantized_names())
+    order = ["ffn", "attention", "router", "embedding", "head"]
+    by_role = ", ".join(f"{role} {n}" for role, n in sorted(roles.items(), key=lambda x: order.index(x[0])))
+    return f"{sum(roles.values())} of {len(ckpt.tensor_names())} tensors: {by_role}"
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_quantizes_exports_and_runs_in_llama_cpp(family, tmp_path, table):
+def dequantized_folder(hf: Path, ckpt: mf.Checkpoint, out: Path) -> Path:
+    """A copy of the Hugging Face folder holding matq's int4 weights: transformers runs it (MoE experts
+    fused as it loads them) and llama.cpp's own converter converts it."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(hf, out)
+    (weights,) = out.glob("*.safetensors")
+    tensors = load_file(weights)
+    for name in ckpt.quantized_names():
+        tensors[name] = ckpt.dequantize(name, 4).astype(tensors[name].dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
+def transformers_output(folder: Path, tok, embedding: bool) -> np.ndarray:
+    """Logits of ``TEXT`` (BERT: its mean-pooled embedding) from transformers loading ``folder``."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model = (AutoModel if embedding else AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        if embedding:
+            return model(**tok(TEXT, return_tensors="pt")).last_hidden_state[0].mean(0).float().numpy()
+        return model(torch.tensor([tok(TEXT).input_ids])).logits[0].float().numpy()
+
+
+def hf_export(ckpt_dir: Path, out: Path, tok, embedding: bool, want: np.ndarray) -> tuple[str, bool]:
+    """``--to hf --bits 4`` (the default layout), loaded by transformers: its table cell, and whether
+    every quantized tensor is exact and the output ``want``'s bit for bit."""
+    r = CliRunner().invoke(cli, ["convert", str(ckpt_dir), "--to", "hf", "--bits", "4", "-o", str(out), "--json"])
+    if r.exit_code:
+        return f"refused: {r.output.strip()}", False
+    res = json.loads(r.stdout)
+    same = np.array_equal(transformers_output(out, tok, embedding), want)
+    n, packed = res["quantized_tensors"], len(res["containers"])
+    shown = f"all {n} packed" if packed == n else f"{packed} of {n} packed"
+    if res["dequantized"]:  # the warning says why: "... dequantized (<why>: ...)"
+        why = re.search(r"dequantized \(([^:)]+)", r.stderr)
+        shown += f", {len(res['dequantized'])} written dequantized ({why.group(1) if why else r.stderr.strip()})"
+    cell = f"{res['layout']}, {shown}; {'logits bit for bit' if same else 'logits DIFFER'}"
+    return cell, same and res["exact_tensors"] == n
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), ids=[re.sub(r"\W", "", f) for f in FAMILIES])
+def test_family_quantizes_exports_and_runs_in_llama_cpp(family, tmp_path):
+    from transformers import AutoTokenizer
 
     hf = family_model(family, tmp_path / "hf")
     runner = CliRunner()
     r = runner.invoke(cli, ["quantize", str(hf), "-o", str(tmp_path / "ck"), "--layers", "linear"])
     assert r.exit_code == 0, r.output
+    ckpt = mf.open(tmp_path / "ck")
+    record(family, "quantize", quantize_cell(ckpt))
+    embedding = FAMILIES[family][0] == "bert"
+    deq = dequantized_folder(hf, ckpt, tmp_path / "deq")
+    tok = AutoTokenizer.from_pretrained(hf)
+    ids = tok(TEXT).input_ids
+    want = transformers_output(deq, tok, embedding)
+
+    cell, hf_ok = hf_export(tmp_path / "ck", tmp_path / "hf4", tok, embedding, want)
+    record(family, "hf", cell)
+    assert hf_ok, cell
+
     r = runner.invoke(cli, ["convert", str(tmp_path / "ck"), "--to", "gguf", "--bits", "4", "-o",
                             str(tmp_path / "q4.gguf"), "--json"])
     if r.exit_code:
         # a family the pinned llama.cpp cannot run: refused in one line, nothing written
+        record(family, "gguf", f"refused: {r.output.strip()}")
+        record(family, FIGURES, [family, *"-" * 7, f"refused: {r.output.strip()}"], check=False)
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "q4.gguf").exists()
-        table[family] = f"| {family} | - | - | - | - | - | - | - | refused: {r.output.strip()} |"
         return
     q4 = json.loads(r.output[r.output.index("{"):])
-    ckpt = mf.open(tmp_path / "ck")
-    embedding = FAMILIES[family][0] == "bert"
     f32 = registry.get("gguf").convert(
         ckpt, tmp_path / "f32.gguf", ConvertOptions(bits=4, settings={"types": ["F32"], "outtype": "f32"})
     )
-
-    # matq's int4 weights in a copy of the Hugging Face folder: transformers runs it (MoE experts fused
-    # as it loads them) and llama.cpp's own converter converts it
-    from safetensors.numpy import load_file, save_file
-
-    deq = tmp_path / "deq"
-    shutil.copytree(hf, deq)
-    (weights,) = deq.glob("*.safetensors")
-    tensors = load_file(weights)
-    for name in ckpt.quantized_names():
-        tensors[name] = ckpt.dequantize(name, 4).astype(tensors[name].dtype)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    model = (AutoModel if embedding else AutoModelForCausalLM).from_pretrained(deq, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(hf)
-    ids = tok(TEXT).input_ids
-    with torch.no_grad():
-        if embedding:
-            want = model(**tok(TEXT, return_tensors="pt")).last_hidden_state[0].mean(0).float().numpy()
-        else:
-            want = model(torch.tensor([ids])).logits[0].float().numpy()
     own_file = own_f32(deq, tmp_path / "own.gguf")
     main = max(set(q4["types"][n] for n in q4["widths"]), key=list(q4["types"].values()).count)
     ownq = tmp_path / "ownq.gguf"
@@ -163,11 +199,13 @@ def test_family_quantizes_exports_and_runs_in_llama_cpp(family, tmp_path, table)
     same = np.array_equal(got["f32"], got["own"])
     f32_ok = same and mine[1] <= max(2 * own[1], 0.01)
     q4_ok = q[0] <= 1.25 * ownq_[0] + 0.01 and q[1] <= 1.5 * ownq_[1] + 0.05 and q[2] >= min(0.99, ownq_[2])
-    table[family] = (
-        f"| {family} | {q4['arch']} | {q4['exact_tensors']} / {q4['quantized_tensors']} | {types} "
-        f"| {own[1]:.4f} | {'identical' if same else f'{mine[1]:.4f}'} "
-        f"| {ownq_[0]:.3f} / {ownq_[1]:.3f} | {q[0]:.3f} / {q[1]:.3f}, {q[2]:.4f} "
-        f"| {'runs, agrees' if f32_ok and q4_ok else 'DISAGREES'} |"
-    )
+    result = "runs, agrees" if f32_ok and q4_ok else "DISAGREES"
+    exact, n = q4["exact_tensors"], q4["quantized_tensors"]
+    record(family, FIGURES, [
+        family, q4["arch"], f"{exact} / {n}", types, f"{own[1]:.4f}", "identical" if same else f"{mine[1]:.4f}",
+        f"{ownq_[0]:.3f} / {ownq_[1]:.3f}", f"{q[0]:.3f} / {q[1]:.3f}, {q[2]:.4f}", result,
+    ], check=False)
+    shown = f"all {n}" if exact == n else f"{exact} of {n}"
+    record(family, "gguf", f"`{q4['arch']}`, {shown} bit-exact ({types}); {result}")
     assert f32_ok, (family, own, mine)
     assert q4_ok, (family, ownq_, q)

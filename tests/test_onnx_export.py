@@ -15,12 +15,14 @@ within one float32 rounding of the largest term, as onnxruntime computes ``q*s -
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from family_table import record
 from gguf_helpers import hf_model_on_matq, to_matq
 from tiny_models import FAMILIES, family_model, tiny_hf_model
 
@@ -211,8 +213,7 @@ def test_minilm_hidden_states(tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
-# --- every family of the coverage matrix the builder takes ------------------------------------------
-DECODER_FAMILIES = sorted(f for f, fam in FAMILIES.items() if fam.model_type != "bert")
+# --- every family of the coverage matrix ------------------------------------------------------------
 FAMILY_FIELDS = {"Phi-3": dict(original_max_position_embeddings=256, num_key_value_heads=4)}
 """Phi-3-mini-4k's config has ``max_position_embeddings == original_max_position_embeddings`` (the
 builder takes a difference for LongRoPE) and as many KV heads as heads; the tiny models' 256
@@ -239,29 +240,54 @@ def test_builder_architectures_come_from_the_builder():
     assert "MixtralForCausalLM" not in takes and "Olmo2ForCausalLM" not in takes
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def encoder_hidden_states(folder: Path, hf: Path, ck) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's ``model.onnx`` in onnxruntime and transformers' encoder on the slice (BERT)."""
+    enc = tf.AutoTokenizer.from_pretrained(hf)(["Every checkpoint is sliced at serve time."], return_tensors="np")
+    feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    got = ort.InferenceSession(folder / "model.onnx").run(None, feeds)[0]
+    encoder = hf_model_on_matq(hf, ck, 4, cls=tf.AutoModelForMaskedLM).bert  # the family's tiny model
+    with torch.no_grad():
+        want = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
+    return got, want.numpy()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), ids=[re.sub(r"\W", "", f) for f in FAMILIES])
 def test_every_family_the_builder_takes(tmp_path, family):
-    """Each decoder of the coverage matrix: quantized, ``--to onnx --bits 4``; onnxruntime-genai's
-    logits within ``REL`` of transformers on matq's dequantized weights, every quantized weight a
-    MatMulNBits from its codes; or, where the builder takes no such architecture, one line naming it
-    and the builder's list, nothing written."""
+    """Each family of the coverage matrix: quantized, ``--to onnx --bits 4``; onnxruntime-genai's
+    logits (BERT: onnxruntime's hidden states) within ``REL`` of transformers on matq's dequantized
+    weights, every quantized weight a MatMulNBits from its codes; or, where the builder takes no such
+    architecture, one line naming it and the builder's list, nothing written. Its cell of the
+    families x targets table must be the committed one (tests/family_table.py)."""
     hf = family_model(family, tmp_path / "hf", intermediate_size=384, **FAMILY_FIELDS.get(family, {}))
     ck = mf.open(quantize_hf(hf, tmp_path / "ck", layers="linear"))
     arch = ck.config["architectures"][0]
-    if arch not in builder_architectures():
-        with pytest.raises(UnsupportedModelError, match=rf"architecture '{arch}' .* it takes .*LlamaForCausalLM") as ei:
-            export(ck, tmp_path / "o", bits=4)
-        assert "\n" not in str(ei.value) and not (tmp_path / "o").exists()
+    try:
+        res = export(ck, tmp_path / "o", bits=4)
+    except UnsupportedModelError as e:
+        why = str(e).split(": ", 1)[1]
+        cell = (f"refused, the builder fails: {why.split(': ', 1)[1]}" if isinstance(e, BuildError)
+                else f"refused: {why.split(': ', 1)[1].split('; ')[0]}")
+        record(family, "onnx", cell)
+        assert "\n" not in str(e) and not (tmp_path / "o").exists()
+        if family in BUILDER_FAILS:
+            assert isinstance(e, BuildError) and str(e).endswith(f"builder failed on {arch}: {BUILDER_FAILS[family]}")
+        else:
+            assert arch not in builder_architectures() and re.search(rf"'{arch}' .* it takes .*LlamaForCausalLM", str(e))
         return
-    if family in BUILDER_FAILS:
-        with pytest.raises(BuildError, match=rf"builder failed on {arch}: {BUILDER_FAILS[family]}$"):
-            export(ck, tmp_path / "o", bits=4)
-        assert not (tmp_path / "o").exists()
-        return
-    res = export(ck, tmp_path / "o", bits=4)
-    assert len(res.details["containers"]) == len(ck.quantized_names()) and not res.details["float_weights"]
-    got, _ = genai_logits(tmp_path / "o")
-    want, _ = reference(hf, ck, 4)
+    if res.details["family"] == "encoder":
+        got, want = encoder_hidden_states(tmp_path / "o", hf, ck)
+    else:
+        got, _ = genai_logits(tmp_path / "o")
+        want, _ = reference(hf, ck, 4)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    n, packed = len(ck.quantized_names()), len(res.details["containers"])
+    runtime = "onnxruntime" if res.details["family"] == "encoder" else "onnxruntime-genai"
+    what = "hidden states" if res.details["family"] == "encoder" else "logits"
+    within = f"within {REL:.0e}".replace("e-0", "e-") if err < REL else f"{err:.1e} off"
+    weights = f"all {n}" if packed == n else f"{packed} of {n}"
+    record(family, "onnx", f"{runtime}: {what} {within} (relative); {weights} as {res.details['layout']}")
+    assert packed == n and not res.details["float_weights"]
+    assert family not in BUILDER_FAILS
     close(got, want)
 
 

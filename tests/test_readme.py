@@ -123,6 +123,24 @@ def test_readme_is_short():
     assert n < 300, f"README.md has {n} lines; move detail into docs/"
 
 
+def test_family_table_is_the_coverage_tests():
+    """The README's families x targets table and docs/export-gguf.md's GGUF figures are rendered from
+    tests/family_table.json, whose cells the coverage tests write and check: a row for every family
+    of tiny_models.FAMILIES, in its order, and a cell for every column."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import family_table as ft
+    from tiny_models import FAMILIES
+
+    table = ft.load()
+    assert list(table) == list(FAMILIES), "tests/family_table.json's families are not tiny_models.FAMILIES"
+    for family, cells in table.items():
+        missing = [c for c in [*ft.COLUMNS, ft.FIGURES] if c not in cells]
+        assert not missing, f"tests/family_table.json has no {missing} for {family}: run its tests with MATQ_FAMILY_TABLE=update"
+    hint = "render it: python -c 'import family_table as t; t.render()' in tests/"
+    assert ft.block(ft.README) == ft.readme_table(table), f"README's families table is not tests/family_table.json's: {hint}"
+    assert ft.block(ft.DOCS) == ft.figures_table(table), f"docs/export-gguf.md's figures are not tests/family_table.json's: {hint}"
+
+
 def _prose(text: str) -> str:
     """The text without fenced code blocks and inline code, where brackets are not links."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)

@@ -3,7 +3,8 @@ of experts: two MatQuant steps with ``--layers linear``; the loss is finite and 
 routers stay float and experts are quantized (transformers 5's fused expert parameters, fake-quantized
 as stacks with groups along their inputs, spec 10.5); the checkpoint holds exactly the fake-quantized
 weights under the names transformers saves; and transformers runs its ``--to hf`` export bit for bit
-like the trained model at that width."""
+like the trained model at that width. Each family's cell of the families x targets table must be the
+committed one (tests/family_table.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
+from family_table import record  # noqa: E402
 from tiny_models import FAMILIES, corpus, family_model, small  # noqa: E402
 from transformers.core_model_loading import revert_weight_conversion  # noqa: E402
 
@@ -45,7 +47,7 @@ def _fake(layer, bits: int) -> torch.Tensor:
     return layer.fake_weight(bits).detach()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES), ids=[re.sub(r"\W", "", f) for f in FAMILIES])
 def test_trainer_takes_the_family(family, data, tmp_path):
     src = family_model(family, tmp_path / "src", **small(family))
     cfg = TrainConfig(model_dir=str(src), data=[str(data)], out=str(tmp_path / "ck"), steps=2, batch_size=2,
@@ -90,7 +92,11 @@ def test_trainer_takes_the_family(family, data, tmp_path):
         want_logits = model(input_ids=ids).logits
     with torch.no_grad():
         got_logits = loaded(input_ids=ids).logits
-    assert torch.equal(got_logits, want_logits), re.sub(r"\s+", " ", str((got_logits - want_logits).abs().max()))
+    exact = torch.equal(got_logits, want_logits)
+    stacked = f" ({len(stacks)} expert stacks)" if stacks else ""
+    record(family, "trainer", f"{cfg.steps} steps, {len(layers)} weights{stacked}; int4 `--to hf` "
+           f"{'runs as trained, bit for bit' if exact else 'DIFFERS from the trained model'}")
+    assert exact, re.sub(r"\s+", " ", str((got_logits - want_logits).abs().max()))
 
 
 def test_fused_experts_take_learned_clipping_and_checkpointing(data, tmp_path):
