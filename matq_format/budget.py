@@ -28,34 +28,52 @@ class BudgetTooSmall(ValueError):
 
 
 class ErrorWeights:
-    """What each tensor's option errors are weighted by: its importance (spec 10.8) scaled to a mean
-    of 1, so it says which columns of that tensor matter (an error in a column with large inputs
-    counts more) while tensors are compared by their weights' squared error. Absolute importance
-    (the layer's expected output error) was measured worse: on SmolLM2-135M the budget:6.165 file's
-    KLD went from 0.0759 to 0.0964, as late layers' large residual activations bought them the bits
-    that early layers, whose errors pass through every later one, needed; scaled, 0.0757. With no
-    importance kept, or for a tensor without one, errors are plain squared distances."""
+    """What each tensor's option errors are weighted by (spec 10.8). With a sensitivity kept beside
+    the importance: ``sensitivity[row] * importance[col]``, the diagonal Fisher in K-FAC's factored
+    form, so an error counts by the rise of the loss it causes and tensors compare fairly (an early
+    layer's error, passed through every later one, counts by its effect on the output). Otherwise the
+    importance scaled to a mean of 1 per tensor: it says which columns of that tensor matter, while
+    tensors are compared by their weights' squared error. Absolute importance alone (the layer's own
+    output error) was measured worse: on SmolLM2-135M the budget:6.165 file's KLD went from 0.0759 to
+    0.0964, as late layers' large residual activations bought the bits; scaled, 0.0757. A tensor
+    without importance (or, beside tensors with one, without sensitivity) counts plain squared
+    distances, times the median tensor's mean weight when other tensors keep a sensitivity."""
 
     def __init__(self, ckpt, names: list[str]):
         self.ckpt = ckpt
         self.kept = [n for n in names if ckpt.has_importance(n)]
+        self.sensitive = [n for n in self.kept if ckpt.has_sensitivity(n)]
         self.total = len(names)
+        means = [_mean(ckpt.importance(n)) * _mean(ckpt.sensitivity(n)) for n in self.sensitive]
+        self.unit = float(np.median(means)) if means else 1.0
 
     def error(self, name: str, d: np.ndarray) -> float:
         """The error of an option whose decoded weights differ from the reference by ``d``."""
         info = self.ckpt.info(name)
         imp = self.ckpt.importance(name)
+        sens = self.ckpt.sensitivity(name)
+        if sens is not None:
+            return weighted_sq_error(d, imp, info.in_axis, sens)
         if imp is not None:
-            mean = float(np.mean(imp, dtype=np.float64))
+            mean = _mean(imp)
             imp = np.asarray(imp, np.float64) / mean if mean > 0 else None
-        return weighted_sq_error(d, imp, info.in_axis)
+        return self.unit * weighted_sq_error(d, imp, info.in_axis)
 
     @property
     def note(self) -> str:
         """How errors are weighed, said once in the step's title."""
         if not self.kept:
             return "plain squared errors: the checkpoint keeps no importance (matq quantize --calib keeps it)"
+        if self.sensitive:
+            return (
+                f"errors weighted by each tensor's sensitivity and importance, as rises of the loss "
+                f"({len(self.sensitive)} of {self.total} tensors keep both)"
+            )
         return f"errors weighted by each tensor's importance across its columns ({len(self.kept)} of {self.total} tensors keep one)"
+
+
+def _mean(a: np.ndarray) -> float:
+    return float(np.mean(a, dtype=np.float64))
 
 
 def parse_budget(spec: str) -> float:

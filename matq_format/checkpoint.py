@@ -124,8 +124,12 @@ class Checkpoint:
         # Extension entries (5.6) are outside the entry set: checked here if known, else ignored.
         ext = [e for e, rec in listed.items() if C.ENTRY_EXTENSION_KEY in rec]
         self._importance: dict[str, str] = {}
+        self._sensitivity: dict[str, str] = {}
         for ename in ext:
             self._extension_entry(ename, listed[ename])
+        lone = sorted(set(self._sensitivity) - set(self._importance))
+        if lone:
+            raise HeaderError(self.path, f"entry {self._sensitivity[lone[0]]!r} has no {lone[0]}@importance beside it")
         # Expected entries are made one at a time, never all at once: a checkpoint may have millions.
         n = 0
         for ename, _, _ in self._expected_entries():
@@ -175,19 +179,21 @@ class Checkpoint:
         if ext not in UNDERSTOOD_EXTENSIONS:
             return
         t = self._infos[tensor]
-        if ext != C.EXT_IMPORTANCE or part != C.IMPORTANCE_SUFFIX or not t.quantized:
+        kept = {C.IMPORTANCE_SUFFIX: (self._importance, t.importance_shape)}
+        kept[C.SENSITIVITY_SUFFIX] = (self._sensitivity, t.sensitivity_shape)
+        if ext != C.EXT_IMPORTANCE or part not in kept or not t.quantized:
             raise HeaderError(self.path, f"entry {ename!r}: {ext} defines no such entry")
         if rec["file"] != C.BASE_FILENAME:
             raise HeaderError(self.path, f"entry {ename!r} must live in the base file, not {rec['file']!r}")
         e = self._headers[C.BASE_FILENAME].entries.get(ename)
         if e is None:
             raise HeaderError(self.path, f"entry {ename!r} is missing")
-        if e.dtype not in C.IMPORTANCE_DTYPES or e.shape != t.importance_shape:
+        found, shape = kept[part]
+        if e.dtype not in C.IMPORTANCE_DTYPES or e.shape != shape:
             raise HeaderError(
-                self.path,
-                f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected F16 or F32 {list(t.importance_shape)}",
+                self.path, f"entry {ename!r} is {e.dtype}{list(e.shape)}, expected F16 or F32 {list(shape)}"
             )
-        self._importance[tensor] = ename
+        found[tensor] = ename
 
     def _entries_mismatch(self) -> NoReturn:
         expected = {e for e, _, _ in self._expected_entries()}
@@ -321,21 +327,33 @@ class Checkpoint:
         """float32 per-input-feature importance (10.8: mean squared calibration activation, shape
         ``importance_shape``), or None when the checkpoint keeps none for ``name``. ``as_stored``:
         in its stored dtype (float16 for F16), for copies that keep it bit for bit."""
-        ename = self._importance.get(name)
+        return self._kept_vector(name, self._importance, "importance", as_stored)
+
+    def sensitivity(self, name: str, *, as_stored: bool = False) -> np.ndarray | None:
+        """float32 per-output-feature sensitivity (10.8: mean squared loss gradient at the tensor's
+        output, shape ``sensitivity_shape``), or None when the checkpoint keeps none for ``name``."""
+        return self._kept_vector(name, self._sensitivity, "sensitivity", as_stored)
+
+    def _kept_vector(self, name: str, kept: dict[str, str], what: str, as_stored: bool) -> np.ndarray | None:
+        """An entry of 10.8, checked finite and not negative."""
+        ename = kept.get(name)
         if ename is None:
             self.info(name)
             return None
-        t = self._infos[name]
-        dtype = self._headers[C.BASE_FILENAME].entries[ename].dtype
-        stored = dtypes.from_bytes(self._raw(ename), dtype, t.importance_shape)
+        e = self._headers[C.BASE_FILENAME].entries[ename]
+        stored = dtypes.from_bytes(self._raw(ename), e.dtype, e.shape)
         a = stored.astype(np.float32)
         if not np.all(np.isfinite(a)) or a.min(initial=0) < 0:
-            raise BadParameterError(self.path, f"{name}: importance must be finite and not negative")
+            raise BadParameterError(self.path, f"{name}: {what} must be finite and not negative")
         return np.array(stored) if as_stored else a
 
     def has_importance(self, name: str) -> bool:
         """Whether the checkpoint keeps ``name``'s importance (10.8)."""
         return name in self._importance
+
+    def has_sensitivity(self, name: str) -> bool:
+        """Whether the checkpoint keeps ``name``'s sensitivity (10.8)."""
+        return name in self._sensitivity
 
     def plane(self, name: str, k: int) -> np.ndarray:
         """Packed bit-plane k of a quantized tensor (memory-mapped, CRC-checked)."""
@@ -568,6 +586,7 @@ class Checkpoint:
             for r in self.info(name).width_specs(self.code_bits):
                 self.width_params(name, r)
             self.importance(name)
+            self.sensitivity(name)
         self._check_carried_total()
         for rel in self.manifest.get("carried", {}):  # one at a time: each checked, then dropped
             self.read_carried(rel)

@@ -60,9 +60,11 @@ WIDTH_SUFFIX = "w{r}.{p}"
 """Part naming a width's block parameter ``p`` (spec 10.7): ``fc.weight@w2.d``."""
 IMPORTANCE_SUFFIX = "importance"
 """Part naming a tensor's per-input-feature importance (spec 10.8): ``fc.weight@importance``."""
+SENSITIVITY_SUFFIX = "sensitivity"
+"""Part naming a tensor's per-output-feature sensitivity (spec 10.8): ``fc.weight@sensitivity``."""
 ENTRY_RE = re.compile(
     r"^(?P<tensor>.+)@(?P<part>plane(?P<k>[0-9]|1[0-5])|scale|zero|w(?P<r>[1-9]|1[0-6])\.(?P<p>d|sc|dmin|mn)"
-    r"|importance)$"
+    r"|importance|sensitivity)$"
 )
 ENTRY_EXTENSION_KEY = "extension"
 """Entry record key (1.2, spec 5.6): the extension an entry belongs to. A reader that does not
@@ -135,8 +137,9 @@ block parameters, refitted to its nested codes, in a file of their own. Always i
 ``must_understand`` when present (a reader that ignored them would find entries it cannot place)."""
 EXT_IMPORTANCE = "matq.importance"
 """Extension (spec 10.8, version 1.2): a quantized tensor's per-input-feature importance (mean squared
-calibration activation), an entry ``t@importance`` in the base file. Never in ``must_understand``:
-it changes no value a reader returns."""
+calibration activation), an entry ``t@importance`` in the base file, and beside it, optionally, its
+per-output-feature sensitivity (mean squared gradient of the loss at the tensor's output),
+``t@sensitivity``. Never in ``must_understand``: it changes no value a reader returns."""
 IMPORTANCE_DTYPES = ("F16", "F32")
 WIDTH_SUPER_BLOCK = 256
 """Columns per super-block of per-width parameters: one fp16 ``d`` (and ``dmin``) each, as K-quants."""

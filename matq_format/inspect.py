@@ -39,6 +39,7 @@ def describe(ckpt: Checkpoint, *, stats: bool = True, progress: Callable[[int], 
                 zero_dtype=t.zero_dtype,
                 zero_point=t.zero_point,
                 importance=ckpt.has_importance(name),
+                sensitivity=ckpt.has_sensitivity(name),
                 extra_precision=list(t.extra_precision),
                 planes=list(t.planes),
                 widths=served,
@@ -111,6 +112,7 @@ def _summary(ckpt: Checkpoint, tensors: list[dict], served: list[int], totals: d
         "quantized_weights": sum(numel[n] for n in quantized),
         "mixed_widths": len(tops) > 1,
         "importance_tensors": sum(ckpt.has_importance(n) for n in quantized),
+        "sensitivity_tensors": sum(ckpt.has_sensitivity(n) for n in quantized),
         "bits_per_weight": {str(r): 8 * totals[str(r)] / weights for r in served} if weights else {},
     }
 

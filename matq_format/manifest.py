@@ -17,7 +17,7 @@ from . import constants as C
 from .container import gc_paused, strict_json
 from .dtypes import cast_exact
 from .errors import HeaderError, LimitError, UnsupportedVersionError
-from .numerics import code_max, importance_shape, n_groups, param_shape, planes_needed
+from .numerics import code_max, importance_shape, n_groups, param_shape, planes_needed, sensitivity_shape
 from .widths import WidthSpec, parse_record, part_dtype, part_name, part_shape
 
 
@@ -93,6 +93,11 @@ class TensorInfo:
     def importance_shape(self) -> tuple[int, ...]:
         """Shape of the ``@importance`` entry (10.8): the shape without the output axis."""
         return importance_shape(self.shape, self.in_axis)
+
+    @property
+    def sensitivity_shape(self) -> tuple[int, ...]:
+        """Shape of the ``@sensitivity`` entry (10.8): the shape without the input axis."""
+        return sensitivity_shape(self.shape, self.in_axis)
 
     def width_specs(self, code_bits: int) -> dict[int, WidthSpec]:
         """The widths that carry their own block parameters (spec 10.7), by width; {} if none."""

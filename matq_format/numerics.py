@@ -138,15 +138,28 @@ def importance_shape(shape: tuple[int, ...], input_axis: int = -1) -> tuple[int,
     return tuple(d for i, d in enumerate(shape) if i != out_axis)
 
 
-def weighted_sq_error(d: np.ndarray, importance: np.ndarray | None, input_axis: int = -1) -> float:
+def sensitivity_shape(shape: tuple[int, ...], input_axis: int = -1) -> tuple[int, ...]:
+    """Shape of a tensor's sensitivity (spec 10.8): its shape without the input axis, so ``[rows]``
+    for a matrix and ``[experts, rows]`` for a stack of them."""
+    axis = input_axis % len(shape)
+    return tuple(d for i, d in enumerate(shape) if i != axis)
+
+
+def weighted_sq_error(
+    d: np.ndarray, importance: np.ndarray | None, input_axis: int = -1, sensitivity: np.ndarray | None = None
+) -> float:
     """The error of an encoding, ``d`` = decoded - reference: ``sum importance[col] * d^2`` over every
     element, i.e. the expected squared output error of the layer on the activations the importance
-    came from (llama.cpp's imatrix-weighted error), comparable across tensors. Without importance,
-    the plain ``sum d^2``. float64 sums."""
+    came from (llama.cpp's imatrix-weighted error). With a ``sensitivity`` (per output feature, the
+    mean squared loss gradient there), ``sum sensitivity[row] * importance[col] * d^2``: twice the
+    expected rise of the loss per token (spec 10.8, a diagonal Fisher in K-FAC's factored form),
+    comparable across tensors. Without importance, the plain ``sum d^2``. float64 sums."""
     d = np.asarray(d, np.float64)
     if importance is None:
         return float(np.dot(d.ravel(), d.ravel()))
     sq = np.moveaxis(d * d, input_axis, -1)  # [..., out, in]
+    if sensitivity is not None:
+        sq = sq * np.asarray(sensitivity, np.float64)[..., None]  # [..., out]: the sensitivity's shape
     per_col = sq.sum(axis=-2)  # [..., in]: the importance's own shape
     return float(np.dot(per_col.ravel(), np.asarray(importance, np.float64).ravel()))
 

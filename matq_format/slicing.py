@@ -82,6 +82,7 @@ def slice_checkpoint(
                 input_axis=t.input_axis,
                 width_params=_kept_widths(ckpt, name, widths[name]),
                 importance=ckpt.importance(name, as_stored=True),  # spec 10.8: kept whatever the width
+                sensitivity=ckpt.sensitivity(name, as_stored=True),
             )
             if progress:
                 progress(1)

@@ -338,6 +338,7 @@ class CheckpointWriter:
         input_axis: int | None = None,
         width_params: dict[int, WidthParams] | None = None,
         importance: np.ndarray | None = None,
+        sensitivity: np.ndarray | None = None,
     ) -> None:
         """Store c-bit codes ``[rows, cols]`` as bit-planes with their scale and zero point (an array,
         or one integer for the whole tensor: spec 10.6).
@@ -372,6 +373,7 @@ class CheckpointWriter:
             input_axis=input_axis,
             width_params=width_params,
             importance=importance,
+            sensitivity=sensitivity,
         )
 
     def add_quantized_planes(
@@ -392,6 +394,7 @@ class CheckpointWriter:
         input_axis: int | None = None,
         width_params: dict[int, WidthParams] | None = None,
         importance: np.ndarray | None = None,
+        sensitivity: np.ndarray | None = None,
     ) -> None:
         """Store already packed planes (``{k: uint8[stride]}``), e.g. copied from another checkpoint.
 
@@ -401,7 +404,8 @@ class CheckpointWriter:
         ``matq.constant_zero`` and ``width_params`` (10.7, one file per width) list
         ``matq.width_params``; either makes it 1.2. ``importance`` (10.8: per input feature, shape
         ``importance_shape``, finite and not negative) is kept as ``t@importance`` and makes it 1.2
-        without entering ``must_understand``."""
+        without entering ``must_understand``; so is ``sensitivity`` (10.8: per output feature, shape
+        ``sensitivity_shape``), as ``t@sensitivity``, only beside an importance."""
         self._check_name(name)
         extras = dict(extras or {})
         extras.pop(C.EXT_WIDTH_PARAMS, None)
@@ -451,7 +455,7 @@ class CheckpointWriter:
                 raise WriterError(self.out, f"{name}: plane {k} must be {stride} bytes")
         plane_file = {k: None if self.single_file else k for k in arrays}
         wide = self._width_arrays(info, width_params or {})
-        imp = None if importance is None else self._importance(info, importance)
+        kept = self._kept(info, importance, sensitivity)
         planned = [
             *(_Planned(plane_entry(name, k), "U8", (stride,), stride, plane_file[k]) for k in arrays),
             _Planned(entry_name(name, C.SCALE_SUFFIX), scale_dtype, pshape, s_arr.nbytes),
@@ -459,9 +463,7 @@ class CheckpointWriter:
         if z_arr is not None:
             planned.append(_Planned(entry_name(name, C.ZERO_SUFFIX), zero_dtype, pshape, z_arr.nbytes))
         planned += [_Planned(e, dt, a.shape, a.nbytes, f) for e, dt, a, f in wide]
-        if imp is not None:
-            ename = entry_name(name, C.IMPORTANCE_SUFFIX)
-            planned.append(_Planned(ename, imp[0], imp[1].shape, imp[1].nbytes, None, C.EXT_IMPORTANCE))
+        planned += [_Planned(e, dt, a.shape, a.nbytes, None, C.EXT_IMPORTANCE) for e, dt, a in kept]
         self._charge(info, planned)
         self._require(C.EXT_STACKED, info.stacked)
         self._require(C.EXT_CONSTANT_ZERO, info.zero_point is not None)
@@ -473,26 +475,39 @@ class CheckpointWriter:
             self._write_base(entry_name(name, C.ZERO_SUFFIX), z_arr, zero_dtype)
         for e, dt, a, f in wide:
             self._write_width(f, e, a, dt)
-        if imp is not None:
-            ename = entry_name(name, C.IMPORTANCE_SUFFIX)
-            self._write_base(ename, imp[1], imp[0])
+        for ename, dt, a in kept:
+            self._write_base(ename, a, dt)
             self._entries[ename][C.ENTRY_EXTENSION_KEY] = C.EXT_IMPORTANCE
             self._importance_kept = True
         self._tensors[name] = info
 
-    def _importance(self, info: TensorInfo, importance: np.ndarray) -> tuple[str, np.ndarray]:
-        """(dtype, array) of a tensor's importance as stored (spec 10.8): F16 if given as float16,
-        else F32; its shape ``importance_shape``, every value finite and not negative."""
-        a = np.asarray(importance)
-        if a.shape != info.importance_shape:
-            raise WriterError(
-                self.out, f"{info.name}: importance has shape {list(a.shape)}, expected {list(info.importance_shape)}"
-            )
+    def _kept(
+        self, info: TensorInfo, importance: np.ndarray | None, sensitivity: np.ndarray | None
+    ) -> list[tuple[str, str, np.ndarray]]:
+        """(entry, dtype, array) of a tensor's importance and sensitivity as stored (spec 10.8); a
+        sensitivity needs an importance beside it."""
+        if sensitivity is not None and importance is None:
+            raise WriterError(self.out, f"{info.name}: a sensitivity needs an importance beside it")
+        out = []
+        for part, a, shape in (
+            (C.IMPORTANCE_SUFFIX, importance, info.importance_shape),
+            (C.SENSITIVITY_SUFFIX, sensitivity, info.sensitivity_shape),
+        ):
+            if a is not None:
+                out.append((entry_name(info.name, part), *self._vector(info.name, part, a, shape)))
+        return out
+
+    def _vector(self, name: str, what: str, a: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
+        """(dtype, array) of one 10.8 entry: F16 if given as float16, else F32; of ``shape``, every
+        value finite and not negative."""
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise WriterError(self.out, f"{name}: {what} has shape {list(a.shape)}, expected {list(shape)}")
         dtype = "F16" if a.dtype == np.float16 else "F32"
         with np.errstate(over="ignore", invalid="ignore"):
             stored = a.astype(dtypes.np_dtype(dtype))
         if not np.all(np.isfinite(stored)) or stored.min(initial=0) < 0:
-            raise WriterError(self.out, f"{info.name}: importance must be finite and not negative")
+            raise WriterError(self.out, f"{name}: {what} must be finite and not negative")
         return dtype, _little_endian_c(stored)
 
     def _scales(self, name: str, scale: np.ndarray, scale_dtype: str) -> np.ndarray:

@@ -119,6 +119,53 @@ def test_checkpoint_keeps_each_linears_input_importance(model, built, texts):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     k = ckpt.importance("model.layers.1.self_attn.k_proj.weight")
     np.testing.assert_array_equal(k, ckpt.importance("model.layers.1.self_attn.q_proj.weight"))  # one input
+    assert all(ckpt.has_sensitivity(n) for n in ckpt.quantized_names())  # 10.8, from the backward pass
+    assert ckpt.source["calibration"]["sensitivity_tokens"] == 2048
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "bert"])
+def test_layerwise_sensitivity_matches_transformers(model, arch, tmp_path):
+    """The layer-by-layer backward pass (each layer recomputed from its kept input) gives, per linear
+    and output feature, the mean squared loss gradient that autograd through transformers' whole
+    model gives with the same drawn labels: Llama, Gemma 2 (tied head, soft-capped logits). An
+    encoder (MiniLM) has no head to measure through: none."""
+    import transformers as tf
+
+    from matq_converters.importers.hf.calibration import plan_layers
+    from matq_converters.importers.hf.sensitivity import SEED, layer_sensitivity
+
+    folder = model if arch == "llama" else _minilm() if arch == "bert" else tiny_hf_model(arch, tmp_path / arch)
+    src = HFSource(folder)
+    lw = LayerwiseModel(src, torch.device("cpu"))
+    plans, _ = plan_layers(lw, [n for n in src if n.endswith(("proj.weight", "dense.weight"))])
+    ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    got = layer_sensitivity(lw, ids.numpy(), plans)
+    if arch == "bert":
+        assert got == {}
+        return
+    assert len(got) == 14
+    m = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    m.requires_grad_(False)
+    sums: dict = {}
+
+    def hook(name):
+        def on_output(_mod, _args, y):
+            g2 = lambda g: sums.__setitem__(name, sums.get(name, 0) + g.double().square().sum((0, 1)))  # noqa: E731
+            y.register_hook(g2)
+
+        return on_output
+
+    for n, mod in m.named_modules():
+        if n + ".weight" in got:
+            mod.register_forward_hook(hook(n + ".weight"))
+    gen = torch.Generator().manual_seed(SEED)
+    for s in range(ids.shape[0]):
+        x = m.get_input_embeddings()(ids[s : s + 1]).requires_grad_(True)
+        logits = m(inputs_embeds=x).logits[0].float()
+        labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+    for n, v in got.items():
+        np.testing.assert_allclose(v, (sums[n] / ids.numel()).numpy(), rtol=1e-5, err_msg=n)
 
 
 def test_deterministic_bytes(built):

@@ -72,6 +72,7 @@ def _summary_lines(d: dict) -> list[str]:
         lines.append(
             f"importance: kept for {s['importance_tensors']} of {s['quantized_tensors']} quantized tensors "
             "(from calibration; budgets weigh each tensor's error by it)"
+            + (f", sensitivity for {s['sensitivity_tensors']}" if s.get("sensitivity_tensors") else "")
         )
     cs = d["checksums"]
     lines.append(
@@ -104,6 +105,7 @@ def _tensor_line(t: dict) -> str:
     widths = " ".join(f"int{r}:{human_bytes(b)}" for r, b in t["bytes"].items())
     zero = f" z={t['zero_point']}" if t.get("zero_point") is not None else ""  # one for the tensor (10.6)
     imp = "  importance" if t.get("importance") else ""  # kept from calibration (10.8)
+    imp += "  sensitivity" if t.get("sensitivity") else ""
     return f"{printable(t['name'])}  from {t['dtype']} [{shape}] {g} {t['scheme']}{zero}{ep}{imp}  {widths}{share}"
 
 

@@ -11,8 +11,11 @@ as stored. The output is an ordinary matq checkpoint from the same writer; the m
 device, GPTQ block size and damping).
 
 Each calibrated linear keeps its per-column importance (``diag(H)``: mean ``x_j^2`` over the
-calibration tokens) as ``t@importance`` (spec 10.8), so that convert-time budgets weigh each
-tensor's error by what its inputs carry. Tensors quantized without data keep none.
+calibration tokens) as ``t@importance`` (spec 10.8), and, in decoders, its per-output-feature
+sensitivity (mean squared loss gradient at its output, from a layer-wise backward pass over the
+first ``DEFAULT_SENSITIVITY_TOKENS`` tokens: :mod:`~matq_converters.importers.hf.sensitivity`) as
+``t@sensitivity``, so that convert-time budgets weigh each tensor's error by what it does to the
+output. Tensors quantized without data keep neither.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from matq_converters.importers.hf.ptq import (
     NonFiniteWeightError,
@@ -66,6 +71,7 @@ def quantize_calibrated(
     """
     from matq_converters.importers.hf import calibration as cal
     from matq_converters.importers.hf.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, PROPAGATE
+    from matq_converters.importers.hf.sensitivity import DEFAULT_SENSITIVITY_TOKENS, layer_sensitivity
     from matq_converters.importers.hf.widthfit import fit_tensor
 
     if propagate not in PROPAGATE:
@@ -87,6 +93,10 @@ def quantize_calibrated(
         ) from None
     text = cal.load_calibration_text(tokenizer, calib, seq_len, max_tokens)
     plans, data_free = cal.plan_layers(model, [n for n in src if n in selected])
+    first = text.tokens[: max(1, DEFAULT_SENSITIVITY_TOKENS // text.tokens.shape[1])]
+    sens = layer_sensitivity(model, first, plans)
+    if not all(np.isfinite(v).all() for v in sens.values()):
+        sens = {}  # a weight holding NaN: the GPTQ pass names it; no tensor is compared on half the model
     source = dict(source)
     source["calibration"] = {
         **text.record(calib),
@@ -98,6 +108,7 @@ def quantize_calibrated(
         "block_size": DEFAULT_BLOCK_SIZE,
         "damp": DEFAULT_DAMP,
         "gptq_tensors": sum(len(p.linears) for p in plans),
+        "sensitivity_tokens": int(first.size) if sens else 0,
     }
 
     axes = dict(input_axes or {})
@@ -124,6 +135,7 @@ def quantize_calibrated(
             input_axis=axes.get(name, 1),
             width_params=wp,
             importance=imp,
+            sensitivity=sens.get(name) if imp is not None else None,
             **spec.entry_options(),
         )
         if progress is not None:
