@@ -37,7 +37,7 @@ Steps, each timed:
 (c) matq: one checkpoint per ``--recipes`` entry (``RECIPES``: ``minmax`` is ``matq quantize HF -o CK
     --layers linear --layout free`` (asymmetric MinMax in groups of 128); ``gguf`` is ``--layout
     gguf``, the default (symmetric, groups of 32, signed nested scales); ``gguf-calib`` also ``--calib`` on the
-    calibration text), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and
+    calibration text; ``gguf-calib-wp`` also ``--width-params 2,3,4``), then ``matq convert CK --to gguf --bits R`` for each ``--widths`` R (and
     ``--plan P`` for each ``--plans``; with ``--budgets``, the last recipe also at ``--plan budget:B``
     for B = the bits per weight of each ``--budget-quants`` file of llama.cpp's, the imatrix one
     where made), run by llama.cpp like the others. ``gguf-calib-8543`` is the calibrated recipe with
@@ -272,6 +272,14 @@ RECIPES = {
     "minmax": {"layout": "free"},  # the earlier default: asymmetric MinMax, groups of 128
     "gguf": {"layout": "gguf", "group_size": 32, "scheme": "symmetric"},
     "gguf-calib": {"layout": "gguf", "group_size": 32, "scheme": "symmetric", "calib": True},
+    # calibrated, and widths 2, 3 and 4 with their own block parameters (spec 10.7)
+    "gguf-calib-wp": {
+        "layout": "gguf",
+        "group_size": 32,
+        "scheme": "symmetric",
+        "calib": True,
+        "width_params": (2, 3, 4),
+    },
     # the calibrated default before issue 23 item 6 (int2 not among the widths), for comparison
     "gguf-calib-8543": {
         "layout": "gguf",
