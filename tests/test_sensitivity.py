@@ -162,11 +162,11 @@ def test_sensitivity_gives_the_bits_to_the_tensor_whose_output_matters_more(tmp_
     assert same["a.weight"] == same["b.weight"]
     assert resolve_plan(spec, _twins(tmp_path, "a.weight", "a")) == {"a.weight": 4, "b.weight": 2}
     assert resolve_plan(spec, _twins(tmp_path, "b.weight", "b")) == {"a.weight": 2, "b.weight": 4}
-    names = ["a.weight", "b.weight"]
-    plain = file_budget_plan(_twins(tmp_path, None, "g0"), names, (), 3.9, False)
+    groups = [("a.weight",), ("b.weight",)]  # each its own GGUF tensor
+    plain = file_budget_plan(_twins(tmp_path, None, "g0"), groups, (), 3.9, False)
     assert plain["a.weight"] == plain["b.weight"]
     for loud, quiet in (("a.weight", "b.weight"), ("b.weight", "a.weight")):
-        got = file_budget_plan(_twins(tmp_path, loud, "g" + loud), names, (), 3.9, False)
+        got = file_budget_plan(_twins(tmp_path, loud, "g" + loud), groups, (), 3.9, False)
         assert got[loud] > got[quiet]
 
 
