@@ -94,9 +94,10 @@ def tied(names: Sequence[str], ties: Iterable[Iterable[str]]) -> list[tuple[str,
     in ``names`` are left out. Groups come in the order of their first name, names in given order.
 
     The chooser's items when a file holds several tensors as one: llama.cpp stacks per-expert matrices
-    into one GGUF tensor of one block type. matq's own checkpoints (``matq slice``) and ONNX (one
-    initializer per checkpoint tensor; QMoE's experts come from one stacked tensor) hold every tensor
-    at its own width, so they do not tie (a finer choice)."""
+    into one GGUF tensor of one block type. matq's own checkpoints (``matq slice``) hold every tensor
+    at its own width, so they do not tie (a finer choice). ONNX groups a MoE node's expert weights
+    without tying them: its item's options are their combinations of widths (the node is QMoE only
+    whole)."""
     parent = {n: n for n in names}
 
     def root(n: str) -> str:

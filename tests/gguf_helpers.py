@@ -41,8 +41,10 @@ def to_matq(
     zero_multiple: int = 1,
     quantize_embeddings: bool = False,
     pattern: re.Pattern = LINEAR,
+    group_sizes: dict[str, int | None] | None = None,
 ) -> mf.Checkpoint:
-    """MinMax-quantize the linear layers (and optionally embeddings) of an HF folder to a matq checkpoint."""
+    """MinMax-quantize the linear layers (and optionally embeddings) of an HF folder to a matq
+    checkpoint; ``group_sizes`` gives some tensors a group size of their own."""
     with mf.CheckpointWriter(out, 8, carry_from=src, source={"model": Path(src).name}) as w:
         for name, x in hf_tensors(src).items():
             quant = x.ndim == 2 and (
@@ -52,14 +54,15 @@ def to_matq(
                 w.add_dense(name, x)
                 continue
             x = x.astype(np.float32)
-            s, z = N.minmax_params(x, 8, group_size, symmetric=symmetric, zero_multiple=zero_multiple)
+            g = (group_sizes or {}).get(name, group_size)
+            s, z = N.minmax_params(x, 8, g, symmetric=symmetric, zero_multiple=zero_multiple)
             w.add_quantized(
                 name,
-                N.quantize(x, s, z, 8, group_size),
+                N.quantize(x, s, z, 8, g),
                 s,
                 z,
                 dtype="F32",
-                group_size=group_size,
+                group_size=g,
                 scheme="symmetric" if symmetric else "asymmetric",
                 extra_precision=(2,),
             )

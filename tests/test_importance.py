@@ -212,14 +212,14 @@ def test_importance_gives_the_bits_to_the_tensor_whose_errors_fall_on_large_inpu
 
 def test_gguf_budget_weighs_errors_by_importance(tmp_path, rng):
     """The GGUF file budget takes the same turn, and the turn follows the importance vectors."""
-    from matq_converters.exporters.gguf.budget import file_budget_plan
+    from matq_converters.exporters.gguf.budget import Part, file_budget_plan
 
-    groups = [("a.weight",), ("b.weight",)]  # each its own GGUF tensor
+    parts = [Part(("a.weight",)), Part(("b.weight",))]  # one GGUF tensor each
     got = {}
     for flip in (False, True):
         ck = _mirror_tensors(tmp_path, np.random.default_rng(23), with_importance=True, flip=flip)
-        assert set(file_budget_plan(ck, groups, (), 100.0, False).values()) == {8}
-        got[flip] = file_budget_plan(ck, groups, (), 3.9, False)
+        assert set(file_budget_plan(ck, parts, (), 100.0, False).values()) == {8}
+        got[flip] = file_budget_plan(ck, parts, (), 3.9, False)
     assert got[False]["a.weight"] > got[False]["b.weight"]
     assert got[True]["b.weight"] > got[True]["a.weight"]
 

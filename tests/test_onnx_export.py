@@ -330,6 +330,49 @@ def test_gpt_oss_experts_as_qmoe(tmp_path):
         close(got, want)
 
 
+def test_gpt_oss_budget_costs_each_moe_node_as_written(tmp_path):
+    """A MoE node becomes QMoE only whole (every expert weight at int4 or below), else all its weights
+    stay float32; ``budget:B`` charges each combination of a node's widths what the folder then holds.
+    budget:10 lies between the int4 file (5.57 bits) and one with a float node (17.14): the experts stay
+    int4 (charging a lone int8 expert weight 32 bits but its node's other weight 4.5 chose a folder of
+    17.14). budget:20 affords one float node. The folder's bits, counted from its initializers, stay
+    within the budget and equal the summary's; onnxruntime-genai runs the first as transformers runs
+    the same slice."""
+    hf = gpt_oss(tmp_path / "hf")
+    ck = mf.open(quantize_hf(hf, tmp_path / "ck", layers="linear"))
+    numel = sum(ck.info(n).numel for n in ck.quantized_names())
+    for budget, qmoe in ((10, 2), (20, 1)):
+        res = export(ck, tmp_path / f"b{budget}", plan=f"budget:{budget}")
+        ops = [n.op_type for n in onnx.load(tmp_path / f"b{budget}" / "model.onnx", load_external_data=False).graph.node]
+        assert ops.count("QMoE") == qmoe and ops.count("MoE") == 2 - qmoe
+        assert all(ck.info(n).stacked for n in res.details["float_weights"])  # no float MatMul to count
+        bits = folder_bits(tmp_path / f"b{budget}")
+        assert bits <= budget * numel and bits == pytest.approx(res.details["bits_per_quantized_weight"] * numel)
+    got, _ = genai_logits(tmp_path / "b10")
+    want, _ = reference(hf, ck, res_widths(tmp_path / "b10"))
+    close(got, want)
+
+
+def res_widths(folder: Path) -> dict[str, int]:
+    """The widths an export wrote (its model's ``matq.widths``)."""
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    return json.loads({p.key: p.value for p in model.metadata_props}["matq.widths"])
+
+
+def folder_bits(folder: Path) -> int:
+    """Bits of the quantized weights as a folder holds them: every MatMulNBits/QMoE weight input
+    (codes, scales, zero points) and every float expert weight of a MoE node."""
+    from matq_converters.exporters.onnx.graph import moe_weights
+
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {i for n in model.graph.node if n.op_type in ("MatMulNBits", "QMoE") for i in n.input}
+    names = {i for i in names if re.search(r"_(Q\d|scales|zero_points)$", i)}
+    names |= {w for ws in moe_weights(model).values() for w in ws}
+    size = onnx.helper.tensor_dtype_to_np_dtype
+    return sum(8 * size(inits[n].data_type).itemsize * int(np.prod(inits[n].dims)) for n in names)
+
+
 def check_qmoe_weights(folder: Path, ck, bits: int) -> None:
     """Every QMoE weight input, unpacked and dequantized as the operator documents it
     (``(q - zero_point) * scale`` per block along K, zero point 8 when absent), is the slice."""

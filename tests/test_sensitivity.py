@@ -153,7 +153,7 @@ def test_sensitivity_gives_the_bits_to_the_tensor_whose_output_matters_more(tmp_
     """Room for one tensor at int4 and the other at int2. Per-tensor-scaled importance sees two equal
     tensors and gives them the same width; the sensitivity upgrades the one whose output matters,
     and swapping it swaps the choice, in matq's plans and in the GGUF file budget."""
-    from matq_converters.exporters.gguf.budget import file_budget_plan
+    from matq_converters.exporters.gguf.budget import Part, file_budget_plan
 
     b4 = numerics.bits_per_weight(4, ROWS, COLS, G, 2, 0, 0.0)
     b2 = numerics.bits_per_weight(2, ROWS, COLS, G, 2, 0, 0.0)
@@ -162,7 +162,7 @@ def test_sensitivity_gives_the_bits_to_the_tensor_whose_output_matters_more(tmp_
     assert same["a.weight"] == same["b.weight"]
     assert resolve_plan(spec, _twins(tmp_path, "a.weight", "a")) == {"a.weight": 4, "b.weight": 2}
     assert resolve_plan(spec, _twins(tmp_path, "b.weight", "b")) == {"a.weight": 2, "b.weight": 4}
-    groups = [("a.weight",), ("b.weight",)]  # each its own GGUF tensor
+    groups = [Part(("a.weight",)), Part(("b.weight",))]  # one GGUF tensor each
     plain = file_budget_plan(_twins(tmp_path, None, "g0"), groups, (), 3.9, False)
     assert plain["a.weight"] == plain["b.weight"]
     for loud, quiet in (("a.weight", "b.weight"), ("b.weight", "a.weight")):

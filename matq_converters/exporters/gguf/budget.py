@@ -9,11 +9,14 @@ weights, weighted per input feature by the importance a calibrated checkpoint ke
 (:class:`matq_format.budget.ErrorWeights`). Unquantized tensors cost what they will take in the
 file. :func:`matq_format.budget.cheapest_within` then spends the budget. Checkpoint tensors that
 llama.cpp's converter stacks into one GGUF tensor (Mixtral's and Qwen3-MoE's per-expert matrices)
-are one choice: one width, costing their stacked encoding (one block type) and erring their summed error.
+are one choice: one width, costing their stacked encoding (one block type) and erring their summed
+error. A tensor that feeds several GGUF tensors (gpt-oss's ``gate_up_proj``: its gate and up halves)
+costs each as the export encodes it, in a type of its own.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NoReturn
 
 import numpy as np
@@ -22,21 +25,38 @@ from matq_converters.exporters.gguf import blocks as B
 from matq_converters.registry import ConvertOptionError
 from matq_format import numerics as N
 from matq_format import progress
-from matq_format.budget import BudgetTooSmall, ErrorWeights, cheapest_within
+from matq_format.budget import BudgetTooSmall, ErrorWeights, cheapest_within, tied
 from matq_format.numerics import planes_needed
 
 
+@dataclass(frozen=True)
+class Part:
+    """One GGUF tensor written from quantized tensors: its sources and, where it holds only some rows
+    of its one source (gpt-oss's ``gate_up_proj`` makes two tensors), which, in the file's order."""
+
+    sources: tuple[str, ...]
+    rows: np.ndarray | None = None
+
+    def numel(self, ckpt) -> int:
+        if self.rows is None:
+            return sum(ckpt.info(n).numel for n in self.sources)
+        return len(self.rows) * ckpt.info(self.sources[0]).cols
+
+
 def file_budget_plan(
-    ckpt, groups: list[tuple[str, ...]], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
+    ckpt, parts: list[Part], dense: tuple[tuple[str, float, int], ...], budget: float, extra_precision: bool
 ) -> dict[str, int]:
-    """{quantized tensor: width} for a file of at most ``budget`` bits per weight. ``groups``: the
-    quantized tensors as the file holds them (:func:`matq_format.budget.tied`: per-expert matrices
-    stacked into one GGUF tensor are one group, which takes one width, as a GGUF tensor has one block
-    type); ``dense``: the file's other tensors as (name, bits they take, weights). The smallest width
-    of every group is encoded first (its size only), so a budget below the smallest file is refused
-    before the rest of the search, which reads each tensor's reference weights once."""
+    """{quantized tensor: width} for a file of at most ``budget`` bits per weight. ``parts``: the
+    GGUF tensors written from quantized ones; the checkpoint tensors that feed one are one group,
+    which takes one width, as a GGUF tensor has one block type (:func:`matq_format.budget.tied`), and
+    costs what the export writes: each of its parts encoded apart. ``dense``: the file's other tensors
+    as (name, bits they take, weights). The smallest width of every group is encoded first (its size
+    only), so a budget below the smallest file is refused before the rest of the search, which reads
+    each tensor's reference weights once."""
+    groups = tied(ckpt.quantized_names(), (p.sources for p in parts))
+    of = {g: [p for p in parts if p.sources[0] in g] for g in groups}
     fixed = sum(bits for _, bits, _ in dense)
-    total = float(sum(n for _, _, n in dense)) + sum(ckpt.info(n).numel for g in groups for n in g)
+    total = float(sum(n for _, _, n in dense)) + sum(p.numel(ckpt) for p in parts)
     widths = {g: _shared_widths(ckpt, g) for g in groups}
     err: dict[tuple[str, ...], dict[int, float]] = {g: {} for g in groups}
     cost: dict[tuple[str, ...], dict[int, float]] = {g: {} for g in groups}
@@ -47,14 +67,15 @@ def file_budget_plan(
     with progress.stage(title, len(groups), "tensor") as done:
         for g in groups:
             r = widths[g][0]
-            cost[g][r] = 8.0 * B.encode_compact(_slice(ckpt, g, r, extra_precision)).data.nbytes
+            slices = _slices(ckpt, g, r, extra_precision)
+            cost[g][r] = sum(8.0 * B.encode_compact(_stacked(p, slices)).data.nbytes for p in of[g])
             done(1)
     least = sum(cost[g][widths[g][0]] for g in groups)
     if least > room:
         _too_small(ckpt, budget, (least + fixed) / total)
     with progress.stage(f"budget:{budget:g}: every width", len(groups), "tensor") as done:
         for g in groups:
-            _encode(ckpt, g, widths[g], extra_precision, weights, err[g], cost[g])
+            _encode(ckpt, g, of[g], widths[g], extra_precision, weights, err[g], cost[g])
             done(1)
     try:
         choice = cheapest_within(err, cost, room)
@@ -63,25 +84,49 @@ def file_budget_plan(
     return {n: r for g, r in choice.items() for n in g}
 
 
-def _slice(ckpt, group: tuple[str, ...], r: int, extra_precision: bool) -> B.Slice:
-    """The group at width ``r`` as the file holds it: one tensor of all its rows. Their order does not
-    change the size or the error (every row is encoded apart, in one type chosen for all)."""
+def _slices(ckpt, group: tuple[str, ...], r: int, extra_precision: bool) -> dict[str, B.Slice]:
     ep = extra_precision and r < ckpt.code_bits
-    return B.stack([B.checkpoint_slice(ckpt, n, r, ep) for n in group])
+    return {n: B.checkpoint_slice(ckpt, n, r, ep) for n in group}
 
 
-def _encode(ckpt, group: tuple[str, ...], rs: list[int], ep: bool, weights: ErrorWeights, err: dict, cost: dict) -> None:
-    """The compact encodings of ``group`` at widths ``rs``: their bits, and the (importance-weighted)
-    squared error of each tensor's rows to its slice at the widest of ``rs``, summed over the group."""
-    refs = [B.checkpoint_slice(ckpt, n, rs[-1], False).dequantize().astype(np.float64) for n in group]
+def _stacked(part: Part, slices: dict[str, B.Slice]) -> B.Slice:
+    """A part as the file holds it: one tensor of its sources' rows (all, or its own). The order of
+    all of them does not change the size or the error (every row is encoded apart, in one type)."""
+    return B.stack([slices[n] for n in part.sources], part.rows)
+
+
+def _encode(
+    ckpt, group: tuple[str, ...], parts: list[Part], rs: list[int], ep: bool, weights: ErrorWeights, err, cost
+) -> None:
+    """The compact encodings of ``group``'s parts at widths ``rs``: their bits, and the
+    (importance-weighted) squared error of each part's rows to their slice at the widest of ``rs``."""
+    refs = {n: B.checkpoint_slice(ckpt, n, rs[-1], False).dequantize().astype(np.float64) for n in group}
     for r in rs:
-        enc = B.encode_compact(_slice(ckpt, group, r, ep))
-        got, start, err[r] = B.decode(enc), 0, 0.0
-        for name, ref in zip(group, refs, strict=True):
-            t = ckpt.info(name)
-            err[r] += weights.error(name, N.from_matrix(got[start : start + len(ref)] - ref, t.shape, t.in_axis))
-            start += len(ref)
-        cost[r] = 8.0 * enc.data.nbytes
+        slices, err[r], cost[r] = _slices(ckpt, group, r, ep), 0.0, 0.0
+        for part in parts:
+            enc = B.encode_compact(_stacked(part, slices))
+            err[r] += _part_error(ckpt, weights, part, B.decode(enc), refs)
+            cost[r] += 8.0 * enc.data.nbytes
+
+
+def _part_error(ckpt, weights: ErrorWeights, part: Part, got: np.ndarray, refs: dict) -> float:
+    """The error of a part's decoded rows, summed over its sources."""
+    if part.rows is not None:
+        (name,) = part.sources
+        d = np.zeros_like(refs[name])
+        d[part.rows] = got - refs[name][part.rows]
+        return _weighted(ckpt, weights, name, d)
+    start, total = 0, 0.0
+    for name in part.sources:
+        ref = refs[name]
+        total += _weighted(ckpt, weights, name, got[start : start + len(ref)] - ref)
+        start += len(ref)
+    return total
+
+
+def _weighted(ckpt, weights: ErrorWeights, name: str, d: np.ndarray) -> float:
+    t = ckpt.info(name)
+    return weights.error(name, N.from_matrix(d, t.shape, t.in_axis))
 
 
 def _shared_widths(ckpt, group: tuple[str, ...]) -> list[int]:

@@ -33,7 +33,7 @@ from matq_converters.registry import (
 )
 from matq_format import __version__ as MATQ_VERSION
 from matq_format import numerics as N
-from matq_format.budget import BUDGET_PREFIX, parse_budget, tied
+from matq_format.budget import BUDGET_PREFIX, parse_budget
 from matq_format.errors import MatqError
 from matq_format.plans import resolve_plan
 from matq_format.publish import AtomicOutput, OutputKind
@@ -136,7 +136,7 @@ def _prepare(ckpt, options: ConvertOptions, root: Path) -> _Prepared:
     arch, outputs, vocab = view.plan(ckpt, root, name, opts.tokenizer_pre)
     _check_outputs(ckpt, outputs)
     if budget is not None:
-        widths = _budget_widths(ckpt, outputs, budget, options.extra_precision, opts.outtype)
+        widths = _budget_widths(ckpt, outputs, budget, options.extra_precision, opts, name, root)
     widths = {n: widths[n] for n in ckpt.quantized_names()}
     _check_shared_widths(ckpt, outputs, widths)
     return _Prepared(arch, outputs, widths, allowed, opts, name, vocab)
@@ -168,17 +168,33 @@ def _check_shared_widths(ckpt, outputs: list[view.Output], widths: dict[str, int
             )
 
 
-def _budget_widths(ckpt, outputs: list[view.Output], budget: float, ep: bool, outtype: str) -> dict[str, int]:
-    """Widths for a file of at most ``budget`` bits per weight, unquantized tensors counted as written."""
-    from matq_converters.exporters.gguf.budget import file_budget_plan
+def _budget_widths(
+    ckpt, outputs: list[view.Output], budget: float, ep: bool, opts: GGUFOptions, name: str, root: Path
+) -> dict[str, int]:
+    """Widths for a file of at most ``budget`` bits per weight, every tensor counted as written (a
+    tensor that feeds several, each by the rows it gives it: :func:`view.row_maps`)."""
+    from matq_converters.exporters.gguf.budget import Part, file_budget_plan
 
     dense = tuple(
-        (o.name, dense_bits(ckpt, o, outtype, 6), int(np.prod(o.shape)))
+        (o.name, dense_bits(ckpt, o, opts.outtype, 6), int(np.prod(o.shape)))
         for o in outputs
         if not any(ckpt.info(s).quantized for s in o.sources)
     )
-    groups = tied(ckpt.quantized_names(), (o.sources for o in outputs))  # a GGUF tensor has one block type
-    return file_budget_plan(ckpt, groups, dense, budget, ep)
+    quantized = [o for o in outputs if any(ckpt.info(s).quantized for s in o.sources)]
+    partial = {o.name: o.sources for o in quantized if _rows(o) < sum(ckpt.info(s).rows for s in o.sources)}
+    for gguf_name, sources in partial.items():
+        if len(sources) > 1:
+            raise UnsupportedModelError(
+                ckpt.path,
+                f"GGUF tensor {gguf_name} holds some rows of each of {', '.join(sources)}; a budget cannot cost it",
+            )
+    maps = view.row_maps(ckpt, root, {n: s[0] for n, s in partial.items()}, name) if partial else {}
+    return file_budget_plan(ckpt, [Part(o.sources, maps.get(o.name)) for o in quantized], dense, budget, ep)
+
+
+def _rows(o: view.Output) -> int:
+    """Rows of a GGUF tensor (every element but its last axis, the input features)."""
+    return int(np.prod(o.shape[:-1]))
 
 
 def _file_budget(plan, opts: GGUFOptions) -> float | None:

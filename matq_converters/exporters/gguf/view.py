@@ -22,6 +22,7 @@ import numpy as np
 
 from matq_converters.exporters.gguf import converter
 from matq_converters.registry import TokenizerError, UnsupportedModelError
+from matq_format import numerics as N
 from matq_format.errors import MatqError
 
 Loader = Callable[[str], np.ndarray]
@@ -72,6 +73,40 @@ def plan(ckpt, root: Path, model_name: str, pre: str | None) -> tuple[str, list[
         with _refusals(ckpt.path):
             m.prepare_metadata(vocab_only=False)
         return gguf.MODEL_ARCH_NAMES[m.model_arch], outputs, tuple(vocab)
+
+
+def row_maps(ckpt, root: Path, wanted: dict[str, str], model_name: str) -> dict[str, np.ndarray]:
+    """GGUF tensor -> the rows of its one source it holds (of the source's matrix view, in the file's
+    order), for the tensors of ``wanted`` (GGUF tensor -> that source; gpt-oss's ``gate_up_proj``: its
+    even rows make ``ffn_gate_exps``, its odd ones ``ffn_up_exps``). Found by running the converter on
+    a probe, each row's index repeated along the input axis by a zero stride: no weights read, no
+    memory per column. F32 (not :func:`plan`'s F16) keeps the indices whole."""
+    import gguf
+
+    sources = set(wanted.values())
+
+    def probe(name: str) -> np.ndarray:
+        if name not in sources:
+            raise AssertionError(f"finding rows read {name}")
+        t = ckpt.info(name)
+        if t.rows >= 1 << 24:
+            raise UnsupportedModelError(ckpt.path, f"{name} has more rows than float32 counts exactly")
+        one = tuple(1 if i == t.in_axis else d for i, d in enumerate(t.shape))
+        rows = N.from_matrix(np.arange(t.rows, dtype=np.float32)[:, None], one, t.in_axis)
+        strides = tuple(0 if i == t.in_axis else st for i, st in enumerate(rows.strides))
+        return np.lib.stride_tricks.as_strided(rows, t.shape, strides)
+
+    maps: dict[str, np.ndarray] = {}
+    with _model(ckpt, root, gguf.LlamaFileType.ALL_F32, probe, model_name, None) as m:
+
+        def record(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+            if name in wanted:  # by the plan's name: a source's second output no longer reaches it
+                x = np.asarray(gguf.LazyNumpyTensor.to_eager(tensor))
+                maps[name] = x[..., 0].reshape(-1).astype(np.int64)
+
+        m.gguf_writer.add_tensor = record
+        _prepare(m, ckpt)
+    return maps
 
 
 Encode = Callable[[str, np.ndarray, tuple[str, ...]], tuple[object, np.ndarray]]

@@ -26,6 +26,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,10 @@ from matq_converters.exporters.onnx.options import ACCURACY, ONNXOptions
 from matq_converters.exporters.onnx.weights import (
     WeightPlan,
     matmulnbits_inputs,
+    moe_bits,
     plan_weight,
     qdq_inputs,
+    qmoe_whole,
     stored_bits,
 )
 from matq_converters.registry import (
@@ -51,7 +54,14 @@ from matq_converters.registry import (
 from matq_format import __version__ as MATQ_VERSION
 from matq_format import numerics
 from matq_format import progress as steps
-from matq_format.budget import BUDGET_PREFIX, BudgetTooSmall, ErrorWeights, cheapest_within, parse_budget
+from matq_format.budget import (
+    BUDGET_PREFIX,
+    BudgetTooSmall,
+    ErrorWeights,
+    cheapest_within,
+    parse_budget,
+    tied,
+)
 from matq_format.plans import resolve_plan
 from matq_format.publish import FILES_KEY, AtomicOutput, OutputKind, files_record, read_files_record
 from matq_format.safefs import allowed_roots, check_file, read_bounded
@@ -136,40 +146,72 @@ def _prepare(ckpt, options: ConvertOptions) -> _Prepared:
 
 def _budget_widths(ckpt, spec: str, ep: bool, opts: ONNXOptions) -> dict[str, int]:
     """``budget:BITS`` in the file's bits per quantized weight (codes, scales and zero points, as
-    stored in this layout): a width per weight, for the least squared error to its full width (weighted by the kept importance:
-:class:`ErrorWeights`). Widths
-    in the same container cost the same, so the search leaves the narrower one out. The sizes are
+    stored in this layout): a width per weight, for the least squared error to its full width
+    (weighted by the kept importance: :class:`ErrorWeights`). The expert weights of one MoE node are
+    one item whose options are their combinations of widths, each costing what the file holds:
+    the node becomes QMoE only whole, else all its weights stay float (:func:`moe_bits`). Widths in
+    the same container cost the same, so the search leaves the narrower one out. The sizes are
     counted first: a budget below the smallest file is refused before any weight is dequantized."""
     budget = parse_budget(spec)
-    err: dict[str, dict[int, float]] = {}
-    cost: dict[str, dict[int, float]] = {}
     c = ckpt.code_bits
     names = ckpt.quantized_names()
-    for name in names:
-        info = ckpt.info(name)
-        cost[name] = {
-            r: stored_bits(plan_weight(ckpt, name, r, ep and r < c, opts.layout, opts.exact), (info.rows, info.cols))
-            for r in range(2, info.max_width(c) + 1)
-        }
+    plans = {
+        n: {r: plan_weight(ckpt, n, r, ep and r < c, opts.layout, opts.exact) for r in _widths(ckpt, n)}
+        for n in names
+    }
+    items = tied(names, _moe_nodes(ckpt, names))
+    cost = {g: _item_costs(ckpt, g, plans) for g in items}
     total = sum(ckpt.info(n).numel for n in names)
-    least = sum(min(cost[n].values()) for n in names)
-    if least > budget * total:
-        raise ConvertOptionError(
-            ckpt.path, f"{spec} is below the smallest this checkpoint makes ({least / total:.3f} bits per weight)"
-        )
-    weights = ErrorWeights(ckpt, names)
-    with steps.stage(f"{spec}: slicing error of each width ({weights.note})", len(names), "tensor") as advance:
-        for name in names:
-            ref = ckpt.dequantize(name, max(cost[name]))
-            err[name] = {r: weights.error(name, ckpt.dequantize(name, r, ep and r < c) - ref) for r in cost[name]}
-            advance(1)
+    least = sum(min(cost[g].values()) for g in items)
     try:
-        return cheapest_within(err, cost, budget * total)
-    except BudgetTooSmall as exc:  # not reached: checked above
+        if least > budget * total:
+            raise BudgetTooSmall(least)
+        err = _width_errors(ckpt, spec, plans, ep)
+        summed = {g: {ws: sum(err[n][r] for n, r in zip(g, ws, strict=True)) for ws in cost[g]} for g in items}
+        choice = cheapest_within(summed, cost, budget * total)
+    except BudgetTooSmall as exc:
         least = exc.minimum / total
         raise ConvertOptionError(
             ckpt.path, f"{spec} is below the smallest this checkpoint makes ({least:.3f} bits per weight)"
         ) from None
+    return {n: r for g, ws in choice.items() for n, r in zip(g, ws, strict=True)}
+
+
+def _widths(ckpt, name: str) -> range:
+    return range(2, ckpt.info(name).max_width(ckpt.code_bits) + 1)
+
+
+def _width_errors(ckpt, spec: str, plans: dict, ep: bool) -> dict[str, dict[int, float]]:
+    """Each weight's (importance-weighted) squared error at each planned width to its widest."""
+    weights = ErrorWeights(ckpt, list(plans))
+    c, err = ckpt.code_bits, {}
+    with steps.stage(f"{spec}: slicing error of each width ({weights.note})", len(plans), "tensor") as advance:
+        for name, rs in plans.items():
+            ref = ckpt.dequantize(name, max(rs))
+            err[name] = {r: weights.error(name, ckpt.dequantize(name, r, ep and r < c) - ref) for r in rs}
+            advance(1)
+    return err
+
+
+def _moe_nodes(ckpt, names: list[str]) -> list[list[str]]:
+    """The stacked expert weights of each module: what one MoE node of the builder's graph holds
+    (gpt-oss's ``mlp.experts.gate_up_proj`` and ``down_proj``)."""
+    nodes: dict[str, list[str]] = {}
+    for n in names:
+        if ckpt.info(n).stacked:
+            nodes.setdefault(n.rsplit(".", 1)[0], []).append(n)
+    return list(nodes.values())
+
+
+def _item_costs(ckpt, group: tuple[str, ...], plans: dict) -> dict[tuple[int, ...], int]:
+    """Bits of each combination of widths of ``group`` (one weight, or one MoE node's), as written."""
+    shapes = [(ckpt.info(n).rows, ckpt.info(n).cols) for n in group]
+    if len(group) == 1 and not ckpt.info(group[0]).stacked:
+        return {(r,): stored_bits(p, shapes[0]) for r, p in plans[group[0]].items()}
+    return {
+        ws: moe_bits([plans[n][r] for n, r in zip(group, ws, strict=True)], shapes)
+        for ws in product(*(plans[n] for n in group))
+    }
 
 
 def _check_opset(ckpt, prep: _Prepared) -> None:
@@ -251,16 +293,14 @@ def _slice_index(ckpt, prep: _Prepared, progress) -> dict[str, str]:
 
 
 def _whole_moe_nodes(prep: _Prepared, folder: Path, targets: dict) -> dict:
-    """Expert weights only of MoE nodes that become QMoE whole: every weight found and planned in
-    one container with one block (the operator has one ``block_size``); other nodes stay float."""
+    """Expert weights only of MoE nodes that become QMoE whole (:func:`qmoe_whole`); other nodes stay
+    float."""
     import onnx
 
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     drop = set()
     for weights in onnx_graph.moe_weights(model).values():
-        plans = [prep.plans[targets[w].tensor] if w in targets else None for w in weights]
-        kinds = {(p.container, p.block) for p in plans if p is not None}
-        if None in plans or len(kinds) != 1 or None in next(iter(kinds)):
+        if not qmoe_whole([prep.plans[targets[w].tensor] if w in targets else None for w in weights]):
             drop.update(weights)
     return {i: p for i, p in targets.items() if i not in drop}
 
@@ -373,7 +413,7 @@ def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResu
         "opset": done.opset or None,
     }
     numel = sum(rows * cols for rows, cols in prep.shapes.values())
-    stored = sum(stored_bits(prep.plans[n], prep.shapes[n]) for n in prep.shapes)
+    stored = sum(_written_bits(prep, n, n in quantized) for n in prep.shapes)
     details["bits_per_quantized_weight"] = bpw = stored / numel if numel else 0.0
     summary = (
         f"{out}: {prep.opts.layout}, {len(quantized)} quantized MatMuls "
@@ -392,6 +432,13 @@ def _result(out: Path, prep: _Prepared, done: onnx_graph.Rewrite) -> ConvertResu
             f"{QDQ_SESSION_KEY}={ACCURACY[prep.opts.accuracy]} (there is no genai_config.json to carry it)"
         )
     return ConvertResult(out, summary, details, warnings)
+
+
+def _written_bits(prep: _Prepared, name: str, quantized: bool) -> int:
+    """Bits a planned weight takes in the folder: as planned if its initializers were replaced, else
+    32 per weight (a float MatMul, or an expert of a MoE node that stayed float)."""
+    rows, cols = prep.shapes[name]
+    return stored_bits(prep.plans[name], (rows, cols)) if quantized else 32 * rows * cols
 
 
 class ONNXConverter(PlannedExporter):

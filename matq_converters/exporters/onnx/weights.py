@@ -70,6 +70,22 @@ def stored_bits(plan: WeightPlan, shape) -> int:
     return rows * (blocks * plan.block * c + blocks * 32 + zp)
 
 
+def qmoe_whole(plans) -> bool:
+    """Whether a MoE node's expert weights (``plans``, None for one not found) become one
+    ``com.microsoft.QMoE``: every one in a container, all in one container and block (the operator
+    has one ``block_size``). Else the node stays float, every expert weight with it."""
+    kinds = {(p.container, p.block) for p in plans if p is not None}
+    return None not in plans and len(kinds) == 1 and None not in next(iter(kinds))
+
+
+def moe_bits(plans, shapes) -> int:
+    """Bits a MoE node's expert weights take in the file: as planned if it becomes QMoE, else 32 per
+    weight (:func:`qmoe_whole`). What a budget charges for each combination of their widths."""
+    if qmoe_whole(plans):
+        return sum(stored_bits(p, s) for p, s in zip(plans, shapes, strict=True))
+    return 32 * sum(rows * cols for rows, cols in shapes)
+
+
 def nbits_block(group: int | None, cols: int) -> int | None:
     """The MatMulNBits block for a group size: the largest power of two (at least 16) dividing it;
     per-channel scales repeat over ``CHANNEL_BLOCK`` (or the power of two at or above K, if smaller)."""
