@@ -376,7 +376,8 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-def _run(layer, hidden, args_kwargs):
+def run_layer(layer, hidden, args_kwargs):
+    """A decoder layer on ``hidden`` with the extra arguments the capture recorded; its hidden output."""
     args, kwargs = args_kwargs
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -547,7 +548,7 @@ def calibrate_layers(
                 hess = _Hessians(mods, dev)
                 try:
                     for b, h in enumerate(hidden):
-                        _run(layer, h, extras[b][i])
+                        run_layer(layer, h, extras[b][i])
                         hess.end_batch()
                 finally:
                     hess.remove()
@@ -580,7 +581,7 @@ def calibrate_layers(
                         r0 = r1
                 del hess
             for b, h in enumerate(hidden):
-                hidden[b] = _run(layer, h, extras[b][i])
+                hidden[b] = run_layer(layer, h, extras[b][i])
             model.release_layer(i)
             if on_layer is not None:
                 on_layer(i + 1, last + 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matq_converters.importers.hf.calibration import LayerPlan, LayerwiseModel, _run
+from matq_converters.importers.hf.calibration import LayerPlan, LayerwiseModel, run_layer
 from matq_format import progress
 
 __all__ = ["DEFAULT_SENSITIVITY_TOKENS", "layer_sensitivity"]
@@ -51,7 +51,7 @@ def layer_sensitivity(model: LayerwiseModel, tokens: np.ndarray, plans: list[Lay
             for i in range(n_layers):
                 kept.append(h.detach())
                 layer = model.load_layer(i)
-                h = _run(layer, h, extras[i])
+                h = run_layer(layer, h, extras[i])
                 model.release_layer(i)
                 done(1)
         grad = _loss_grad(model, head, h)
@@ -131,7 +131,7 @@ def _backward_layer(model: LayerwiseModel, i: int, h, extras, grad, linears: dic
     try:
         x = h.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = _run(layer, x, extras)
+            out = run_layer(layer, x, extras)
             (g,) = torch.autograd.grad(out, x, grad)
     finally:
         for hd in handles:
