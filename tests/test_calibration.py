@@ -20,7 +20,7 @@ from matq_converters.importers.hf.calibration import (  # noqa: E402
     CalibrationModelError,
     CalibrationTextError,
     LayerwiseModel,
-    _run,
+    run_layer,
 )
 from matq_converters.importers.hf.quantize import quantize_hf  # noqa: E402
 from matq_converters.importers.hf.source import HFSource  # noqa: E402
@@ -226,7 +226,7 @@ def test_layerwise_pass_matches_transformers(model, arch, tmp_path):
     hidden = [h]
     for i in range(len(lw.layers)):
         with torch.no_grad():
-            hidden.append(_run(lw.load_layer(i), hidden[-1], extras[i]))
+            hidden.append(run_layer(lw.load_layer(i), hidden[-1], extras[i]))
         lw.release_layer(i)
     ref = tf.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
