@@ -480,3 +480,27 @@ def test_many_tensors(tmp_path):
     for f in ckpt.files():
         assert read_header(f).data_start % C.HEADER_ALIGN_BYTES == 0
     check_safetensors_compatible(out)
+
+
+def test_dequantized_float32_is_writable_and_private(tmp_path):
+    """An unquantized float32 tensor comes back from ``dequantize`` as the caller's own writable array
+    (a copy-on-write map, so nothing is copied up front): writing to it changes neither the file,
+    nor ``dense``, nor the next ``dequantize``, and a file changed since opening is refused."""
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with mf.CheckpointWriter(tmp_path / "ck") as w:
+        w.add_dense("a", a)
+        w.add_dense("scalar", np.float32(2.5))
+    ckpt = mf.open(tmp_path / "ck")
+    got = ckpt.dequantize("a")
+    assert got.dtype == np.float32 and got.flags.writeable and np.array_equal(got, a)
+    got[:] = -1.0
+    assert np.array_equal(ckpt.dequantize("a"), a) and np.array_equal(ckpt.dense("a"), a)
+    assert ckpt.dequantize("scalar").shape == () and float(ckpt.dequantize("scalar")) == 2.5
+    ckpt.verify()
+    fresh = mf.open(tmp_path / "ck")
+    base = tmp_path / "ck" / C.BASE_FILENAME
+    data = bytearray(base.read_bytes())
+    os.replace(base, tmp_path / "old")
+    base.write_bytes(bytes(data) + b" ")  # another file under the same name
+    with pytest.raises(mf.errors.MatqError):
+        fresh.dequantize("a")
