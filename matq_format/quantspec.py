@@ -245,7 +245,7 @@ def _widths(widths: Sequence[int] | None, code_bits: int, calibrated: bool) -> t
 def _lambdas(lambdas: Sequence[float] | None, widths: tuple[int, ...], calibrated: bool) -> tuple[float, ...]:
     """One finite non-negative weight per width, not all zero (default: all 1; noise-equal calibrated)."""
     if lambdas is None:
-        lambdas = multiwidth.noise_equal_lambdas(widths) if calibrated else [1.0] * len(widths)
+        lambdas = multiwidth.calibrated_lambdas(widths) if calibrated else [1.0] * len(widths)
     lambdas = tuple(float(v) for v in lambdas)
     if len(lambdas) != len(widths) or any(not np.isfinite(v) or v < 0 for v in lambdas) or sum(lambdas) <= 0:
         raise OptionError(None, "lambdas must be one non-negative number per width, not all zero")

@@ -133,7 +133,7 @@ class HFImportOptions:
     )
     lambdas: tuple[float, ...] | None = _option(
         None,
-        "One weight per width (default: all 1; with --calib 4^(r - narrowest), e.g. 4096,64,16,4,1).",
+        "One weight per width (default: all 1; with --calib 4^(r - narrowest), int2 as int4: 4096,64,16,4,16).",
         parse=_floats,
     )
     extra_precision: tuple[int, ...] = _option(

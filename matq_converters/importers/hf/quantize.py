@@ -115,7 +115,7 @@ def quantize_hf(
     default 8192, in sequences of ``calib_seq_len``, default 512) on ``device`` and quantize the
     selected linears with multi-width GPTQ (``matq_converters.importers.hf.calibrated``; ``layer_progress(done,
     total)`` after each layer). Its default widths and lambdas are ``CALIBRATED_WIDTHS`` and
-    ``noise_equal_lambdas`` (``matq_format.multiwidth``).
+    ``calibrated_lambdas`` (``matq_format.multiwidth``).
     """
     opts = _checked(options, settings)
     hf_dir, out = Path(hf_dir), Path(out)
