@@ -75,8 +75,9 @@ class _Bar(tqdm):
 
 
 def _units(n: float, unit: str) -> str:
-    """``"1 tensor"``, ``"236 tensors"`` (tqdm's ``it`` stays as it is)."""
-    plural = unit if n == 1 or unit == "it" or unit.endswith("s") else unit + "s"
+    """``"1 tensor"``, ``"236 tensors"``; symbols (tqdm's ``it``, ``B``) stay as they are."""
+    word = unit.isalpha() and unit.islower() and len(unit) > 2 and not unit.endswith("s")
+    plural = unit + "s" if word and n != 1 else unit
     return f"{n:.0f} {plural}"
 
 

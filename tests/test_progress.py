@@ -29,11 +29,16 @@ def test_a_log_hears_of_long_steps_only(monkeypatch, capsys):
             advance(3)
         with progress.stage("uncounted") as advance:
             time.sleep(0.3)
+        with progress.stage("bytes", total=2048, unit="B") as advance:
+            time.sleep(0.3)
+            advance(2048)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "matq: slow: 1 of 4 tensors after 0.05 s ..."
     assert lines[1].startswith("matq: slow: done, 4 tensors, 0.")
     assert lines[2] == "matq: uncounted: running for 0.05 s ..."
-    assert lines[3].startswith("matq: uncounted: done, 0.") and len(lines) == 4
+    assert lines[3].startswith("matq: uncounted: done, 0.")
+    assert lines[4] == "matq: bytes: 0 of 2048 B after 0.05 s ..."  # a symbol takes no plural
+    assert lines[5].startswith("matq: bytes: done, 2048 B, 0.") and len(lines) == 6
 
 
 @pytest.mark.parametrize("silence", [0.0, 0.4])
