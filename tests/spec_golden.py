@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -19,3 +20,8 @@ _spec.loader.exec_module(MAKE)
 def after(marker: str) -> str:
     """The spec from its ``<!-- marker -->`` on."""
     return SPEC[SPEC.index(f"<!-- {marker} -->") :]
+
+
+def record(marker: str) -> dict:
+    """The first JSON block after the spec's ``<!-- marker -->``: a record the spec shows."""
+    return json.loads(re.search(r"```json\n(.*?)\n```", after(marker), re.S).group(1))

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from spec_golden import MAKE, SPEC, SPEC_DIR, VALIDATOR
 from spec_golden import after as _after
+from spec_golden import record as golden_record
 from test_format_errors import rewrite_manifest
 
 import matq_format as mf
@@ -42,7 +43,7 @@ def test_golden_example_reads_as_the_spec_says(tmp_path):
     ckpt.verify()
     m = ckpt.manifest
     assert (m["version"], m["must_understand"]) == ("1.2", [C.EXT_CONSTANT_ZERO])
-    record = json.loads(re.search(r"```json\n(.*?)\n```", _after("constant-zero-record"), re.S).group(1))
+    record = golden_record("constant-zero-record")
     assert record == m["tensors"]["fc.weight"] and record[C.ZERO_POINT_KEY] == MAKE.ZERO_POINT
     assert sorted(m["entries"]) == sorted([f"fc.weight@plane{k}" for k in range(8)] + ["fc.weight@scale"])
     rows = _after("constant-zero-weights").split("\n\n")[0].splitlines()[3:]  # marker, header, rule

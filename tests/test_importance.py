@@ -30,12 +30,14 @@ def _quantized(w: np.ndarray):
     return numerics.quantize(w, a, z, 8, G), a, z
 
 
-def _write(path, tensors: dict[str, tuple[np.ndarray, np.ndarray | None]], **kw):
-    """A checkpoint of quantized ``{name: (weights, importance)}`` and one dense tensor."""
+def write_calibrated(path, tensors: dict[str, tuple], **kw):
+    """A checkpoint of quantized ``{name: (weights, importance[, sensitivity])}`` and one dense
+    tensor (tests/test_sensitivity.py writes its checkpoints with it too)."""
     with CheckpointWriter(path, **kw) as w:
-        for name, (weights, imp) in tensors.items():
+        for name, (weights, imp, *sens) in tensors.items():
             q, a, z = _quantized(weights)
-            w.add_quantized(name, q, a, z, group_size=G, scheme="symmetric", importance=imp)
+            extra = {"sensitivity": sens[0]} if sens else {}
+            w.add_quantized(name, q, a, z, group_size=G, scheme="symmetric", importance=imp, **extra)
         w.add_dense("norm.weight", np.ones(COLS, np.float32))
     return path
 
@@ -51,8 +53,8 @@ def test_importance_round_trips_beside_the_codes(tmp_path, rng):
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     imp32 = rng.random(COLS).astype(np.float32) * 10
     imp16 = imp32.astype(np.float16)
-    ck = mf.open(_write(tmp_path / "a", {"x.weight": (w, imp32), "y.weight": (w, imp16), "z.weight": (w, None)}))
-    plain = mf.open(_write(tmp_path / "b", {"x.weight": (w, None)}))
+    ck = mf.open(write_calibrated(tmp_path / "a", {"x.weight": (w, imp32), "y.weight": (w, imp16), "z.weight": (w, None)}))
+    plain = mf.open(write_calibrated(tmp_path / "b", {"x.weight": (w, None)}))
     assert ck.version == "1.2" and C.EXT_IMPORTANCE not in ck.manifest["must_understand"]
     rec = ck.manifest["entries"]["x.weight@importance"]
     assert rec["file"] == C.BASE_FILENAME and rec[C.ENTRY_EXTENSION_KEY] == C.EXT_IMPORTANCE
@@ -72,7 +74,7 @@ def test_a_reader_skips_entries_of_an_extension_it_does_not_implement(tmp_path, 
     """5.6: an entry whose record names an unknown extension is outside the entry-set check; the same
     entry without ``extension`` is an extra entry, and a known extension's wrong entry is refused."""
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
-    path = _write(tmp_path / "a", {"x.weight": (w, rng.random(COLS))})
+    path = write_calibrated(tmp_path / "a", {"x.weight": (w, rng.random(COLS))})
 
     def rename(ext):
         def edit(m):
@@ -83,7 +85,7 @@ def test_a_reader_skips_entries_of_an_extension_it_does_not_implement(tmp_path, 
     rewrite_manifest(path, rename("org.example.stats"))  # a vendor's statistics, unknown here
     ck = mf.open(path)
     assert not ck.has_importance("x.weight") and ck.importance("x.weight") is None
-    np.testing.assert_array_equal(ck.dequantize("x.weight", 4), mf.open(_write(tmp_path / "b", {"x.weight": (w, None)})).dequantize("x.weight", 4))
+    np.testing.assert_array_equal(ck.dequantize("x.weight", 4), mf.open(write_calibrated(tmp_path / "b", {"x.weight": (w, None)})).dequantize("x.weight", 4))
     ck.verify()  # its CRC is still checked
 
     def unmark(m):
@@ -104,7 +106,7 @@ def test_a_reader_refuses_a_bad_importance(tmp_path, rng):
     """Wrong shape (HeaderError, at open) and negative or non-finite values (BadParameterError, on read)."""
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     for bad, cls in ((-1.0, BadParameterError), (np.nan, BadParameterError)):
-        path = _write(tmp_path / f"v{bad}", {"x.weight": (w, np.ones(COLS, np.float32))})
+        path = write_calibrated(tmp_path / f"v{bad}", {"x.weight": (w, np.ones(COLS, np.float32))})
         values = np.ones(COLS, np.float32)
         values[7] = bad
         set_entry(path, "x.weight@importance", values)
@@ -113,7 +115,7 @@ def test_a_reader_refuses_a_bad_importance(tmp_path, rng):
             ck.importance("x.weight")
         with pytest.raises(cls):
             ck.verify()
-    path = _write(tmp_path / "s", {"x.weight": (w, np.ones(COLS, np.float32))})
+    path = write_calibrated(tmp_path / "s", {"x.weight": (w, np.ones(COLS, np.float32))})
     def move(m):  # the importance of a dense tensor
         m["entries"]["norm.weight@importance"] = m["entries"].pop("x.weight@importance")
 
@@ -137,7 +139,7 @@ def test_the_writer_refuses_a_bad_importance_and_writes_nothing(tmp_path, rng, i
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     out = tmp_path / "out"
     with pytest.raises(WriterError, match=why) as ei:
-        _write(out, {"x.weight": (w, imp)})
+        write_calibrated(out, {"x.weight": (w, imp)})
     assert "\n" not in str(ei.value) and "x.weight" in str(ei.value)
     assert not out.exists()
 
@@ -145,7 +147,7 @@ def test_the_writer_refuses_a_bad_importance_and_writes_nothing(tmp_path, rng, i
 def test_slicing_keeps_the_importance_bit_for_bit(tmp_path, rng):
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     imp = (rng.random(COLS) * 3).astype(np.float16)
-    src = mf.open(_write(tmp_path / "a", {"x.weight": (w, imp), "y.weight": (w, None)}))
+    src = mf.open(write_calibrated(tmp_path / "a", {"x.weight": (w, imp), "y.weight": (w, None)}))
     for kw in ({"bits": 3}, {"plan": {"x.weight": 2, "y.weight": 8}}):
         out = slice_checkpoint(src, tmp_path / f"s{len(kw)}{next(iter(kw))}", **kw)
         ck = mf.open(out)
@@ -187,7 +189,7 @@ def _mirror_tensors(tmp_path, rng, *, with_importance: bool, flip: bool = False)
     if flip:
         imp = {"a.weight": imp["b.weight"], "b.weight": imp["a.weight"]}
     return mf.open(
-        _write(
+        write_calibrated(
             tmp_path / f"ck{with_importance}{flip}",
             {n: (w, imp[n] if with_importance else None) for n in ("a.weight", "b.weight")},
         )
@@ -250,5 +252,5 @@ def test_budget_without_importance_says_so_once(tmp_path, rng):
 
 def test_manifest_records_stay_plain_json(tmp_path, rng):
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
-    path = _write(tmp_path / "a", {"x.weight": (w, np.ones(COLS))})
+    path = write_calibrated(tmp_path / "a", {"x.weight": (w, np.ones(COLS))})
     json.dumps(manifest(path))

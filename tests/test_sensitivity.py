@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_format_errors import rewrite_manifest, set_entry
+from test_importance import COLS, ROWS, G, write_calibrated
 
 import matq_format as mf
 from matq_format import constants as C
@@ -20,19 +21,6 @@ from matq_format.inspect import describe
 from matq_format.plans import resolve_plan
 from matq_format.slicing import slice_checkpoint
 from matq_format.writer import CheckpointWriter
-
-ROWS, COLS, G = 64, 256, 32
-
-
-def _write(path, tensors: dict[str, tuple], **kw):
-    """A checkpoint of quantized ``{name: (weights, importance, sensitivity)}`` and one dense tensor."""
-    with CheckpointWriter(path, **kw) as w:
-        for name, (weights, imp, sens) in tensors.items():
-            a, z = numerics.minmax_params(weights, 8, G, symmetric=True)
-            q = numerics.quantize(weights, a, z, 8, G)
-            w.add_quantized(name, q, a, z, group_size=G, scheme="symmetric", importance=imp, sensitivity=sens)
-        w.add_dense("norm.weight", np.ones(COLS, np.float32))
-    return path
 
 
 @pytest.fixture
@@ -47,9 +35,9 @@ def test_sensitivity_round_trips_and_slicing_keeps_it(tmp_path, rng):
     imp = rng.random(COLS).astype(np.float32)
     s32 = rng.random(ROWS).astype(np.float32) * 1e-3
     s16 = s32.astype(np.float16)
-    path = _write(tmp_path / "a", {"x.weight": (w, imp, s32), "y.weight": (w, imp, s16), "z.weight": (w, imp, None)})
+    path = write_calibrated(tmp_path / "a", {"x.weight": (w, imp, s32), "y.weight": (w, imp, s16), "z.weight": (w, imp, None)})
     ck = mf.open(path)
-    plain = mf.open(_write(tmp_path / "b", {"x.weight": (w, None, None)}))
+    plain = mf.open(write_calibrated(tmp_path / "b", {"x.weight": (w, None, None)}))
     assert ck.version == "1.2" and C.EXT_IMPORTANCE not in ck.manifest["must_understand"]
     rec = ck.manifest["entries"]["x.weight@sensitivity"]
     assert rec["file"] == C.BASE_FILENAME and rec[C.ENTRY_EXTENSION_KEY] == C.EXT_IMPORTANCE
@@ -82,7 +70,7 @@ def test_the_writer_refuses_a_bad_sensitivity_and_writes_nothing(tmp_path, rng, 
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     out = tmp_path / "out"
     with pytest.raises(WriterError, match=why) as ei:
-        _write(out, {"x.weight": (w, imp, sens)})
+        write_calibrated(out, {"x.weight": (w, imp, sens)})
     assert "\n" not in str(ei.value) and "x.weight" in str(ei.value)
     assert not out.exists()
 
@@ -92,7 +80,7 @@ def test_a_reader_refuses_a_bad_sensitivity(tmp_path, rng):
     importance, or of the importance's shape: HeaderError at open."""
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     for bad in (-1.0, np.nan):
-        path = _write(tmp_path / f"v{bad}", {"x.weight": (w, np.ones(COLS), np.ones(ROWS))})
+        path = write_calibrated(tmp_path / f"v{bad}", {"x.weight": (w, np.ones(COLS), np.ones(ROWS))})
         values = np.ones(ROWS, np.float32)
         values[3] = bad
         set_entry(path, "x.weight@sensitivity", values)
@@ -101,7 +89,7 @@ def test_a_reader_refuses_a_bad_sensitivity(tmp_path, rng):
             ck.sensitivity("x.weight")
         with pytest.raises(BadParameterError):
             ck.verify()
-    path = _write(tmp_path / "lone", {"x.weight": (w, np.ones(COLS), np.ones(ROWS))})
+    path = write_calibrated(tmp_path / "lone", {"x.weight": (w, np.ones(COLS), np.ones(ROWS))})
 
     def drop_importance(m):
         m["entries"]["x.weight@importance"][C.ENTRY_EXTENSION_KEY] = "org.example.other"
@@ -113,7 +101,7 @@ def test_a_reader_refuses_a_bad_sensitivity(tmp_path, rng):
 
     with pytest.MonkeyPatch.context() as mp:  # a writer that gets the shape wrong: [cols], not [rows]
         mp.setattr(TensorInfo, "sensitivity_shape", property(lambda t: t.importance_shape))
-        path = _write(tmp_path / "shape", {"x.weight": (w, np.ones(COLS), np.ones(COLS))})
+        path = write_calibrated(tmp_path / "shape", {"x.weight": (w, np.ones(COLS), np.ones(COLS))})
     with pytest.raises(HeaderError, match=r"x.weight@sensitivity.*expected F16 or F32 \[64\]"):
         mf.open(path)
 
@@ -146,7 +134,7 @@ def _twins(tmp_path, loud: str | None, tag: str):
     w = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     imp = rng.random(COLS).astype(np.float32) + 0.5
     sens = {n: np.full(ROWS, 100.0 if n == loud else 1.0, np.float32) for n in ("a.weight", "b.weight")}
-    return mf.open(_write(tmp_path / tag, {n: (w, imp, sens[n] if loud else None) for n in sens}))
+    return mf.open(write_calibrated(tmp_path / tag, {n: (w, imp, sens[n] if loud else None) for n in sens}))
 
 
 def test_sensitivity_gives_the_bits_to_the_tensor_whose_output_matters_more(tmp_path):
@@ -178,7 +166,7 @@ def test_tensors_without_sensitivity_count_as_the_median_tensor(tmp_path, rng):
     sens = {"a.weight": 1e-3, "b.weight": 4e-3, "c.weight": 9e-3}
     tensors = {n: (w, imp, np.full(ROWS, s, np.float32)) for n, s in sens.items()}
     tensors["d.weight"] = (w, None, None)
-    ck = mf.open(_write(tmp_path / "m", tensors))
+    ck = mf.open(write_calibrated(tmp_path / "m", tensors))
     ew = ErrorWeights(ck, list(tensors))
     d = np.ones((ROWS, COLS))
     assert ew.unit == pytest.approx(2.0 * 4e-3)

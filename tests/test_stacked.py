@@ -5,12 +5,12 @@ rather than misread it, and 1.0 checkpoints unchanged."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
 from spec_golden import MAKE, SPEC_DIR, VALIDATOR
 from spec_golden import after as _after
+from spec_golden import record as golden_record
 
 import matq_format as mf
 from matq_format import constants as C
@@ -27,7 +27,7 @@ def test_golden_stacked_example_reads_as_the_spec_says():
     ckpt.verify()
     m = ckpt.manifest
     assert (m["version"], m["must_understand"]) == ("1.1", [C.EXT_STACKED])
-    record = json.loads(re.search(r"```json\n(.*?)\n```", _after("stacked-record"), re.S).group(1))
+    record = golden_record("stacked-record")
     assert record == m["tensors"][NAME]
     np.testing.assert_array_equal(ckpt.codes(NAME), MAKE.STACKED_CODES)
     assert ckpt.scale(NAME).shape == (2, 2, 3)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from spec_golden import MAKE, SPEC_DIR, VALIDATOR
 from spec_golden import after as _after
+from spec_golden import record as golden_record
 
 import matq_format as mf
 from matq_converters.importers.hf.widthfit import fit_width, spec_for
@@ -31,7 +32,7 @@ def test_golden_widths_example_reads_as_the_spec_says():
     m = ckpt.manifest
     assert (m["version"], m["must_understand"]) == ("1.2", [C.EXT_WIDTH_PARAMS])
     assert [e.message for e in VALIDATOR.iter_errors(m)] == []
-    record = json.loads(re.search(r"```json\n(.*?)\n```", _after("widths-record"), re.S).group(1))
+    record = golden_record("widths-record")
     assert record[C.EXT_WIDTH_PARAMS] == m["tensors"][NAME][C.EXT_WIDTH_PARAMS]
     rows = [r for r in _after("widths-weights").splitlines()[3:] if r.startswith("| ")][:6]
     got = {r: (ckpt.sliced_codes(NAME, r)[0], ckpt.dequantize(NAME, r)[0]) for r in (2, 3)}
