@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import progress
 from .errors import PlanError
 from .numerics import weighted_sq_error
 
@@ -70,6 +71,19 @@ class ErrorWeights:
                 f"({len(self.sensitive)} of {self.total} tensors keep both)"
             )
         return f"errors weighted by each tensor's importance across its columns ({len(self.kept)} of {self.total} tensors keep one)"
+
+
+def slicing_errors(ckpt, widths: Mapping[str, Sequence[int]], extra_precision: bool, title: str) -> dict:
+    """``{tensor: {width: error}}``: each tensor sliced to each of its widths (ascending), its
+    :class:`ErrorWeights` error to its widest; what matq's own plans and the ONNX budget compare
+    (the GGUF budget compares the encoded blocks instead). ``title`` starts the progress step."""
+    weights, c, err = ErrorWeights(ckpt, list(widths)), ckpt.code_bits, {}
+    with progress.stage(f"{title}: slicing error of each width ({weights.note})", len(widths), "tensor") as advance:
+        for n, rs in widths.items():
+            ref = ckpt.dequantize(n, rs[-1])
+            err[n] = {r: weights.error(n, ckpt.dequantize(n, r, extra_precision and r < c) - ref) for r in rs}
+            advance(1)
+    return err
 
 
 def _mean(a: np.ndarray) -> float:

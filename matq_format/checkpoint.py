@@ -476,9 +476,7 @@ class Checkpoint:
         k = self.sliced_codes(name, bits, extra_precision)
         wp = None if extra_precision or bits >= self.code_bits else self.width_params(name, bits)
         if wp is not None:
-            return numerics.dequantize_width(
-                k, wp.d, wp.sc, wp.dmin, wp.mn, bits, wp.spec.group_size, t.in_axis, wp.spec.super_block
-            )
+            return wp.dequantize(k, t.in_axis)
         if bits < self.code_bits and not extra_precision and t.width_specs(self.code_bits) and not self._fallback_said:
             self._fallback_said = True
             warnings.warn(

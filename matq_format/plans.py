@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import constants as C
-from . import numerics, progress
-from .budget import BUDGET_PREFIX, BudgetTooSmall, ErrorWeights, cheapest_within, parse_budget
+from . import numerics
+from .budget import BUDGET_PREFIX, BudgetTooSmall, cheapest_within, parse_budget, slicing_errors
 from .errors import PlanError, WidthError
 from .safefs import read_bounded
 
@@ -219,13 +219,7 @@ def _budget_plan(text: str, ckpt, extra_precision: bool) -> dict[str, int]:
     least = sum(min(cost[n].values()) for n in names)
     if least > budget * total_w:
         raise PlanError(text, f"budget {budget} is below the narrowest plan ({least / total_w:.3f} bits per weight)")
-    err: dict[str, dict[int, float]] = {}
-    weights = ErrorWeights(ckpt, names)
-    with progress.stage(f"{text}: slicing error of each width ({weights.note})", len(names), "tensor") as advance:
-        for n in names:
-            ref = ckpt.dequantize(n, widths[n][-1])
-            err[n] = {r: weights.error(n, ckpt.dequantize(n, r, extra_precision and r < c) - ref) for r in widths[n]}
-            advance(1)
+    err = slicing_errors(ckpt, {n: widths[n] for n in names}, extra_precision, text)
     try:
         return cheapest_within(err, cost, budget * total_w)
     except BudgetTooSmall as exc:  # not reached: checked above

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import constants as C
-from .numerics import param_shape
+from .numerics import dequantize_width, param_shape
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ class WidthParams:
     sc: np.ndarray
     dmin: np.ndarray | None = None
     mn: np.ndarray | None = None
+
+    def dequantize(self, k: np.ndarray, input_axis: int = -1) -> np.ndarray:
+        """The width's nested codes ``k`` as float32 weights (``numerics.dequantize_width``)."""
+        s = self.spec
+        return dequantize_width(k, self.d, self.sc, self.dmin, self.mn, s.bits, s.group_size, input_axis, s.super_block)
 
 
 def part_name(bits: int, part: str) -> str:

@@ -36,7 +36,7 @@ from .numerics import code_max, planes_needed
 from .planes import pack
 from .publish import AtomicOutput, OutputKind, output_error
 from .safefs import allowed_roots, check_file, read_bounded
-from .widths import WidthParams, check_values, part_name, part_shape, record
+from .widths import WidthParams, check_values, part_dtype, part_name, part_shape, record
 
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -553,7 +553,7 @@ class CheckpointWriter:
             if why is not None:
                 raise WriterError(self.out, f"{info.name}: {why}")
             for part in p.spec.parts():
-                dtype = {"d": "F16", "dmin": "F16", "sc": "I8", "mn": "U8"}[part]
+                dtype = part_dtype(part)
                 want = part_shape(p.spec, part, info.shape, info.in_axis)
                 a = np.asarray(getattr(p, part))
                 if a.shape != want:

@@ -92,9 +92,7 @@ class MatqWeights:
         zero = getattr(t.module, f"{t.attr}_matq_zero").cpu().numpy()
         own = None if ep else t.own.get(bits)
         if own is not None:  # the width's own block parameters, as the reader uses them
-            w = numerics.dequantize_width(
-                k, own.d, own.sc, own.dmin, own.mn, bits, own.spec.group_size, t.in_axis, own.spec.super_block
-            )
+            w = own.dequantize(k, t.in_axis)
             _assign(t.param, w)
             t.bits, t.extra_precision = bits, ep
             return

@@ -63,9 +63,7 @@ class Slice:
     def dequantize(self) -> np.ndarray:
         p = self.width
         if p is not None:
-            return N.dequantize_width(
-                self.k, p.d, p.sc, p.dmin, p.mn, self.bits, p.spec.group_size, super_block=p.spec.super_block
-            )
+            return p.dequantize(self.k)
         return N.dequantize_codes(self.k, self.scale, self.zero, self.code_bits, self.bits, self.group_size)
 
 

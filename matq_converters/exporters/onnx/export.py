@@ -57,9 +57,9 @@ from matq_format import progress as steps
 from matq_format.budget import (
     BUDGET_PREFIX,
     BudgetTooSmall,
-    ErrorWeights,
     cheapest_within,
     parse_budget,
+    slicing_errors,
     tied,
 )
 from matq_format.plans import resolve_plan
@@ -183,14 +183,7 @@ def _widths(ckpt, name: str) -> range:
 
 def _width_errors(ckpt, spec: str, plans: dict, ep: bool) -> dict[str, dict[int, float]]:
     """Each weight's (importance-weighted) squared error at each planned width to its widest."""
-    weights = ErrorWeights(ckpt, list(plans))
-    c, err = ckpt.code_bits, {}
-    with steps.stage(f"{spec}: slicing error of each width ({weights.note})", len(plans), "tensor") as advance:
-        for name, rs in plans.items():
-            ref = ckpt.dequantize(name, max(rs))
-            err[name] = {r: weights.error(name, ckpt.dequantize(name, r, ep and r < c) - ref) for r in rs}
-            advance(1)
-    return err
+    return slicing_errors(ckpt, {name: sorted(rs) for name, rs in plans.items()}, ep, spec)
 
 
 def _moe_nodes(ckpt, names: list[str]) -> list[list[str]]:

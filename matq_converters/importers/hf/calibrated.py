@@ -31,6 +31,7 @@ from matq_converters.importers.hf.ptq import (
     checkpoint_writer,
     copy_dense,
     quantize_stack,
+    worker_threads,
 )
 from matq_converters.importers.hf.source import HFSource
 from matq_format.quantspec import OptionError, QuantizeSpec
@@ -163,7 +164,7 @@ def quantize_calibrated(
             on_layer=layer_progress,
             nonfinite=nonfinite,
             inputs=lambda n, w, imp: seen.__setitem__(n, (w if width_params else None, imp)),
-            workers=max(1, threads or min(8, os.cpu_count() or 1)),
+            workers=worker_threads(threads),
         ):
             add(writer, name, codes, scale, zero)
     return Path(out)

@@ -20,9 +20,6 @@ from matq_format.quantspec import BY_LAYOUT, LAYOUTS, OBJECTIVES, SLICE_EXACT, Q
 
 __all__ = ["FlagText", "HFImportOptions", "flag_texts"]
 
-"""Widths refitted by default in the gguf layout: those llama.cpp writes as Q2_K, Q3_K, Q4_K, where
-a width's own fit gains most; int5 and up gain nothing measurable, and int8 cannot have any."""
-
 _FLAG = "flag"
 """The metadata key of a field's :class:`FlagText`."""
 
@@ -176,9 +173,7 @@ class HFImportOptions:
     def own_widths(self) -> tuple[int, ...]:
         """The widths given their own block parameters: ``width_params`` (none by default: the ONNX
         export and GPTQ containers hold only the shared grid)."""
-        if self.width_params is not None:
-            return tuple(sorted(set(self.width_params)))
-        return ()
+        return tuple(sorted(set(self.width_params or ())))
 
     def spec(self) -> QuantizeSpec:
         """The validated spec (``QuantizeSpec.build``; with ``calib``, the calibrated defaults)."""

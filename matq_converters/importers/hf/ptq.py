@@ -47,6 +47,11 @@ class NonFiniteWeightError(SourceError):
 _scratch = threading.local()
 
 
+def worker_threads(threads: int | None) -> int:
+    """Quantize workers: ``threads`` if given, else the CPUs, at most 8 (``--threads``'s default)."""
+    return max(1, threads or min(8, os.cpu_count() or 1))
+
+
 def _scratch_f32(n: int) -> np.ndarray:
     """This thread's float32 work buffer: reused, so blocks do not fault in fresh pages every time."""
     buf = getattr(_scratch, "f32", None)

@@ -34,6 +34,7 @@ from matq_converters.importers.hf.ptq import (
     checkpoint_writer,
     copy_dense,
     quantize_stack_planes,
+    worker_threads,
 )
 from matq_converters.importers.hf.source import HFSource
 from matq_converters.registry import (
@@ -247,7 +248,7 @@ def _data_free(
 ) -> Path:
     """Selected tensors quantized in row blocks on ``threads`` workers, written behind; the rest copied.
     Widths ``own`` get their own block parameters (spec 10.7), fitted with uniform importance."""
-    n_threads = max(1, threads or min(8, os.cpu_count() or 1))
+    n_threads = worker_threads(threads)
     strides = [mf_planes.plane_stride(int(np.prod(src.tensors[n].shape))) for n in selected]
     bufs = _PlaneBuffers(spec.code_bits, max(strides, default=0))
     with (

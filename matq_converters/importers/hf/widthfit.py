@@ -84,7 +84,7 @@ def fit_tensor(
 
 def weighted_error(w: np.ndarray, k: np.ndarray, p: WidthParams, h: np.ndarray) -> float:
     """Importance-weighted squared error of a width's values: what the shape choice compares."""
-    v = N.dequantize_width(k, p.d, p.sc, p.dmin, p.mn, p.spec.bits, p.spec.group_size, -1, p.spec.super_block)
+    v = p.dequantize(k)
     return float(np.dot(np.square(v - w, dtype=np.float32).sum(0, dtype=np.float64), h))
 
 
