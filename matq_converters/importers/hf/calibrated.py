@@ -163,8 +163,15 @@ def quantize_calibrated(
             propagate=propagate,
             on_layer=layer_progress,
             nonfinite=nonfinite,
-            inputs=lambda n, w, imp: seen.__setitem__(n, (w if width_params else None, imp)),
+            inputs=lambda n, w, imp: seen.__setitem__(n, (_numpy(w) if width_params else None, imp.cpu().numpy())),
             workers=worker_threads(threads),
         ):
             add(writer, name, codes, scale, zero)
     return Path(out)
+
+
+def _numpy(t) -> np.ndarray:
+    """A float32 numpy copy of a weight (on any device), owned by the caller."""
+    import torch
+
+    return t.to(torch.float32).cpu().numpy().copy()

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -513,14 +514,16 @@ def calibrate_layers(
     propagate: str = "per-width",
     on_layer: Callable[[int, int], None] | None = None,
     nonfinite: Callable[[str], Exception] | None = None,
-    inputs: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
+    inputs: Callable[[str, Any, Any], None] | None = None,
     workers: int = 1,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(tensor name, codes, scale, zero)`` for every planned linear, layer by layer.
 
     ``on_layer(done, total)`` is called after each layer. ``nonfinite(name)`` builds the error for
     a weight holding NaN or infinity. ``inputs(name, float weights, column importance)`` receives
-    what the per-width fit needs (spec 10.7) before each tensor is yielded. ``workers``: on the
+    what the importance entry and the per-width fit need (spec 10.7, 10.8) before each tensor is
+    yielded, as torch tensors valid during the call only (the weight is then overwritten): the
+    caller copies what it keeps. ``workers``: on the
     CPU, how many of a layer's matrices (q/k/v, o, gate/up, down) GPTQ quantizes at once, one
     thread each.
     """
@@ -571,8 +574,7 @@ def calibrate_layers(
                         r1 = r0 + mods[n].weight.shape[0]
                         c, a, z = codes[r0:r1], scale[r0:r1], zero[r0:r1]
                         if inputs is not None:  # before the weight is replaced by its int8 values
-                            w = mods[n].weight.detach().to(torch.float32).cpu().numpy().copy()
-                            inputs(n, w, job[2].detach().cpu().numpy())
+                            inputs(n, mods[n].weight.detach(), job[2].detach())
                         full = numerics.dequantize_codes(
                             c, a, z, spec.code_bits, spec.code_bits, spec.group_size
                         )
